@@ -1,0 +1,41 @@
+"""The library's commands. `flows.cli` adds the pipeline commands (run, demo) on top of these."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from vinasmol_core import cli_data, cli_model, cli_store, cli_tokenizer, cli_train
+from vinasmol_core.errors import VinaSmolError
+
+app = typer.Typer(no_args_is_help=True, help="VinaSmol: teach SmolLM2 Vietnamese.", pretty_exceptions_enable=False)
+app.add_typer(cli_store.app, name="store")
+app.add_typer(cli_tokenizer.app, name="tokenizer")
+app.add_typer(cli_model.app, name="model")
+app.add_typer(cli_data.app, name="data")
+app.add_typer(cli_train.app, name="train")
+
+
+def run_app(typer_app: typer.Typer) -> None:
+    """Run a Typer app, turning VinaSmolError into a one-line message and exit status 1."""
+    try:
+        typer_app(standalone_mode=False)
+    except VinaSmolError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+def main() -> None:
+    run_app(app)

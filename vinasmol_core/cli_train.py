@@ -1,0 +1,5 @@
+"""`vinasmol train ...` commands."""
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, help="train commands")
