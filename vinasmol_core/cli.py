@@ -9,7 +9,9 @@ import typer
 from vinasmol_core import cli_data, cli_model, cli_store, cli_tokenizer, cli_train
 from vinasmol_core.errors import VinaSmolError
 
-app = typer.Typer(no_args_is_help=True, help="VinaSmol: teach SmolLM2 Vietnamese.", pretty_exceptions_enable=False)
+app = typer.Typer(
+    no_args_is_help=True, help="VinaSmol: teach SmolLM2 Vietnamese.", pretty_exceptions_enable=False
+)
 app.add_typer(cli_store.app, name="store")
 app.add_typer(cli_tokenizer.app, name="tokenizer")
 app.add_typer(cli_model.app, name="model")
