@@ -1,0 +1,185 @@
+"""Shared machinery of the pipeline's Prefect tasks: cache keys, result storage, timing.
+
+Every step is declared with `@step("name")`. A step's cache key is a hash of
+
+* the step's name,
+* its arguments (input artifact digests and the recipe section it reads), minus the arguments
+  named in `EXCLUDED_ARGS` or in the step's own `exclude` (store URL, debugging switches),
+* `CODE_VERSION`, bumped by hand when a step's semantics change.
+
+It never includes the flow run id or the task's source text, so a fresh run of an unchanged
+recipe reuses every finished step, and editing a comment does not throw away a training stage.
+
+Results are the step's manifest, serialized as JSON into Prefect result storage that lives next to
+the artifact store (`<store>/prefect-results`), so a retry on another machine finds them.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from prefect import task
+from prefect.cache_policies import CachePolicy
+from pydantic import BaseModel
+
+from vinasmol_core import __version__
+
+# Bump the revision when a step would produce something different from the same inputs.
+STEP_CODE_REVISION = 1
+CODE_VERSION = f"vinasmol-{__version__}/steps-{STEP_CODE_REVISION}"
+
+# Arguments that never enter a cache key: where things are stored and debugging switches.
+EXCLUDED_ARGS = frozenset({"store_url", "fail_at_step", "stage_runner", "work_dir", "progress"})
+
+TIMING_LOG_ENV = "VINASMOL_TIMING_LOG"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _jsonable(value: Any) -> Any:
+    """A stable JSON-compatible view of a step argument (Pydantic models by their JSON dump)."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", by_alias=True)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"step argument of type {type(value).__name__} cannot be part of a cache key")
+
+
+def step_cache_key(step_name: str, arguments: dict[str, Any], exclude: Iterable[str] = ()) -> str:
+    """The cache key of one step: its name, its keyed arguments and the code version."""
+    skip = EXCLUDED_ARGS | set(exclude)
+    keyed = {k: _jsonable(v) for k, v in sorted(arguments.items()) if k not in skip}
+    payload = {"step": step_name, "code": CODE_VERSION, "args": keyed}
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return f"{step_name}-{hashlib.sha256(blob.encode()).hexdigest()}"
+
+
+@dataclass
+class StepCachePolicy(CachePolicy):
+    """Cache on (step name, keyed inputs, code version); see the module docstring."""
+
+    step_name: str = ""
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+
+    def compute_key(
+        self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
+        return step_cache_key(self.step_name or task_ctx.task.name, inputs, self.exclude)
+
+
+def _record_timing(step_name: str, started: float, duration: float, ok: bool) -> None:
+    """Append one line per executed step to $VINASMOL_TIMING_LOG (cached steps never get here)."""
+    path = os.environ.get(TIMING_LOG_ENV)
+    if not path:
+        return
+    try:
+        from prefect.runtime import flow_run, task_run
+
+        flow_run_id, task_run_id = str(flow_run.id or ""), str(task_run.id or "")
+    except Exception:  # outside a run
+        flow_run_id = task_run_id = ""
+    line = {
+        "step": step_name,
+        "started": started,
+        "duration_s": round(duration, 4),
+        "ok": ok,
+        "flow_run_id": flow_run_id,
+        "task_run_id": task_run_id,
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(line) + "\n")
+
+
+def step(name: str, *, exclude: Iterable[str] = (), retries: int = 0) -> Callable[[F], Any]:
+    """Declare a pipeline step as a Prefect task with the project's cache and result settings.
+
+    The result storage is chosen per run by `flows` (`with_options(result_storage=...)`), because
+    it lives inside the run's artifact store.
+    """
+    exclude = tuple(exclude)
+
+    def decorate(fn: F) -> Any:
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.time()
+            t0 = time.perf_counter()
+            ok = False
+            try:
+                result = fn(*args, **kwargs)
+                ok = True
+                return result
+            finally:
+                _record_timing(name, started, time.perf_counter() - t0, ok)
+
+        return task(
+            timed,
+            name=name,
+            cache_policy=StepCachePolicy(step_name=name, exclude=exclude),
+            persist_result=True,
+            result_serializer="json",
+            retries=retries,
+        )
+
+    return decorate
+
+
+def store_root(store_url: str) -> str:
+    """The store URL without a trailing slash, file:// paths made absolute."""
+    url = store_url.rstrip("/")
+    if url.startswith("file://"):
+        return "file://" + str(Path(url[len("file://"):]).expanduser().resolve())
+    if "://" not in url:
+        return "file://" + str(Path(url).expanduser().resolve())
+    return url
+
+
+def result_storage_for(store_url: str) -> Any:
+    """A saved Prefect filesystem block that keeps task results under `<store>/prefect-results`.
+
+    file:// → LocalFileSystem, s3:// (and other fsspec URLs) → RemoteFileSystem with credentials
+    taken from the environment (AWS_* variables), never written into the block. The block is saved
+    under a name derived from the URL, so every machine that runs this store resolves the same one.
+    """
+    from prefect.filesystems import LocalFileSystem, RemoteFileSystem
+
+    root = store_root(store_url)
+    name = "vinasmol-results-" + hashlib.sha256(root.encode()).hexdigest()[:16]
+    if root.startswith("file://"):
+        basepath = Path(root[len("file://"):]) / "prefect-results"
+        basepath.mkdir(parents=True, exist_ok=True)
+        block: Any = LocalFileSystem(basepath=str(basepath))
+    elif root.startswith("memory://"):
+        block = RemoteFileSystem(basepath=f"{root}/prefect-results")
+    else:
+        settings: dict[str, Any] = {}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("VINASMOL_S3_ENDPOINT")
+        if endpoint and root.startswith("s3://"):
+            settings["client_kwargs"] = {"endpoint_url": endpoint}
+        block = RemoteFileSystem(basepath=f"{root}/prefect-results", settings=settings)
+    block.save(name, overwrite=True)
+    return block
+
+
+def read_timing_log(path: Path, flow_run_id: str | None = None) -> list[dict[str, Any]]:
+    """Lines of a timing log, optionally only those of one flow run."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if flow_run_id is not None:
+        rows = [r for r in rows if r.get("flow_run_id") == flow_run_id]
+    return rows

