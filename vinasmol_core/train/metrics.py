@@ -1,0 +1,91 @@
+"""Metrics: one JSON object per event, to a JSONL file and to stdout lines a parent process parses."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+METRICS_PREFIX = "@@vinasmol-metrics "
+RESULT_PREFIX = "@@vinasmol-result "
+ERROR_PREFIX = "@@vinasmol-error "
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
+
+
+class MetricsSink:
+    """Appends events to `path` (and an optional copy) and prints them with METRICS_PREFIX."""
+
+    def __init__(self, path: Path, copy_to: Path | None = None, enabled: bool = True) -> None:
+        self.path = path
+        self.copy_to = copy_to
+        self.enabled = enabled
+
+    def emit(self, event: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps(_clean(event), sort_keys=True, ensure_ascii=False)
+        for target in (self.path, self.copy_to):
+            if target is not None:
+                with open(target, "a", encoding="utf-8") as f:
+                    f.write(line + "\n")
+        sys.stdout.write(METRICS_PREFIX + line + "\n")
+        sys.stdout.flush()
+
+
+def parse_line(line: str, on_metrics: Callable[[dict[str, Any]], None] | None) -> tuple[str, Any] | None:
+    """Classify one stdout line of a stage process: ('metrics'|'result'|'error', payload) or None."""
+    for prefix, kind in ((METRICS_PREFIX, "metrics"), (RESULT_PREFIX, "result"), (ERROR_PREFIX, "error")):
+        if line.startswith(prefix):
+            try:
+                payload = json.loads(line[len(prefix) :])
+            except ValueError:
+                return None
+            if kind == "metrics" and on_metrics is not None:
+                on_metrics(payload)
+            return kind, payload
+    return None
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_loss_curve(events: list[dict[str, Any]], out_png: Path, title: str) -> None:
+    """Training loss per step, validation loss per language at each evaluation (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [e["step"] for e in events if e.get("event") == "step"]
+    losses = [e["loss"] for e in events if e.get("event") == "step"]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    if steps:
+        ax.plot(steps, losses, label="train loss", linewidth=1.0)
+    evals = [e for e in events if e.get("event") == "eval"]
+    langs = sorted({lang for e in evals for lang in e.get("val_loss", {})})
+    for lang in langs:
+        xs = [e["step"] for e in evals if lang in e.get("val_loss", {})]
+        ys = [e["val_loss"][lang] for e in evals if lang in e.get("val_loss", {})]
+        ax.plot(xs, ys, marker="o", linestyle="--", label=f"val loss {lang}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if steps or langs:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)

@@ -1,0 +1,289 @@
+"""What a training stage is: a validated `StageSpec`, and the `StageJob` that binds it to its inputs.
+
+A stage is one process (or one torchrun group) that starts from a litgpt checkpoint artifact, trains
+the tensors its trainable policy selects on a data mixture for a token budget, publishes train-state
+checkpoints as it goes and a plain litgpt checkpoint at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vinasmol_core.errors import ConfigError
+
+POLICIES = ("new-embeddings", "embeddings", "all", "transformer")
+Policy = Literal["new-embeddings", "embeddings", "all", "transformer"]
+Schedule = Literal["cosine", "warmup-stable-decay", "linear"]
+Precision = Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"]
+
+# Fields that change how a stage runs but not what it computes: a stage resumed with other values
+# of these still continues the same training run.
+OPERATIONAL_FIELDS = frozenset(
+    {
+        "checkpoint_interval",
+        "eval_interval",
+        "eval_sequences",
+        "eval_languages",
+        "eval_at_start",
+        "log_interval",
+        "devices",
+        "nodes",
+        "strategy",
+        "accelerator",
+        "compile",
+        "activation_checkpointing",
+        "fused_adamw",
+        "deterministic",
+    }
+)
+
+
+class StageSpec(BaseModel):
+    """Everything that defines one training stage. Cross-field rules are checked by `check()`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    trainable: Policy | list[str] = Field(
+        description="new-embeddings | embeddings | all | transformer, or parameter name patterns (fnmatch)"
+    )
+    base_vocab_size: int | None = Field(
+        default=None, gt=0, description="rows below it are the base vocabulary (new-embeddings policy)"
+    )
+    # optimisation
+    lr: float = Field(gt=0)
+    min_lr: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=10, ge=0)
+    schedule: Schedule = "cosine"
+    decay_fraction: float = Field(default=0.2, gt=0, le=1, description="warmup-stable-decay: share of steps")
+    weight_decay: float = Field(default=0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(default=1e-8, gt=0)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    # budget and batch
+    max_tokens: int = Field(gt=0, description="token budget; steps = max_tokens // (global_batch * seq_len)")
+    seq_len: int = Field(default=2048, gt=0)
+    global_batch: int = Field(default=64, gt=0, description="sequences per optimizer step, all devices")
+    micro_batch: int = Field(default=2, gt=0, description="sequences per forward pass on one device")
+    precision: Precision = "bf16-mixed"
+    seed: int = 42
+    # data
+    mixture: dict[str, float] = Field(description="sampling weight per language tag, role or source")
+    long_context: dict[str, Any] | None = Field(default=None, description="long-document up-sampling spec")
+    # model geometry
+    rope_base: float | None = Field(default=None, gt=0)
+    rope_adjustments: dict[str, Any] | None = None
+    block_size: int | None = Field(
+        default=None, gt=0, description="new context window (written to the config)"
+    )
+    # evaluation and checkpoints
+    checkpoint_interval: int = Field(default=100, gt=0, description="optimizer steps between train-states")
+    eval_interval: int = Field(default=100, gt=0)
+    eval_sequences: int = Field(default=16, ge=0, description="validation sequences per language")
+    eval_languages: list[str] | None = Field(
+        default=None, description="default: language keys of the mixture"
+    )
+    eval_at_start: bool = True
+    log_interval: int = Field(default=1, gt=0)
+    # hardware
+    accelerator: Literal["auto", "cpu", "cuda"] = "auto"
+    devices: int = Field(default=1, gt=0)
+    nodes: int = Field(default=1, gt=0)
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    fused_adamw: bool | None = Field(default=None, description="default: on for CUDA")
+    deterministic: bool | None = Field(default=None, description="default: on for the CPU")
+
+    @field_validator("mixture")
+    @classmethod
+    def _mixture(cls, mixture: dict[str, float]) -> dict[str, float]:
+        if not mixture:
+            raise ValueError("mixture needs at least one weight")
+        for key, weight in mixture.items():
+            if not (weight >= 0 and math.isfinite(weight)):
+                raise ValueError(f"mixture weight for {key!r} must be a finite number >= 0, got {weight}")
+        if sum(mixture.values()) <= 0:
+            raise ValueError("mixture weights sum to 0")
+        return mixture
+
+    @field_validator("trainable")
+    @classmethod
+    def _patterns(cls, value: Policy | list[str]) -> Policy | list[str]:
+        if isinstance(value, list) and (not value or any(not p for p in value)):
+            raise ValueError("trainable patterns must be a non-empty list of non-empty patterns")
+        return value
+
+    # ----------------------------------------------------------------- derived quantities
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.nodes
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+    @property
+    def total_steps(self) -> int:
+        return self.max_tokens // self.tokens_per_step
+
+    @property
+    def grad_accum(self) -> int:
+        return self.global_batch // (self.world_size * self.micro_batch)
+
+    def check(self) -> None:
+        """Raise ConfigError for rules that involve several fields (the model-free part of validation)."""
+        per_device, rest = divmod(self.global_batch, self.world_size)
+        if rest:
+            raise ConfigError(
+                f"stage {self.name}: global_batch={self.global_batch} is not divisible by the "
+                f"{self.world_size} devices (devices x nodes)"
+            )
+        if per_device % self.micro_batch:
+            raise ConfigError(
+                f"stage {self.name}: micro_batch={self.micro_batch} does not divide the per-device batch "
+                f"{per_device} (global_batch={self.global_batch} over {self.world_size} devices)"
+            )
+        if self.total_steps < 1:
+            raise ConfigError(
+                f"stage {self.name}: max_tokens={self.max_tokens} is smaller than one optimizer step "
+                f"(global_batch x seq_len = {self.tokens_per_step} tokens)"
+            )
+        if self.min_lr > self.lr:
+            raise ConfigError(f"stage {self.name}: min_lr={self.min_lr} is above lr={self.lr}")
+        if self.block_size is not None and self.seq_len > self.block_size:
+            raise ConfigError(
+                f"stage {self.name}: seq_len={self.seq_len} is above block_size={self.block_size}"
+            )
+        if self.strategy == "fsdp" and self.trainable == "new-embeddings":
+            raise ConfigError(
+                f"stage {self.name}: strategy=fsdp is not supported with trainable=new-embeddings "
+                "(the split tied embedding needs whole tensors); use ddp"
+            )
+
+    def math_fields(self) -> dict[str, Any]:
+        """The fields that decide what the stage computes (used in the resume key)."""
+        return self.model_dump(mode="json", exclude=set(OPERATIONAL_FIELDS))
+
+
+class StageJob(BaseModel):
+    """A stage bound to its inputs and outputs in the artifact store."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spec: StageSpec
+    init_checkpoint: str = Field(description="store ref or digest of a litgpt checkpoint artifact")
+    dataset: str = Field(description="store ref or digest of a dataset artifact")
+    store_url: str | None = Field(default=None, description="default: $VINASMOL_STORE")
+    out_ref: str = Field(default="", description="ref for the final checkpoint; default derived from the job")
+    partial_ref_prefix: str = Field(
+        default="",
+        description="refs of train-state checkpoints (the resume key); default derived from the job",
+    )
+    fail_at_step: int | None = Field(default=None, description="debugging: SIGKILL itself after this step")
+
+    def resume_key(self, init_digest: str | None = None, dataset_digest: str | None = None) -> str:
+        """sha256 over what the stage computes: its math fields and the digests of its inputs."""
+        payload = {
+            "spec": self.spec.math_fields(),
+            "init": init_digest or self.init_checkpoint,
+            "dataset": dataset_digest or self.dataset,
+        }
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def resolved_refs(self, init_digest: str, dataset_digest: str) -> tuple[str, str]:
+        """(out_ref, partial_ref_prefix), filling the defaults from the resume key."""
+        key = self.resume_key(init_digest, dataset_digest)[:16]
+        out_ref = self.out_ref or f"stages/{self.spec.name}/{key}"
+        prefix = self.partial_ref_prefix or f"partial/{self.spec.name}/{key}"
+        return out_ref, prefix.rstrip("/")
+
+
+def _format_validation_error(exc: ValidationError, what: str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or what
+        parts.append(f"{loc}: {err['msg']}")
+    return f"invalid {what}: " + "; ".join(parts)
+
+
+def parse_spec(data: dict[str, Any]) -> StageSpec:
+    """Validate a stage spec, turning pydantic errors into one ConfigError naming the fields."""
+    try:
+        spec = StageSpec.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, "stage spec")) from None
+    spec.check()
+    return spec
+
+
+def load_job(path: Path) -> StageJob:
+    """Read and validate a job JSON file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read job file {path}: {exc}") from None
+    try:
+        job = StageJob.model_validate_json(text)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, f"job file {path}")) from None
+    job.spec.check()
+    return job
+
+
+# ------------------------------------------------------------------------- presets
+_SHARED: dict[str, Any] = {
+    "global_batch": 64,
+    "micro_batch": 2,
+    "seq_len": 2048,
+    "warmup_steps": 10,
+    "weight_decay": 0.1,
+    "betas": (0.9, 0.95),
+    "grad_clip": 1.0,
+    "precision": "bf16-mixed",
+    "checkpoint_interval": 100,
+    "eval_interval": 100,
+    "mixture": {"vi": 0.55, "en": 0.40, "code": 0.05},
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "eeve-3": {"trainable": "new-embeddings", "lr": 1e-3, "min_lr": 1e-5, "max_tokens": 200_000_000},
+    "eeve-4": {"trainable": "embeddings", "lr": 5e-4, "min_lr": 1e-5, "max_tokens": 200_000_000},
+    "eeve-6": {"trainable": "all", "lr": 2e-4, "min_lr": 1e-5, "max_tokens": 1_200_000_000},
+    "eeve-7": {"trainable": "transformer", "lr": 1e-4, "min_lr": 1e-5, "max_tokens": 400_000_000},
+    "cpt": {"trainable": "all", "lr": 2e-4, "min_lr": 1e-5, "max_tokens": 1_000_000_000},
+    "context-extension": {
+        "trainable": "all",
+        "lr": 1e-4,
+        "min_lr": 1e-5,
+        "max_tokens": 200_000_000,
+        "seq_len": 8192,
+        "global_batch": 16,
+        "micro_batch": 1,
+        "rope_base": 100_000.0,
+        "long_context": {},
+    },
+    "annealing": {
+        "trainable": "all",
+        "lr": 1e-4,
+        "min_lr": 0.0,
+        "schedule": "linear",
+        "max_tokens": 500_000_000,
+        "mixture": {"vi": 0.32, "en": 0.25, "code": 0.03, "annealing": 0.40},
+    },
+}
+
+
+def preset(kind: str, **overrides: Any) -> StageSpec:
+    """The recipe's default spec for a stage kind (see PRESETS), with overrides applied."""
+    if kind not in PRESETS:
+        raise ConfigError(f"unknown stage kind {kind!r}; choose from {', '.join(PRESETS)}")
+    data = {**_SHARED, **PRESETS[kind], "name": kind, **overrides}
+    return parse_spec(data)
