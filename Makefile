@@ -9,7 +9,6 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11 or set PYTHON=..."; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	@# Hosts without CUDA take the CPU build of torch; a plain `torch` requirement can pull several GB of CUDA.
 	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/python -m pip install -q 'torch>=2.7'; \
 	else $(BIN)/python -m pip install -q torch==2.13.0 || $(BIN)/python -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; fi
