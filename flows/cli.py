@@ -1,8 +1,157 @@
-"""The `vinasmol` entry point: the library's commands plus the pipeline's (run, demo, recipe)."""
+"""The `vinasmol` entry point: the library's commands plus the pipeline's (run, demo, retry, recipe).
+
+Prefect is imported only inside the pipeline commands, after the demo has set up its environment.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import typer
+
 from vinasmol_core.cli import app, run_app
+from vinasmol_core.errors import VinaSmolError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_RECIPE = REPO_ROOT / "recipes" / "tiny-cpu.yaml"
+
+recipe_app = typer.Typer(no_args_is_help=True, help="recipe commands: schema, check")
+app.add_typer(recipe_app, name="recipe")
+
+
+@recipe_app.command("schema")
+def recipe_schema_cmd() -> None:
+    """Print the JSON schema of a recipe."""
+    from vinasmol_core.recipe import recipe_schema
+
+    print(json.dumps(recipe_schema(), indent=2))
+
+
+@recipe_app.command("check")
+def recipe_check_cmd(file: Path = typer.Argument(..., help="recipe YAML")) -> None:
+    """Validate a recipe; errors name the field."""
+    from vinasmol_core.recipe import load_recipe
+
+    recipe = load_recipe(file)
+    print(f"ok: {file}: recipe {recipe.name!r}, steps: {', '.join(recipe.step_names())}")
+
+
+def _print_result(result: dict, export_dir: Path | None = None) -> None:
+    print(result["summary_markdown"])
+    print(f"final checkpoint: {result['final_checkpoint']['ref']} ({result['final_checkpoint']['digest']})")
+    print(f"HF export: {result['export']['ref']} ({result['export']['digest']})")
+    if export_dir is not None:
+        print(f"HF export folder: {export_dir}")
+
+
+def _run_flow(
+    recipe: Path,
+    store: str | None,
+    from_stage: str | None,
+    force: list[str],
+    start_ref: str | None,
+    stage_runner: str | None,
+) -> dict:
+    from flows.pipeline import plan_run, vinasmol
+
+    # Every input is checked before a flow run exists, so bad input costs nothing.
+    plan_run(recipe, store, from_stage, force, start_ref, stage_runner)
+    state = vinasmol(
+        recipe=str(recipe),
+        store=store,
+        from_stage=from_stage,
+        force=force or None,
+        start_ref=start_ref,
+        stage_runner=stage_runner,
+        return_state=True,
+    )
+    if not state.is_completed():
+        try:
+            state.result()
+        except VinaSmolError:
+            raise
+        except Exception as exc:
+            raise VinaSmolError(f"flow run {state.state_details.flow_run_id} {state.name}: {exc}") from None
+        raise VinaSmolError(f"flow run {state.state_details.flow_run_id} ended {state.name}")
+    result = state.result()
+    result["flow_run_id"] = str(state.state_details.flow_run_id)
+    return result
+
+
+@app.command("run")
+def run_cmd(
+    recipe: Path = typer.Argument(..., help="recipe YAML"),
+    store: str | None = typer.Option(
+        None, "--store", help="artifact store URL (default: recipe, $VINASMOL_STORE)"
+    ),
+    from_stage: str | None = typer.Option(None, "--from-stage", help="re-run this step and everything after"),
+    force: list[str] = typer.Option([], "--force", help="step to re-run (with everything after); repeatable"),
+    start_ref: str | None = typer.Option(None, "--start-ref", help="start --from-stage from this checkpoint"),
+    stage_runner: str | None = typer.Option(None, "--stage-runner", help="inline | deployment"),
+) -> None:
+    """Run the pipeline of a recipe as a Prefect flow; print the final checkpoint and HF export refs."""
+    result = _run_flow(recipe, store, from_stage, force, start_ref, stage_runner)
+    _print_result(result)
+
+
+@app.command("retry")
+def retry_cmd(flow_run_id: str = typer.Argument(..., help="id of a finished vinasmol flow run")) -> None:
+    """Re-run a failed pipeline run under the same run id: finished steps load from cache and the
+    failed training stage resumes from its newest partial checkpoint."""
+    from flows.pipeline import retry_flow_run
+
+    state = retry_flow_run(flow_run_id)
+    if not state.is_completed():
+        raise VinaSmolError(f"flow run {flow_run_id} ended {state.name}: {state.message}")
+    _print_result(state.result())
+
+
+def demo_environment(demo_dir: Path) -> dict[str, str]:
+    """Environment of the demo: an ephemeral Prefect with its home under the demo folder."""
+    demo_dir = demo_dir.resolve()
+    return {
+        "PREFECT_HOME": str(demo_dir / "prefect"),
+        "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "true",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING"),
+        "VINASMOL_WORK_DIR": str(demo_dir / "work"),
+        "VINASMOL_TIMING_LOG": os.environ.get("VINASMOL_TIMING_LOG", str(demo_dir / "timing.jsonl")),
+    }
+
+
+@app.command("demo")
+def demo_cmd(
+    demo_dir: Path = typer.Option(Path("demo-store"), "--dir", help="demo folder (store, Prefect home)"),
+    recipe: Path = typer.Option(DEMO_RECIPE, "--recipe", help="recipe to run"),
+) -> None:
+    """recipes/tiny-cpu.yaml end to end with an ephemeral Prefect; a second run is fully cached."""
+    t0 = time.perf_counter()
+    os.environ.pop("PREFECT_API_URL", None)
+    os.environ.update(demo_environment(demo_dir))
+    store_url = "file://" + str((demo_dir / "store").resolve())
+    (demo_dir / "store").mkdir(parents=True, exist_ok=True)
+    result = _run_flow(recipe, store_url, None, [], None, "inline")
+
+    from vinasmol_core.store import ArtifactStore
+
+    export_dir = (demo_dir / "hf-export").resolve()
+    src = ArtifactStore(store_url).fetch(result["export"]["digest"])
+    if export_dir.exists():
+        shutil.rmtree(export_dir)
+    shutil.copytree(src, export_dir)
+    for path in export_dir.rglob("*"):
+        if path.is_file():
+            path.chmod(0o644)
+    _print_result(result, export_dir)
+    print(
+        f"demo: flow run {result['flow_run_id']}, {time.perf_counter() - t0:.1f} s; "
+        f"store {store_url}; load the export with "
+        f"transformers.AutoModelForCausalLM.from_pretrained({str(export_dir)!r})"
+    )
 
 
 def main() -> None:

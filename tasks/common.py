@@ -90,10 +90,13 @@ def _record_timing(step_name: str, started: float, duration: float, ok: bool) ->
         from prefect.runtime import flow_run, task_run
 
         flow_run_id, task_run_id = str(flow_run.id or ""), str(task_run.id or "")
+        run_name = str(task_run.name or step_name)
     except Exception:  # outside a run
         flow_run_id = task_run_id = ""
+        run_name = step_name
     line = {
         "step": step_name,
+        "name": run_name,
         "started": started,
         "duration_s": round(duration, 4),
         "ok": ok,
@@ -142,7 +145,7 @@ def store_root(store_url: str) -> str:
     """The store URL without a trailing slash, file:// paths made absolute."""
     url = store_url.rstrip("/")
     if url.startswith("file://"):
-        return "file://" + str(Path(url[len("file://"):]).expanduser().resolve())
+        return "file://" + str(Path(url[len("file://") :]).expanduser().resolve())
     if "://" not in url:
         return "file://" + str(Path(url).expanduser().resolve())
     return url
@@ -160,7 +163,7 @@ def result_storage_for(store_url: str) -> Any:
     root = store_root(store_url)
     name = "vinasmol-results-" + hashlib.sha256(root.encode()).hexdigest()[:16]
     if root.startswith("file://"):
-        basepath = Path(root[len("file://"):]) / "prefect-results"
+        basepath = Path(root[len("file://") :]) / "prefect-results"
         basepath.mkdir(parents=True, exist_ok=True)
         block: Any = LocalFileSystem(basepath=str(basepath))
     elif root.startswith("memory://"):

@@ -102,7 +102,7 @@ class TokenizerSection(_Strict):
 
 
 class EmbeddingInitSection(_Strict):
-    method: Literal["subword-mean", "mean", "random"] = "subword-mean"
+    method: Literal["subword-mean", "translation-blend"] = "subword-mean"
     translations: str | None = Field(default=None, description="JSON file: new token -> translation")
     blend: float = Field(default=0.5, ge=0, le=1)
 
@@ -203,7 +203,7 @@ class Recipe(_Strict):
         names = [s.name for s in self.stages]
         reserved = set(STEPS_BEFORE) | set(STEPS_AFTER)
         for i, stage in enumerate(self.stages):
-            if names.count(stage.name) > 1:
+            if names.index(stage.name) != i:
                 raise ValueError(f"stages.{i}.name: stage name {stage.name!r} is used twice")
             if stage.name in reserved:
                 raise ValueError(f"stages.{i}.name: {stage.name!r} is the name of a pipeline step")
@@ -219,7 +219,9 @@ class Recipe(_Strict):
                         f"(known: {', '.join(sorted(known))})"
                     )
             if stage.mixture.get("annealing", 0) > 0 and not self.corpora_with_role("annealing"):
-                raise ValueError(f"stages.{i}.mixture: weight on 'annealing' but no corpus has role annealing")
+                raise ValueError(
+                    f"stages.{i}.mixture: weight on 'annealing' but no corpus has role annealing"
+                )
         main_langs = {c.lang for c in self.corpora if c.role == "main"}
         for lang in self.tokenizer.train_languages:
             if lang not in main_langs:
@@ -228,7 +230,9 @@ class Recipe(_Strict):
 
     # ------------------------------------------------------------------ helpers for the flow
     def mixture_keys(self) -> set[str]:
-        return {c.lang for c in self.corpora} | {c.role for c in self.corpora} | {c.name for c in self.corpora}
+        return (
+            {c.lang for c in self.corpora} | {c.role for c in self.corpora} | {c.name for c in self.corpora}
+        )
 
     def corpora_with_role(self, role: str) -> list[CorpusSpec]:
         return [c for c in self.corpora if c.role == role]
@@ -272,7 +276,7 @@ def format_validation_error(exc: ValidationError, where: str) -> str:
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
         msg = err["msg"]
         if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
+            msg = msg[len("Value error, ") :]
         parts.append(f"{loc}: {msg}" if loc else msg)
     return f"invalid recipe {where}: " + "; ".join(parts)
 

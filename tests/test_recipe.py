@@ -1,0 +1,151 @@
+"""Recipe model: the shipped recipes validate, errors name the field, CLI schema/check."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vinasmol_core.errors import ConfigError
+from vinasmol_core.recipe import load_recipe, parse_recipe, recipe_schema
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "recipes" / "tiny-cpu.yaml"
+SEED = ROOT / "recipes" / "smollm2-360m-vi.yaml"
+
+
+def tiny_data() -> dict:
+    return yaml.safe_load(TINY.read_text())
+
+
+def test_seed_recipe_has_the_seed_numbers() -> None:
+    r = load_recipe(SEED)
+    assert r.tokenizer.target_vocab_size == 55936
+    assert [s.name for s in r.stages] == [
+        "eeve-3",
+        "eeve-4",
+        "eeve-6",
+        "eeve-7",
+        "context-extension",
+        "annealing",
+    ]
+    by = {s.name: s for s in r.stages}
+    assert [by[n].trainable for n in ("eeve-3", "eeve-4", "eeve-6", "eeve-7")] == [
+        "new-embeddings",
+        "embeddings",
+        "all",
+        "transformer",
+    ]
+    assert [by[n].lr for n in ("eeve-3", "eeve-4", "eeve-6", "eeve-7", "annealing")] == [
+        1e-3,
+        5e-4,
+        2e-4,
+        1e-4,
+        1e-4,
+    ]
+    assert [by[n].max_tokens for n in ("eeve-3", "eeve-4", "eeve-6", "eeve-7", "annealing")] == [
+        200_000_000,
+        200_000_000,
+        1_200_000_000,
+        400_000_000,
+        500_000_000,
+    ]
+    assert by["annealing"].min_lr == 0.0 and by["eeve-3"].min_lr == 1e-5
+    ctx = by["context-extension"]
+    assert (ctx.seq_len, ctx.block_size, ctx.rope_base) == (8192, 8192, 100000.0)
+    for s in r.stages[:4]:
+        assert (s.global_batch, s.micro_batch, s.seq_len, s.warmup_steps) == (64, 2, 2048, 10)
+        assert (s.weight_decay, tuple(s.betas), s.grad_clip, s.precision) == (
+            0.1,
+            (0.9, 0.95),
+            1.0,
+            "bf16-mixed",
+        )
+        assert s.mixture == {"vi": 0.55, "en": 0.40, "code": 0.05}
+        assert s.checkpoint_interval == 100
+    assert by["annealing"].mixture == {"vi": 0.32, "en": 0.25, "code": 0.03, "annealing": 0.40}
+    assert r.stage_dataset(by["annealing"]) == "annealing"
+    assert r.stage_dataset(by["eeve-6"]) == "main"
+
+
+def test_tiny_recipe_runs_every_stage_on_cpu() -> None:
+    r = load_recipe(TINY)
+    assert r.base_model.source.kind == "tiny"
+    assert {c.source.kind for c in r.corpora} == {"sample"}
+    assert [s.name for s in r.stages] == [s.name for s in load_recipe(SEED).stages]
+    assert all(s.accelerator == "cpu" for s in r.stages)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda d: d["stages"][2].__setitem__("lr", -1), "stages.2.lr"),
+        (lambda d: d["stages"][0].__setitem__("trainable", "everything"), "stages.0.trainable"),
+        (lambda d: d["stages"][1].__setitem__("name", "eeve-3"), "stages.1.name"),
+        (lambda d: d["stages"][0].__setitem__("mixture", {"fr": 1.0}), "stages.0.mixture"),
+        (lambda d: d["stages"][0].__setitem__("mixture", "nope"), "stages.0.mixture"),
+        (lambda d: d["tokenizer"].__setitem__("target_vocab_size", "big"), "tokenizer.target_vocab_size"),
+        (lambda d: d["corpora"][0].__setitem__("lang", "fr"), "corpora.0.lang"),
+        (lambda d: d["base_model"]["source"].__setitem__("kind", "gguf"), "base_model.source"),
+        (lambda d: d.__setitem__("stagez", []), "stagez"),
+        (lambda d: d["stages"][0].__setitem__("min_lr", 1.0), "stages.0"),
+    ],
+)
+def test_invalid_recipe_names_the_field(mutate, field: str) -> None:
+    data = tiny_data()
+    mutate(data)
+    with pytest.raises(ConfigError) as info:
+        parse_recipe(data, "r.yaml")
+    assert field in str(info.value), str(info.value)
+
+
+def test_unknown_stage_is_refused_with_the_list() -> None:
+    r = load_recipe(TINY)
+    with pytest.raises(ConfigError, match="unknown stage 'eeve-5'.*eeve-6"):
+        r.steps_from(["eeve-5"])
+    assert r.steps_from(["eeve-7"]) == {"eeve-7", "context-extension", "annealing", "evaluate", "export"}
+
+
+def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(bad)
+    with pytest.raises(ConfigError, match="cannot read recipe"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_schema_describes_sections() -> None:
+    schema = recipe_schema()
+    assert {"base_model", "corpora", "tokenizer", "stages", "mixtures", "export", "compute", "store"} <= set(
+        schema["properties"]
+    )
+
+
+def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    from flows.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["vinasmol", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_recipe_schema_and_check(monkeypatch, capsys, tmp_path: Path) -> None:
+    code, out, _ = _cli(monkeypatch, capsys, "recipe", "schema")
+    assert code == 0 and json.loads(out)["title"] == "Recipe"
+    code, out, _ = _cli(monkeypatch, capsys, "recipe", "check", str(TINY))
+    assert code == 0 and "ok:" in out
+    data = tiny_data()
+    data["stages"][3]["warmup_steps"] = -2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    code, _, err = _cli(monkeypatch, capsys, "recipe", "check", str(bad))
+    assert code == 1 and "error:" in err and "stages.3.warmup_steps" in err
