@@ -1,0 +1,290 @@
+"""Reading documents from a source: local files and globs, fsspec URLs, or `datasets` by name.
+
+Every reader streams: it holds one line (JSONL), one record batch (Parquet) or one file (text)."""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vinasmol_core.data.spec import SourceSpec
+from vinasmol_core.errors import VinaSmolError
+
+try:  # orjson is much faster; it comes with Prefect but the library does not require it
+    import orjson as _orjson
+
+    _loads = _orjson.loads
+    _JSONError: tuple[type[Exception], ...] = (_orjson.JSONDecodeError, ValueError)
+except ImportError:  # pragma: no cover - exercised only without orjson
+    _loads = json.loads
+    _JSONError = (ValueError,)
+
+_JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+_COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class ResolvedFile:
+    """One input file: an fsspec URL or a local path, with how to read it."""
+
+    url: str
+    local: bool
+    fmt: str  # jsonl | parquet | text
+    compression: str | None
+
+    @property
+    def display(self) -> str:
+        return self.url
+
+
+@dataclass
+class ReadCounters:
+    bad_lines_skipped: int = 0
+    bad_line_examples: list[str] = field(default_factory=list)
+
+
+def _split_compression(name: str) -> tuple[str, str | None]:
+    lower = name.lower()
+    for suffix, comp in _COMPRESSIONS.items():
+        if lower.endswith(suffix):
+            return lower[: -len(suffix)], comp
+    return lower, None
+
+
+def _detect_format(name: str, requested: str) -> tuple[str, str | None]:
+    base, comp = _split_compression(name)
+    if requested != "auto":
+        return requested, comp
+    if base.endswith(_JSONL_SUFFIXES):
+        return "jsonl", comp
+    if base.endswith(".parquet"):
+        return "parquet", comp
+    return "text", comp
+
+
+def resolve_files(spec: SourceSpec) -> list[ResolvedFile]:
+    """Expand the source's paths and globs (sorted, deduplicated); VinaSmolError if one matches nothing."""
+    out: list[ResolvedFile] = []
+    seen: set[str] = set()
+    for entry in spec.paths:
+        if "://" in entry and not entry.startswith("file://"):
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(entry)
+            if _GLOB_CHARS & set(root):
+                matches = sorted(fs.glob(root))
+            else:
+                matches = [root] if fs.exists(root) else []
+            matches = [m for m in matches if not fs.isdir(m)]
+            if not matches:
+                raise VinaSmolError(f"source {spec.name!r}: {entry} matches no file")
+            for m in matches:
+                url = fs.unstrip_protocol(m)
+                if url not in seen:
+                    seen.add(url)
+                    fmt, comp = _detect_format(m, spec.format)
+                    out.append(ResolvedFile(url, False, fmt, comp))
+            continue
+        path_text = os.path.expanduser(entry.removeprefix("file://"))
+        if _GLOB_CHARS & set(path_text):
+            matches = sorted(m for m in globlib.glob(path_text, recursive=True) if os.path.isfile(m))
+        elif os.path.isdir(path_text):
+            matches = sorted(str(p) for p in Path(path_text).rglob("*") if p.is_file())
+        elif os.path.isfile(path_text):
+            matches = [path_text]
+        else:
+            raise VinaSmolError(f"source {spec.name!r}: file {entry} does not exist")
+        if not matches:
+            raise VinaSmolError(f"source {spec.name!r}: {entry} matches no file")
+        for m in matches:
+            if m not in seen:
+                seen.add(m)
+                fmt, comp = _detect_format(m, spec.format)
+                out.append(ResolvedFile(m, True, fmt, comp))
+    return out
+
+
+def _open_binary(rf: ResolvedFile) -> Any:
+    """A binary, decompressed file object."""
+    if rf.local and rf.compression in (None, "gzip"):
+        if rf.compression == "gzip":
+            import gzip
+
+            return gzip.open(rf.url, "rb")
+        return open(rf.url, "rb")  # noqa: SIM115
+    import fsspec
+
+    return fsspec.open(rf.url, "rb", compression=rf.compression).open()
+
+
+def source_digest(spec: SourceSpec, files: list[ResolvedFile]) -> str:
+    """A digest of the source's content: sha256 of every local file's bytes; for remote files the
+    store's ETag/checksum and size when it has one (else the bytes); for a `datasets` dataset its
+    name, config, split and revision (pin a revision to make that meaningful)."""
+    h = hashlib.sha256()
+    if spec.hf_dataset:
+        ident = ["hf", spec.hf_dataset, spec.hf_config, spec.hf_split, spec.hf_revision]
+        h.update(json.dumps(ident).encode())
+        return h.hexdigest()
+    for rf in files:
+        h.update(os.path.basename(rf.url).encode() + b"\0")
+        if rf.local:
+            fh = hashlib.sha256()
+            with open(rf.url, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    fh.update(chunk)
+            h.update(fh.hexdigest().encode())
+            continue
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(rf.url)
+        info = fs.info(path)
+        tag = next((str(info[k]) for k in ("ETag", "etag", "checksum", "md5", "sha256") if info.get(k)), None)
+        if tag is not None:
+            h.update(f"{tag}:{info.get('size')}".encode())
+        else:
+            fh = hashlib.sha256()
+            with fs.open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    fh.update(chunk)
+            h.update(fh.hexdigest().encode())
+    return h.hexdigest()
+
+
+def _text_of(record: dict[str, Any], spec: SourceSpec, where: str) -> str | None:
+    if spec.text_field not in record:
+        fields = ", ".join(sorted(map(str, record))[:10])
+        raise VinaSmolError(
+            f"source {spec.name!r}: {where} has no field {spec.text_field!r} (fields: {fields}); "
+            "set the source's text field"
+        )
+    text = record[spec.text_field]
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise VinaSmolError(
+            f"source {spec.name!r}: {where}: field {spec.text_field!r} is {type(text).__name__}, not a string"
+        )
+    return text
+
+
+def _id_of(record: dict[str, Any], spec: SourceSpec, fallback: str) -> str:
+    if spec.id_field and spec.id_field in record and record[spec.id_field] is not None:
+        return str(record[spec.id_field])
+    return fallback
+
+
+def _iter_jsonl(
+    rf: ResolvedFile, spec: SourceSpec, skip_bad_lines: bool, counters: ReadCounters
+) -> Iterator[tuple[str, str | None]]:
+    base = os.path.basename(rf.url)
+    with _open_binary(rf) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            problem = None
+            try:
+                record = _loads(line)
+            except _JSONError as exc:
+                try:
+                    line.decode("utf-8")
+                    problem = f"not valid JSON ({exc})"
+                except UnicodeDecodeError as uexc:
+                    problem = f"not valid UTF-8 (byte {uexc.start})"
+                record = None
+            if problem is None and not isinstance(record, dict):
+                problem = f"a JSON {type(record).__name__}, not an object"
+            if problem is not None:
+                if skip_bad_lines:
+                    counters.bad_lines_skipped += 1
+                    if len(counters.bad_line_examples) < 5:
+                        counters.bad_line_examples.append(f"{rf.display}:{lineno}")
+                    continue
+                raise VinaSmolError(
+                    f"source {spec.name!r}: {rf.display} line {lineno} is {problem}; "
+                    "fix the file or pass --skip-bad-lines"
+                )
+            assert isinstance(record, dict)
+            text = _text_of(record, spec, f"{rf.display} line {lineno}")
+            yield _id_of(record, spec, f"{base}:{lineno}"), text
+
+
+def _iter_parquet(rf: ResolvedFile, spec: SourceSpec) -> Iterator[tuple[str, str | None]]:
+    import pyarrow.parquet as pq
+
+    base = os.path.basename(rf.url)
+    with _open_binary(rf) as f:
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        if spec.text_field not in names:
+            raise VinaSmolError(
+                f"source {spec.name!r}: {rf.display} has no column {spec.text_field!r} "
+                f"(columns: {', '.join(names[:10])}); set the source's text field"
+            )
+        cols = [spec.text_field] + ([spec.id_field] if spec.id_field and spec.id_field in names else [])
+        row = 0
+        for batch in pf.iter_batches(columns=cols, batch_size=1024):
+            texts = batch.column(0).to_pylist()
+            ids = batch.column(1).to_pylist() if len(cols) > 1 else [None] * len(texts)
+            for doc_id, text in zip(ids, texts, strict=True):
+                row += 1
+                if text is not None and not isinstance(text, str):
+                    raise VinaSmolError(f"source {spec.name!r}: {rf.display} column {spec.text_field!r} "
+                                        "is not a string column")
+                yield (str(doc_id) if doc_id is not None else f"{base}:{row}"), text
+
+
+def _iter_text(rf: ResolvedFile, spec: SourceSpec, skip_bad_lines: bool,
+               counters: ReadCounters) -> Iterator[tuple[str, str | None]]:
+    with _open_binary(rf) as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        if skip_bad_lines:
+            counters.bad_lines_skipped += 1
+            return
+        raise VinaSmolError(
+            f"source {spec.name!r}: {rf.display} line {line} is not valid UTF-8 (byte {exc.start}); "
+            "fix the file or pass --skip-bad-lines"
+        ) from None
+    yield os.path.basename(rf.url) if rf.local else rf.url, text.removeprefix("\ufeff")
+
+
+def _iter_hf(spec: SourceSpec) -> Iterator[tuple[str, str | None]]:
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover
+        raise VinaSmolError("reading a hub dataset needs the `datasets` package") from exc
+    try:
+        ds = datasets.load_dataset(spec.hf_dataset, spec.hf_config, split=spec.hf_split,
+                                   streaming=spec.hf_streaming, revision=spec.hf_revision)
+    except Exception as exc:  # network, missing dataset, bad config...
+        raise VinaSmolError(f"source {spec.name!r}: cannot open dataset {spec.hf_dataset!r}: {exc}") from exc
+    for row, record in enumerate(ds, start=1):
+        text = _text_of(record, spec, f"{spec.hf_dataset} row {row}")
+        yield _id_of(record, spec, f"{spec.hf_dataset}:{row}"), text
+
+
+def iter_documents(
+    spec: SourceSpec, files: list[ResolvedFile], *, skip_bad_lines: bool, counters: ReadCounters
+) -> Iterator[tuple[str, str | None]]:
+    """(document id, raw text or None) for every record of the source, in file order."""
+    if spec.hf_dataset:
+        yield from _iter_hf(spec)
+        return
+    for rf in files:
+        if rf.fmt == "jsonl":
+            yield from _iter_jsonl(rf, spec, skip_bad_lines, counters)
+        elif rf.fmt == "parquet":
+            yield from _iter_parquet(rf, spec)
+        else:
+            yield from _iter_text(rf, spec, skip_bad_lines, counters)
