@@ -31,3 +31,11 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Local stack on 127.0.0.1: Prefect server (SQLite, or $VINASMOL_PREFECT_DATABASE_URL), SeaweedFS as
+# the S3 store, one process worker per pool (cpu, cuda); registers deployments and the automation.
+up: $(STAMP)
+	$(BIN)/python -m infra.stack up
+
+down:
+	@test -x $(BIN)/python && $(BIN)/python -m infra.stack down || true
