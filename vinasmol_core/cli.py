@@ -17,6 +17,8 @@ app.add_typer(cli_tokenizer.app, name="tokenizer")
 app.add_typer(cli_model.app, name="model")
 app.add_typer(cli_data.app, name="data")
 app.add_typer(cli_train.app, name="train")
+app.command("export")(cli_model.export_command)
+app.add_typer(cli_model.eval_app, name="eval")
 
 
 def run_app(typer_app: typer.Typer) -> None:
