@@ -20,6 +20,7 @@ parent and the child may run on different machines.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from datetime import datetime
@@ -151,6 +152,28 @@ class _ProgressMirror:
             self.last = value
 
 
+    def finish(self, child_id: UUID) -> None:
+        """Copy the child's metrics tables into the calling run (keys prefixed with `child-`)."""
+        if not self.enabled:
+            return
+        from prefect.artifacts import create_table_artifact
+
+        with get_client(sync_client=True) as client:
+            arts = client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[child_id]))
+            )
+        for art in arts:
+            if art.type == "table" and art.data:
+                data = json.loads(art.data) if isinstance(art.data, str) else art.data
+                create_table_artifact(
+                    table=data,
+                    key=f"child-{art.key}" if art.key else None,
+                    description=f"{art.description or ''} (from the training child run)".strip(),
+                )
+        if self.artifact_id is not None and self.last != 100.0:
+            update_progress_artifact(self.artifact_id, 100.0)
+
+
 def _wait(child: FlowRun, poll_seconds: float, mirror: _ProgressMirror) -> FlowRun:
     with get_client(sync_client=True) as client:
         while True:
@@ -223,6 +246,7 @@ def run_stage_deployment(
         child = _wait(child, poll_seconds, mirror)
         last = child
         if child.state is not None and child.state.is_completed():
+            mirror.finish(child.id)
             store = ArtifactStore(getattr(job, "store_url", None))
             manifest = store.get_manifest(job.out_ref)
             logger.info("stage %s: child run %s completed; checkpoint %s", stage, child.name, manifest.digest)
