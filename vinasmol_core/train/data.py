@@ -18,6 +18,7 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "generation_config.json",
     "tokenizer.model",
+    "extension.json",
 )
 
 
@@ -98,10 +99,10 @@ def check_data_matches_checkpoint(
     if check_tokenizer is not None:
         check_tokenizer(Path(dataset_dir), Path(ckpt_dir))
     vocab = tokenizer_vocab_size(ckpt_dir)
-    if vocab > model_vocab_size:
+    if vocab != model_vocab_size:
         raise ConfigError(
-            f"the checkpoint's tokenizer has {vocab} tokens but its model has only {model_vocab_size} "
-            "embedding rows (vocabularies differ)"
+            f"the initial checkpoint's tokenizer has {vocab} tokens but its model config says "
+            f"vocab_size={model_vocab_size} (vocabularies differ)"
         )
 
 

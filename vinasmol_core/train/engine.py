@@ -125,9 +125,7 @@ def prepare_inputs(job: StageJob, store: Any) -> Inputs:
     dataset_dir = Path(store.fetch(dataset_digest))
     config = stage_config(ckpt_dir, spec)
     check_model_fits(spec, config)
-    check_data_matches_checkpoint(
-        dataset_dir, ckpt_dir, dataset_manifest.tokenizer_digest, config.padded_vocab_size
-    )
+    check_data_matches_checkpoint(dataset_dir, ckpt_dir, dataset_manifest.tokenizer_digest, config.vocab_size)
     base_vocab = spec.base_vocab_size or P.find_base_vocab_size(ckpt_dir, init_manifest.extra)
     # the policy on a meta-device model: pattern errors before any tensor is loaded
     from litgpt.model import GPT
@@ -294,10 +292,11 @@ def first_batch_digest(sampler: Any, global_batch: int) -> str:
 class StageRunner:
     """Runs one stage inside a launched Fabric (one instance per rank)."""
 
-    def __init__(self, job: StageJob, metrics_copy: Path | None = None) -> None:
+    def __init__(self, job: StageJob, metrics_copy: Path | None = None, store: Any | None = None) -> None:
         self.job = job
         self.spec = job.spec
         self.metrics_copy = metrics_copy
+        self._store = store
 
     # ------------------------------------------------------------------ setup
     def run(self) -> CheckpointManifest | None:
@@ -309,7 +308,7 @@ class StageRunner:
         fabric = make_fabric(spec, accelerator)
         fabric.launch()
         self.fabric = fabric
-        store = ArtifactStore(self.job.store_url)
+        store = self._store if self._store is not None else ArtifactStore(self.job.store_url)
         self.store = store
         with local_rank_zero_first(fabric):
             inputs = prepare_inputs(self.job, store)
@@ -357,10 +356,10 @@ class StageRunner:
         first = np.asarray(train_sampler.sequence(0))
         if first.shape != (spec.seq_len + 1,):
             raise VinaSmolError(f"sampler returned shape {first.shape}, expected ({spec.seq_len + 1},)")
-        if int(first.max()) >= inputs.config.padded_vocab_size:
+        if int(first.max()) >= inputs.config.vocab_size:
             raise ConfigError(
                 f"the dataset holds token id {int(first.max())} but the model has "
-                f"{inputs.config.padded_vocab_size} rows"
+                f"{inputs.config.vocab_size} tokens"
             )
         fb_digest = first_batch_digest(train_sampler, spec.global_batch)
 
@@ -431,7 +430,7 @@ class StageRunner:
 
         # ------------------------------------------------------------------ loop
         accum = spec.grad_accum
-        vocab = inputs.config.padded_vocab_size
+        vocab = inputs.config.vocab_size  # padded rows never enter the loss
         trainable_params = [p for p in P.named_parameters(raw_model).values() if p.requires_grad]
         last_loss = float("nan")
         for step in range(start_step, total):
@@ -461,7 +460,7 @@ class StageRunner:
                 x, y = batch[:, :-1], batch[:, 1:]
                 with fabric.no_backward_sync(model, enabled=micro < accum - 1):
                     logits = model(x)
-                    loss = F.cross_entropy(logits.reshape(-1, vocab).float(), y.reshape(-1))
+                    loss = F.cross_entropy(logits[..., :vocab].reshape(-1, vocab).float(), y.reshape(-1))
                     fabric.backward(loss / accum)
                 loss_sum += loss.detach()
             if spec.grad_clip is not None:
@@ -512,7 +511,7 @@ class StageRunner:
     def _evaluate(self, model: Any, samplers: dict[str, Any], step: int) -> None:
         fabric, spec = self.fabric, self.spec
         rank, world = fabric.global_rank, fabric.world_size
-        vocab = self.inputs.config.padded_vocab_size
+        vocab = self.inputs.config.vocab_size
         lengths = torch.from_numpy(self.byte_lengths)
         losses: dict[str, float] = {}
         bpb: dict[str, float] = {}
@@ -523,7 +522,7 @@ class StageRunner:
                 idx = mine[start : start + spec.micro_batch]
                 batch = torch.from_numpy(_sequences(sampler, idx))
                 x, y = batch[:, :-1].to(fabric.device), batch[:, 1:]
-                logits = model(x).float().reshape(-1, vocab)
+                logits = model(x)[..., :vocab].float().reshape(-1, vocab)
                 nll = F.cross_entropy(logits, y.reshape(-1).to(fabric.device), reduction="sum")
                 totals += torch.tensor([float(nll), y.numel(), float(lengths[y].sum())], dtype=torch.float64)
             totals = fabric.all_reduce(totals.to(fabric.device), reduce_op="sum").cpu()
@@ -682,6 +681,10 @@ class StageRunner:
         return published
 
 
-def run_stage(job: StageJob, metrics_copy: Path | None = None) -> CheckpointManifest | None:
-    """Run one stage in this process (one rank). Returns the published manifest on rank 0."""
-    return StageRunner(job, metrics_copy).run()
+def run_stage(
+    job: StageJob, metrics_copy: Path | None = None, store: Any | None = None
+) -> CheckpointManifest | None:
+    """Run one stage in this process (one rank). Returns the published manifest on rank 0.
+
+    `store` overrides ArtifactStore(job.store_url) (an in-process store, e.g. memory://)."""
+    return StageRunner(job, metrics_copy, store).run()

@@ -206,9 +206,9 @@ def load_lit_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def find_base_vocab_size(ckpt_dir: Path, manifest_extra: dict[str, Any]) -> int | None:
     """The base vocabulary size recorded with a checkpoint (manifest extra, or a JSON file beside it)."""
-    value = manifest_extra.get("base_vocab_size")
-    if isinstance(value, int):
-        return value
+    for holder in (manifest_extra, manifest_extra.get("extension")):
+        if isinstance(holder, dict) and isinstance(holder.get("base_vocab_size"), int):
+            return holder["base_vocab_size"]
     for path in sorted(Path(ckpt_dir).glob("*.json")):
         if path.stat().st_size > 1_000_000:
             continue
