@@ -244,10 +244,13 @@ class Stack:
             f"-s3.config={identities}",
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        self._spawn("seaweedfs", cmd, env, cwd=self.root)
         st = self.state()
         st.update({"s3_port": s3_port, "s3_endpoint": f"http://{self.host}:{s3_port}"})
         self._save(st)
+        self._spawn("seaweedfs", cmd, env, cwd=self.root)
+
+    def _seaweed_ready(self) -> None:
+        s3_port = self.state()["s3_port"]
         self._wait(lambda: port_open(self.host, s3_port), "SeaweedFS S3", 60, "seaweedfs")
         self._make_bucket()
 
@@ -306,7 +309,6 @@ class Stack:
         if not self.services:
             cmd.append("--no-services")
         self._spawn("prefect-server", cmd, self._server_env(), cwd=self.root)
-        self._wait(self._healthy, "Prefect server", 240, "prefect-server")
 
     def _healthy(self) -> bool:
         import httpx
@@ -410,23 +412,38 @@ class Stack:
         """Start everything; a component already running (per stack.json) is left as it is."""
         self.root.mkdir(parents=True, exist_ok=True)
         running = self.running()
+        timings: dict[str, float] = {}
+        t0 = time.monotonic()
+
+        def mark(what: str) -> None:
+            timings[what] = round(time.monotonic() - t0, 1)
+
         try:
             if not running.get("seaweedfs"):
                 self._start_seaweed()
             if not running.get("prefect-server"):
                 self._start_server()
+            self._seaweed_ready()
+            mark("store")
+            self._wait(self._healthy, "Prefect server", 300, "prefect-server")
+            mark("server")
             self.create_pools()
+            if workers and not all(running.get(f"worker-{p}") for p in self.pools):
+                self.start_workers()
             if deploy:
                 self.deploy()
+                mark("deploy")
             self.register_automation()
             if workers:
-                if not all(running.get(f"worker-{p}") for p in self.pools):
-                    self.start_workers()
                 self.wait_for_workers()
+                mark("workers")
             self.write_env_file()
         except BaseException:
             self.down()
             raise
+        st = self.state()
+        st["timings_s"] = timings
+        self._save(st)
 
     def running(self) -> dict[str, bool]:
         return {name: self._alive(pid) for name, pid in self.state().get("pids", {}).items()}
