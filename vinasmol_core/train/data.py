@@ -53,6 +53,21 @@ def open_sampler(
         raise ConfigError(f"cannot sample {split} data with weights {weights}: {exc}") from None
 
 
+def load_validation(dataset_dir: Path, lang: str, seq_len: int, count: int) -> np.ndarray:
+    """Up to `count` consecutive validation windows (seq_len + 1 tokens) of one language, stacked."""
+    from vinasmol_core.data import validation_sequences
+
+    try:
+        seqs = [
+            np.asarray(s, dtype=np.int64) for s in validation_sequences(dataset_dir, lang, seq_len, count)
+        ]
+    except (ConfigError, KeyError, ValueError):
+        seqs = []
+    if not seqs:
+        return np.zeros((0, seq_len + 1), dtype=np.int64)
+    return np.stack(seqs)
+
+
 def batch_indices(
     step: int, micro: int, *, global_batch: int, micro_batch: int, rank: int, world: int
 ) -> list[int]:

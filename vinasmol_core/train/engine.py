@@ -36,6 +36,7 @@ from vinasmol_core.train.data import (
     batch_indices,
     check_data_matches_checkpoint,
     eval_languages,
+    load_validation,
     open_sampler,
     token_byte_lengths,
     tokenizer_digest,
@@ -134,7 +135,8 @@ def prepare_inputs(job: StageJob, store: Any) -> Inputs:
         probe = GPT(config)
     P.tie_embeddings(probe)
     P.apply_policy(probe, spec.trainable, base_vocab)
-    available = {k.split("/")[0] for k in dataset_manifest.token_counts} or None
+    counts = dataset_manifest.token_counts
+    available = {k[4:] for k, v in counts.items() if k.startswith("val/") and v > 0} or None
     languages = eval_languages(spec.mixture, spec.eval_languages, available)
     return Inputs(
         init_digest=init_digest,
@@ -288,6 +290,38 @@ def first_batch_digest(sampler: Any, global_batch: int) -> str:
     return h.hexdigest()
 
 
+def optimizer_step(
+    fabric: Any,
+    model: Any,
+    optimizer: Any,
+    batches: Iterator[torch.Tensor],
+    accum: int,
+    vocab: int,
+    grad_clip: float | None,
+    trainable_params: list[torch.nn.Parameter],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer update over `accum` micro-batches of (seq_len + 1)-token rows.
+
+    Returns (mean loss over all ranks, gradient norm before clipping)."""
+    loss_sum = torch.zeros((), device=fabric.device)
+    for micro, batch in enumerate(batches):
+        batch = batch.to(fabric.device)
+        x, y = batch[:, :-1], batch[:, 1:]
+        with fabric.no_backward_sync(model, enabled=micro < accum - 1):
+            logits = model(x)
+            loss = F.cross_entropy(logits[..., :vocab].reshape(-1, vocab).float(), y.reshape(-1))
+            fabric.backward(loss / accum)
+        loss_sum += loss.detach()
+    if grad_clip is not None:
+        grad_norm = fabric.clip_gradients(model, optimizer, max_norm=grad_clip)
+    else:
+        grads = [p.grad for p in trainable_params if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return fabric.all_reduce(loss_sum / accum, reduce_op="mean"), grad_norm
+
+
 # ----------------------------------------------------------------------------- the stage
 class StageRunner:
     """Runs one stage inside a launched Fabric (one instance per rank)."""
@@ -335,24 +369,16 @@ class StageRunner:
             stage=spec.name,
             long_context=spec.long_context,
         )
-        val_samplers: dict[str, Any] = {}
+        val_sets: dict[str, np.ndarray] = {}
         if spec.eval_sequences > 0:
             for lang in inputs.languages:
-                try:
-                    sampler = open_sampler(
-                        inputs.dataset_dir,
-                        {lang: 1.0},
-                        spec.seq_len,
-                        seed=spec.seed,
-                        stage="validation",
-                        split="val",
-                        long_context=spec.long_context,
+                seqs = load_validation(inputs.dataset_dir, lang, spec.seq_len, spec.eval_sequences)
+                if len(seqs) == 0:
+                    fabric.print(
+                        f"no validation sequence of {spec.seq_len + 1} tokens for {lang}: not evaluated"
                     )
-                    sampler.sequence(0)
-                except VinaSmolError as exc:
-                    fabric.print(f"no validation data for {lang}: {exc}")
                     continue
-                val_samplers[lang] = sampler
+                val_sets[lang] = seqs
         first = np.asarray(train_sampler.sequence(0))
         if first.shape != (spec.seq_len + 1,):
             raise VinaSmolError(f"sampler returned shape {first.shape}, expected ({spec.seq_len + 1},)")
@@ -425,8 +451,8 @@ class StageRunner:
             }
         )
         self.byte_lengths = token_byte_lengths(inputs.ckpt_dir, inputs.config.padded_vocab_size)
-        if start_step == 0 and spec.eval_at_start and val_samplers:
-            self._evaluate(model, val_samplers, 0)
+        if start_step == 0 and spec.eval_at_start and val_sets:
+            self._evaluate(model, val_sets, 0)
 
         # ------------------------------------------------------------------ loop
         accum = spec.grad_accum
@@ -446,33 +472,25 @@ class StageRunner:
             )
             for group in raw_opt.param_groups:
                 group["lr"] = lr
-            loss_sum = torch.zeros((), device=fabric.device)
-            for micro in range(accum):
-                idx = batch_indices(
-                    step,
-                    micro,
-                    global_batch=spec.global_batch,
-                    micro_batch=spec.micro_batch,
-                    rank=rank,
-                    world=world,
+            batches = (
+                torch.from_numpy(
+                    _sequences(
+                        train_sampler,
+                        batch_indices(
+                            step,
+                            micro,
+                            global_batch=spec.global_batch,
+                            micro_batch=spec.micro_batch,
+                            rank=rank,
+                            world=world,
+                        ),
+                    )
                 )
-                batch = torch.from_numpy(_sequences(train_sampler, idx)).to(fabric.device)
-                x, y = batch[:, :-1], batch[:, 1:]
-                with fabric.no_backward_sync(model, enabled=micro < accum - 1):
-                    logits = model(x)
-                    loss = F.cross_entropy(logits[..., :vocab].reshape(-1, vocab).float(), y.reshape(-1))
-                    fabric.backward(loss / accum)
-                loss_sum += loss.detach()
-            if spec.grad_clip is not None:
-                grad_norm = fabric.clip_gradients(model, optimizer, max_norm=spec.grad_clip)
-            else:
-                grads = [p.grad for p in trainable_params if p.grad is not None]
-                grad_norm = torch.linalg.vector_norm(
-                    torch.stack([torch.linalg.vector_norm(g) for g in grads])
-                )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = fabric.all_reduce(loss_sum / accum, reduce_op="mean")
+                for micro in range(accum)
+            )
+            step_loss, grad_norm = optimizer_step(
+                fabric, model, optimizer, batches, accum, vocab, spec.grad_clip, trainable_params
+            )
             last_loss = float(step_loss)
             done = step + 1
             dt = time.perf_counter() - t0
@@ -491,8 +509,8 @@ class StageRunner:
                         "step_time_s": dt,
                     }
                 )
-            if val_samplers and (done % spec.eval_interval == 0 or done == total):
-                self._evaluate(model, val_samplers, done)
+            if val_sets and (done % spec.eval_interval == 0 or done == total):
+                self._evaluate(model, val_sets, done)
             if done % spec.checkpoint_interval == 0 or done == total:
                 self._publish_state(raw_model, raw_opt, opt_names, done, last_loss)
             if self.job.fail_at_step is not None and done == self.job.fail_at_step:
@@ -508,19 +526,18 @@ class StageRunner:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def _evaluate(self, model: Any, samplers: dict[str, Any], step: int) -> None:
+    def _evaluate(self, model: Any, val_sets: dict[str, np.ndarray], step: int) -> None:
         fabric, spec = self.fabric, self.spec
         rank, world = fabric.global_rank, fabric.world_size
         vocab = self.inputs.config.vocab_size
         lengths = torch.from_numpy(self.byte_lengths)
         losses: dict[str, float] = {}
         bpb: dict[str, float] = {}
-        for lang, sampler in samplers.items():
-            mine = list(range(rank, spec.eval_sequences, world))
+        for lang, seqs in val_sets.items():
+            mine = list(range(rank, len(seqs), world))
             totals = torch.zeros(3, dtype=torch.float64)  # nll (nats), tokens, bytes
             for start in range(0, len(mine), spec.micro_batch):
-                idx = mine[start : start + spec.micro_batch]
-                batch = torch.from_numpy(_sequences(sampler, idx))
+                batch = torch.from_numpy(seqs[mine[start : start + spec.micro_batch]])
                 x, y = batch[:, :-1].to(fabric.device), batch[:, 1:]
                 logits = model(x)[..., :vocab].float().reshape(-1, vocab)
                 nll = F.cross_entropy(logits, y.reshape(-1).to(fabric.device), reduction="sum")
