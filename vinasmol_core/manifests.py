@@ -51,9 +51,17 @@ class Manifest(BaseModel):
         data = self.model_dump(mode="json")
         return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
+    def identity_json(self) -> bytes:
+        """The canonical JSON without `created`: what the digest covers, so that the same content
+        published twice (or by two processes at once) is one artifact."""
+        data = json.loads(self.canonical_json())
+        data.pop("created", None)
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
     @property
     def digest(self) -> str:
-        return hashlib.sha256(self.canonical_json()).hexdigest()
+        """sha256 of `identity_json()`: names the manifest in the store."""
+        return hashlib.sha256(self.identity_json()).hexdigest()
 
 
 class TokenizerManifest(Manifest):
