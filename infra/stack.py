@@ -51,7 +51,7 @@ def _bindable(host: str, port: int) -> bool:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now, whose +10000 twin (SeaweedFS gRPC) is free too."""
+    """A TCP port nothing listens on right now (and its +10000 twin, where gRPC ports go by default)."""
     rng = random.Random()
     for _ in range(500):
         port = rng.randrange(20000, 45000)
@@ -126,7 +126,10 @@ class Stack:
         path = self.root / "s3-credentials.json"
         if not path.exists():
             self.root.mkdir(parents=True, exist_ok=True)
-            creds = {"access_key": "vs" + secrets.token_hex(9), "secret_key": secrets.token_urlsafe(30)}
+            creds = {
+                "access_key": "VS" + secrets.token_hex(9).upper(),
+                "secret_key": secrets.token_urlsafe(30),
+            }
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as fh:
                 json.dump(creds, fh)
@@ -217,62 +220,23 @@ class Stack:
 
     # ------------------------------------------------------------------ components
     def _start_seaweed(self) -> None:
+        """SeaweedFS (`vinasmol_core.seaweed`) with the stack's credentials, detached from this process."""
+        from vinasmol_core.seaweed import start_seaweed
+
         creds = self.credentials()
-        s3_port = free_port(self.host) if self.state().get("s3_port") is None else self.state()["s3_port"]
-        data = self.root / "seaweedfs"
-        data.mkdir(parents=True, exist_ok=True)
-        identities = self.root / "s3-identities.json"
-        doc = {
-            "identities": [
-                {
-                    "name": "vinasmol",
-                    "credentials": [{"accessKey": creds["access_key"], "secretKey": creds["secret_key"]}],
-                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                }
-            ]
-        }
-        fd = os.open(identities, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh)
-        ports = {k: free_port(self.host) for k in ("master", "volume", "filer", "admin", "metrics")}
-        cmd = [
-            _bin("weed"), "mini", f"-dir={data}", f"-ip={self.host}", f"-ip.bind={self.host}",
-            "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.port={s3_port}",
-            f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
-            f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}",
-            f"-s3.config={identities}",
-        ]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        server = start_seaweed(
+            self.root / "seaweedfs",
+            host=self.host,
+            s3_port=self.state().get("s3_port"),
+            access_key=creds["access_key"],
+            secret_key=creds["secret_key"],
+            buckets=(BUCKET,),
+            die_with_parent=False,
+        )
         st = self.state()
-        st.update({"s3_port": s3_port, "s3_endpoint": f"http://{self.host}:{s3_port}"})
+        st.update({"s3_port": server.ports["s3.port"], "s3_endpoint": server.endpoint_url})
+        st.setdefault("pids", {})["seaweedfs"] = server.process.pid
         self._save(st)
-        self._spawn("seaweedfs", cmd, env, cwd=self.root)
-
-    def _seaweed_ready(self) -> None:
-        s3_port = self.state()["s3_port"]
-        self._wait(lambda: port_open(self.host, s3_port), "SeaweedFS S3", 60, "seaweedfs")
-        self._make_bucket()
-
-    def _make_bucket(self) -> None:
-        import s3fs
-
-        env = self.store_env()
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                fs = s3fs.S3FileSystem(
-                    key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"],
-                    endpoint_url=env["AWS_ENDPOINT_URL"],
-                )
-                if not fs.exists(BUCKET):
-                    fs.mkdir(BUCKET)
-                return
-            except Exception as exc:  # the filer may still be starting
-                if time.monotonic() > deadline:
-                    where = env["AWS_ENDPOINT_URL"]
-                    raise StackError(f"SeaweedFS S3 at {where} refused a bucket: {exc}") from exc
-                time.sleep(0.5)
 
     def _server_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))}
@@ -419,11 +383,10 @@ class Stack:
             timings[what] = round(time.monotonic() - t0, 1)
 
         try:
-            if not running.get("seaweedfs"):
-                self._start_seaweed()
             if not running.get("prefect-server"):
                 self._start_server()
-            self._seaweed_ready()
+            if not running.get("seaweedfs"):
+                self._start_seaweed()
             mark("store")
             self._wait(self._healthy, "Prefect server", 300, "prefect-server")
             mark("server")
