@@ -63,3 +63,19 @@ def build_tiny_setup(root: Path, n_new: int = 120, **model_kwargs) -> dict[str, 
     base = build_tiny_base_model(root / "base", tok, **model_kwargs)
     ext = extend_tokenizer_with_merges(tok, root / "ext-tok", n_new, sample_texts("vi", 150))
     return {"tok": tok, "base": base, "ext_tok": ext}
+
+
+_CACHE: dict[str, dict[str, Path]] = {}
+
+
+def shared_tiny(tmp_path_factory) -> dict[str, Path]:  # noqa: ANN001 - pytest's TempPathFactory
+    """Built once per session: tiny base, extended tokenizer, extended model, its litgpt conversion."""
+    if "tiny" not in _CACHE:
+        from vinasmol_core.model import extend_model, hf_to_litgpt
+
+        root = tmp_path_factory.mktemp("model-tiny")
+        setup = build_tiny_setup(root)
+        setup["ext"] = extend_model(setup["base"], setup["ext_tok"], root / "ext")
+        setup["lit"] = hf_to_litgpt(setup["ext"], root / "lit")
+        _CACHE["tiny"] = setup
+    return _CACHE["tiny"]

@@ -176,7 +176,7 @@ def model_card(card: dict[str, Any] | None, config: Config, vocab_size: int) -> 
     """README.md for the exported model from a `card` dict (title, base_model, method, data, stages,
     metrics, language, license, description)."""
     card = dict(card or {})
-    title = card.get("title", "VinaSmol")
+    title = card.get("title") or card.get("name") or "VinaSmol"
     base = card.get("base_model", "")
     languages = card.get("language", ["vi", "en"])
     front = [
