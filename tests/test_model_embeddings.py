@@ -190,3 +190,32 @@ def test_extension_of_extension_keeps_previous_rows(tiny, tmp_path):
     second = load_file(str(out / "model.safetensors"))["model.embed_tokens.weight"]
     assert torch.equal(second[: first.shape[0]], first)
     assert second.shape[0] == _tok(more).get_vocab_size()
+
+
+def test_seq2seq_translation_source_loads_a_local_model(tiny, tmp_path):
+    """The seq2seq source loads an encoder-decoder from a folder and returns one answer per word."""
+    import shutil
+
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from vinasmol_core.model import Seq2SeqTranslations
+
+    folder = tmp_path / "t5"
+    config = T5Config(
+        vocab_size=512,
+        d_model=16,
+        d_kv=4,
+        d_ff=32,
+        num_layers=1,
+        num_heads=2,
+        pad_token_id=0,
+        eos_token_id=0,
+        decoder_start_token_id=0,
+    )
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy2(tiny["tok"] / name, folder / name)
+    source = Seq2SeqTranslations(folder, max_new_tokens=3, batch_size=2)
+    out = source.translate(["sông", "núi", "biển"])
+    assert len(out) == 3 and all(o is None or isinstance(o, str) for o in out)
