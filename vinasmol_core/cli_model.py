@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -58,8 +59,9 @@ def extend_command(
     """Resize the embeddings to the extended tokenizer and initialise the new rows."""
     from vinasmol_core.model import extend_model, fetch_base_model, publish_checkpoint
 
-    base_dir = fetch_base_model(base, None if Path(base).is_dir() else out.parent / f".{out.name}-base")
-    path = extend_model(base_dir, tokenizer, out, init=init, translations=translations, blend=blend)
+    with tempfile.TemporaryDirectory(prefix="vinasmol-base-") as tmp:
+        base_dir = fetch_base_model(base, None if Path(base).is_dir() else Path(tmp) / "base")
+        path = extend_model(base_dir, tokenizer, out, init=init, translations=translations, blend=blend)
     info = json.loads((path / "extension.json").read_text())
     typer.echo(
         f"extended {info['base_vocab_size']} -> {info['vocab_size']} tokens ({init}"
