@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -567,7 +568,8 @@ class _S3Backend(_Backend):
             key=key,
             secret=secret,
             endpoint_url=endpoint_url,
-            skip_instance_cache=True,
+            # Stores with the same endpoint and credentials share one client (and its connection pool):
+            # creating one costs about a second of CPU. The instance cache resets itself after fork.
             use_listings_cache=False,
             config_kwargs=config,
         )
@@ -664,6 +666,7 @@ class _S3Backend(_Backend):
     def ensure_ready(self, write: bool = False) -> None:
         if self._ready:
             return
+        self._probe_endpoint()
 
         async def go() -> None:
             s3 = await self._client()
@@ -671,6 +674,22 @@ class _S3Backend(_Backend):
 
         self._run(go, "head_bucket")
         self._ready = True
+
+    def _probe_endpoint(self) -> None:
+        """Fail fast (no retry storm) when nothing listens at a custom endpoint."""
+        if not self.endpoint_url:
+            return
+        parts = urlsplit(self.endpoint_url)
+        if not parts.hostname:
+            raise StoreError(f"S3 endpoint {self.endpoint_url!r} of store {self.url} has no host")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            with socket.create_connection((parts.hostname, port), timeout=10):
+                pass
+        except OSError as exc:
+            raise StoreError(
+                f"cannot reach S3 endpoint {self.endpoint_url} for store {self.url}: {exc.strerror or exc}"
+            ) from None
 
     def check(self) -> None:
         self._ready = False

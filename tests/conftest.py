@@ -1,0 +1,89 @@
+"""Shared fixtures: a Prefect test server and a SeaweedFS S3 server (each one per session, started on
+first use), and a `store` parametrized over file:// and s3:// (a fresh bucket per test)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real Prefect API (SQLite, subprocess server) shared by every test that asks for it."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A local SeaweedFS S3 server (vinasmol_core.seaweed.SeaweedServer) for the whole session.
+
+    Use `seaweed.endpoint_url`, `.access_key`, `.secret_key`, `.create_bucket(name)`, `.env()`."""
+    from vinasmol_core.errors import StoreError
+    from vinasmol_core.seaweed import find_weed, start_seaweed
+
+    try:
+        find_weed()
+    except StoreError as exc:
+        pytest.skip(str(exc))
+    server = start_seaweed(tmp_path_factory.mktemp("seaweed"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(seaweed) -> str:  # noqa: ANN001
+    """A fresh, empty bucket on the session's SeaweedFS server."""
+    name = f"t-{uuid.uuid4().hex[:16]}"
+    seaweed.create_bucket(name)
+    return name
+
+
+@dataclass
+class StoreSpec:
+    """How to open one test store, here or in a subprocess (`env` carries URL and credentials)."""
+
+    kind: str
+    url: str
+    cache_dir: Path
+    options: dict[str, str] = field(default_factory=dict, repr=False)
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def open(self, cache_dir: Path | None = None, **kw: object):  # noqa: ANN201 - ArtifactStore
+        from vinasmol_core.store import ArtifactStore
+
+        return ArtifactStore(self.url, cache_dir=cache_dir or self.cache_dir, **self.options, **kw)
+
+
+@pytest.fixture(params=["file", "s3"])
+def store_spec(request: pytest.FixtureRequest, tmp_path: Path) -> StoreSpec:
+    """A fresh store on local disk or on SeaweedFS (fresh bucket)."""
+    if request.param == "file":
+        url = (tmp_path / "store").as_uri()
+        return StoreSpec("file", url, tmp_path / "cache", env={"VINASMOL_STORE": url})
+    server = request.getfixturevalue("seaweed")
+    bucket = request.getfixturevalue("s3_bucket")
+    url = f"s3://{bucket}/store"
+    return StoreSpec(
+        "s3",
+        url,
+        tmp_path / "cache",
+        options={"endpoint_url": server.endpoint_url, "key": server.access_key, "secret": server.secret_key},
+        env={**server.env(), "VINASMOL_STORE": url},
+    )
+
+
+@pytest.fixture
+def store(store_spec: StoreSpec):  # noqa: ANN201 - ArtifactStore
+    """An empty ArtifactStore, once on file:// and once on s3:// (SeaweedFS)."""
+    return store_spec.open()

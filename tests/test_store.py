@@ -1,0 +1,373 @@
+"""The artifact store, the same suite on file:// and on s3:// (a real SeaweedFS server)."""
+
+from __future__ import annotations
+
+import filecmp
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from vinasmol_core.errors import StoreError
+from vinasmol_core.manifests import CheckpointManifest, DatasetManifest, FileEntry, TokenizerManifest
+from vinasmol_core.store import ArtifactStore
+
+REPO = Path(__file__).resolve().parent.parent
+MB = 1 << 20
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def write_random(path: Path, size: int, seed: int | None = None, chunk: int = 8 * MB) -> None:
+    """A file of `size` random bytes, written chunk by chunk."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        left = size
+        n = 0
+        while left > 0:
+            k = min(chunk, left)
+            if seed is None:
+                fh.write(os.urandom(k))
+            else:  # deterministic, cheap
+                block = hashlib.sha256(f"{seed}-{n}".encode()).digest()
+                fh.write((block * (k // len(block) + 1))[:k])
+            left -= k
+            n += 1
+
+
+def make_artifact(root: Path, sizes: dict[str, int], seed: int = 0) -> Path:
+    for i, (name, size) in enumerate(sizes.items()):
+        write_random(root / name, size, seed=seed * 1000 + i)
+    return root
+
+
+def raw_objects(spec) -> dict[str, bytes | None]:  # noqa: ANN001
+    """Every object under the store's root, listed behind the store's back: {key: None}."""
+    if spec.kind == "file":
+        root = Path(spec.url[len("file://") :])
+        if not root.exists():
+            return {}
+        return {p.relative_to(root).as_posix(): None for p in root.rglob("*") if p.is_file()}
+    client = _client(spec)
+    bucket, prefix = spec.url[len("s3://") :].split("/", 1)
+    resp = client.list_objects_v2(Bucket=bucket, Prefix=prefix + "/")
+    return {o["Key"][len(prefix) + 1 :]: None for o in resp.get("Contents", [])}
+
+
+def raw_put(spec, key: str, data: bytes) -> None:  # noqa: ANN001
+    """Overwrite one object behind the store's back."""
+    if spec.kind == "file":
+        path = Path(spec.url[len("file://") :]) / key
+        os.chmod(path, 0o644)
+        path.write_bytes(data)
+        return
+    bucket, prefix = spec.url[len("s3://") :].split("/", 1)
+    _client(spec).put_object(Bucket=bucket, Key=f"{prefix}/{key}", Body=data)
+
+
+def raw_delete(spec, key: str) -> None:  # noqa: ANN001
+    if spec.kind == "file":
+        (Path(spec.url[len("file://") :]) / key).unlink()
+        return
+    bucket, prefix = spec.url[len("s3://") :].split("/", 1)
+    _client(spec).delete_object(Bucket=bucket, Key=f"{prefix}/{key}")
+
+
+def _client(spec):  # noqa: ANN001, ANN202
+    import botocore.session
+
+    return botocore.session.get_session().create_client(
+        "s3",
+        endpoint_url=spec.options["endpoint_url"],
+        aws_access_key_id=spec.options["key"],
+        aws_secret_access_key=spec.options["secret"],
+        region_name="us-east-1",
+    )
+
+
+CHILD = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from pathlib import Path
+    from vinasmol_core import store as S
+    from vinasmol_core.manifests import DatasetManifest
+
+    kill_after, go, jobs = int(sys.argv[1]), sys.argv[2], [a.split("|") for a in sys.argv[3:]]
+    if kill_after:
+        up = S._Counters.up
+        def dying_up(self, n):
+            up(self, n)
+            if self.blobs_uploaded >= kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+        S._Counters.up = dying_up
+    store = S.ArtifactStore(None, max_workers=2)  # URL and credentials from the environment
+    if go != "-":
+        deadline = time.time() + 60
+        while not os.path.exists(go) and time.time() < deadline:
+            time.sleep(0.005)
+    for src, name, ref in jobs:
+        print(store.publish(DatasetManifest(name=name), Path(src), ref=ref or None).digest, flush=True)
+    """
+)
+
+
+def child(spec, tmp_path: Path, jobs: list[tuple[Path, str, str]], kill_after: int = 0, go: str = "-"):  # noqa: ANN001, ANN201
+    """A publisher process: publishes each (src, name, ref) in turn, printing each digest."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(spec.env)
+    env["VINASMOL_CACHE"] = str(tmp_path / "child-cache")
+    env["PYTHONPATH"] = str(REPO)
+    args = [f"{src}|{name}|{ref}" for src, name, ref in jobs]
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(kill_after), go, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def big_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """200 MB of random bytes in one file, plus small and empty files in a subfolder."""
+    root = tmp_path_factory.mktemp("big")
+    write_random(root / "model.safetensors", 200 * MB)
+    (root / "cfg").mkdir()
+    (root / "cfg" / "config.json").write_text('{"n_layer": 2}')
+    (root / "cfg" / "empty.txt").write_bytes(b"")
+    return root
+
+
+@pytest.fixture
+def small_artifact(tmp_path: Path) -> Path:
+    return make_artifact(
+        tmp_path / "small", {"a.txt": 100, "sub/b.bin": 3 * MB, "sub/deeper/c.bin": 5000}, seed=1
+    )
+
+
+# ------------------------------------------------------------------------------------------------ tests
+def test_200mb_artifact_round_trips_byte_identical(store: ArtifactStore, big_artifact: Path) -> None:
+    m = store.publish(CheckpointManifest(name="big", format="hf"), big_artifact, ref="runs/r1/big")
+    assert set(m.files) == {"model.safetensors", "cfg/config.json", "cfg/empty.txt"}
+    assert m.files["model.safetensors"].size == 200 * MB
+    assert store.bytes_uploaded == 200 * MB + len('{"n_layer": 2}')
+    out = store.fetch("runs/r1/big")
+    assert out.name == m.digest
+    for rel in m.files:
+        assert filecmp.cmp(big_artifact / rel, out / rel, shallow=False), rel
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(m.files)
+    assert store.bytes_downloaded == store.bytes_uploaded
+
+
+def test_publishing_twice_uploads_nothing_and_fetching_twice_downloads_nothing(
+    store_spec, small_artifact: Path
+) -> None:  # noqa: ANN001
+    first = store_spec.open()
+    m1 = first.publish(TokenizerManifest(name="tok", vocab_size=10, base_vocab_size=5), small_artifact)
+    assert first.bytes_uploaded == sum(f.stat().st_size for f in small_artifact.rglob("*") if f.is_file())
+    again = store_spec.open()  # a fresh process would see the same
+    m2 = again.publish(TokenizerManifest(name="tok", vocab_size=10, base_vocab_size=5), small_artifact)
+    assert again.bytes_uploaded == 0 and again.blobs_uploaded == 0
+    assert m2.digest == m1.digest
+    assert again.list_manifests() == [m1.digest]
+
+    path = again.fetch(m1.digest)
+    downloaded = again.bytes_downloaded
+    assert downloaded > 0
+    assert again.fetch(m1.digest) == path
+    assert again.fetch(m1.digest[:10]) == path
+    assert again.bytes_downloaded == downloaded
+
+
+def test_refs_move_with_history_and_resolve(store: ArtifactStore, tmp_path: Path) -> None:
+    a = store.publish(
+        DatasetManifest(name="a"), make_artifact(tmp_path / "a", {"x": 10}, seed=2), ref="runs/r/data"
+    )
+    b = store.publish(DatasetManifest(name="b"), make_artifact(tmp_path / "b", {"x": 11}, seed=3))
+    store.set_ref("runs/r/data", b.digest)
+    store.set_ref("latest/data", "runs/r/data")
+    assert store.resolve("runs/r/data") == b.digest
+    assert store.resolve(a.digest[:8]) == a.digest
+    assert store.list_refs() == {"latest/data": b.digest, "runs/r/data": b.digest}
+    assert store.list_refs("runs/") == {"runs/r/data": b.digest}
+    assert [mv.digest for mv in store.ref_history("runs/r/data")] == [a.digest, b.digest]
+    assert store.get_manifest("latest/data").name == "b"
+    store.delete_ref("latest/data")
+    assert not store.exists("latest/data")
+    assert [mv.digest for mv in store.ref_history("latest/data")] == [b.digest, None]
+
+
+@pytest.mark.parametrize(
+    "bad", ["../x", "/abs/ref", "a//b", "a/../b", "runs/./x", "runs/", "", "a\\b", ".hidden"]
+)
+def test_invalid_ref_names_are_refused_and_nothing_is_written(
+    store_spec, small_artifact: Path, bad: str
+) -> None:  # noqa: ANN001
+    if store_spec.kind == "s3" and bad not in ("../x", "/abs/ref"):
+        pytest.skip("ref validation does not depend on the backend")
+    store = store_spec.open()
+    with pytest.raises(StoreError, match="ref name"):
+        store.publish(DatasetManifest(name="x"), small_artifact, ref=bad)
+    assert raw_objects(store_spec) == {}
+
+
+def test_corrupt_blob_is_refused_at_fetch_naming_artifact_and_file(store_spec, small_artifact: Path) -> None:  # noqa: ANN001
+    store = store_spec.open()
+    m = store.publish(DatasetManifest(name="corpus-vi"), small_artifact, ref="runs/r/corpus")
+    entry = m.files["sub/b.bin"]
+    blob = f"blobs/{entry.sha256[:2]}/{entry.sha256}"
+    raw_put(store_spec, blob, os.urandom(entry.size))  # same size, other bytes
+    with pytest.raises(StoreError) as err:
+        store.fetch("runs/r/corpus")
+    assert "corpus-vi" in str(err.value) and "sub/b.bin" in str(err.value) and "sha256" in str(err.value)
+    assert not (store.cache_dir / m.digest).exists()
+    assert [p for p in store.cache_dir.iterdir() if p.name.startswith(".tmp-")] == []
+    report = store.verify()
+    assert not report.ok and any("sub/b.bin" in p and "corrupt" in p for p in report.problems)
+
+    raw_delete(store_spec, blob)
+    with pytest.raises(StoreError, match=r"corpus-vi.*sub/b\.bin.*missing"):
+        store.fetch("runs/r/corpus")
+    assert any("missing" in p for p in store.verify(hashes=False).problems)
+
+
+def test_publisher_killed_before_its_manifest_leaves_no_manifest(store_spec, tmp_path: Path) -> None:  # noqa: ANN001
+    sizes = {f"shard-{i}.bin": MB for i in range(6)} | {"big.bin": 18 * MB}
+    src = make_artifact(tmp_path / "src", sizes, seed=4)
+    proc = child(store_spec, tmp_path, [(src, "killed", "runs/r/killed")], kill_after=2)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, err
+    store = store_spec.open()
+    assert 0 < len([k for k in raw_objects(store_spec) if k.startswith("blobs/")]) < len(sizes)
+    assert store.list_manifests() == [] and store.list_refs() == {}
+    assert store.verify().ok
+    m = store.publish(DatasetManifest(name="killed"), src, ref="runs/r/killed")
+    assert 0 < store.bytes_uploaded < sum(sizes.values())  # blobs of the dead publisher are reused
+    assert store.verify().ok and store.list_manifests() == [m.digest]
+    assert filecmp.cmp(store.fetch("runs/r/killed") / "big.bin", src / "big.bin", shallow=False)
+    store.gc(grace=timedelta(0))  # aborts the dead publisher's partial uploads, keeps every named blob
+    assert store.verify().ok
+
+
+def test_concurrent_publishers(store_spec, tmp_path: Path) -> None:  # noqa: ANN001
+    """Same artifact from two processes: one manifest. Different artifacts under one prefix: no clobbering."""
+    same = make_artifact(tmp_path / "same", {"a.bin": MB, "b.bin": 17 * MB, "c.txt": 10}, seed=5)
+    one = make_artifact(tmp_path / "one", {"a.bin": MB, "d.bin": 2 * MB}, seed=6)
+    two = make_artifact(tmp_path / "two", {"a.bin": MB, "e.bin": 2 * MB}, seed=7)
+    go = tmp_path / "go"
+    procs = [
+        child(store_spec, tmp_path, [(same, "same", "runs/r/same"), (one, "one", "runs/r/one")], go=str(go)),
+        child(store_spec, tmp_path, [(same, "same", "runs/r/same"), (two, "two", "runs/r/two")], go=str(go)),
+    ]
+    time.sleep(0.3)
+    go.write_text("go")
+    digests = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        digests.append(out.split())
+    (same_a, one_d), (same_b, two_d) = digests
+    assert same_a == same_b and len({same_a, one_d, two_d}) == 3
+    store = store_spec.open()
+    assert store.list_manifests() == sorted([same_a, one_d, two_d])
+    assert store.list_refs("runs/r/") == {"runs/r/same": same_a, "runs/r/one": one_d, "runs/r/two": two_d}
+    assert [mv.digest for mv in store.ref_history("runs/r/same")] in ([same_a], [same_a, same_a])
+    assert store.verify().ok
+    assert filecmp.cmp(store.fetch("runs/r/same") / "b.bin", same / "b.bin", shallow=False)
+    assert filecmp.cmp(store.fetch("runs/r/one") / "d.bin", one / "d.bin", shallow=False)
+    assert filecmp.cmp(store.fetch("runs/r/two") / "e.bin", two / "e.bin", shallow=False)
+
+
+BAD_PATHS = ["../x", "/etc/passwd", "a/../../x", "C:/x"]
+
+
+def test_manifest_paths_escaping_the_folder_are_refused(store_spec, small_artifact: Path) -> None:  # noqa: ANN001
+    store = store_spec.open()
+    entry = FileEntry(sha256="0" * 64, size=1)
+    for bad_path in BAD_PATHS:
+        with pytest.raises(ValueError, match="file path"):
+            DatasetManifest(name="evil", files={bad_path: entry})
+        # A manifest built without validation is still refused at publish, before anything is written.
+        evil = DatasetManifest.model_construct(name="evil", files={bad_path: entry})
+        with pytest.raises(StoreError, match="file path"):
+            store.publish(evil, ref="runs/r/evil")
+    assert raw_objects(store_spec) == {}
+    # A manifest planted in the store is refused at fetch; nothing lands outside the cache.
+    good = store.publish(DatasetManifest(name="good"), small_artifact)
+    for bad_path in BAD_PATHS:
+        doc = json.loads(good.canonical_json())
+        doc["files"] = {bad_path: doc["files"]["a.txt"]}
+        body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        digest = hashlib.sha256(body).hexdigest()
+        raw_put_new(store_spec, f"manifests/{digest}.json", body)
+        with pytest.raises(StoreError, match=digest):
+            store.fetch(digest)
+    assert not (store.cache_dir.parent / "x").exists()
+    assert not any(store.cache_dir.rglob("x"))
+    assert len(store.verify(hashes=False).problems) == len(BAD_PATHS)
+
+
+def raw_put_new(spec, key: str, data: bytes) -> None:  # noqa: ANN001
+    if spec.kind == "file":
+        path = Path(spec.url[len("file://") :]) / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    else:
+        raw_put(spec, key, data)
+
+
+def test_missing_ref_or_digest_is_a_clear_error(store: ArtifactStore, small_artifact: Path) -> None:
+    store.publish(DatasetManifest(name="d"), small_artifact, ref="runs/r/d")
+    for name in ("runs/r/nope", "f" * 64, "abcdef12"):
+        with pytest.raises(StoreError, match=name):
+            store.fetch(name)
+        with pytest.raises(StoreError, match=name):
+            store.get_manifest(name)
+        assert not store.exists(name)
+    with pytest.raises(StoreError, match="runs/r/nope"):
+        store.set_ref("latest/x", "runs/r/nope")
+    assert "latest/x" not in store.list_refs()
+
+
+def test_publish_without_src_needs_every_blob_in_the_store(
+    store: ArtifactStore, small_artifact: Path
+) -> None:
+    m = store.publish(DatasetManifest(name="d"), small_artifact)
+    again = store.publish(DatasetManifest(name="d2", files=m.files), ref="runs/r/d2")
+    assert again.files == m.files and store.resolve("runs/r/d2") == again.digest
+    ghost = DatasetManifest(name="ghost", files={"w.bin": FileEntry(sha256="1" * 64, size=5)})
+    with pytest.raises(StoreError, match=r"ghost.*w\.bin"):
+        store.publish(ghost, ref="runs/r/ghost")
+    assert not store.exists("runs/r/ghost") and ghost.digest not in store.list_manifests()
+
+
+def test_gc_deletes_only_old_unreferenced_blobs(store: ArtifactStore, tmp_path: Path) -> None:
+    keep = store.publish(DatasetManifest(name="keep"), make_artifact(tmp_path / "k", {"k.bin": 1000}, seed=7))
+    drop = store.publish(DatasetManifest(name="drop"), make_artifact(tmp_path / "d", {"d.bin": 2000}, seed=8))
+    store.delete_manifest(drop.digest)
+    young = store.gc()  # default grace: a day
+    assert young.blobs_deleted == 0 and young.blobs_kept_recent == 1
+    dry = store.gc(grace=timedelta(0), dry_run=True)
+    assert dry.blobs_deleted == 1 and store.verify().ok
+    report = store.gc(grace=timedelta(0))
+    assert report.blobs_deleted == 1 and report.bytes_deleted == 2000
+    assert store.verify().ok
+    assert (store.fetch(keep.digest) / "k.bin").stat().st_size == 1000
+
+
+def test_fetch_is_atomic_and_repairs_a_damaged_cache(store: ArtifactStore, small_artifact: Path) -> None:
+    m = store.publish(DatasetManifest(name="d"), small_artifact)
+    path = store.fetch(m.digest)
+    (path / "sub" / "b.bin").write_bytes(b"truncated")
+    again = store.fetch(m.digest)
+    assert again == path and filecmp.cmp(
+        path / "sub" / "b.bin", small_artifact / "sub" / "b.bin", shallow=False
+    )

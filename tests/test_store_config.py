@@ -1,0 +1,109 @@
+"""Store URLs, defaults, credentials and S3 failure modes: each a clear StoreError, nothing written."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from vinasmol_core.errors import StoreError
+from vinasmol_core.manifests import DatasetManifest
+from vinasmol_core.store import ArtifactStore, default_cache_dir, default_store_url
+
+
+def _artifact(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("hello")
+    return src
+
+
+def test_default_url_and_cache_follow_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("VINASMOL_STORE", raising=False)
+    monkeypatch.delenv("VINASMOL_CACHE", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cachehome"))
+    assert default_store_url() == (tmp_path / "data" / "vinasmol" / "store").as_uri()
+    assert ArtifactStore().url == default_store_url()
+    assert default_cache_dir() == tmp_path / "cachehome" / "vinasmol" / "artifacts"
+    monkeypatch.setenv("VINASMOL_STORE", str(tmp_path / "plain-path"))
+    monkeypatch.setenv("VINASMOL_CACHE", str(tmp_path / "c"))
+    store = ArtifactStore()
+    assert store.url == (tmp_path / "plain-path").as_uri() and store.cache_dir == tmp_path / "c"
+    assert ArtifactStore(cache_dir=tmp_path / "arg").cache_dir == tmp_path / "arg"
+    assert not (tmp_path / "plain-path").exists()  # opening a store writes nothing
+
+
+def test_memory_store_round_trip(tmp_path: Path) -> None:
+    store = ArtifactStore("memory://unit-test-store", cache_dir=tmp_path / "cache")
+    m = store.publish(DatasetManifest(name="m"), _artifact(tmp_path), ref="latest/m")
+    assert (store.fetch("latest/m") / "a.txt").read_text() == "hello"
+    assert store.verify().ok and store.list_refs() == {"latest/m": m.digest}
+
+
+@pytest.mark.parametrize("url", ["ftp://host/x", "gs://bucket/x", "nope://x"])
+def test_unknown_scheme_is_refused(url: str) -> None:
+    with pytest.raises(StoreError, match=r"unknown store URL scheme '(ftp|gs|nope)'"):
+        ArtifactStore(url)
+
+
+def test_credentials_never_appear_in_errors_or_repr(seaweed, s3_bucket: str, tmp_path: Path) -> None:  # noqa: ANN001
+    secret = "wrong-secret-Zq9Xv3"
+    bad = ArtifactStore(
+        f"s3://{s3_bucket}/p", endpoint_url=seaweed.endpoint_url, key="WRONGKEY123", secret=secret
+    )
+    assert secret not in repr(bad) and "WRONGKEY123" not in repr(bad)
+    with pytest.raises(StoreError) as err:
+        bad.check_reachable()
+    msg = str(err.value)
+    assert "access denied" in msg and f"s3://{s3_bucket}/p" in msg and seaweed.endpoint_url in msg
+    assert secret not in msg and "WRONGKEY123" not in msg
+    with pytest.raises(StoreError, match="access denied"):
+        bad.publish(DatasetManifest(name="x"), _artifact(tmp_path), ref="runs/r/x")
+    good = seaweed.client()
+    assert good.list_objects_v2(Bucket=s3_bucket).get("KeyCount", 0) == 0
+    # wrong secret with a valid key
+    half = ArtifactStore(
+        f"s3://{s3_bucket}/p", endpoint_url=seaweed.endpoint_url, key=seaweed.access_key, secret=secret
+    )
+    with pytest.raises(StoreError, match="access denied") as err:
+        half.list_refs()
+    assert secret not in str(err.value) and seaweed.secret_key not in str(err.value)
+
+
+def test_missing_bucket_is_named_and_not_created(seaweed, tmp_path: Path) -> None:  # noqa: ANN001
+    opts = {"endpoint_url": seaweed.endpoint_url, "key": seaweed.access_key, "secret": seaweed.secret_key}
+    store = ArtifactStore("s3://no-such-bucket-here/store", **opts)
+    with pytest.raises(StoreError, match="bucket 'no-such-bucket-here' does not exist"):
+        store.check_reachable()
+    with pytest.raises(StoreError, match="no-such-bucket-here"):
+        store.publish(DatasetManifest(name="x"), _artifact(tmp_path), ref="runs/r/x")
+    with pytest.raises(StoreError, match="no-such-bucket-here"):
+        store.fetch("runs/r/x")
+    names = [b["Name"] for b in seaweed.client().list_buckets().get("Buckets", [])]
+    assert "no-such-bucket-here" not in names
+
+
+def test_unreachable_endpoint_is_named(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    store = ArtifactStore("s3://some-bucket/x", endpoint_url=endpoint, key="k", secret="s")
+    with pytest.raises(StoreError, match=f"cannot reach S3 endpoint {endpoint}"):
+        store.check_reachable()
+
+
+def test_s3_url_must_not_carry_credentials() -> None:
+    with pytest.raises(StoreError, match="must not carry credentials") as err:
+        ArtifactStore("s3://AKEY:SUPERSECRET@bucket/x")
+    assert "SUPERSECRET" not in str(err.value)
+
+
+def test_local_store_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(StoreError, match="not a folder"):
+        ArtifactStore((tmp_path / "f").as_uri()).check_reachable()
