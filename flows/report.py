@@ -1,0 +1,123 @@
+"""The run's report: per-stage metrics tables, a loss-curve image and a Markdown summary, as Prefect
+artifacts (and as plain text for the CLI)."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-") or "x"
+
+
+def metrics_rows(events: list[dict[str, Any]], limit: int = 200) -> list[dict[str, Any]]:
+    """Training events (those with a loss) as table rows, thinned to at most `limit` rows."""
+    rows = [e for e in events if "loss" in e]
+    if len(rows) > limit:
+        k = -(-len(rows) // limit)
+        rows = rows[::k] + [rows[-1]]
+    keys = ["step", "loss", "lr", "tokens", "tokens_per_s", "val_bpb", "val_loss", "elapsed_s"]
+    out = []
+    for e in rows:
+        row = {k: e[k] for k in keys if k in e}
+        for k, v in e.items():
+            if k not in row and isinstance(v, (int, float)) and len(row) < 10:
+                row[k] = v
+        out.append(row)
+    return out
+
+
+def loss_curve_png(stages: list[tuple[str, list[dict[str, Any]]]]) -> bytes | None:
+    """One PNG: training loss against the global step, one colour per stage."""
+    points = [
+        (name, [(e["step"], e["loss"]) for e in ev if "loss" in e and "step" in e]) for name, ev in stages
+    ]
+    if not any(p for _, p in points):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=90)
+    offset = 0
+    for name, pts in points:
+        if not pts:
+            continue
+        xs = [offset + s for s, _ in pts]
+        ax.plot(xs, [loss for _, loss in pts], label=name, linewidth=1.2)
+        offset = xs[-1]
+    ax.set_xlabel("optimizer step (all stages)")
+    ax.set_ylabel("training loss")
+    ax.legend(fontsize=7, ncol=3)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def bpb_markdown(bpb: dict[str, dict[str, float]]) -> str:
+    """Rows: checkpoints in pipeline order; columns: languages."""
+    if not bpb:
+        return "_no evaluation_"
+    langs = sorted({lang for row in bpb.values() for lang in row})
+    lines = ["| checkpoint | " + " | ".join(langs) + " |", "| --- |" + " ---: |" * len(langs)]
+    for label, row in bpb.items():
+        cells = [f"{row[lang]:.4f}" if lang in row else "" for lang in langs]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summary_markdown(result: dict[str, Any]) -> str:
+    """The run summary: fertility, bits per byte per stage and language, checkpoints and export."""
+    parts = [f"# VinaSmol run: {result['recipe']}", ""]
+    parts += [f"Store: `{result['store']}`", ""]
+    parts += [
+        "## Tokenizer fertility (tokens per word, lower is better)",
+        "",
+        result.get("fertility_markdown") or "_not computed in this run_",
+        "",
+    ]
+    parts += ["## Bits per byte on validation text (lower is better)", "", bpb_markdown(result["bpb"]), ""]
+    parts += [
+        "## Checkpoints",
+        "",
+        "| step | stage step | ref | manifest digest |",
+        "| --- | ---: | --- | --- |",
+    ]
+    for row in result["checkpoints"]:
+        parts.append(f"| {row['stage']} | {row.get('step', '')} | `{row['ref']}` | `{row['digest']}` |")
+    exp = result["export"]
+    parts += ["", "## Hugging Face export", "", f"ref `{exp['ref']}`, manifest `{exp['digest']}`"]
+    if exp.get("path"):
+        parts.append(f"\nfolder: `{exp['path']}`")
+    return "\n".join(parts) + "\n"
+
+
+def publish_artifacts(result: dict[str, Any], stage_events: list[tuple[str, list[dict[str, Any]]]]) -> None:
+    """Create the run's Prefect artifacts (tables, loss curve, summary). Call inside the flow run."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    for name, events in stage_events:
+        rows = metrics_rows(events)
+        if rows:
+            create_table_artifact(
+                table=rows, key=f"metrics-{_slug(name)}", description=f"training metrics of stage {name}"
+            )
+    png = loss_curve_png(stage_events)
+    if png is not None:
+        uri = "data:image/png;base64," + base64.b64encode(png).decode()
+        create_markdown_artifact(
+            markdown=f"## Training loss\n\n![loss curve]({uri})\n",
+            key="loss-curve",
+            description="training loss over all stages",
+        )
+    create_markdown_artifact(
+        markdown=summary_markdown(result),
+        key=f"summary-{_slug(result['recipe'])}",
+        description="fertility, bits per byte per stage and language, checkpoints, export",
+    )

@@ -1,0 +1,473 @@
+"""The pipeline's steps as Prefect tasks: thin wrappers that fetch input artifacts from the store,
+call `vinasmol_core`, and publish the output artifact (returning its manifest).
+
+Every argument is part of the step's cache key except `store_url` and the other names in
+`tasks.common.EXCLUDED_ARGS` (or a step's own `exclude`). Inputs are passed as artifact digests, and
+the recipe section a step reads as plain data, so the key is exactly "what this step computes".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from tasks.common import step
+from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.manifests import (
+    CheckpointManifest,
+    DatasetManifest,
+    EvalReportManifest,
+    FileEntry,
+    TokenizerManifest,
+)
+from vinasmol_core.train.spec import StageJob, StageSpec
+
+FAIL_AT_ENV = "VINASMOL_FAIL_AT"  # "<stage>:<step>": debugging, never part of a cache key
+
+
+def _store(store_url: str) -> Any:
+    from vinasmol_core.store import ArtifactStore
+
+    return ArtifactStore(store_url)
+
+
+@contextmanager
+def _scratch(prefix: str) -> Iterator[Path]:
+    """A temporary folder removed afterwards (outputs are published from it, then dropped)."""
+    root = Path(os.environ.get("VINASMOL_WORK_DIR") or tempfile.gettempdir())
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"vinasmol-{prefix}-", dir=root))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sha_of(manifest: Any, path: str = "tokenizer.json") -> str:
+    entry = manifest.files.get(path)
+    return entry.sha256 if isinstance(entry, FileEntry) else ""
+
+
+def _file_sha(path: Path) -> str:
+    import hashlib
+
+    if not path.is_file():
+        return ""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+# ----------------------------------------------------------------------------- corpora
+def materialize_corpus(corpus: dict[str, Any], out_dir: Path) -> tuple[list[Path], list[Path]]:
+    """Local (train, val) JSONL files of one recipe corpus; built-in samples are written to out_dir."""
+    source = corpus["source"]
+    if source["kind"] == "files":
+        train = [Path(p) for p in source["train"]]
+        val = [Path(p) for p in source.get("val") or []]
+        for path in [*train, *val]:
+            if not path.is_file():
+                raise VinaSmolError(f"corpus {corpus['name']}: file {path} does not exist")
+        return train, val
+    from vinasmol_core.sample_corpus import sample_texts
+
+    lang, docs, val_docs = corpus["lang"], source["docs"], source["val_docs"]
+    texts = sample_texts(lang, docs + val_docs, source["seed"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for split, part in (("train", texts[:docs]), ("val", texts[docs:])):
+        path = out_dir / f"{corpus['name']}-{split}.jsonl"
+        with path.open("w", encoding="utf-8") as fh:
+            for i, text in enumerate(part):
+                row = {"id": f"{corpus['name']}-{split}-{i}", "text": text, "source": corpus["name"]}
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        paths.append([path])
+    return paths[0], paths[1]
+
+
+def corpus_digest(corpus: dict[str, Any]) -> str:
+    """What a corpus's content depends on: its spec, and for local files their sha256."""
+    import hashlib
+
+    source = corpus["source"]
+    h = hashlib.sha256(json.dumps(corpus, sort_keys=True).encode())
+    if source["kind"] == "files":
+        for p in [*source["train"], *(source.get("val") or [])]:
+            path = Path(p)
+            if not path.is_file():
+                raise VinaSmolError(f"corpus {corpus['name']}: file {path} does not exist")
+            with path.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def val_files(corpora: list[dict[str, Any]], out_dir: Path, languages: list[str]) -> dict[str, list[Path]]:
+    """Validation files per language, from the main corpora (annealing data never changes evals)."""
+    files: dict[str, list[Path]] = {}
+    for corpus in corpora:
+        if corpus["role"] != "main" or corpus["lang"] not in languages:
+            continue
+        train, val = materialize_corpus(corpus, out_dir / corpus["name"])
+        files.setdefault(corpus["lang"], []).extend(val or train[:1])
+    return files
+
+
+# ----------------------------------------------------------------------------- steps
+@step("base-model")
+def fetch_base_model(source: dict[str, Any], name: str, store_url: str) -> CheckpointManifest:
+    """The English base model as an `hf` checkpoint artifact (tokenizer files included)."""
+    store = _store(store_url)
+    kind = source["kind"]
+    if kind == "hf" and source["path"].startswith("store:"):
+        manifest = store.get_manifest(source["path"][len("store:") :])
+        if not isinstance(manifest, CheckpointManifest) or manifest.format != "hf":
+            raise VinaSmolError(f"base_model.source.path: {source['path']} is not an hf checkpoint artifact")
+        return manifest
+    with _scratch("base") as tmp:
+        if kind == "tiny":
+            from vinasmol_core.tiny import build_tiny_base_model, build_tiny_tokenizer
+
+            tok = build_tiny_tokenizer(tmp / "tokenizer", vocab_size=source["vocab_size"])
+            params = {
+                k: source[k]
+                for k in (
+                    "n_layer",
+                    "n_embd",
+                    "n_head",
+                    "n_query_groups",
+                    "intermediate_size",
+                    "block_size",
+                    "rope_base",
+                    "seed",
+                )
+            }
+            hf_dir = build_tiny_base_model(tmp / "model", tok, **params)
+        elif kind == "smollm2-135m":
+            from vinasmol_core.smollm2 import build_smollm2_135m
+
+            hf_dir = build_smollm2_135m(tmp / "model")
+        else:
+            from vinasmol_core.model import fetch_base_model as fetch_hf
+
+            hf_dir = fetch_hf(source["path"], tmp / "model")
+        from vinasmol_core.model import publish_checkpoint
+
+        return publish_checkpoint(store, hf_dir, "hf", name=name, stage="base")
+
+
+@step("tokenizer")
+def train_tokenizer(
+    corpora: list[dict[str, Any]], corpus_digests: dict[str, str], section: dict[str, Any], store_url: str
+) -> DatasetManifest:
+    """Word counts of the tokenizer's training corpora (the statistics the new vocabulary comes from)."""
+    from vinasmol_core.tokenizer import count_words
+
+    store = _store(store_url)
+    with _scratch("tokenizer") as tmp:
+        files: list[Path] = []
+        for corpus in corpora:
+            train, _ = materialize_corpus(corpus, tmp / "corpora" / corpus["name"])
+            files.extend(train)
+        counts = count_words(files)
+        counts.save(tmp / "counts")
+        manifest = DatasetManifest(
+            name="word-counts",
+            source_digests=corpus_digests,
+            stats={"languages": section["train_languages"], "files": len(files)},
+            extra={"content": "word-counts"},
+        )
+        return store.publish(manifest, tmp / "counts")
+
+
+@step("merge-vocabulary")
+def merge_vocabulary(
+    base_model: str,
+    word_counts: str,
+    section: dict[str, Any],
+    eval_corpora: list[dict[str, Any]],
+    store_url: str,
+) -> TokenizerManifest:
+    """Extend the base tokenizer with the new language's merges; fertility of base vs merged."""
+    from vinasmol_core.tokenizer import WordCounts, extend_tokenizer, fertility_report
+
+    store = _store(store_url)
+    base_dir = store.fetch(base_model)
+    counts = WordCounts.load(store.fetch(word_counts))
+    with _scratch("merge") as tmp:
+        result = extend_tokenizer(
+            base_dir, counts, target_vocab_size=section["target_vocab_size"], out_dir=tmp / "tokenizer"
+        )
+        files = val_files(eval_corpora, tmp / "val", ["vi", "en", "code"])
+        report = fertility_report({"base": base_dir, "merged": Path(result.out_dir)}, files)
+        manifest = TokenizerManifest(
+            name="tokenizer",
+            vocab_size=result.vocab_size,
+            base_vocab_size=result.base_vocab_size,
+            target_vocab_size=section["target_vocab_size"],
+            fertility=report.to_json(),
+            fertility_markdown=report.to_markdown(),
+            parents=[base_model, word_counts],
+            extra={"shortfall": getattr(result, "shortfall", None)},
+        )
+        return store.publish(manifest, Path(result.out_dir))
+
+
+@step("data")
+def prepare_data(
+    role: str,
+    corpora: list[dict[str, Any]],
+    corpus_digests: dict[str, str],
+    section: dict[str, Any],
+    tokenizer_sha: str,
+    tokenizer_artifact: str,
+    store_url: str,
+) -> DatasetManifest:
+    """Clean, dedup, tokenize and pack the corpora of one dataset (`main`, or `annealing` = main +
+    annealing sources). Keyed on the tokenizer's content, not on the artifact that carries it."""
+    from vinasmol_core.data import CleaningSpec, SourceSpec, prepare_dataset
+
+    store = _store(store_url)
+    tok_dir = store.fetch(tokenizer_artifact)
+    with _scratch(f"data-{role}") as tmp:
+        sources = []
+        for corpus in corpora:
+            train, _ = materialize_corpus(corpus, tmp / "corpora" / corpus["name"])
+            sources.append(
+                SourceSpec(
+                    name=corpus["name"],
+                    paths=[str(p) for p in train],
+                    lang=corpus["lang"],
+                    role=corpus["role"],
+                    text_field=corpus.get("text_field", "text"),
+                )
+            )
+        info = prepare_dataset(
+            sources,
+            tok_dir,
+            tmp / "dataset",
+            cleaning=CleaningSpec(**section.get("cleaning", {})),
+            val_fraction=section["val_fraction"],
+            dedup=section["dedup"],
+            near_dedup=section["near_dedup"],
+            store=store,
+            ref=f"datasets/{role}",
+        )
+        if not info.manifest_digest:
+            raise VinaSmolError(f"data ({role}): the dataset was not published to the store")
+        manifest = store.get_manifest(info.manifest_digest)
+        if not isinstance(manifest, DatasetManifest):
+            raise VinaSmolError(f"data ({role}): {info.manifest_digest} is not a dataset artifact")
+        return manifest
+
+
+def _flat_counts(counts: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    if isinstance(counts, dict):
+        for key, value in counts.items():
+            if isinstance(value, int):
+                out[str(key)] = value
+            elif isinstance(value, dict):
+                for sub, v in _flat_counts(value).items():
+                    out[f"{key}.{sub}"] = v
+    return out
+
+
+@step("embeddings")
+def init_embeddings(
+    base_model: str, tokenizer: str, section: dict[str, Any], store_url: str
+) -> CheckpointManifest:
+    """Resize the base model's tied embedding to the merged vocabulary and initialise the new rows."""
+    from vinasmol_core.model import extend_model, publish_checkpoint
+
+    store = _store(store_url)
+    base_dir, tok_dir = store.fetch(base_model), store.fetch(tokenizer)
+    with _scratch("embeddings") as tmp:
+        out = extend_model(
+            base_dir,
+            tok_dir,
+            tmp / "model",
+            init=section["method"],
+            translations=section.get("translations"),
+            blend=section["blend"],
+        )
+        return publish_checkpoint(
+            store, Path(out), "hf", name="extended", stage="embeddings", parents=[base_model, tokenizer]
+        )
+
+
+@step("convert")
+def convert_to_litgpt(hf_model: str, litgpt_name: str | None, store_url: str) -> CheckpointManifest:
+    """The extended HF model as a litgpt checkpoint (lit_model.pth, model_config.yaml, tokenizer)."""
+    from vinasmol_core.model import hf_to_litgpt, publish_checkpoint
+
+    store = _store(store_url)
+    hf_dir = store.fetch(hf_model)
+    with _scratch("convert") as tmp:
+        out = Path(hf_to_litgpt(hf_dir, tmp / "litgpt", litgpt_name=litgpt_name))
+        return publish_checkpoint(store, out, "litgpt", name="converted", stage="convert", parents=[hf_model])
+
+
+class TrainedStage(BaseModel):
+    """A training stage's result: its final checkpoint manifest and the metrics it streamed."""
+
+    checkpoint: CheckpointManifest
+    events: list[dict[str, Any]] = Field(default_factory=list)
+    duration_s: float = 0.0
+
+
+class _Progress:
+    """Turns the stage's metrics stream into a Prefect progress artifact (rate-limited)."""
+
+    def __init__(self, stage: str, total_steps: int) -> None:
+        from prefect.artifacts import create_progress_artifact
+
+        self.total = max(total_steps, 1)
+        self.events: list[dict[str, Any]] = []
+        self.last_push = 0.0
+        self.last_value = -1.0
+        self.lock = threading.Lock()
+        try:
+            self.artifact_id = create_progress_artifact(
+                progress=0.0, key=f"progress-{_slug(stage)}", description=f"training stage {stage}"
+            )
+        except Exception:  # progress is best effort, never the reason a stage fails
+            self.artifact_id = None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        with self.lock:
+            self.events.append(event)
+            step_no = event.get("step")
+            if not isinstance(step_no, int) or self.artifact_id is None:
+                return
+            value = min(100.0, 100.0 * step_no / self.total)
+            now = time.monotonic()
+            if value > self.last_value and (now - self.last_push > 1.0 or value >= 100.0):
+                self._push(value)
+
+    def _push(self, value: float) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        try:
+            update_progress_artifact(self.artifact_id, progress=value)
+            self.last_value, self.last_push = value, time.monotonic()
+        except Exception:
+            pass
+
+    def finish(self) -> None:
+        if self.artifact_id is not None and self.last_value < 100.0:
+            self._push(100.0)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-") or "stage"
+
+
+def fail_at_step_for(stage: str) -> int | None:
+    """$VINASMOL_FAIL_AT="<stage>:<step>" injects a failure (tests of resume); never cached."""
+    value = os.environ.get(FAIL_AT_ENV, "")
+    if ":" not in value:
+        return None
+    name, _, at = value.rpartition(":")
+    return int(at) if name == stage and at.strip().isdigit() else None
+
+
+@step("train", exclude=("partial_suffix",))
+def train_stage(
+    spec: StageSpec,
+    init_checkpoint: str,
+    dataset: str,
+    store_url: str,
+    stage_runner: str = "inline",
+    partial_suffix: str = "",
+) -> TrainedStage:
+    """One training stage in its own process; resumes from the stage's newest partial checkpoint.
+
+    Partial checkpoints live under a prefix derived from what the stage computes (spec, init, data),
+    so a retry of the same run, or a new run of the same recipe, continues where the stage stopped.
+    A forced stage gets a per-run suffix and so starts over."""
+    from vinasmol_core.train import run_stage_process
+
+    t0 = time.perf_counter()
+    job = StageJob(
+        spec=spec,
+        init_checkpoint=init_checkpoint,
+        dataset=dataset,
+        store_url=store_url,
+        fail_at_step=fail_at_step_for(spec.name),
+    )
+    key = job.resume_key()[:16]
+    job.out_ref = f"stages/{spec.name}/{key}"
+    job.partial_ref_prefix = f"partial/{spec.name}/{key}{partial_suffix}"
+    if stage_runner == "deployment":
+        from flows.remote import run_stage_deployment
+
+        manifest = run_stage_deployment(job)
+        return TrainedStage(checkpoint=manifest, events=[], duration_s=time.perf_counter() - t0)
+    progress = _Progress(spec.name, spec.total_steps)
+    manifest = run_stage_process(job, on_metrics=progress)
+    progress.finish()
+    return TrainedStage(
+        checkpoint=manifest, events=_condense(progress.events), duration_s=time.perf_counter() - t0
+    )
+
+
+def _condense(events: list[dict[str, Any]], limit: int = 2000) -> list[dict[str, Any]]:
+    """Keep the metrics small enough for a task result (every k-th train event, all eval events)."""
+    train = [e for e in events if "loss" in e]
+    other = [e for e in events if "loss" not in e]
+    if len(train) > limit:
+        k = -(-len(train) // limit)
+        train = train[::k] + [train[-1]]
+    keep = []
+    for e in [*train, *other]:
+        keep.append({k: v for k, v in e.items() if isinstance(v, (int, float, str, bool)) or v is None})
+    return keep
+
+
+@step("evaluate")
+def evaluate(
+    checkpoint: str, label: str, section: dict[str, Any], eval_corpora: list[dict[str, Any]], store_url: str
+) -> EvalReportManifest:
+    """Bits per byte of a checkpoint on each language's validation documents."""
+    from vinasmol_core.model import bits_per_byte
+
+    store = _store(store_url)
+    model_dir = store.fetch(checkpoint)
+    with _scratch("eval") as tmp:
+        files = val_files(eval_corpora, tmp / "val", section["languages"])
+        bpb = bits_per_byte(model_dir, files, max_docs=section.get("max_docs"), seq_len=section["seq_len"])
+    manifest = EvalReportManifest(
+        name=f"eval-{label}",
+        model_digest=checkpoint,
+        metrics={"bpb": {k: float(v) for k, v in bpb.items()}, "label": label},
+        parents=[checkpoint],
+    )
+    return store.publish(manifest)
+
+
+@step("export")
+def export(checkpoint: str, section: dict[str, Any], store_url: str) -> CheckpointManifest:
+    """The final checkpoint as a verified Hugging Face folder (logits parity checked)."""
+    from vinasmol_core.model import export_hf, publish_checkpoint
+
+    store = _store(store_url)
+    src = store.fetch(checkpoint)
+    with _scratch("export") as tmp:
+        card = {"name": section["name"], **section.get("card", {})}
+        out = Path(export_hf(src, tmp / "hf", dtype=section["dtype"], card=card))
+        return publish_checkpoint(
+            store, out, "hf", name=section["name"], stage="export", parents=[checkpoint]
+        )

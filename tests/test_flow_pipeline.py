@@ -1,0 +1,324 @@
+"""The `vinasmol` flow against a real Prefect server, on a tiny recipe with a few steps per stage.
+
+One module-scoped sequence of runs on one store, each test asserting one property of it:
+1. a run with a failure injected at step 5 of eeve-6 fails; a retry of that flow run (same id)
+   loads every finished step from cache, resumes eeve-6 from its step-4 checkpoint and completes;
+2. a run that forces eeve-6 (so eeve-6 and everything after train uninterrupted) ends with the same
+   weights as the interrupted-and-resumed run;
+3. an unchanged rerun executes no step at all;
+4. new annealing data re-runs only the annealing data, the annealing stage, its evaluation, export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tasks.common import read_timing_log
+from tasks.pipeline import FAIL_AT_ENV
+from vinasmol_core.errors import ConfigError, VinaSmolError
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ["eeve-3", "eeve-4", "eeve-6", "eeve-7", "context-extension", "annealing"]
+STEPS_PER_STAGE = 6
+FAIL_AT = 5  # checkpoints every 2 steps: the resumed stage starts at step 4
+
+
+def write_test_recipe(path: Path, annealing_seed: int = 7) -> Path:
+    """recipes/tiny-cpu.yaml made smaller: fewer documents, six optimizer steps per stage."""
+    data = yaml.safe_load((ROOT / "recipes" / "tiny-cpu.yaml").read_text())
+    data["name"] = "tiny-test"
+    for corpus in data["corpora"]:
+        src = corpus["source"]
+        src["docs"], src["val_docs"] = (24, 4) if corpus["lang"] == "code" else (80, 8)
+        if corpus["role"] == "annealing":
+            src["docs"], src["seed"] = 30, annealing_seed
+    data["tokenizer"]["target_vocab_size"] = 1200
+    data["stage_defaults"].update(
+        checkpoint_interval=2, eval_interval=100, eval_sequences=1, eval_at_start=False
+    )
+    for stage in data["stages"]:
+        gb = stage.get("global_batch", data["stage_defaults"]["global_batch"])
+        seq = stage.get("seq_len", data["stage_defaults"]["seq_len"])
+        stage["max_tokens"] = STEPS_PER_STAGE * gb * seq
+    data["eval"] = {"max_docs": 4, "seq_len": 64, "languages": ["vi", "en", "code"]}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def executed(log: Path, flow_run_id: Any, since: float = 0.0) -> dict[str, bool]:
+    """Task runs whose step function ran (cached steps never do): run name -> finished ok."""
+    rows = read_timing_log(log, str(flow_run_id))
+    return {r["name"]: r["ok"] for r in rows if r["started"] >= since}
+
+
+class _Env:
+    def __init__(self, **values: str) -> None:
+        self.values, self.saved = values, {}
+
+    def __enter__(self) -> _Env:
+        for k, v in self.values.items():
+            self.saved[k] = os.environ.get(k)
+            os.environ[k] = v
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def runs(prefect_server, tmp_path_factory) -> dict[str, Any]:
+    from flows.pipeline import retry_flow_run, vinasmol
+
+    base = tmp_path_factory.mktemp("pipeline")
+    recipe = write_test_recipe(base / "recipe.yaml")
+    store = "file://" + str(base / "store")
+    log = base / "timing.jsonl"
+    out: dict[str, Any] = {"base": base, "store": store, "log": log, "recipe": recipe}
+    with _Env(VINASMOL_TIMING_LOG=str(log), VINASMOL_WORK_DIR=str(base / "work")):
+        with _Env(**{FAIL_AT_ENV: f"eeve-6:{FAIL_AT}"}):
+            failed = vinasmol(recipe=str(recipe), store=store, return_state=True)
+        out["failed_state"] = failed
+        run_id = failed.state_details.flow_run_id
+        out["run_id"] = run_id
+        out["first_attempt"] = executed(log, run_id)
+        t_retry = time.time()
+        retried = retry_flow_run(str(run_id))
+        out["retry_state"] = retried
+        out["retry_attempt"] = executed(log, run_id, since=t_retry)
+        out["resumed"] = retried.result()
+
+        forced = vinasmol(recipe=str(recipe), store=store, force=["eeve-6"], return_state=True)
+        out["forced"] = forced.result()
+        out["forced_steps"] = executed(log, forced.state_details.flow_run_id)
+
+        again = vinasmol(recipe=str(recipe), store=store, return_state=True)
+        out["again"] = again.result()
+        out["again_id"] = again.state_details.flow_run_id
+        out["again_steps"] = executed(log, again.state_details.flow_run_id)
+
+        recipe2 = write_test_recipe(base / "recipe-new-annealing.yaml", annealing_seed=8)
+        changed = vinasmol(recipe=str(recipe2), store=store, return_state=True)
+        out["changed"] = changed.result()
+        out["changed_steps"] = executed(log, changed.state_details.flow_run_id)
+    return out
+
+
+def _store(runs: dict[str, Any]):
+    from vinasmol_core.store import ArtifactStore
+
+    return ArtifactStore(runs["store"])
+
+
+def _weights(store, digest: str) -> dict[str, Any]:
+    import torch
+
+    path = store.fetch(digest) / "lit_model.pth"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("model", state)
+
+
+def test_pipeline_end_to_end_every_stage_and_loadable_export(runs) -> None:
+    assert runs["failed_state"].is_failed()
+    assert runs["retry_state"].is_completed()
+    result = runs["resumed"]
+    ran = {**runs["first_attempt"], **runs["retry_attempt"]}
+    for name in [
+        "base-model",
+        "tokenizer",
+        "merge-vocabulary",
+        "data-main",
+        "data-annealing",
+        "embeddings",
+        "convert",
+        "export",
+        *(f"train-{s}" for s in STAGES),
+        *(f"evaluate-{s}" for s in STAGES),
+    ]:
+        assert ran.get(name) is True, f"{name} did not run to completion: {ran}"
+    assert [c["stage"] for c in result["checkpoints"]] == STAGES
+    assert all(c["step"] == STEPS_PER_STAGE for c in result["checkpoints"])
+    assert set(result["bpb"]) == {"base", "init", *STAGES}
+    assert all(set(v) == {"vi", "en", "code"} for v in result["bpb"].values())
+    assert "| merged" in result["fertility_markdown"] or "merged" in result["fertility_markdown"]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    store = _store(runs)
+    export_dir = store.fetch(result["export"]["digest"])
+    model = AutoModelForCausalLM.from_pretrained(export_dir)
+    tok = AutoTokenizer.from_pretrained(export_dir)
+    ids = tok("Hà Nội là thủ đô của Việt Nam.", return_tensors="pt").input_ids
+    logits = model(ids).logits
+    assert logits.shape[-1] >= len(tok) > 1024  # the extended vocabulary
+    assert store.resolve("runs/tiny-test/export") in {
+        result["export"]["digest"],
+        runs["changed"]["export"]["digest"],
+    }
+
+
+def test_prefect_artifacts_of_the_run(runs) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[runs["run_id"]]))
+        )
+    keys = {a.key for a in arts}
+    types = {a.type for a in arts}
+    assert {"progress", "table", "markdown"} <= types
+    assert {f"progress-{s}" for s in STAGES} <= keys
+    assert {f"metrics-{s}" for s in STAGES} <= keys
+    assert {"loss-curve", "summary-tiny-test"} <= keys
+    progress = [a for a in arts if a.type == "progress"]
+    assert all(float(a.data) == 100.0 for a in progress if a.key != "progress-eeve-6" or True)
+    summary = next(a for a in arts if a.key == "summary-tiny-test")
+    assert "Bits per byte" in summary.data and "fertility" in summary.data.lower()
+    curve = next(a for a in arts if a.key == "loss-curve")
+    assert "data:image/png;base64," in curve.data
+
+
+def test_failure_then_retry_resumes_from_last_checkpoint(runs) -> None:
+    first, retry = runs["first_attempt"], runs["retry_attempt"]
+    assert first["train-eeve-6"] is False
+    assert "train-eeve-7" not in first
+    before = [
+        "base-model",
+        "tokenizer",
+        "merge-vocabulary",
+        "data-main",
+        "data-annealing",
+        "embeddings",
+        "convert",
+        "train-eeve-3",
+        "train-eeve-4",
+        "evaluate-base",
+        "evaluate-init",
+        "evaluate-eeve-3",
+        "evaluate-eeve-4",
+    ]
+    assert all(first.get(n) is True for n in before)
+    assert not set(before) & set(retry), f"re-executed on retry: {set(before) & set(retry)}"
+    assert retry["train-eeve-6"] is True
+    store = _store(runs)
+    stage6 = store.get_manifest(runs["resumed"]["checkpoints"][2]["digest"])
+    assert stage6.stage == "eeve-6"
+    assert stage6.extra["resumed_from_step"] == FAIL_AT - 1
+    # the same weights as an uninterrupted run of eeve-6 and everything after
+    forced = runs["forced"]
+    assert runs["forced_steps"].get("train-eeve-6") is True
+    assert "train-eeve-4" not in runs["forced_steps"]
+    fresh6 = store.get_manifest(forced["checkpoints"][2]["digest"])
+    assert fresh6.extra["resumed_from_step"] is None
+    import torch
+
+    for i in (2, len(STAGES) - 1):
+        a = _weights(store, runs["resumed"]["checkpoints"][i]["digest"])
+        b = _weights(store, forced["checkpoints"][i]["digest"])
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"weights differ after {STAGES[i]}"
+
+
+def test_unchanged_rerun_executes_nothing(runs) -> None:
+    assert runs["again_steps"] == {}
+    assert runs["again"]["export"]["digest"] == runs["forced"]["export"]["digest"]
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        trs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[runs["again_id"]]))
+        )
+    assert trs and all(t.state.name == "Cached" for t in trs), [(t.name, t.state.name) for t in trs]
+
+
+def test_new_annealing_data_reruns_only_annealing_eval_export(runs) -> None:
+    assert runs["changed_steps"] == {
+        "data-annealing": True,
+        "train-annealing": True,
+        "evaluate-annealing": True,
+        "export": True,
+    }
+    old, new = runs["again"]["checkpoints"], runs["changed"]["checkpoints"]
+    assert [c["digest"] for c in old[:-1]] == [c["digest"] for c in new[:-1]]
+    assert old[-1]["digest"] != new[-1]["digest"]
+
+
+# ----------------------------------------------------------------------------- bad input
+def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    from flows.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["vinasmol", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    return code, capsys.readouterr().err
+
+
+def test_bad_input_fails_before_any_work(tmp_path: Path, monkeypatch, capsys) -> None:
+    from flows.pipeline import plan_run
+
+    recipe = write_test_recipe(tmp_path / "ok.yaml")
+    store_dir = tmp_path / "store"
+    store = "file://" + str(store_dir)
+    log = tmp_path / "timing.jsonl"
+    monkeypatch.setenv("VINASMOL_TIMING_LOG", str(log))
+
+    data = yaml.safe_load(recipe.read_text())
+    data["stages"][1]["micro_batch"] = 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"stages\.1\.micro_batch"):
+        plan_run(bad, store)
+    code, err = _cli(monkeypatch, capsys, "run", str(bad), "--store", store)
+    assert code == 1 and "stages.1.micro_batch" in err
+
+    with pytest.raises(ConfigError, match="unknown stage 'eeve-5'"):
+        plan_run(recipe, store, from_stage="eeve-5")
+    code, err = _cli(monkeypatch, capsys, "run", str(recipe), "--store", store, "--from-stage", "eeve-5")
+    assert code == 1 and "unknown stage 'eeve-5'" in err and "eeve-6" in err
+    code, err = _cli(monkeypatch, capsys, "run", str(recipe), "--store", store, "--force", "stage-9")
+    assert code == 1 and "unknown stage 'stage-9'" in err
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    unreachable = "file://" + str(blocker / "store")
+    with pytest.raises(VinaSmolError, match="store"):
+        plan_run(recipe, unreachable)
+    code, err = _cli(monkeypatch, capsys, "run", str(recipe), "--store", unreachable)
+    assert code == 1 and "error:" in err and "store" in err
+
+    assert not log.exists(), "a step ran"
+    assert not (store_dir / "manifests").exists() or not any((store_dir / "manifests").iterdir())
+
+
+def test_force_and_start_ref_need_known_names(tmp_path: Path) -> None:
+    from flows.pipeline import plan_run
+
+    recipe = write_test_recipe(tmp_path / "ok.yaml")
+    store = "file://" + str(tmp_path / "store")
+    plan = plan_run(recipe, store, force=["eeve-7"])
+    assert plan.forced == {"eeve-7", "context-extension", "annealing", "evaluate", "export"}
+    with pytest.raises(ConfigError, match="start_ref needs from_stage"):
+        plan_run(recipe, store, start_ref="runs/x/eeve-7")
+    with pytest.raises(ConfigError, match="stage_runner"):
+        plan_run(recipe, store, stage_runner="cluster")
+
+
+def test_timing_log_is_json_lines(runs) -> None:
+    rows = [json.loads(line) for line in runs["log"].read_text().splitlines()]
+    assert rows and all({"step", "name", "duration_s", "ok", "flow_run_id"} <= set(r) for r in rows)
