@@ -178,8 +178,13 @@ class Stack:
         self.logs.mkdir(parents=True, exist_ok=True)
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
         proc = subprocess.Popen(
-            cmd, env=env, cwd=str(cwd or REPO), stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            cmd,
+            env=env,
+            cwd=str(cwd or REPO),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         log.close()
         st = self.state()
@@ -308,7 +313,9 @@ class Stack:
                 try:
                     client.create_work_pool(
                         WorkPoolCreate(
-                            name=name, type="process", base_job_template=template,
+                            name=name,
+                            type="process",
+                            base_job_template=template,
                             description=f"VinaSmol {name} pool (local process workers)",
                         )
                     )
@@ -318,8 +325,17 @@ class Stack:
     def start_workers(self) -> None:
         env = self.worker_env()
         for name in self.pools:
-            cmd = [_bin("prefect"), "worker", "start", "--pool", name, "--type", "process",
-                   "--name", f"vinasmol-{name}-worker"]
+            cmd = [
+                _bin("prefect"),
+                "worker",
+                "start",
+                "--pool",
+                name,
+                "--type",
+                "process",
+                "--name",
+                f"vinasmol-{name}-worker",
+            ]
             self._spawn(f"worker-{name}", cmd, env)
 
     def wait_for_workers(self, timeout: float = 120) -> None:
@@ -331,8 +347,10 @@ class Stack:
         with temporary_settings({PREFECT_API_URL: self.api_url}), get_client(sync_client=True) as client:
             for name in self.pools:
                 pid = self.state()["pids"][f"worker-{name}"]
-                while not any(w.status == "ONLINE" or str(w.status).endswith("ONLINE")
-                              for w in client.read_workers_for_work_pool(name)):
+                while not any(
+                    w.status == "ONLINE" or str(w.status).endswith("ONLINE")
+                    for w in client.read_workers_for_work_pool(name)
+                ):
                     if not self._alive(pid):
                         log = self.logs / f"worker-{name}.log"
                         raise StackError(f"worker for pool {name!r} exited; see {log}")
@@ -370,6 +388,39 @@ class Stack:
         path = self.root / "env"
         path.write_text("".join(f"export {k}={v}\n" for k, v in self.client_env().items()))
         return path
+
+    def activate_profile(self, name: str = "vinasmol-local") -> str | None:
+        """Point a Prefect profile `name` at this stack and make it the active one, so that plain
+        `prefect ...` commands reach the stack; returns the profile that was active before."""
+        from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+        from prefect.settings.profiles import load_profiles, save_profiles
+
+        profiles = load_profiles()
+        previous = profiles.active_name
+        profiles.update_profile(name, settings={PREFECT_API_URL: self.api_url, PREFECT_UI_URL: self.ui_url})
+        profiles.set_active(name)
+        save_profiles(profiles)
+        st = self.state()
+        if previous != name:
+            st["previous_profile"] = previous
+        st["profile"] = name
+        self._save(st)
+        return previous
+
+    def restore_profile(self) -> None:
+        """Make the profile that was active before `activate_profile` the active one again."""
+        st = self.state()
+        if not st.get("profile"):
+            return
+        from prefect.settings.profiles import load_profiles, save_profiles
+
+        profiles = load_profiles()
+        if profiles.active_name == st["profile"]:
+            previous = st.get("previous_profile")
+            profiles.set_active(previous if previous in profiles.names else "ephemeral", check=False)
+            save_profiles(profiles)
+        st.pop("profile", None)
+        self._save(st)
 
     # ------------------------------------------------------------------ public
     def up(self, *, deploy: bool = True, workers: bool = True) -> None:
@@ -433,22 +484,35 @@ class Stack:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infra.stack", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["up", "down", "status", "env"])
-    parser.add_argument("--port", type=int, default=int(os.environ.get("VINASMOL_PREFECT_PORT", "4200")),
-                        help="Prefect server port (default 4200)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("VINASMOL_PREFECT_PORT", "4200")),
+        help="Prefect server port (default 4200)",
+    )
     parser.add_argument("--no-deploy", action="store_true", help="skip `prefect deploy`")
+    parser.add_argument(
+        "--no-profile",
+        action="store_true",
+        help="leave the Prefect profiles alone (default: activate a `vinasmol-local` profile pointing here)",
+    )
     args = parser.parse_args(argv)
     stack = Stack(prefect_port=args.port)
     if args.command == "up":
         stack.up(deploy=not args.no_deploy)
+        if not args.no_profile:
+            previous = stack.activate_profile()
+            print(f"Prefect profile 'vinasmol-local' is active (was {previous!r}; `make down` restores it)")
         st = stack.state()
         print(f"Prefect UI     {st['ui_url']}  (database: {st['database']})")
         print(f"S3 store       {stack.store_url()} at {st['s3_endpoint']} (credentials in {stack.root})")
         print(f"work pools     {', '.join(stack.pools)} (one process worker each)")
         print(f"logs           {stack.logs}")
-        print("next:          source .stack/env")
-        print("               prefect deployment run vinasmol/full-cpt -p recipe=recipes/tiny-cpu.yaml")
+        print("next:          prefect deployment run vinasmol/full-cpt -p recipe=recipes/tiny-cpu.yaml")
+        print(f"               (other shells or --no-profile: source {stack.root / 'env'})")
     elif args.command == "down":
         stack.down()
+        stack.restore_profile()
         print("stack stopped")
     elif args.command == "status":
         for name, alive in stack.running().items():
