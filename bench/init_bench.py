@@ -33,16 +33,19 @@ VAL_FILES = {"vi": "vi/viwiki-val.jsonl.gz", "en": "en/gutenberg-val.jsonl.gz"}
 TRAIN_VI = "vi/viwiki-train.jsonl.gz"
 
 
-def build_tokenizer(base_dir: Path, data: Path, out_dir: Path, target: int) -> Path:
-    """The extended tokenizer, built from Vietnamese Wikipedia (train split) by the tokenizer module."""
+def build_tokenizer(data: Path, work: Path, target: int) -> Path:
+    """The extended tokenizer: SmolLM2's, extended with merges learned on Vietnamese Wikipedia (train)."""
+    from vinasmol_core.smollm2 import build_smollm2_tokenizer
     from vinasmol_core.tokenizer import count_words, extend_tokenizer
 
+    out_dir = work / f"tokenizer-{target}"
     if (out_dir / "tokenizer.json").is_file():
         return out_dir
-    counts = count_words([data / TRAIN_VI])
+    base_tok = build_smollm2_tokenizer(work / "smollm2-tokenizer")
+    counts = count_words([data / TRAIN_VI], pre_tokenizer=base_tok)
     tmp = out_dir.parent / f".{out_dir.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    extend_tokenizer(base_dir, counts, target_vocab_size=target, out_dir=tmp)
+    extend_tokenizer(base_tok, counts, target_vocab_size=target, out_dir=tmp)
     tmp.rename(out_dir)
     return out_dir
 
@@ -116,14 +119,14 @@ def main() -> None:
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
+    tok = args.tokenizer or build_tokenizer(args.data, work, args.target_vocab)
+    timings["tokenizer"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
     base = work / "smollm2-135m"
     if not (base / "config.json").is_file():
         build_smollm2_135m(base)
     timings["build base"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    tok = args.tokenizer or build_tokenizer(base, args.data, work / "tokenizer", args.target_vocab)
-    timings["tokenizer"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     mean = extend_model(base, tok, work / "subword-mean")
