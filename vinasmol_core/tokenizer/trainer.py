@@ -1,0 +1,167 @@
+"""Continued BPE training: learn new merges on top of a base tokenizer's segmentation.
+
+Every distinct word starts as its base segmentation (what the base BPE model gives it). Then the
+most frequent adjacent pair of tokens is merged into a new token, again and again, with pair
+counts kept up to date incrementally (a pair -> words index and a lazy max-heap). Because the
+new merges rank after every base merge and each one only combines tokens that exist when it is
+learned, the Rust BPE model that applies base merges + new merges in rank order segments every
+training word exactly as this trainer did (the caller verifies it).
+
+Rules on top of plain BPE:
+- a merge must make a new string: a pair whose concatenation already is a token (a base token
+  the base merges never build in that context, or an added token) is skipped;
+- no merge may use up every occurrence of an earlier new token, so each new token is still
+  produced somewhere in the training words at the end (a merge that would is skipped);
+- pairs seen fewer than `min_frequency` times are not merged; when the pairs run out before
+  the target, training stops short and says so.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+_SHIFT = 21  # token ids < 2**21
+_MASK = (1 << _SHIFT) - 1
+
+
+@dataclass
+class TrainResult:
+    merges: list[tuple[int, int]]  # (left id, right id) of each new merge, in rank order
+    tokens: list[str]  # string of each new token; new token i has id base_size + i
+    merge_counts: list[int]  # pair count when each merge was learned
+    token_counts: list[int]  # occurrences of each new token in the final segmentation
+    seqs: list[list[int]]  # final segmentation of every word
+    skipped_existing: int = 0
+    skipped_exhausting: int = 0
+    stopped_early: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def _pairs(seq: list[int]) -> list[int]:
+    return [(x << _SHIFT) | y for x, y in zip(seq, seq[1:], strict=False)]
+
+
+def continue_bpe(
+    seqs: Iterable[list[int]],
+    freqs: list[int],
+    token_strings: list[str],
+    n_new: int,
+    *,
+    reserved: set[str] | None = None,
+    forbidden: set[tuple[int, int]] | None = None,
+    min_frequency: int = 2,
+) -> TrainResult:
+    """Learn up to `n_new` merges on words `seqs` (base token ids) occurring `freqs` times.
+
+    `token_strings`: the base vocabulary (id -> string). `reserved`: strings that new tokens must
+    not take (e.g. added tokens). `forbidden`: pairs never to merge."""
+    seqs = [list(s) for s in seqs]
+    base_size = len(token_strings)
+    if base_size + n_new > _MASK:
+        raise ValueError("vocabulary too large for the trainer's pair keys")
+    strings = list(token_strings)
+    known = set(strings) | set(reserved or ())
+    blocked = {(a << _SHIFT) | b for a, b in (forbidden or ())}
+
+    pair_count: dict[int, int] = {}
+    where: dict[int, set[int]] = {}
+    tok_count: dict[int, int] = {}
+    for wi, (seq, f) in enumerate(zip(seqs, freqs, strict=True)):
+        for t in seq:
+            tok_count[t] = tok_count.get(t, 0) + f
+        for k in _pairs(seq):
+            pair_count[k] = pair_count.get(k, 0) + f
+            s = where.get(k)
+            if s is None:
+                where[k] = {wi}
+            else:
+                s.add(wi)
+    heap = [(-c, k) for k, c in pair_count.items() if k not in blocked]
+    heapq.heapify(heap)
+
+    result = TrainResult(merges=[], tokens=[], merge_counts=[], token_counts=[], seqs=seqs)
+    while len(result.merges) < n_new:
+        if not heap:
+            result.stopped_early = True
+            break
+        neg, k = heapq.heappop(heap)
+        count = pair_count.get(k, 0)
+        if count != -neg:
+            if count > 0 and k not in blocked:
+                heapq.heappush(heap, (-count, k))
+            continue
+        if count < min_frequency:
+            result.stopped_early = True
+            break
+        a, b = k >> _SHIFT, k & _MASK
+        text = strings[a] + strings[b]
+        if text in known:
+            blocked.add(k)
+            result.skipped_existing += 1
+            continue
+        new_id = base_size + len(result.tokens)
+        # Apply the merge to every word holding the pair (left to right, as the Rust model does).
+        updates: list[tuple[int, list[int], int]] = []
+        applied = 0
+        for wi in where.get(k, ()):
+            seq = seqs[wi]
+            out: list[int] = []
+            i, n, hits = 0, len(seq), 0
+            while i < n:
+                if i + 1 < n and seq[i] == a and seq[i + 1] == b:
+                    out.append(new_id)
+                    i += 2
+                    hits += 1
+                else:
+                    out.append(seq[i])
+                    i += 1
+            if hits:
+                updates.append((wi, out, hits))
+                applied += hits * freqs[wi]
+        used_a = applied * (2 if a == b else 1)
+        if (a >= base_size and tok_count.get(a, 0) - used_a <= 0) or (
+            b >= base_size and a != b and tok_count.get(b, 0) - applied <= 0
+        ):
+            blocked.add(k)
+            result.skipped_exhausting += 1
+            continue
+        # Commit.
+        strings.append(text)
+        known.add(text)
+        result.merges.append((a, b))
+        result.tokens.append(text)
+        result.merge_counts.append(count)
+        tok_count[a] = tok_count.get(a, 0) - used_a
+        if a != b:
+            tok_count[b] = tok_count.get(b, 0) - applied
+        tok_count[new_id] = applied
+        for wi, out, _hits in updates:
+            f = freqs[wi]
+            old_pairs = Counter(_pairs(seqs[wi]))
+            new_pairs = Counter(_pairs(out))
+            for p, c in old_pairs.items():
+                d = new_pairs.get(p, 0) - c
+                if d:
+                    pair_count[p] = pair_count.get(p, 0) + d * f
+                    if p not in new_pairs:
+                        where[p].discard(wi)
+            for p, c in new_pairs.items():
+                old = old_pairs.get(p, 0)
+                if c > old:
+                    pair_count[p] = pair_count.get(p, 0) + (c - old) * f
+                    if not old:
+                        s = where.get(p)
+                        if s is None:
+                            where[p] = {wi}
+                        else:
+                            s.add(wi)
+                    if p not in blocked:
+                        heapq.heappush(heap, (-pair_count[p], p))
+            seqs[wi] = out
+        pair_count.pop(k, None)
+        where.pop(k, None)
+    result.token_counts = [tok_count.get(base_size + i, 0) for i in range(len(result.tokens))]
+    return result
