@@ -1,5 +1,155 @@
-"""`vinasmol data ...` commands."""
+"""`vinasmol data ...` commands: prepare a dataset artifact, inspect one, look at sampled sequences."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, help="data commands")
+from vinasmol_core.errors import ConfigError
+
+app = typer.Typer(no_args_is_help=True, help="Training data: prepare token shards, inspect them, sample.")
+
+
+def _merge_sources(texts: list[str], text_field: str, id_field: str | None) -> list:
+    """Parse --source values; repeating a NAME:LANG[:ROLE] adds paths to that source."""
+    from vinasmol_core.data import SourceSpec
+
+    merged: dict[str, SourceSpec] = {}
+    for text in texts:
+        spec = SourceSpec.parse_cli(text, text_field=text_field, id_field=id_field)
+        prev = merged.get(spec.name)
+        if prev is None:
+            merged[spec.name] = spec
+        elif (prev.lang, prev.role) != (spec.lang, spec.role) or prev.hf_dataset or spec.hf_dataset:
+            raise ConfigError(f"--source {spec.name!r} is given twice with different settings")
+        else:
+            merged[spec.name] = prev.model_copy(update={"paths": prev.paths + spec.paths})
+    return list(merged.values())
+
+
+def _parse_weights(text: str) -> dict[str, float]:
+    weights: dict[str, float] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ConfigError(f"--weights {text!r}: expected KEY=WEIGHT[,KEY=WEIGHT...]")
+        try:
+            weights[key.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--weights: weight for {key!r} is not a number: {value!r}") from None
+    return weights
+
+
+@app.command()
+def prepare(
+    source: list[str] = typer.Option(
+        ..., "--source", "-s",
+        help="NAME:LANG[:ROLE]=PATH_OR_GLOB[,PATH...] (LANG vi|en|code|any, ROLE main|annealing; "
+             "hf:DATASET[:CONFIG][@SPLIT] for a hub dataset)"),
+    tokenizer: Path = typer.Option(..., "--tokenizer", help="tokenizer folder (tokenizer.json)"),
+    out: Path = typer.Option(..., "--out", help="dataset folder to write"),
+    store: str | None = typer.Option(None, "--store", help="artifact store URL to publish to"),
+    ref: str | None = typer.Option(None, "--ref", help="store ref to point at the dataset"),
+    val_fraction: float = typer.Option(0.01, "--val-fraction"),
+    dedup: bool = typer.Option(True, "--dedup/--no-dedup", help="exact deduplication across sources"),
+    near_dedup: bool = typer.Option(False, "--near-dedup", help="MinHash LSH near-duplicate removal"),
+    near_dedup_threshold: float = typer.Option(0.8, "--near-dedup-threshold"),
+    skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines",
+                                        help="skip (and count) lines that are not UTF-8 JSON objects"),
+    text_field: str = typer.Option("text", "--text-field"),
+    id_field: str = typer.Option("id", "--id-field", help="record field naming a document ('' for none)"),
+    min_chars: int = typer.Option(32, "--min-chars"),
+    workers: int | None = typer.Option(None, "--workers", help="worker processes (default: one per core)"),
+) -> None:
+    """Clean, deduplicate, split, tokenize and pack sources into a dataset folder."""
+    from vinasmol_core.data import CleaningSpec, SourceStats, prepare_dataset
+
+    sources = _merge_sources(source, text_field, id_field or None)
+
+    def done(name: str, s: SourceStats) -> None:
+        typer.echo(f"  {name}: {s.docs_read:,} docs read, {sum(s.removed.values()):,} removed, "
+                   f"{s.exact_duplicates + s.near_duplicates:,} duplicates, "
+                   f"{s.train_tokens:,} train / {s.val_tokens:,} val tokens")
+
+    info = prepare_dataset(sources, tokenizer, out, cleaning=CleaningSpec(min_chars=min_chars),
+                           val_fraction=val_fraction, dedup=dedup, near_dedup=near_dedup,
+                           near_dedup_threshold=near_dedup_threshold, skip_bad_lines=skip_bad_lines,
+                           store=store, ref=ref, workers=workers, on_source_done=done)
+    where = str(info.dir) if info.dir else f"store {store}"
+    verb = "reused" if info.reused else f"built in {info.seconds:.1f} s"
+    typer.echo(f"dataset {info.key[:12]} {verb}: {where}")
+    counts = ", ".join(f"{k}={v:,}" for k, v in info.token_counts.items())
+    typer.echo(f"tokens: {counts}")
+    if info.manifest_digest:
+        typer.echo(f"published: {info.manifest_digest}")
+
+
+@app.command()
+def inspect(
+    dataset_dir: Path = typer.Argument(..., help="a prepared dataset folder"),
+    as_json: bool = typer.Option(False, "--json", help="print dataset.json's summary as JSON"),
+) -> None:
+    """Sources, cleaning counts, documents and tokens per split of a prepared dataset."""
+    from vinasmol_core.data import load_dataset_meta
+
+    meta = load_dataset_meta(dataset_dir)
+    if as_json:
+        summary = {k: meta[k] for k in ("key", "tokenizer_digest", "vocab_size", "dtype", "token_counts")}
+        summary["sources"] = {s["name"]: {"lang": s["lang"], "role": s["role"], **s["stats"]}
+                              for s in meta["sources"]}
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"dataset [bold]{meta['key'][:12]}[/bold]  "
+                  f"tokenizer sha256 {meta['tokenizer_digest'][:12]}  "
+                  f"vocab {meta['vocab_size']:,} ({meta['dtype']})  val fraction {meta['val_fraction']}  "
+                  f"dedup {meta['dedup']}  near-dedup {meta['near_dedup']}")
+    table = Table("source", "lang", "role", "read", "removed", "dups", "bad lines", "train docs",
+                  "train tokens", "val docs", "val tokens", "shards")
+    for s in meta["sources"]:
+        st = s["stats"]
+        removed = ", ".join(f"{k} {v}" for k, v in st["removed"].items() if v) or "0"
+        shards = sum(len(s["splits"][sp]["shards"]) for sp in ("train", "val"))
+        table.add_row(s["name"], s["lang"], s["role"], f"{st['docs_read']:,}", removed,
+                      f"{st['exact_duplicates'] + st['near_duplicates']:,}", f"{st['bad_lines_skipped']:,}",
+                      f"{st['train_docs']:,}", f"{st['train_tokens']:,}", f"{st['val_docs']:,}",
+                      f"{st['val_tokens']:,}", str(shards))
+    console.print(table)
+    totals = Table("tokens", *meta["token_counts"].keys())
+    totals.add_row("", *(f"{v:,}" for v in meta["token_counts"].values()))
+    console.print(totals)
+
+
+@app.command()
+def sample(
+    dataset_dir: Path = typer.Argument(..., help="a prepared dataset folder"),
+    weights: str = typer.Option("vi=0.55,en=0.40,code=0.05", "--weights", help="KEY=WEIGHT,..."),
+    seq_len: int = typer.Option(2048, "--seq-len"),
+    seed: int = typer.Option(0, "--seed"),
+    stage: str = typer.Option("", "--stage"),
+    index: int = typer.Option(0, "--index", help="first global sequence index"),
+    count: int = typer.Option(3, "--count"),
+    tokenizer: Path | None = typer.Option(None, "--tokenizer", help="decode with this tokenizer folder"),
+) -> None:
+    """Print where sampled sequences come from (and their text, with --tokenizer)."""
+    from vinasmol_core.data import MixtureSampler
+
+    sampler = MixtureSampler(dataset_dir, _parse_weights(weights), seq_len, seed=seed, stage=stage,
+                             tokenizer_dir=tokenizer)
+    decode = None
+    if tokenizer is not None:
+        from tokenizers import Tokenizer
+
+        from vinasmol_core.data.tokcheck import tokenizer_file
+
+        decode = Tokenizer.from_file(str(tokenizer_file(tokenizer))).decode
+    for i in range(index, index + count):
+        name, offset, epoch = sampler.locate(i)
+        typer.echo(f"[{i}] {name} @ token {offset:,} (pass {epoch})")
+        if decode is not None:
+            typer.echo(decode(sampler.sequence(i).tolist(), skip_special_tokens=False)[:400])

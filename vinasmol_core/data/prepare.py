@@ -16,29 +16,35 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from itertools import chain
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vinasmol_core.data.clean import FILTERS, clean_document, dedup_key
-from vinasmol_core.data.readers import (
-    ReadCounters,
-    ResolvedFile,
-    iter_documents,
-    resolve_files,
-    source_digest,
-)
+from vinasmol_core.data.clean import FILTERS
+from vinasmol_core.data.readers import ReadCounters, ResolvedFile, iter_batches, resolve_files, source_digest
 from vinasmol_core.data.shards import ShardWriter, dtype_for_vocab
 from vinasmol_core.data.spec import CleaningSpec, DatasetInfo, SourceSpec, SourceStats
 from vinasmol_core.data.tokcheck import EOS_TOKEN, tokenizer_digest, tokenizer_file
+from vinasmol_core.data.worker import (
+    Batch,
+    BatchResult,
+    WorkerConfig,
+    init_worker,
+    local_state,
+    process_batch,
+    process_in_worker,
+    split_is_val,
+)
 from vinasmol_core.errors import ConfigError, VinaSmolError
 
 if TYPE_CHECKING:
@@ -56,10 +62,7 @@ KEY_REF_PREFIX = "datasets/by-key/"
 
 def split_of(source: str, doc_id: str, val_fraction: float) -> str:
     """'val' or 'train', from a stable hash of (source name, document id)."""
-    if val_fraction <= 0.0:
-        return "train"
-    h = hashlib.blake2b(f"{source}\0{doc_id}".encode(), digest_size=8).digest()
-    return "val" if int.from_bytes(h, "big") < val_fraction * 2.0**64 else "train"
+    return "val" if split_is_val(source, doc_id, val_fraction) else "train"
 
 
 def dataset_key(
@@ -88,108 +91,6 @@ def dataset_key(
         "shard_tokens": shard_tokens,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-class _NearDeduper:
-    """MinHash LSH over lower-cased word n-grams (datasketch); the first document of a cluster wins."""
-
-    def __init__(self, threshold: float, num_perm: int = 128, ngram: int = 5) -> None:
-        from datasketch import MinHash, MinHashLSH
-
-        self._minhash = MinHash
-        self.num_perm = num_perm
-        self.ngram = ngram
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        self._permutations = MinHash(num_perm=num_perm, seed=1).permutations
-        self._n = 0
-
-    def is_duplicate(self, text: str) -> bool:
-        words = text.lower().split()
-        n = self.ngram
-        grams = {" ".join(words[i : i + n]).encode() for i in range(max(1, len(words) - n + 1))}
-        m = self._minhash(num_perm=self.num_perm, permutations=self._permutations)
-        m.update_batch(list(grams))
-        if self.lsh.query(m):
-            return True
-        self.lsh.insert(self._n, m, check_duplication=False)
-        self._n += 1
-        return False
-
-
-class _Encoder:
-    """Tokenizes batches of documents and appends them, each followed by <|endoftext|>, to writers."""
-
-    def __init__(self, tokenizer_path: Path) -> None:
-        from tokenizers import Tokenizer
-
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        eos = self.tokenizer.token_to_id(EOS_TOKEN)
-        if eos is None:
-            raise VinaSmolError(f"tokenizer {tokenizer_path} has no {EOS_TOKEN} token")
-        self.eos_id = int(eos)
-        self.vocab_size = int(self.tokenizer.get_vocab_size(with_added_tokens=True))
-        self.dtype = dtype_for_vocab(self.vocab_size)
-        self._encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
-
-    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(concatenated ids with eos after every document, per-document lengths including eos)."""
-        encodings = self._encode(texts, add_special_tokens=False)
-        ids = [e.ids for e in encodings]
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 1
-        total = int(lengths.sum())
-        eos = [self.eos_id]
-        flat = np.fromiter(chain.from_iterable(chain.from_iterable((x, eos) for x in ids)),
-                           dtype=self.dtype, count=total)
-        return flat, lengths
-
-
-def _chunks(text: str, max_chars: int) -> Iterator[str]:
-    """Cut a very long document at line starts (a newline followed by a non-space character), where
-    byte-level BPE pre-tokenization splits anyway, so batches stay bounded in memory."""
-    start = 0
-    while len(text) - start > max_chars:
-        cut = text.find("\n", start + max_chars // 2, start + max_chars)
-        while cut != -1 and cut + 1 < len(text) and text[cut + 1].isspace():
-            cut = text.find("\n", cut + 1, start + max_chars)
-        if cut == -1:
-            break
-        yield text[start : cut + 1]
-        start = cut + 1
-    yield text[start:]
-
-
-class _Batch:
-    def __init__(self) -> None:
-        self.texts: list[str] = []
-        self.splits: list[str] = []
-        self.pieces: list[int] = []  # how many consecutive texts make each document
-        self.chars = 0
-
-
-def _process_batch(encoder: _Encoder, batch: _Batch, writers: dict[str, ShardWriter]) -> None:
-    flat, lengths = encoder.encode(batch.texts)
-    if any(p > 1 for p in batch.pieces):  # re-join the pieces of long documents (drop inner eos)
-        keep = np.ones(flat.size, dtype=bool)
-        ends = np.cumsum(lengths) - 1
-        doc_lengths = []
-        t = 0
-        for p in batch.pieces:
-            keep[ends[t : t + p - 1]] = False
-            doc_lengths.append(int(lengths[t : t + p].sum()) - (p - 1))
-            t += p
-        flat = flat[keep]
-        lengths = np.array(doc_lengths, dtype=np.int64)
-    splits = np.array(batch.splits)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    for split in SPLITS:
-        sel = np.flatnonzero(splits == split)
-        if sel.size == 0:
-            continue
-        if sel.size == len(splits):
-            writers[split].add(flat, lengths)
-            continue
-        parts = [flat[offsets[i] : offsets[i + 1]] for i in sel]
-        writers[split].add(np.concatenate(parts), lengths[sel])
 
 
 def _read_meta(out_dir: Path) -> dict[str, Any] | None:
@@ -295,6 +196,8 @@ def prepare_dataset(
     ref: str | None = None,
     shard_tokens: int = 1 << 25,
     batch_chars: int = 1 << 21,
+    workers: int | None = None,
+    use_fast_path: bool = True,
     on_source_done: Callable[[str, SourceStats], None] | None = None,
 ) -> DatasetInfo:
     """Prepare `sources` with the tokenizer in `tokenizer_dir` into `out_dir` (and publish the result
@@ -337,10 +240,21 @@ def prepare_dataset(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        meta = _build(sources, files, digests, tok_path, tok_digest, tmp, key=key, cleaning=cleaning,
-                      val_fraction=val_fraction, dedup=dedup, near_dedup=near_dedup,
-                      near_dedup_threshold=near_dedup_threshold, skip_bad_lines=skip_bad_lines,
-                      shard_tokens=shard_tokens, batch_chars=batch_chars, on_source_done=on_source_done)
+        n_workers = _auto_workers(files, sources) if workers is None else max(0, workers)
+        build_args: dict[str, Any] = dict(
+            key=key, cleaning=cleaning, val_fraction=val_fraction, dedup=dedup, near_dedup=near_dedup,
+            near_dedup_threshold=near_dedup_threshold, skip_bad_lines=skip_bad_lines,
+            shard_tokens=shard_tokens, batch_chars=batch_chars, workers=n_workers,
+            on_source_done=on_source_done)
+        try:
+            meta = _build(sources, files, digests, tok_path, tok_digest, tmp, use_fast_path=use_fast_path,
+                          **build_args)
+        except _FastPathMismatch as exc:
+            log.warning("fast tokenizer path disagreed with the tokenizer (%s); rebuilding without it", exc)
+            shutil.rmtree(tmp)
+            tmp.mkdir()
+            meta = _build(sources, files, digests, tok_path, tok_digest, tmp, use_fast_path=False,
+                          **build_args)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -360,6 +274,70 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
         os.replace(tmp, out_dir)
 
 
+class _FastPathMismatch(Exception):
+    """The fast tokenizer path disagreed with the real tokenizer: rebuild without it."""
+
+
+@dataclass
+class _SourceEnd:
+    """Marks the end of a source's batches in the (ordered) stream of results."""
+
+    index: int
+    counters: ReadCounters
+
+
+def _auto_workers(files: dict[str, list[ResolvedFile]], sources: list[SourceSpec]) -> int:
+    """Worker processes: one per usable core, none for small local inputs (process start-up dominates)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    if cores < 2:
+        return 0
+    if all(s.paths for s in sources) and all(f.local for fs in files.values() for f in fs):
+        size = sum(os.path.getsize(f.url) * (4 if f.compression else 1) for fs in files.values() for f in fs)
+        if size < (16 << 20):
+            return 0
+    return min(cores, 8)
+
+
+def _results(
+    items: Iterator[Batch | _SourceEnd], cfg: WorkerConfig, workers: int
+) -> Iterator[BatchResult | _SourceEnd]:
+    """Results in input order: in-process, or from a pool of `workers` spawned processes with a
+    bounded number of batches in flight."""
+    if workers <= 0:
+        state = local_state(cfg)
+        for item in items:
+            yield item if isinstance(item, _SourceEnd) else process_batch(item, state)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(cfg,))
+    pending: deque[Future[BatchResult] | _SourceEnd] = deque()
+    try:
+        for item in items:
+            pending.append(item if isinstance(item, _SourceEnd) else pool.submit(process_in_worker, item))
+            while sum(isinstance(p, Future) for p in pending) > 2 * workers:
+                head = pending.popleft()
+                yield head if isinstance(head, _SourceEnd) else head.result()
+        while pending:
+            head = pending.popleft()
+            yield head if isinstance(head, _SourceEnd) else head.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _batches(sources: list[SourceSpec], files: dict[str, list[ResolvedFile]], skip_bad_lines: bool,
+             batch_chars: int) -> Iterator[Batch | _SourceEnd]:
+    for index, spec in enumerate(sources):
+        counters = ReadCounters()
+        for n, batch in enumerate(iter_batches(spec, files[spec.name], skip_bad_lines=skip_bad_lines,
+                                               counters=counters, batch_chars=batch_chars)):
+            batch.verify = 16 if n < 2 else (2 if n % 8 == 0 else 0)
+            yield batch
+        yield _SourceEnd(index, counters)
+
+
 def _build(
     sources: list[SourceSpec],
     files: dict[str, list[ResolvedFile]],
@@ -377,65 +355,42 @@ def _build(
     skip_bad_lines: bool,
     shard_tokens: int,
     batch_chars: int,
+    workers: int,
+    use_fast_path: bool,
     on_source_done: Callable[[str, SourceStats], None] | None,
 ) -> dict[str, Any]:
-    encoder = _Encoder(tok_path)
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tok_path))
+    eos = tokenizer.token_to_id(EOS_TOKEN)
+    if eos is None:
+        raise VinaSmolError(f"tokenizer {tok_path} has no {EOS_TOKEN} token to separate documents")
+    vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
+    dtype = dtype_for_vocab(vocab_size)
+    cfg = WorkerConfig(tokenizer_path=str(tok_path), eos_id=int(eos), dtype=dtype.name, cleaning=cleaning,
+                       val_fraction=val_fraction, dedup=dedup, near_dedup=near_dedup,
+                       use_fast_path=use_fast_path)
     seen: set[int] = set()
-    near = _NearDeduper(near_dedup_threshold) if near_dedup else None
-    source_entries: list[dict[str, Any]] = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as pool:
-        for spec in sources:
-            writers = {sp: ShardWriter(root, f"{sp}/{spec.name}", encoder.dtype, shard_tokens)
-                       for sp in SPLITS}
-            stats = SourceStats(removed=dict.fromkeys(FILTERS, 0))
-            counters = ReadCounters()
-            pending: list[Future[None]] = []
-            batch = _Batch()
+    lsh = None
+    if near_dedup:
+        from datasketch import LeanMinHash, MinHashLSH
 
-            def submit(b: _Batch, writers: dict[str, ShardWriter] = writers,
-                       pending: list[Future[None]] = pending) -> None:
-                pending.append(pool.submit(_process_batch, encoder, b, writers))
-                while len(pending) > 1:  # at most one batch tokenizing while the next is cleaned
-                    pending.pop(0).result()
+        lsh = MinHashLSH(threshold=near_dedup_threshold, num_perm=cfg.num_perm)
+    n_lsh = 0
+    entries: list[dict[str, Any]] = []
 
-            for doc_id, raw in iter_documents(spec, files[spec.name], skip_bad_lines=skip_bad_lines,
-                                              counters=counters):
-                stats.docs_read += 1
-                if raw is None:
-                    stats.removed["empty"] += 1
-                    continue
-                stats.bytes_read += len(raw.encode("utf-8")) if not raw.isascii() else len(raw)
-                text, reason = clean_document(raw, spec.lang, cleaning)
-                if text is None:
-                    stats.removed[reason or "empty"] += 1
-                    continue
-                if dedup:
-                    h = int.from_bytes(hashlib.blake2b(dedup_key(text), digest_size=8).digest(), "big")
-                    if h in seen:
-                        stats.exact_duplicates += 1
-                        continue
-                    seen.add(h)
-                if near is not None and near.is_duplicate(text):
-                    stats.near_duplicates += 1
-                    continue
-                split = split_of(spec.name, doc_id, val_fraction)
-                if split == "val":
-                    stats.val_docs += 1
-                else:
-                    stats.train_docs += 1
-                pieces = list(_chunks(text, batch_chars)) if len(text) > batch_chars else [text]
-                batch.texts.extend(pieces)
-                batch.pieces.append(len(pieces))
-                batch.splits.append(split)
-                batch.chars += len(text)
-                if batch.chars >= batch_chars:
-                    submit(batch)
-                    batch = _Batch()
-            if batch.texts:
-                submit(batch)
-            while pending:
-                pending.pop(0).result()
-            stats.bad_lines_skipped = counters.bad_lines_skipped
+    def new_state(spec: SourceSpec) -> tuple[dict[str, ShardWriter], SourceStats]:
+        writers = {sp: ShardWriter(root, f"{sp}/{spec.name}", dtype, shard_tokens) for sp in SPLITS}
+        return writers, SourceStats(removed=dict.fromkeys(FILTERS, 0))
+
+    current = 0
+    writers, stats = new_state(sources[0])
+    bad_examples: list[str] = []
+    for item in _results(_batches(sources, files, skip_bad_lines, batch_chars), cfg, workers):
+        if isinstance(item, _SourceEnd):
+            spec = sources[item.index]
+            stats.bad_lines_skipped += item.counters.bad_lines_skipped
+            bad_examples.extend(item.counters.bad_line_examples)
             split_entries = {}
             for sp in SPLITS:
                 shards = writers[sp].close()
@@ -443,39 +398,83 @@ def _build(
                                      "shards": shards}
             stats.train_tokens = split_entries["train"]["tokens"]
             stats.val_tokens = split_entries["val"]["tokens"]
-            _check_source_nonempty(spec, stats, files[spec.name], counters)
-            source_entries.append({
-                "name": spec.name, "lang": spec.lang, "role": spec.role, "text_field": spec.text_field,
-                "digest": digests[spec.name], "spec": spec.model_dump(mode="json"),
-                "stats": stats.model_dump(mode="json"), "splits": split_entries,
-            })
+            stats.train_docs = split_entries["train"]["docs"]
+            stats.val_docs = split_entries["val"]["docs"]
+            _check_source_nonempty(spec, stats, files[spec.name])
+            entry = {"name": spec.name, "lang": spec.lang, "role": spec.role, "text_field": spec.text_field,
+                     "digest": digests[spec.name], "spec": spec.model_dump(mode="json"),
+                     "stats": stats.model_dump(mode="json"), "splits": split_entries}
+            if bad_examples:
+                entry["bad_line_examples"] = bad_examples[:5]
+            entries.append(entry)
             if on_source_done is not None:
                 on_source_done(spec.name, stats)
+            current = item.index + 1
+            bad_examples = []
+            if current < len(sources):
+                writers, stats = new_state(sources[current])
+            continue
+        if item.mismatch is not None:
+            raise _FastPathMismatch(item.mismatch)
+        stats.docs_read += item.docs_read
+        stats.bytes_read += item.bytes_read
+        stats.bad_lines_skipped += item.bad_lines
+        bad_examples.extend(item.bad_examples)
+        for k, v in item.removed.items():
+            stats.removed[k] = stats.removed.get(k, 0) + v
+        n = item.lengths.size
+        if n == 0:
+            continue
+        keep = np.ones(n, dtype=bool)
+        if dedup:
+            for j, h in enumerate(item.hashes.tolist()):
+                if h in seen:
+                    keep[j] = False
+                    stats.exact_duplicates += 1
+                else:
+                    seen.add(h)
+        if lsh is not None and item.minhashes is not None:
+            for j in range(n):
+                if not keep[j]:
+                    continue
+                sig = LeanMinHash(seed=1, hashvalues=item.minhashes[j])
+                if lsh.query(sig):
+                    keep[j] = False
+                    stats.near_duplicates += 1
+                else:
+                    lsh.insert(n_lsh, sig, check_duplication=False)
+                    n_lsh += 1
+        for sp, docs in (("train", keep & ~item.is_val), ("val", keep & item.is_val)):
+            if not docs.any():
+                continue
+            if docs.all():
+                writers[sp].add(item.tokens, item.lengths)
+            else:
+                writers[sp].add(item.tokens[np.repeat(docs, item.lengths)], item.lengths[docs])
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "key": key,
         "tokenizer_digest": tok_digest,
-        "vocab_size": encoder.vocab_size,
-        "eos_id": encoder.eos_id,
-        "dtype": encoder.dtype.name,
+        "vocab_size": vocab_size,
+        "eos_id": int(eos),
+        "dtype": dtype.name,
         "val_fraction": val_fraction,
         "dedup": dedup,
         "near_dedup": near_dedup,
         "near_dedup_threshold": near_dedup_threshold if near_dedup else None,
         "cleaning": cleaning.model_dump(mode="json"),
-        "token_counts": _token_counts(source_entries),
-        "sources": source_entries,
+        "token_counts": _token_counts(entries),
+        "shards": [s["path"] for e in entries for sp in SPLITS for s in e["splits"][sp]["shards"]],
+        "sources": entries,
     }
     (root / DATASET_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return meta
 
-
-def _check_source_nonempty(spec: SourceSpec, stats: SourceStats, files: list[ResolvedFile],
-                           counters: ReadCounters) -> None:
+def _check_source_nonempty(spec: SourceSpec, stats: SourceStats, files: list[ResolvedFile]) -> None:
     where = spec.hf_dataset or ", ".join(f.display for f in files[:3]) + (" ..." if len(files) > 3 else "")
     if stats.docs_read == 0:
-        extra = f" ({counters.bad_lines_skipped} bad lines skipped)" if counters.bad_lines_skipped else ""
+        extra = f" ({stats.bad_lines_skipped} bad lines skipped)" if stats.bad_lines_skipped else ""
         raise VinaSmolError(f"source {spec.name!r} is empty: no documents in {where}{extra}")
     if stats.train_docs + stats.val_docs == 0:
         removed = ", ".join(f"{k}: {v}" for k, v in stats.removed.items() if v)

@@ -14,16 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from vinasmol_core.data.spec import SourceSpec
+from vinasmol_core.data.worker import Batch
 from vinasmol_core.errors import VinaSmolError
-
-try:  # orjson is much faster; it comes with Prefect but the library does not require it
-    import orjson as _orjson
-
-    _loads = _orjson.loads
-    _JSONError: tuple[type[Exception], ...] = (_orjson.JSONDecodeError, ValueError)
-except ImportError:  # pragma: no cover - exercised only without orjson
-    _loads = json.loads
-    _JSONError = (ValueError,)
 
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
@@ -46,6 +38,8 @@ class ResolvedFile:
 
 @dataclass
 class ReadCounters:
+    """Problems the reader itself skipped (undecodable text files)."""
+
     bad_lines_skipped: int = 0
     bad_line_examples: list[str] = field(default_factory=list)
 
@@ -181,41 +175,6 @@ def _id_of(record: dict[str, Any], spec: SourceSpec, fallback: str) -> str:
     return fallback
 
 
-def _iter_jsonl(
-    rf: ResolvedFile, spec: SourceSpec, skip_bad_lines: bool, counters: ReadCounters
-) -> Iterator[tuple[str, str | None]]:
-    base = os.path.basename(rf.url)
-    with _open_binary(rf) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            problem = None
-            try:
-                record = _loads(line)
-            except _JSONError as exc:
-                try:
-                    line.decode("utf-8")
-                    problem = f"not valid JSON ({exc})"
-                except UnicodeDecodeError as uexc:
-                    problem = f"not valid UTF-8 (byte {uexc.start})"
-                record = None
-            if problem is None and not isinstance(record, dict):
-                problem = f"a JSON {type(record).__name__}, not an object"
-            if problem is not None:
-                if skip_bad_lines:
-                    counters.bad_lines_skipped += 1
-                    if len(counters.bad_line_examples) < 5:
-                        counters.bad_line_examples.append(f"{rf.display}:{lineno}")
-                    continue
-                raise VinaSmolError(
-                    f"source {spec.name!r}: {rf.display} line {lineno} is {problem}; "
-                    "fix the file or pass --skip-bad-lines"
-                )
-            assert isinstance(record, dict)
-            text = _text_of(record, spec, f"{rf.display} line {lineno}")
-            yield _id_of(record, spec, f"{base}:{lineno}"), text
-
-
 def _iter_parquet(rf: ResolvedFile, spec: SourceSpec) -> Iterator[tuple[str, str | None]]:
     import pyarrow.parquet as pq
 
@@ -251,6 +210,8 @@ def _iter_text(rf: ResolvedFile, spec: SourceSpec, skip_bad_lines: bool,
         line = data[: exc.start].count(b"\n") + 1
         if skip_bad_lines:
             counters.bad_lines_skipped += 1
+            if len(counters.bad_line_examples) < 5:
+                counters.bad_line_examples.append(f"{rf.display}:{line}")
             return
         raise VinaSmolError(
             f"source {spec.name!r}: {rf.display} line {line} is not valid UTF-8 (byte {exc.start}); "
@@ -274,17 +235,50 @@ def _iter_hf(spec: SourceSpec) -> Iterator[tuple[str, str | None]]:
         yield _id_of(record, spec, f"{spec.hf_dataset}:{row}"), text
 
 
-def iter_documents(
-    spec: SourceSpec, files: list[ResolvedFile], *, skip_bad_lines: bool, counters: ReadCounters
-) -> Iterator[tuple[str, str | None]]:
-    """(document id, raw text or None) for every record of the source, in file order."""
+def iter_batches(
+    spec: SourceSpec, files: list[ResolvedFile], *, skip_bad_lines: bool, counters: ReadCounters,
+    batch_chars: int = 1 << 21,
+) -> Iterator[Batch]:
+    """The source's records in order, cut into batches of about `batch_chars` characters. JSONL
+    lines travel raw (the worker parses them); other formats travel as (id, text) records."""
+    def new_batch(where: str = "", base_name: str = "") -> Batch:
+        return Batch(source=spec.name, lang=spec.lang, text_field=spec.text_field, id_field=spec.id_field,
+                     skip_bad_lines=skip_bad_lines, where=where, base_name=base_name)
+
     if spec.hf_dataset:
-        yield from _iter_hf(spec)
+        records: Iterator[tuple[str, str | None]] = _iter_hf(spec)
+        yield from _record_batches(records, new_batch(), new_batch, batch_chars)
         return
     for rf in files:
         if rf.fmt == "jsonl":
-            yield from _iter_jsonl(rf, spec, skip_bad_lines, counters)
+            batch = new_batch(rf.display, os.path.basename(rf.url))
+            with _open_binary(rf) as f:
+                for lineno, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    batch.lines.append(line)
+                    batch.line_numbers.append(lineno)
+                    batch.chars += len(line)
+                    if batch.chars >= batch_chars:
+                        yield batch
+                        batch = new_batch(rf.display, os.path.basename(rf.url))
+            if batch.lines:
+                yield batch
         elif rf.fmt == "parquet":
-            yield from _iter_parquet(rf, spec)
+            yield from _record_batches(_iter_parquet(rf, spec), new_batch(rf.display), new_batch, batch_chars)
         else:
-            yield from _iter_text(rf, spec, skip_bad_lines, counters)
+            yield from _record_batches(_iter_text(rf, spec, skip_bad_lines, counters), new_batch(rf.display),
+                                       new_batch, batch_chars)
+
+
+def _record_batches(records: Iterator[tuple[str, str | None]], batch: Batch, new_batch: Any,
+                    batch_chars: int) -> Iterator[Batch]:
+    for doc_id, text in records:
+        batch.ids.append(doc_id)
+        batch.texts.append(text)
+        batch.chars += len(text) if text else 0
+        if batch.chars >= batch_chars:
+            yield batch
+            batch = new_batch(batch.where)
+    if batch.ids:
+        yield batch

@@ -1,0 +1,153 @@
+"""Data preparation throughput and memory: all corpora end to end, then the same corpora 4 times.
+
+    python bench/data_bench.py [--data ../shared/data] [--tokenizer DIR] [--workers N]
+
+Each prepare runs in a child process of its own. Throughput is text bytes read (the UTF-8 size of
+every document's text field) divided by the wall time of `prepare_dataset` (source hashing, reading,
+parsing, cleaning, dedup, split, tokenization and shard writing). Peak RSS is the larger of the
+process tree's summed RSS (sampled every 50 ms: the main process plus its worker processes) and
+the largest single process's ru_maxrss. The 4x run lists every training file four times as
+separate sources with exact dedup off (it would drop the copies), to show memory stays flat.
+
+Default tokenizer: the real SmolLM2 tokenizer (built offline by vinasmol_core.smollm2); pass
+--tokenizer for an extended one. Last line: `data_bench: mb_per_s=... peak_rss_mb=...
+mb_per_s_4x=... peak_rss_mb_4x=...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _child(spec_path: str) -> None:
+    """Run one prepare_dataset (in this process) and print its numbers as JSON."""
+    from vinasmol_core.data import SourceSpec, prepare_dataset
+
+    spec = json.loads(Path(spec_path).read_text())
+    sources = [SourceSpec(**s) for s in spec["sources"]]
+    t0 = time.perf_counter()
+    info = prepare_dataset(sources, Path(spec["tokenizer"]), Path(spec["out"]), val_fraction=0.01,
+                           dedup=spec["dedup"], workers=spec["workers"])
+    wall = time.perf_counter() - t0
+    stats = list(info.sources.values())
+    print(json.dumps({
+        "wall_s": wall,
+        "text_bytes": sum(s.bytes_read for s in stats),
+        "tokens": info.token_counts["total"] + info.token_counts["val/total"],
+        "docs": sum(s.docs_read for s in stats),
+        "dups": sum(s.exact_duplicates for s in stats),
+        "removed": sum(sum(s.removed.values()) for s in stats),
+    }))
+
+
+def _tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def _run(sources: list[dict], tokenizer: Path, out: Path, dedup: bool, workers: int | None,
+         tmp: Path) -> dict:
+    spec_path = tmp / f"spec-{out.name}.json"
+    spec_path.write_text(json.dumps({"sources": sources, "tokenizer": str(tokenizer), "out": str(out),
+                                     "dedup": dedup, "workers": workers}))
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
+                            stdout=subprocess.PIPE, cwd=REPO)
+    peak_tree = 0
+    while True:  # wait4 gives this child's own rusage (its workers included), unlike RUSAGE_CHILDREN
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        peak_tree = max(peak_tree, _tree_rss(proc.pid))
+        time.sleep(0.05)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    stdout = proc.stdout.read().decode() if proc.stdout else ""
+    if proc.returncode != 0:
+        raise SystemExit(f"prepare failed (exit {proc.returncode})")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["peak_tree_mb"] = peak_tree / 2**20
+    result["maxrss_mb"] = usage.ru_maxrss / 1024  # kB on Linux
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=REPO / ".." / "shared" / "data")
+    parser.add_argument("--tokenizer", type=Path, default=None)
+    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
+    parser.add_argument("--repeat", type=int, default=4)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child)
+        return
+
+    files = {
+        "vi": sorted((args.data / "vi").glob("*-train.jsonl.gz")),
+        "en": sorted((args.data / "en").glob("*-train.jsonl.gz")),
+        "code": sorted((args.data / "code").glob("*-train.jsonl.gz")),
+    }
+    if not all(files.values()):
+        raise SystemExit(f"no *-train.jsonl.gz under {args.data}/{{vi,en,code}}")
+    tmp = Path(tempfile.mkdtemp(prefix="data-bench-"))
+    try:
+        tokenizer = args.tokenizer
+        if tokenizer is None:
+            from vinasmol_core.smollm2 import build_smollm2_tokenizer
+
+            tokenizer = build_smollm2_tokenizer(tmp / "smollm2-tokenizer")
+        runs = []
+        one = [{"name": f"{lang}-train", "lang": lang, "paths": [str(p) for p in ps]}
+               for lang, ps in files.items()]
+        many = [{"name": f"{lang}-copy{k}", "lang": lang, "paths": [str(p) for p in ps]}
+                for k in range(args.repeat) for lang, ps in files.items()]
+        for label, sources, dedup in (("1x", one, True), (f"{args.repeat}x", many, False)):
+            r = _run(sources, tokenizer, tmp / f"out-{label}", dedup, args.workers, tmp)
+            r["peak_rss_mb"] = max(r["peak_tree_mb"], r["maxrss_mb"])
+            r["label"], r["dedup"] = label, dedup
+            runs.append(r)
+            shutil.rmtree(tmp / f"out-{label}", ignore_errors=True)
+        cores = len(os.sched_getaffinity(0))
+        print(f"cores: {cores}, load average: {' '.join(f'{x:.1f}' for x in os.getloadavg())}, "
+              f"tokenizer: {tokenizer}")
+        header = (f"{'run':<5} {'dedup':<6} {'text MB':>8} {'docs':>7} {'tokens':>11} {'wall s':>7} "
+                  f"{'MB/s':>6} {'tree RSS MB':>11} {'max proc MB':>11}")
+        print(header)
+        print("-" * len(header))
+        for r in runs:
+            mbps = r["text_bytes"] / 1e6 / r["wall_s"]
+            r["mb_per_s"] = mbps
+            print(f"{r['label']:<5} {str(r['dedup']):<6} {r['text_bytes'] / 1e6:>8.1f} {r['docs']:>7} "
+                  f"{r['tokens']:>11,} {r['wall_s']:>7.1f} {mbps:>6.2f} {r['peak_tree_mb']:>11.0f} "
+                  f"{r['maxrss_mb']:>11.0f}")
+        a, b = runs
+        print(f"data_bench: mb_per_s={a['mb_per_s']:.2f} peak_rss_mb={a['peak_rss_mb']:.0f} "
+              f"mb_per_s_4x={b['mb_per_s']:.2f} peak_rss_mb_4x={b['peak_rss_mb']:.0f}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

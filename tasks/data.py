@@ -1,0 +1,56 @@
+"""Prefect task: prepare a dataset artifact (a thin wrapper over `vinasmol_core.data.prepare_dataset`).
+
+No Prefect cache policy: `prepare_dataset` keys its output on the *content* of the sources and the
+tokenizer (not their paths) and returns at once, doing no work, when the output folder or the
+store already holds that build, so a retried or re-run flow never redoes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
+
+from vinasmol_core.data import CleaningSpec, DatasetInfo, SourceSpec, SourceStats, prepare_dataset
+
+
+@task(name="prepare-data", cache_policy=NO_CACHE, persist_result=False)
+def prepare_data(
+    sources: list[SourceSpec],
+    tokenizer_dir: Path,
+    out_dir: Path,
+    cleaning: CleaningSpec | None = None,
+    val_fraction: float = 0.01,
+    dedup: bool = True,
+    near_dedup: bool = False,
+    near_dedup_threshold: float = 0.8,
+    skip_bad_lines: bool = False,
+    store_url: str | None = None,
+    ref: str | None = None,
+    workers: int | None = None,
+) -> DatasetInfo:
+    """Clean, deduplicate, split, tokenize and pack `sources`; publish to `store_url` when given."""
+    logger: Any
+    try:
+        logger = get_run_logger()
+    except MissingContextError:  # called as plain function (`prepare_data.fn(...)`)
+        logger = logging.getLogger(__name__)
+
+    def done(name: str, s: SourceStats) -> None:
+        logger.info("%s: %d docs read, %d removed %s, %d duplicates, %d train / %d val tokens",
+                    name, s.docs_read, sum(s.removed.values()), s.removed,
+                    s.exact_duplicates + s.near_duplicates, s.train_tokens, s.val_tokens)
+
+    info = prepare_dataset(
+        sources, Path(tokenizer_dir), Path(out_dir), cleaning=cleaning or CleaningSpec(),
+        val_fraction=val_fraction, dedup=dedup, near_dedup=near_dedup,
+        near_dedup_threshold=near_dedup_threshold, skip_bad_lines=skip_bad_lines, store=store_url, ref=ref,
+        workers=workers, on_source_done=done,
+    )
+    logger.info("dataset %s %s; tokens %s", info.key[:12], "reused" if info.reused else "built",
+                info.token_counts)
+    return info

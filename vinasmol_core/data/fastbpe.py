@@ -1,0 +1,158 @@
+"""An exact, cached fast path for GPT-2-style byte-level BPE tokenizers (SmolLM2 and its extensions).
+
+Why it is exact. Such a tokenizer pre-splits text with GPT-2's regex (after isolating every digit,
+in SmolLM2's case), then runs BPE inside each piece, so the ids of a text are the concatenation
+of the ids of its pre-tokens. In that regex a space only ever *starts* a match (` ?\\p{L}+`, ...)
+and nothing looks behind, so at every position p holding a single space between two non-space
+characters a new match begins, and the matches after p depend only on the text from p on.
+Cutting a document before every such space therefore gives pieces whose encodings concatenate to
+the document's encoding. Pieces (" Nội,", " the", ...) repeat a lot: each distinct piece is
+encoded once and cached. A new piece is split into pre-tokens with the same regex (the `regex`
+package), and each distinct pre-token is encoded once by the real tokenizer.
+
+When it is used. Only for tokenizer.json files of exactly that shape: a BPE model without dropout
+or subword affixes, no normaliser (or NFC), and a ByteLevel pre-tokenizer with the GPT-2 regex and
+no prefix space, optionally preceded by Digits(individual_digits=True). A text containing an added
+token's content goes to the real tokenizer whole. `prepare_dataset` also compares the two on
+samples of every source and rebuilds with the real tokenizer alone if they ever disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_BOUNDARY = re.compile(r"(?= \S)(?<=\S)")  # before a space between two non-spaces
+_GPT2 = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# GPT-2's regex applied between isolated digits: a digit is a match of its own and ends the
+# segment, so "whitespace not followed by non-space" also holds before a digit.
+_GPT2_DIGITS = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+|\p{N}"""
+_CACHE_LIMIT = 400_000
+
+
+def fast_path_shape(tokenizer_json: dict[str, Any]) -> tuple[str | None, bool, bool]:
+    """(reason the fast path does not apply or None, digits isolated, NFC normaliser)."""
+    model = tokenizer_json.get("model") or {}
+    if model.get("type") != "BPE":
+        return "model is not BPE", False, False
+    if model.get("dropout") not in (None, 0, 0.0):
+        return "BPE dropout", False, False
+    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        return "subword prefix/suffix", False, False
+    norm = tokenizer_json.get("normalizer")
+    nfc = False
+    if norm is not None:
+        parts = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm]
+        if any(p.get("type") != "NFC" for p in parts):
+            return "normaliser other than NFC", False, False
+        nfc = bool(parts)
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    digits = False
+    if len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits"):
+        digits = True
+        steps = steps[1:]
+    if len(steps) != 1 or steps[0].get("type") != "ByteLevel":
+        return "pre-tokenizer is not [Digits(individual)] + ByteLevel", False, False
+    byte_level = steps[0]
+    if byte_level.get("add_prefix_space") or not byte_level.get("use_regex", True):
+        return "ByteLevel with prefix space or without regex", False, False
+    return None, digits, nfc
+
+
+class FastByteLevelBPE:
+    """Encodes texts exactly like `tokenizer.encode_batch(texts, add_special_tokens=False)`, faster.
+
+    Build with `FastByteLevelBPE.create(tokenizer, tokenizer_json_path, dtype)`, which returns None
+    when the tokenizer's shape is not supported. Cached piece encodings are kept as raw bytes of
+    `dtype`, so a document's ids are one `bytes.join` of its pieces' (no per-token Python work)."""
+
+    def __init__(
+        self, tokenizer: Any, digits: bool, nfc: bool, added: list[str], dtype: np.dtype[Any]
+    ) -> None:
+        import regex
+
+        self.tokenizer = tokenizer
+        self.nfc = nfc
+        self.dtype = np.dtype(dtype)
+        self._pretok = regex.compile(_GPT2_DIGITS if digits else _GPT2)
+        self._added = re.compile("|".join(re.escape(a) for a in sorted(added, key=len, reverse=True))) \
+            if added else None
+        self._pieces: dict[str, bytes] = {}
+        self._words: dict[str, bytes] = {}
+
+    @classmethod
+    def create(cls, tokenizer: Any, tokenizer_json: Path, dtype: np.dtype[Any]) -> FastByteLevelBPE | None:
+        data = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
+        reason, digits, nfc = fast_path_shape(data)
+        if reason is not None:
+            return None
+        added = [t["content"] for t in data.get("added_tokens", []) if t.get("content")]
+        return cls(tokenizer, digits, nfc, added, dtype)
+
+    def _encode_words(self, words: list[str]) -> None:
+        encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        encodings = encode(words, add_special_tokens=False)
+        lengths = [len(e.ids) for e in encodings]
+        flat = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=self.dtype).tobytes()
+        size = self.dtype.itemsize
+        pos = 0
+        for w, n in zip(words, lengths, strict=True):
+            self._words[w] = flat[pos : pos + n * size]
+            pos += n * size
+
+    def _encode_pieces(self, pieces: set[str]) -> None:
+        """Cache the ids of new pieces: regex pre-tokens, each distinct one encoded once."""
+        findall = self._pretok.findall
+        split = {p: findall(unicodedata.normalize("NFC", p) if self.nfc else p) for p in pieces}
+        words = self._words
+        new_words = list({w for ws in split.values() for w in ws if w not in words})
+        if new_words:
+            self._encode_words(new_words)
+        join = b"".join
+        for p, ws in split.items():
+            self._pieces[p] = words[ws[0]] if len(ws) == 1 else join(map(words.__getitem__, ws))
+
+    def encode(self, texts: list[str], eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids of all texts concatenated, each followed by eos_id; per-text lengths including eos)."""
+        if len(self._pieces) > _CACHE_LIMIT:  # bounded memory; only between batches
+            self._pieces.clear()
+        if len(self._words) > _CACHE_LIMIT:
+            self._words.clear()
+        split = _BOUNDARY.split
+        cache = self._pieces
+        get = cache.get
+        join = b"".join
+        bufs: list[bytes] = []
+        misses: list[tuple[int, list[str]]] = []
+        slow: list[int] = []
+        for i, text in enumerate(texts):
+            if self._added is not None and self._added.search(text):
+                slow.append(i)
+                bufs.append(b"")
+                continue
+            pieces = split(text)
+            try:
+                bufs.append(join(map(get, pieces)))  # type: ignore[arg-type]
+            except TypeError:  # a piece not seen yet
+                bufs.append(b"")
+                misses.append((i, pieces))
+        if misses:
+            self._encode_pieces({p for _, pieces in misses for p in pieces if p not in cache})
+            for i, pieces in misses:
+                bufs[i] = join(map(cache.__getitem__, pieces))
+        if slow:
+            encs = self.tokenizer.encode_batch([texts[i] for i in slow], add_special_tokens=False)
+            for i, e in zip(slow, encs, strict=True):
+                bufs[i] = np.array(e.ids, dtype=self.dtype).tobytes()
+        size = self.dtype.itemsize
+        lengths = np.fromiter((len(b) // size + 1 for b in bufs), dtype=np.int64, count=len(bufs))
+        eos = np.array([eos_id], dtype=self.dtype).tobytes()
+        flat = np.frombuffer(join(chain.from_iterable((b, eos) for b in bufs)), dtype=self.dtype)
+        return flat, lengths

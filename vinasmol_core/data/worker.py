@@ -1,0 +1,258 @@
+"""The per-batch work of data preparation, run in worker processes (or in-process for small jobs).
+
+A batch is raw JSONL lines of one file (parsed here, so parsing runs on every core) or already
+decoded (id, text) records. For each document the worker parses, cleans and filters it, computes
+its exact-dedup hash (and MinHash signature), its split, and its tokens. Decisions that need the
+whole corpus (is this hash new? does LSH know a near-duplicate?) are left to the main process,
+which sees the results in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vinasmol_core.data.clean import FILTERS, clean_document, dedup_key
+from vinasmol_core.data.spec import CleaningSpec
+from vinasmol_core.errors import VinaSmolError
+
+try:
+    import orjson as _orjson
+
+    _loads = _orjson.loads
+except ImportError:  # pragma: no cover
+    import json as _json
+
+    _loads = _json.loads
+
+
+@dataclass
+class WorkerConfig:
+    tokenizer_path: str
+    eos_id: int
+    dtype: str
+    cleaning: CleaningSpec
+    val_fraction: float
+    dedup: bool
+    near_dedup: bool
+    use_fast_path: bool = True
+    num_perm: int = 128
+    ngram: int = 5
+
+
+@dataclass
+class Batch:
+    """Work for one call. `lines` (raw JSONL, with `first_line` and `where`) or `ids` + `texts`."""
+
+    source: str
+    lang: str
+    text_field: str
+    id_field: str | None
+    skip_bad_lines: bool
+    where: str = ""
+    base_name: str = ""
+    line_numbers: list[int] = field(default_factory=list)
+    lines: list[bytes] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    texts: list[str | None] = field(default_factory=list)
+    verify: int = 0  # compare this many documents with the plain tokenizer
+    chars: int = 0
+
+
+@dataclass
+class BatchResult:
+    docs_read: int
+    bytes_read: int
+    bad_lines: int
+    bad_examples: list[str]
+    removed: dict[str, int]
+    hashes: np.ndarray  # uint64 per kept document (0 when dedup is off)
+    is_val: np.ndarray  # bool per kept document
+    lengths: np.ndarray  # int64 tokens per kept document, eos included
+    tokens: np.ndarray  # all kept documents' tokens, concatenated
+    minhashes: np.ndarray | None  # (kept, num_perm) uint64 when near dedup is on
+    mismatch: str | None = None  # a fast-path disagreement found by verification
+
+
+def split_is_val(source: str, doc_id: str, val_fraction: float) -> bool:
+    """Stable: blake2b of (source name, document id) below val_fraction * 2**64."""
+    if val_fraction <= 0.0:
+        return False
+    h = hashlib.blake2b(f"{source}\0{doc_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") < val_fraction * 2.0**64
+
+
+class _State:
+    def __init__(self, cfg: WorkerConfig) -> None:
+        from tokenizers import Tokenizer
+
+        from vinasmol_core.data.fastbpe import FastByteLevelBPE
+
+        self.cfg = cfg
+        self.tokenizer = Tokenizer.from_file(cfg.tokenizer_path)
+        self.dtype = np.dtype(cfg.dtype)
+        self.fast = FastByteLevelBPE.create(self.tokenizer, Path(cfg.tokenizer_path), self.dtype) \
+            if cfg.use_fast_path else None
+        self._minhash: Any = None
+        self._perms: Any = None
+        if cfg.near_dedup:
+            from datasketch import MinHash
+
+            self._minhash = MinHash
+            self._perms = MinHash(num_perm=cfg.num_perm, seed=1).permutations
+
+    def encode_plain(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        ids = [e.ids for e in encode(texts, add_special_tokens=False)]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 1
+        flat = np.empty(int(lengths.sum()), dtype=self.dtype)
+        pos = 0
+        for x in ids:
+            flat[pos : pos + len(x)] = x
+            pos += len(x)
+            flat[pos] = self.cfg.eos_id
+            pos += 1
+        return flat, lengths
+
+    def encode(self, texts: list[str], verify: int) -> tuple[np.ndarray, np.ndarray, str | None]:
+        if self.fast is None:
+            flat, lengths = self.encode_plain(texts)
+            return flat, lengths, None
+        flat, lengths = self.fast.encode(texts, self.cfg.eos_id)
+        mismatch = None
+        if verify and texts:
+            step = max(1, len(texts) // verify)
+            picks = list(range(0, len(texts), step))[:verify]
+            ref_flat, ref_len = self.encode_plain([texts[i] for i in picks])
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            ref_off = np.concatenate([[0], np.cumsum(ref_len)])
+            for j, i in enumerate(picks):
+                ours = flat[offsets[i] : offsets[i + 1]]
+                if not np.array_equal(ours, ref_flat[ref_off[j] : ref_off[j + 1]]):
+                    mismatch = f"document {i} of a batch: {texts[i][:80]!r}"
+                    break
+        return flat, lengths, mismatch
+
+    def signature(self, text: str) -> np.ndarray:
+        words = text.lower().split()
+        n = self.cfg.ngram
+        grams = {" ".join(words[i : i + n]).encode() for i in range(max(1, len(words) - n + 1))}
+        m = self._minhash(num_perm=self.cfg.num_perm, permutations=self._perms)
+        m.update_batch(list(grams))
+        return np.asarray(m.hashvalues, dtype=np.uint64)
+
+
+_STATE: _State | None = None
+
+
+def init_worker(cfg: WorkerConfig) -> None:
+    """Process-pool initializer: one tokenizer thread per process (the pool gives the parallelism)."""
+    global _STATE
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _STATE = _State(cfg)
+
+
+def local_state(cfg: WorkerConfig) -> _State:
+    return _State(cfg)
+
+
+def _parse_lines(
+    batch: Batch, result_ids: list[str], result_texts: list[str | None]
+) -> tuple[int, list[str]]:
+    bad = 0
+    examples: list[str] = []
+    field_name = batch.text_field
+    id_field = batch.id_field
+    for lineno, line in zip(batch.line_numbers, batch.lines, strict=True):
+        problem = None
+        record: Any = None
+        try:
+            record = _loads(line)
+        except ValueError as exc:
+            try:
+                line.decode("utf-8")
+                problem = f"not valid JSON ({exc})"
+            except UnicodeDecodeError as uexc:
+                problem = f"not valid UTF-8 (byte {uexc.start} of the line)"
+        if problem is None and not isinstance(record, dict):
+            problem = f"a JSON {type(record).__name__}, not an object"
+        if problem is not None:
+            if batch.skip_bad_lines:
+                bad += 1
+                if len(examples) < 5:
+                    examples.append(f"{batch.where}:{lineno}")
+                continue
+            raise VinaSmolError(f"source {batch.source!r}: {batch.where} line {lineno} is {problem}; "
+                                "fix the file or pass --skip-bad-lines")
+        if field_name not in record:
+            fields = ", ".join(sorted(map(str, record))[:10])
+            raise VinaSmolError(f"source {batch.source!r}: {batch.where} line {lineno} has no field "
+                                f"{field_name!r} (fields: {fields}); set the source's text field")
+        text = record[field_name]
+        if text is not None and not isinstance(text, str):
+            raise VinaSmolError(f"source {batch.source!r}: {batch.where} line {lineno}: field {field_name!r} "
+                                f"is {type(text).__name__}, not a string")
+        doc_id = record.get(id_field) if id_field else None
+        result_ids.append(str(doc_id) if doc_id is not None else f"{batch.base_name}:{lineno}")
+        result_texts.append(text)
+    return bad, examples
+
+
+def process_batch(batch: Batch, state: _State | None = None) -> BatchResult:
+    """Parse, clean, hash, split and tokenize one batch (see the module docstring)."""
+    st = state or _STATE
+    if st is None:
+        raise RuntimeError("worker not initialised")
+    cfg = st.cfg
+    ids, texts = batch.ids, batch.texts
+    bad, examples = 0, []
+    if batch.lines:
+        ids, texts = [], []
+        bad, examples = _parse_lines(batch, ids, texts)
+    removed = dict.fromkeys(FILTERS, 0)
+    kept_texts: list[str] = []
+    hashes: list[int] = []
+    is_val: list[bool] = []
+    bytes_read = 0
+    for doc_id, raw in zip(ids, texts, strict=True):
+        if raw is None:
+            removed["empty"] += 1
+            continue
+        bytes_read += len(raw) if raw.isascii() else len(raw.encode("utf-8"))
+        text, reason = clean_document(raw, batch.lang, cfg.cleaning)
+        if text is None:
+            removed[reason or "empty"] += 1
+            continue
+        kept_texts.append(text)
+        if cfg.dedup:
+            hashes.append(int.from_bytes(hashlib.blake2b(dedup_key(text), digest_size=8).digest(), "big"))
+        is_val.append(split_is_val(batch.source, doc_id, cfg.val_fraction))
+    minhashes = np.stack([st.signature(t) for t in kept_texts]) if cfg.near_dedup and kept_texts else None
+    if kept_texts:
+        tokens, lengths, mismatch = st.encode(kept_texts, batch.verify)
+    else:
+        tokens, lengths, mismatch = np.zeros(0, st.dtype), np.zeros(0, np.int64), None
+    return BatchResult(
+        docs_read=len(ids),
+        bytes_read=bytes_read,
+        bad_lines=bad,
+        bad_examples=examples,
+        removed=removed,
+        hashes=np.array(hashes, dtype=np.uint64) if cfg.dedup else np.zeros(len(kept_texts), np.uint64),
+        is_val=np.array(is_val, dtype=bool),
+        lengths=lengths,
+        tokens=tokens,
+        minhashes=minhashes,
+        mismatch=mismatch,
+    )
+
+
+def process_in_worker(batch: Batch) -> BatchResult:
+    """Entry point for pool workers (uses the state set up by init_worker)."""
+    return process_batch(batch)
