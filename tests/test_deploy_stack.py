@@ -310,6 +310,7 @@ def test_full_cpt_runs_through_workers_and_retries_a_failed_child(stack: Any) ->
         key=env["AWS_ACCESS_KEY_ID"],
         secret=env["AWS_SECRET_ACCESS_KEY"],
     )
+    assert store.get_manifest("runs/deploy-test/eeve-6").extra["resumed_from_step"] == 2
     export = store.get_manifest("latest/deploy-test/export")
     assert export.format == "hf" and "config.json" in export.files
     import s3fs
@@ -340,6 +341,16 @@ def test_ui_retry_of_a_failed_parent_resumes(stack: Any) -> None:
     assert [c.name for c in children] == ["annealing-attempt-1", "annealing-attempt-2"]
     assert children[1].state.is_completed()
     assert any("resumed from step 2" in m for m in _logs(children[1].id))
+    from vinasmol_core.store import ArtifactStore
+
+    env = stack.store_env()
+    store = ArtifactStore(
+        env["VINASMOL_STORE"],
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        key=env["AWS_ACCESS_KEY_ID"],
+        secret=env["AWS_SECRET_ACCESS_KEY"],
+    )
+    assert store.get_manifest("runs/deploy-test/annealing").extra["resumed_from_step"] == 2
     executed = _executed_steps(stack, run.id)
     assert "train-eeve-6" not in executed and "tokenizer" not in executed, executed
     assert executed.count("train-annealing") >= 1
