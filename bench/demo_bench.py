@@ -78,7 +78,8 @@ def main() -> int:
     print(f"{'steps total':<28}{steps_s:>10.2f}")
     print(f"{'first run wall':<28}{wall1:>10.2f}   (target <= 300)")
     print(
-        f"{'orchestration overhead':<28}{overhead:>10.2f}   ({overhead_pct:.1f} % of the wall, target <= 15 %)"
+        f"{'orchestration overhead':<28}{overhead:>10.2f}"
+        f"   ({overhead_pct:.1f} % of the wall, target <= 15 %)"
     )
     print(
         f"{'second run wall (cached)':<28}{wall2:>10.2f}   (target <= 20; steps executed: {len(rerun_rows)})"

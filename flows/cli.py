@@ -117,6 +117,10 @@ def demo_environment(demo_dir: Path) -> dict[str, str]:
         "PREFECT_HOME": str(demo_dir / "prefect"),
         "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "true",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # A busy machine can take longer than the default 20 s to start the temporary server.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": os.environ.get(
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"
+        ),
         "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING"),
         "VINASMOL_WORK_DIR": str(demo_dir / "work"),
         "VINASMOL_TIMING_LOG": os.environ.get("VINASMOL_TIMING_LOG", str(demo_dir / "timing.jsonl")),

@@ -68,7 +68,9 @@ def plan_run(
     if runner not in STAGE_RUNNERS:
         raise ConfigError(f"stage_runner: {runner!r} is not one of {', '.join(STAGE_RUNNERS)}")
     forced: set[str] = set()
-    if from_stage:
+    if from_stage and not start_ref:
+        # With start_ref, from_stage only says where the run starts (scheduled annealing): an
+        # unchanged input must hit the cache. Use `force` to re-run it anyway.
         forced |= parsed.steps_from([from_stage])
     for name in force or []:
         forced |= parsed.steps_from([name])
@@ -171,6 +173,7 @@ def run_pipeline(plan: RunPlan) -> dict[str, Any]:
             steps.train_tokenizer,
             "tokenizer",
             "tokenizer",
+            base_model=base.digest,
             corpora=tok_corpora,
             corpus_digests={c["name"]: digests[c["name"]] for c in tok_corpora},
             section=recipe.section("tokenizer"),
@@ -209,6 +212,8 @@ def run_pipeline(plan: RunPlan) -> dict[str, Any]:
             tokenizer_sha=tok_sha,
             tokenizer_artifact=tok_artifact,
         )
+
+    result["datasets"] = {role: manifest.digest for role, manifest in datasets.items()}
 
     if plan.start_ref is None:
         extended = run(

@@ -170,23 +170,30 @@ def fetch_base_model(source: dict[str, Any], name: str, store_url: str) -> Check
 
 @step("tokenizer")
 def train_tokenizer(
-    corpora: list[dict[str, Any]], corpus_digests: dict[str, str], section: dict[str, Any], store_url: str
+    base_model: str,
+    corpora: list[dict[str, Any]],
+    corpus_digests: dict[str, str],
+    section: dict[str, Any],
+    store_url: str,
 ) -> DatasetManifest:
-    """Word counts of the tokenizer's training corpora (the statistics the new vocabulary comes from)."""
+    """Word counts of the tokenizer's training corpora, split by the base tokenizer's own
+    pre-tokenizer (the statistics the new merges are learned from)."""
     from vinasmol_core.tokenizer import count_words
 
     store = _store(store_url)
+    base_dir = store.fetch(base_model)
     with _scratch("tokenizer") as tmp:
         files: list[Path] = []
         for corpus in corpora:
             train, _ = materialize_corpus(corpus, tmp / "corpora" / corpus["name"])
             files.extend(train)
-        counts = count_words(files)
+        counts = count_words(files, pre_tokenizer=base_dir / "tokenizer.json")
         counts.save(tmp / "counts")
         manifest = DatasetManifest(
             name="word-counts",
             source_digests=corpus_digests,
             stats={"languages": section["train_languages"], "files": len(files)},
+            parents=[base_model],
             extra={"content": "word-counts"},
         )
         return store.publish(manifest, tmp / "counts")

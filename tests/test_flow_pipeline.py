@@ -99,10 +99,6 @@ def runs(prefect_server, tmp_path_factory) -> dict[str, Any]:
         out["retry_attempt"] = executed(log, run_id, since=t_retry)
         out["resumed"] = retried.result()
 
-        forced = vinasmol(recipe=str(recipe), store=store, force=["eeve-6"], return_state=True)
-        out["forced"] = forced.result()
-        out["forced_steps"] = executed(log, forced.state_details.flow_run_id)
-
         again = vinasmol(recipe=str(recipe), store=store, return_state=True)
         out["again"] = again.result()
         out["again_id"] = again.state_details.flow_run_id
@@ -112,7 +108,42 @@ def runs(prefect_server, tmp_path_factory) -> dict[str, Any]:
         changed = vinasmol(recipe=str(recipe2), store=store, return_state=True)
         out["changed"] = changed.result()
         out["changed_steps"] = executed(log, changed.state_details.flow_run_id)
+
+        restarted = vinasmol(
+            recipe=str(recipe2),
+            store=store,
+            from_stage="annealing",
+            start_ref="runs/tiny-test/context-extension",
+            return_state=True,
+        )
+        out["restarted"] = restarted.result()
+        out["restarted_steps"] = executed(log, restarted.state_details.flow_run_id)
+        out["reference"] = uninterrupted_reference(recipe, store, out["resumed"])
     return out
+
+
+def uninterrupted_reference(recipe: Path, store: str, result: dict[str, Any]) -> list[str]:
+    """eeve-6 and every stage after it, run in this process without interruption from the same
+    eeve-4 checkpoint and datasets (fresh partial refs: nothing to resume from)."""
+    from vinasmol_core.recipe import load_recipe
+    from vinasmol_core.train.engine import run_stage
+    from vinasmol_core.train.spec import StageJob
+
+    parsed = load_recipe(recipe)
+    previous = result["checkpoints"][1]["digest"]
+    digests = []
+    for spec in parsed.stages[2:]:
+        job = StageJob(
+            spec=spec,
+            init_checkpoint=previous,
+            dataset=result["datasets"][parsed.stage_dataset(spec)],
+            store_url=store,
+            out_ref=f"reference/{spec.name}",
+            partial_ref_prefix=f"reference/partial/{spec.name}",
+        )
+        previous = run_stage(job).digest
+        digests.append(previous)
+    return digests
 
 
 def _store(runs: dict[str, Any]):
@@ -182,8 +213,11 @@ def test_prefect_artifacts_of_the_run(runs) -> None:
     assert {f"progress-{s}" for s in STAGES} <= keys
     assert {f"metrics-{s}" for s in STAGES} <= keys
     assert {"loss-curve", "summary-tiny-test"} <= keys
-    progress = [a for a in arts if a.type == "progress"]
-    assert all(float(a.data) == 100.0 for a in progress if a.key != "progress-eeve-6" or True)
+    latest: dict[str, Any] = {}
+    for art in (a for a in arts if a.type == "progress"):
+        if art.key not in latest or art.created > latest[art.key].created:
+            latest[art.key] = art
+    assert {k: float(a.data) for k, a in latest.items()} == {f"progress-{s}": 100.0 for s in STAGES}
     summary = next(a for a in arts if a.key == "summary-tiny-test")
     assert "Bits per byte" in summary.data and "fertility" in summary.data.lower()
     curve = next(a for a in arts if a.key == "loss-curve")
@@ -217,23 +251,35 @@ def test_failure_then_retry_resumes_from_last_checkpoint(runs) -> None:
     assert stage6.stage == "eeve-6"
     assert stage6.extra["resumed_from_step"] == FAIL_AT - 1
     # the same weights as an uninterrupted run of eeve-6 and everything after
-    forced = runs["forced"]
-    assert runs["forced_steps"].get("train-eeve-6") is True
-    assert "train-eeve-4" not in runs["forced_steps"]
-    fresh6 = store.get_manifest(forced["checkpoints"][2]["digest"])
-    assert fresh6.extra["resumed_from_step"] is None
     import torch
 
-    for i in (2, len(STAGES) - 1):
+    reference = runs["reference"]
+    for i, digest in ((2, reference[0]), (len(STAGES) - 1, reference[-1])):
         a = _weights(store, runs["resumed"]["checkpoints"][i]["digest"])
-        b = _weights(store, forced["checkpoints"][i]["digest"])
+        b = _weights(store, digest)
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), f"weights differ after {STAGES[i]}"
 
 
+def test_start_ref_and_from_stage_rerun_only_that_stage(runs) -> None:
+    """What the scheduled annealing deployment does: annealing again from a named checkpoint."""
+    assert runs["restarted_steps"] == {"train-annealing": True, "evaluate-annealing": True, "export": True}
+    [annealed] = runs["restarted"]["checkpoints"]
+    assert annealed["stage"] == "annealing"
+    store = _store(runs)
+    assert store.get_manifest(annealed["digest"]).parents[0] == store.resolve(
+        "runs/tiny-test/context-extension"
+    )
+    import torch
+
+    a = _weights(store, annealed["digest"])
+    b = _weights(store, runs["changed"]["checkpoints"][-1]["digest"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_unchanged_rerun_executes_nothing(runs) -> None:
     assert runs["again_steps"] == {}
-    assert runs["again"]["export"]["digest"] == runs["forced"]["export"]["digest"]
+    assert runs["again"]["export"]["digest"] == runs["resumed"]["export"]["digest"]
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
