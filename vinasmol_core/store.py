@@ -20,8 +20,10 @@ as read-only: copy before modifying.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -30,13 +32,14 @@ import socket
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from pydantic import ValidationError
 
@@ -49,6 +52,7 @@ CHUNK = 8 << 20  # read/hash granularity
 PART_SIZE = 8 << 20  # S3 multipart part size (also the ranged-GET size on fetch)
 MULTIPART_THRESHOLD = 16 << 20  # files at least this big are uploaded in parts
 SUPPORTED_SCHEMES = ("file", "s3", "memory")
+HTTP_DATA_PATH = True  # S3-compatible endpoints: blob bytes over http.client threads (see _HttpData)
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HEX_PREFIX = re.compile(r"^[0-9a-f]{6,64}$")
@@ -512,6 +516,25 @@ class _MemoryBackend(_ThreadedBackend):
         self.fs.mv(tmp, self._path(key))
 
 
+def _pwrite_all(fd: int, chunks: list[bytes], offset: int) -> None:
+    """Write chunks back to back at `offset` (vectored, no joining copy)."""
+    for i in range(0, len(chunks), 512):  # stay under IOV_MAX
+        batch = [memoryview(c) for c in chunks[i : i + 512]]
+        while batch:
+            n = os.pwritev(fd, batch, offset)
+            offset += n
+            while batch and n >= len(batch[0]):
+                n -= len(batch[0])
+                batch.pop(0)
+            if batch and n:
+                batch[0] = batch[0][n:]
+
+
+def _update_all(h: Any, chunks: list[bytes]) -> None:
+    for c in chunks:
+        h.update(c)
+
+
 def _is_connect_error(exc: BaseException) -> bool:
     try:
         import aiohttp
@@ -541,6 +564,7 @@ class _S3Backend(_Backend):
         key: str | None,
         secret: str | None,
         max_workers: int,
+        token: str | None = None,
     ) -> None:
         # Region: s3fs/aiobotocore take it from the environment (client_kwargs region breaks some setups).
         os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
@@ -567,6 +591,7 @@ class _S3Backend(_Backend):
         self.fs = s3fs.S3FileSystem(
             key=key,
             secret=secret,
+            token=token,
             endpoint_url=endpoint_url,
             # Stores with the same endpoint and credentials share one client (and its connection pool):
             # creating one costs about a second of CPU. The instance cache resets itself after fork.
@@ -574,6 +599,15 @@ class _S3Backend(_Backend):
             config_kwargs=config,
         )
         self._ready = False
+        self._creds = (key, secret, token) if key and secret else None
+        self._http = (
+            _HttpData(endpoint_url, bucket, os.environ["AWS_DEFAULT_REGION"], timeout=120.0)
+            if endpoint_url and HTTP_DATA_PATH
+            else None
+        )
+
+    def __repr__(self) -> str:
+        return f"_S3Backend({self.url!r}, endpoint_url={self.endpoint_url!r})"
 
     # -- plumbing
     @property
@@ -668,11 +702,24 @@ class _S3Backend(_Backend):
             return
         self._probe_endpoint()
 
-        async def go() -> None:
+        async def go() -> Any:
             s3 = await self._client()
             await s3.head_bucket(Bucket=self.bucket)
+            if self._http is not None and self._creds is None:  # profile, role...: ask the session
+                creds = await self.fs.session.get_credentials()
+                return None if creds is None else await creds.get_frozen_credentials()
+            return None
 
-        self._run(go, "head_bucket")
+        frozen = self._run(go, "head_bucket")
+        if self._http is not None:
+            from botocore.credentials import Credentials
+
+            if self._creds is not None:
+                self._http.credentials = Credentials(*self._creds)
+            elif frozen is not None:
+                self._http.credentials = Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+            else:
+                self._http = None  # let aiobotocore report the missing credentials
         self._ready = True
 
     def _probe_endpoint(self) -> None:
@@ -852,6 +899,8 @@ class _S3Backend(_Backend):
     def upload(self, jobs: Iterable[UploadJob], counters: _Counters) -> None:
         """Start each job as soon as the iterator yields it (hashing of later files overlaps uploads)."""
         self.ensure_ready()
+        if self._http is not None:
+            return self._upload_http(jobs, counters)
         sem = asyncio.Semaphore(self.concurrency)  # binds to the loop on first use
         futures: list[Future[None]] = []
         try:
@@ -868,7 +917,8 @@ class _S3Backend(_Backend):
             if errors:
                 raise self._error(errors[0], "upload")
 
-    async def _get_range(self, key: str, start: int, end: int, job: DownloadJob) -> bytes:
+    async def _get_range(self, key: str, start: int, end: int, job: DownloadJob) -> list[bytes]:
+        """The bytes [start, end) of an object as the chunks the socket delivered (no joining copy)."""
         s3 = await self._client()
         last: BaseException | None = None
         for attempt in range(4):
@@ -878,7 +928,13 @@ class _S3Backend(_Backend):
                     kwargs["Range"] = f"bytes={start}-{end - 1}"
                 resp = await s3.get_object(**kwargs)
                 async with resp["Body"] as body:
-                    return await body.read()
+                    stream = getattr(getattr(body, "_raw_stream", None), "content", None)
+                    if stream is None or not hasattr(stream, "readany"):  # another HTTP backend
+                        return [await body.read()]
+                    chunks = []
+                    while chunk := await stream.readany():
+                        chunks.append(chunk)
+                    return chunks
             except Exception as exc:
                 if self._is_missing(exc) or self._code(exc) == "NoSuchKey":
                     raise StoreError(
@@ -903,8 +959,7 @@ class _S3Backend(_Backend):
             if job.size == 0:
                 async with sem:
                     data = await self._get_range(key, 0, 0, job)
-                h.update(data)
-                if data:
+                if any(data):
                     raise StoreError(
                         f"{job.label}: store blob {job.sha256} is not empty as the manifest says"
                     )
@@ -921,14 +976,14 @@ class _S3Backend(_Backend):
                     await window.acquire()
                     async with sem:
                         data = await self._get_range(key, start, end, job)
-                    if len(data) != end - start:
+                    if sum(len(c) for c in data) != end - start:
                         raise StoreError(_short(job))
-                    await asyncio.to_thread(os.pwrite, fd, data, start)
+                    await asyncio.to_thread(_pwrite_all, fd, data, start)
                     pending[index] = data
                     async with lock:  # hash parts in order, overlapped with other parts' transfers
                         while state["next"] in pending:
-                            chunk = pending.pop(state["next"])
-                            await asyncio.to_thread(h.update, chunk)
+                            chunks = pending.pop(state["next"])
+                            await asyncio.to_thread(_update_all, h, chunks)
                             state["next"] += 1
                             window.release()
 
@@ -942,6 +997,8 @@ class _S3Backend(_Backend):
 
     def download(self, jobs: list[DownloadJob], counters: _Counters) -> None:
         self.ensure_ready()
+        if self._http is not None:
+            return self._download_http(jobs, counters)
 
         async def go() -> None:
             sem, window = asyncio.Semaphore(self.concurrency), asyncio.Semaphore(2 * self.concurrency)
@@ -955,6 +1012,152 @@ class _S3Backend(_Backend):
                 raise
 
         self._run(go, "download")
+
+    # -- blobs over the fast data path
+    def _mpu(self, op: str, **kwargs: Any) -> Any:
+        async def go() -> Any:
+            s3 = await self._client()
+            return await getattr(s3, op)(Bucket=self.bucket, **kwargs)
+
+        return self._run(go, op)
+
+    def _put_small_http(self, job: UploadJob) -> None:
+        assert self._http is not None
+        view = memoryview(self._http.buffer())[: job.size]
+        with open(job.path, "rb", buffering=0) as fh:
+            got = fh.readinto(view) if job.size else 0
+        if got != job.size or _stat_sig(job.path) != job.sig:
+            raise StoreError(f"{job.label}: the file changed while it was being published")
+        headers = {"Content-Length": str(job.size), "x-amz-checksum-crc32": _crc32_b64(view)}
+        self._http.request("PUT", self._k(job.key), headers=headers, body=view, operation="PutObject")
+
+    def _put_part_http(self, job: UploadJob, upload_id: str, number: int) -> dict[str, Any]:
+        assert self._http is not None
+        offset = (number - 1) * PART_SIZE
+        length = min(PART_SIZE, job.size - offset)
+        view = memoryview(self._http.buffer())[:length]
+        fd = os.open(job.path, os.O_RDONLY)
+        try:
+            got = os.preadv(fd, [view], offset)
+        finally:
+            os.close(fd)
+        if got != length:
+            raise StoreError(f"{job.label}: the file changed while it was being published")
+        crc = _crc32_b64(view)
+        headers = {"Content-Length": str(length), "x-amz-checksum-crc32": crc}
+        query = {"partNumber": str(number), "uploadId": upload_id}
+        _, resp, _ = self._http.request(
+            "PUT", self._k(job.key), query, headers, body=view, operation="UploadPart"
+        )
+        return {"PartNumber": number, "ETag": resp.get("ETag", ""), "ChecksumCRC32": crc}
+
+    def _upload_http(self, jobs: Iterable[UploadJob], counters: _Counters) -> None:
+        """Parts of every file go to one pool of worker threads as soon as each file is hashed."""
+        started: list[tuple[UploadJob, str | None, list[Future[Any]]]] = []
+        failure: BaseException | None = None
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="vinasmol-put") as pool:
+            try:
+                for job in jobs:
+                    if job.size < MULTIPART_THRESHOLD:
+                        started.append((job, None, [pool.submit(self._put_small_http, job)]))
+                        continue
+                    mpu = self._mpu(
+                        "create_multipart_upload", Key=self._k(job.key), ChecksumAlgorithm="CRC32"
+                    )
+                    upload_id = mpu["UploadId"]
+                    nparts = (job.size + PART_SIZE - 1) // PART_SIZE
+                    parts = [pool.submit(self._put_part_http, job, upload_id, n + 1) for n in range(nparts)]
+                    started.append((job, upload_id, parts))
+            except BaseException as exc:  # hashing failed, or a call above
+                failure = exc
+            for job, upload_id, futures in started:
+                error: BaseException | None = failure
+                results = []
+                for fut in futures:
+                    try:
+                        results.append(fut.result())
+                    except BaseException as exc:
+                        error = error or exc
+                if error is None and _stat_sig(job.path) != job.sig:
+                    error = StoreError(f"{job.label}: the file changed while it was being published")
+                if upload_id is not None:
+                    if error is None:
+                        try:
+                            self._mpu(
+                                "complete_multipart_upload",
+                                Key=self._k(job.key),
+                                UploadId=upload_id,
+                                MultipartUpload={"Parts": results},
+                            )
+                        except BaseException as exc:
+                            error = exc
+                    if error is not None:
+                        with contextlib.suppress(Exception):
+                            self._mpu("abort_multipart_upload", Key=self._k(job.key), UploadId=upload_id)
+                if error is None:
+                    counters.up(job.size)
+                failure = failure or error
+        if failure is not None:
+            raise self._error(failure, "upload")
+
+    def _get_part_http(self, job: DownloadJob, fd: int, progress: _HashProgress, index: int) -> None:
+        assert self._http is not None
+        buf = self._http.buffer()
+        start = index * PART_SIZE
+        length = min(PART_SIZE, job.size - start)
+        view = memoryview(buf)[:length]
+        headers = {"Range": f"bytes={start}-{start + length - 1}"} if job.size > 0 else {}
+        try:
+            _, _, got = self._http.request(
+                "GET", self._k(job.key), headers=headers, into=view, operation="GetObject"
+            )
+        except Exception as exc:
+            code = self._code(exc)
+            if code in ("404", "NoSuchKey", "NotFound"):
+                raise StoreError(f"{job.label}: blob {job.sha256} is missing from store {self.url}") from None
+            if code == "InvalidRange":
+                raise StoreError(_short(job)) from None
+            raise
+        if got != length:
+            raise StoreError(
+                _short(job) if got < length else f"{job.label}: store blob {job.sha256} is too long"
+            )
+        written = 0
+        while written < length:
+            written += os.pwritev(fd, [view[written:]], start + written)
+        progress.part_done(index, view, buf)
+
+    def _download_http(self, jobs: list[DownloadJob], counters: _Counters) -> None:
+        """Ranged GETs of every file in one pool of worker threads; each file hashed in order as it fills."""
+        opened: list[tuple[DownloadJob, int, _HashProgress, list[Future[None]]]] = []
+        failure: BaseException | None = None
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="vinasmol-get") as pool:
+            try:
+                for job in jobs:
+                    fd = os.open(job.dest, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                    progress = _HashProgress(fd, job.size)
+                    opened.append((job, fd, progress, []))
+                    nparts = max(1, (job.size + PART_SIZE - 1) // PART_SIZE)
+                    opened[-1][3].extend(
+                        pool.submit(self._get_part_http, job, fd, progress, i) for i in range(nparts)
+                    )
+                for job, _fd, progress, futures in opened:
+                    for fut in futures:
+                        fut.result()
+                    if progress.next * PART_SIZE < job.size:
+                        raise StoreError(f"{job.label}: download incomplete")
+                    got = progress.h.hexdigest()
+                    if got != job.sha256:
+                        raise _mismatch(job, got)
+                    counters.down(job.size)
+            except BaseException as exc:
+                failure = exc
+                pool.shutdown(wait=True, cancel_futures=True)
+            finally:
+                for _job, fd, _progress, _futures in opened:
+                    os.close(fd)
+        if failure is not None:
+            raise self._error(failure, "download")
 
     def hash_objects(self, keys: list[str]) -> dict[str, str | Exception]:
         self.ensure_ready()
@@ -1006,6 +1209,185 @@ class _S3Backend(_Backend):
                 kwargs["UploadIdMarker"] = resp.get("NextUploadIdMarker")
 
         return self._run(go, "cleanup")
+
+
+# ------------------------------------------------------------------------------------------- fast data path
+class _HttpData:
+    """Blob bytes over plain `http.client` connections, one per worker thread, each request signed with
+    SigV4 (UNSIGNED-PAYLOAD, the body covered by a CRC32 header). Data moves between the socket, one
+    reusable buffer per thread and the file: no other copies, no event-loop overhead. Used for
+    S3-compatible endpoints (an endpoint URL); AWS itself goes through aiobotocore."""
+
+    def __init__(self, endpoint_url: str, bucket: str, region: str, timeout: float) -> None:
+        parts = urlsplit(endpoint_url)
+        self.https = parts.scheme == "https"
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if self.https else 80)
+        self.base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+        self.bucket = bucket
+        self.region = region
+        self.timeout = timeout
+        self.credentials: Any = None
+        self._local = threading.local()
+
+    def buffer(self) -> bytearray:
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < PART_SIZE:
+            buf = self._local.buf = bytearray(PART_SIZE)
+        return buf
+
+    def _conn(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if self.https:
+                import ssl
+
+                conn = http.client.HTTPSConnection(
+                    self.host, self.port, timeout=self.timeout, context=ssl.create_default_context()
+                )
+            else:
+                conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            self._local.conn = conn
+        return conn
+
+    def _drop_conn(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+            self._local.conn = None
+
+    def _sign(
+        self, method: str, key: str, query: dict[str, str], headers: dict[str, str]
+    ) -> tuple[str, dict]:
+        from botocore.auth import S3SigV4Auth
+        from botocore.awsrequest import AWSRequest
+        from botocore.config import Config
+
+        path = f"/{self.bucket}/{quote(key, safe='/-_.~')}"
+        qs = "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(query.items()))
+        url = self.base + path + (f"?{qs}" if qs else "")
+        req = AWSRequest(method=method, url=url, headers=dict(headers))
+        req.context["client_config"] = Config(s3={"payload_signing_enabled": False})
+        S3SigV4Auth(self.credentials, "s3", self.region).add_auth(req)
+        target = urlsplit(url)
+        return target.path + (f"?{target.query}" if target.query else ""), dict(req.headers.items())
+
+    def request(
+        self,
+        method: str,
+        key: str,
+        query: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        body: memoryview | None = None,
+        into: memoryview | None = None,
+        operation: str = "request",
+    ) -> tuple[int, http.client.HTTPMessage, int]:
+        """Send one request (retrying connection failures and 5xx); read the body into `into`.
+        Returns (status, headers, bytes read). Errors raise botocore ClientError with the S3 code."""
+        from botocore.exceptions import ClientError
+
+        last: BaseException | None = None
+        for attempt in range(4):
+            if attempt:
+                time.sleep(0.2 * attempt)
+            path, signed = self._sign(method, key, query or {}, headers or {})
+            conn = self._conn()
+            try:
+                conn.putrequest(method, path, skip_host=False, skip_accept_encoding=True)
+                for name, value in signed.items():
+                    conn.putheader(name, value)
+                if body is None and "Content-Length" not in signed:
+                    conn.putheader("Content-Length", "0")
+                conn.endheaders()
+                if body is not None:
+                    conn.send(body)
+                resp = conn.getresponse()
+                status = resp.status
+                if status >= 300:
+                    payload = resp.read()
+                    if status >= 500:
+                        last = ClientError(_s3_error(payload, status), operation)
+                        self._drop_conn()
+                        continue
+                    raise ClientError(_s3_error(payload, status), operation)
+                got = 0
+                if into is not None:
+                    while got < len(into):
+                        n = resp.readinto(into[got:])
+                        if not n:
+                            break
+                        got += n
+                rest = resp.read()  # drain so that the connection can be reused
+                if rest and into is not None:
+                    got += len(rest)  # more than asked: the caller sees a size mismatch
+                return status, resp.headers, got
+            except ClientError:
+                raise
+            except (OSError, http.client.HTTPException) as exc:
+                last = exc
+                self._drop_conn()
+        assert last is not None
+        raise last
+
+
+def _s3_error(payload: bytes, status: int) -> dict[str, Any]:
+    text = payload.decode("utf-8", "replace")
+    code = re.search(r"<Code>([^<]*)</Code>", text)
+    message = re.search(r"<Message>([^<]*)</Message>", text)
+    return {
+        "Error": {
+            "Code": code.group(1) if code else str(status),
+            "Message": message.group(1) if message else "",
+        },
+        "ResponseMetadata": {"HTTPStatusCode": status},
+    }
+
+
+def _crc32_b64(data: memoryview) -> str:
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+
+class _HashProgress:
+    """Hashes a file being written part by part, in order, as soon as each prefix is complete."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+        self.h = hashlib.sha256()
+        self.next = 0
+        self.done: set[int] = set()
+        self.active = False
+        self.lock = threading.Lock()
+
+    def part_done(self, index: int, data: memoryview, buf: bytearray) -> None:
+        """Part `index` is on disk (its bytes still in `data`, a view of `buf`); hash what is contiguous."""
+        with self.lock:
+            self.done.add(index)
+            if self.active:
+                return  # the thread hashing now will reach this part
+            self.active = True
+        own_valid = True
+        while True:
+            with self.lock:
+                if self.next not in self.done:
+                    self.active = False
+                    return
+                idx = self.next
+            if idx == index and own_valid:
+                self.h.update(data)
+            else:  # another thread's part: read it back (from the page cache)
+                start = idx * PART_SIZE
+                length = min(PART_SIZE, self.size - start)
+                view = memoryview(buf)[:length]
+                got = os.preadv(self.fd, [view], start)
+                if got != length:
+                    raise StoreError(f"local file shrank while hashing part {idx}")
+                self.h.update(view)
+                own_valid = False
+            with self.lock:
+                self.done.discard(idx)
+                self.next += 1
 
 
 # ---------------------------------------------------------------------------------------------- the store
@@ -1071,6 +1453,7 @@ class ArtifactStore:
                 key if key is not None else os.environ.get("AWS_ACCESS_KEY_ID"),
                 secret if secret is not None else os.environ.get("AWS_SECRET_ACCESS_KEY"),
                 self.max_workers,
+                token=os.environ.get("AWS_SESSION_TOKEN") if key is None else None,
             )
         elif scheme == "memory":
             self._backend = _MemoryBackend(raw[len("memory://") :], self.max_workers)
