@@ -196,6 +196,8 @@ def configure_runtime(spec: StageSpec) -> str:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=accelerator != "cpu")
         torch.backends.cudnn.benchmark = False
+    if accelerator == "cpu" and spec.cpu_threads is not None:
+        torch.set_num_threads(spec.cpu_threads)
     if accelerator == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -90,8 +90,8 @@ def build_tiny_inputs(
     **shape: Any,
 ) -> TinyInputs:
     """Tokenizer with `vocab_size` tokens (the first `base_vocab_size` rows play the base vocabulary),
-    a tiny model and a dataset of the sample corpora (vi, en, code); published to `store_url` under
-    the refs `tiny/init` and `tiny/dataset`."""
+    a tiny model and a dataset of the sample corpora (vi, en, code main sources and a vi annealing
+    source); published to `store_url` under the refs `tiny/init` and `tiny/dataset`."""
     from vinasmol_core.data import SourceSpec, prepare_dataset
     from vinasmol_core.sample_corpus import write_sample_corpora
     from vinasmol_core.store import ArtifactStore
@@ -100,6 +100,8 @@ def build_tiny_inputs(
     root = Path(root)
     tok_dir = build_tiny_tokenizer(root / "tokenizer", vocab_size=vocab_size)
     corpora = write_sample_corpora(root / "corpora", docs_per_lang=docs_per_lang, seed=0)
+    code_docs = corpora["code"].read_text(encoding="utf-8").splitlines(keepends=True)
+    corpora["code"].write_text("".join(code_docs[: max(docs_per_lang // 8, 4)]), encoding="utf-8")
     ckpt = write_litgpt_checkpoint(root / "init", smollm2_config(vocab_size, **shape), tok_dir)
     store = ArtifactStore(store_url)
     store.publish(
@@ -110,6 +112,10 @@ def build_tiny_inputs(
     sources = [
         SourceSpec(name=f"sample-{lang}", lang=lang, paths=(str(path),)) for lang, path in corpora.items()
     ]
+    anneal = write_sample_corpora(root / "annealing", docs_per_lang=max(docs_per_lang // 3, 10), seed=7)
+    sources.append(
+        SourceSpec(name="sample-vi-annealing", lang="vi", role="annealing", paths=(str(anneal["vi"]),))
+    )
     prepare_dataset(
         sources, tok_dir, root / "dataset", val_fraction=0.1, dedup=False, store=store, ref="tiny/dataset"
     )

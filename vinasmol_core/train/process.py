@@ -57,8 +57,9 @@ def stage_env(job: StageJob) -> dict[str, str]:
     on_cpu = job.spec.accelerator == "cpu" or (job.spec.accelerator == "auto" and not _cuda_visible())
     if on_cpu and not job.spec.compile:
         env.setdefault("TORCHDYNAMO_DISABLE", "1")
-    if job.spec.devices > 1 and on_cpu:
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // job.spec.devices)))
+    if on_cpu and (job.spec.devices > 1 or job.spec.cpu_threads):
+        threads = job.spec.cpu_threads or max(1, (os.cpu_count() or 1) // job.spec.devices)
+        env["OMP_NUM_THREADS"] = str(threads)
     return env
 
 

@@ -40,6 +40,7 @@ OPERATIONAL_FIELDS = frozenset(
         "activation_checkpointing",
         "fused_adamw",
         "deterministic",
+        "cpu_threads",
     }
 )
 
@@ -100,6 +101,7 @@ class StageSpec(BaseModel):
     activation_checkpointing: bool = False
     fused_adamw: bool | None = Field(default=None, description="default: on for CUDA")
     deterministic: bool | None = Field(default=None, description="default: on for the CPU")
+    cpu_threads: int | None = Field(default=None, gt=0, description="torch threads per process on the CPU")
 
     @field_validator("mixture")
     @classmethod

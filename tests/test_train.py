@@ -1,0 +1,276 @@
+"""Training stages end to end on a tiny SmolLM2-shaped model, a file:// store and the sample corpora:
+SIGKILL and resume, DDP against one process, the EEVE chain, and refusal of bad inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from vinasmol_core.errors import ConfigError, VinaSmolError
+from vinasmol_core.train import params as P
+from vinasmol_core.train.metrics import read_events
+from vinasmol_core.train.spec import StageJob, StageSpec
+
+pytestmark = pytest.mark.timeout(600)
+
+MIXTURE = {"vi": 0.6, "en": 0.3, "code": 0.1}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from vinasmol_core.train.fixtures import build_tiny_inputs
+
+    root = tmp_path_factory.mktemp("train")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VINASMOL_CACHE", str(root / "cache"))
+        mp.setenv("TORCHDYNAMO_DISABLE", "1")
+        yield build_tiny_inputs(root / "inputs", (root / "store").as_uri(), block_size=64)
+
+
+def store_of(env):
+    from vinasmol_core.store import ArtifactStore
+
+    return ArtifactStore(env.store_url)
+
+
+def stage_spec(name: str, trainable, **kw) -> StageSpec:
+    data = dict(
+        name=name,
+        trainable=trainable,
+        lr=5e-3,
+        min_lr=1e-4,
+        warmup_steps=1,
+        max_tokens=6 * 4 * 32,
+        seq_len=32,
+        global_batch=4,
+        micro_batch=2,
+        precision="32-true",
+        accelerator="cpu",
+        mixture=MIXTURE,
+        checkpoint_interval=2,
+        eval_interval=3,
+        eval_sequences=4,
+        cpu_threads=1,
+    )
+    data.update(kw)
+    return StageSpec(**data)
+
+
+def make_job(env, spec: StageSpec, tag: str, init: str | None = None) -> StageJob:
+    return StageJob(
+        spec=spec,
+        init_checkpoint=init or env.init_ref,
+        dataset=env.dataset_ref,
+        store_url=env.store_url,
+        out_ref=f"test/{tag}/{spec.name}",
+        partial_ref_prefix=f"test-partial/{tag}/{spec.name}",
+    )
+
+
+def weights(env, ref: str) -> dict[str, torch.Tensor]:
+    return torch.load(Path(store_of(env).fetch(ref)) / "lit_model.pth", weights_only=True)
+
+
+def events_of(env, ref: str) -> list[dict]:
+    return read_events(Path(store_of(env).fetch(ref)) / "metrics.jsonl")
+
+
+def step_losses(events: list[dict]) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in events if e["event"] == "step"}
+
+
+@pytest.fixture(scope="module")
+def reference(env):
+    """Stage 3 run uninterrupted in one process."""
+    from vinasmol_core.train.engine import run_stage
+
+    job = make_job(env, stage_spec("eeve-3", "new-embeddings"), "reference")
+    return run_stage(job)
+
+
+def test_sigkill_then_resume_is_bit_identical(env, reference) -> None:
+    from vinasmol_core.train.process import run_stage_process
+
+    job = make_job(env, stage_spec("eeve-3", "new-embeddings"), "killed")
+    job.fail_at_step = 5
+    seen: list[dict] = []
+    with pytest.raises(VinaSmolError, match="killed by signal 9"):
+        run_stage_process(job, seen.append, echo=False)
+    assert [e["step"] for e in seen if e["event"] == "checkpoint"] == [2, 4]
+    assert max(e["step"] for e in seen if e["event"] == "step") == 5
+    store = store_of(env)
+    assert sorted(store.list_refs("test-partial/killed/")) == [
+        "test-partial/killed/eeve-3/step-00000002",
+        "test-partial/killed/eeve-3/step-00000004",
+    ]
+    assert not store.exists("test/killed/eeve-3")
+
+    job.fail_at_step = None
+    seen2: list[dict] = []
+    manifest = run_stage_process(job, seen2.append, echo=False)
+    assert seen2[0]["event"] == "start" and seen2[0]["resumed_from"] == 4
+    assert [e["step"] for e in seen2 if e["event"] == "step"] == [5, 6]
+    assert manifest.extra["resumed_from_step"] == 4
+
+    ref, got = weights(env, reference.digest), weights(env, manifest.digest)
+    assert sorted(ref) == sorted(got)
+    for name in ref:
+        assert torch.equal(ref[name], got[name]), name
+    assert step_losses(events_of(env, manifest.digest)) == step_losses(events_of(env, reference.digest))
+
+
+def test_ddp_two_processes_match_one(env, reference) -> None:
+    from vinasmol_core.train.process import run_stage_process
+
+    job = make_job(env, stage_spec("eeve-3", "new-embeddings", devices=2), "ddp")
+    manifest = run_stage_process(job, echo=False)
+    one, two = events_of(env, reference.digest), events_of(env, manifest.digest)
+    assert [e for e in two if e["event"] == "start"][0]["world_size"] == 2
+    l1, l2 = step_losses(one), step_losses(two)
+    assert list(l1) == list(l2) == [1, 2, 3, 4, 5, 6]
+    for step in l1:
+        assert abs(l1[step] - l2[step]) < 1e-5, (step, l1[step], l2[step])
+    v1 = [e["val_loss"] for e in one if e["event"] == "eval"]
+    v2 = [e["val_loss"] for e in two if e["event"] == "eval"]
+    assert len(v1) == len(v2) == 3 and v1[0].keys() == v2[0].keys() and {"vi", "en"} <= v1[0].keys()
+    for a, b in zip(v1, v2, strict=True):
+        for lang in a:
+            assert abs(a[lang] - b[lang]) < 1e-5
+    w1, w2 = weights(env, reference.digest), weights(env, manifest.digest)
+    base = env.base_vocab_size
+    assert torch.equal(w2[P.EMBED][:base], w1[P.EMBED][:base])
+    assert torch.allclose(w2[P.EMBED], w1[P.EMBED], atol=1e-5)
+
+
+def _check_litgpt_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
+    """The folder is a plain litgpt checkpoint: strict load into GPT, one tied tensor, files present."""
+    from litgpt import Config
+    from litgpt.model import GPT
+
+    for name in (
+        "lit_model.pth",
+        "model_config.yaml",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "metrics.jsonl",
+        "loss_curve.png",
+    ):
+        assert (folder / name).is_file(), name
+    sd = torch.load(folder / "lit_model.pth", weights_only=True)
+    assert sd[P.HEAD].untyped_storage().data_ptr() == sd[P.EMBED].untyped_storage().data_ptr()
+    GPT(Config.from_file(folder / "model_config.yaml")).load_state_dict(sd, strict=True)
+    return sd
+
+
+def test_eeve_chain_to_annealing(env) -> None:
+    from vinasmol_core.train.engine import run_stage
+
+    plan = [
+        ("eeve-3", "new-embeddings", {}),
+        ("eeve-4", "embeddings", {}),
+        ("eeve-6", "all", {}),
+        ("eeve-7", "transformer", {}),
+        (
+            "context-extension",
+            "all",
+            dict(
+                seq_len=128,
+                block_size=128,
+                rope_base=40000.0,
+                global_batch=2,
+                micro_batch=1,
+                max_tokens=4 * 2 * 128,
+                long_context={"factor": 4.0},
+                eval_sequences=2,
+            ),
+        ),
+        (
+            "annealing",
+            "all",
+            dict(
+                schedule="linear", min_lr=0.0, mixture={"vi": 0.3, "en": 0.25, "code": 0.05, "annealing": 0.4}
+            ),
+        ),
+    ]
+    store = store_of(env)
+    init = env.init_ref
+    outputs = []
+    for name, policy, kw in plan:
+        manifest = run_stage(make_job(env, stage_spec(name, policy, **kw), "chain", init=init))
+        assert manifest.format == "litgpt" and manifest.stage == name
+        outputs.append(manifest)
+        init = f"test/chain/{name}"  # the next stage starts from this one's published ref
+
+    sds = [weights(env, env.init_ref)] + [
+        _check_litgpt_checkpoint(Path(store.fetch(m.digest))) for m in outputs
+    ]
+    base = env.base_vocab_size
+
+    def changed(a: dict, b: dict) -> set[str]:
+        return {k for k in a if k != P.HEAD and not torch.equal(a[k], b[k])}
+
+    init_sd, s3, s4, s6, s7, ctx, ann = sds
+    assert changed(init_sd, s3) == {P.EMBED}
+    assert torch.equal(s3[P.EMBED][:base], init_sd[P.EMBED][:base])
+    assert not torch.equal(s3[P.EMBED][base:], init_sd[P.EMBED][base:])
+    assert changed(s3, s4) == {P.EMBED}
+    assert torch.equal(s4[P.EMBED][0], s4[P.HEAD][0])
+    assert changed(s4, s6) == set(k for k in s4 if k != P.HEAD)
+    assert P.EMBED not in changed(s6, s7) and "transformer.ln_f.weight" not in changed(s6, s7)
+    assert changed(s6, s7) == {k for k in s6 if k.startswith("transformer.h.")}
+    assert changed(s7, ctx) and changed(ctx, ann)
+    assert [m.extra["trainable"] for m in outputs[:2]] == [[P.NEW_ROWS], [P.EMBED]]
+
+    digests = [m.extra["first_batch_sha256"] for m in outputs]
+    assert len(set(digests)) == len(digests)
+
+    ctx_dir = Path(store.fetch(outputs[4].digest))
+    cfg = yaml.safe_load((ctx_dir / "model_config.yaml").read_text())
+    assert (cfg["rope_base"], cfg["block_size"]) == (40000, 128)
+    ctx_evals = [e for e in read_events(ctx_dir / "metrics.jsonl") if e["event"] == "eval"]
+    assert ctx_evals and ctx_evals[-1]["val_loss"] and all(v > 0 for v in ctx_evals[-1]["val_bpb"].values())
+
+    lrs = [e["lr"] for e in events_of(env, outputs[5].digest) if e["event"] == "step"]
+    assert all(a > b for a, b in zip(lrs[1:], lrs[2:], strict=False))
+    assert lrs[-1] == pytest.approx(5e-3 / 5)  # linear to zero: the last of 5 decay steps runs at lr/5
+    assert {"vi", "en"} <= outputs[5].metrics["val_bpb"].keys()
+
+
+def _error_before_training(env, job: StageJob, match: str) -> None:
+    from vinasmol_core.train.engine import run_stage
+
+    with pytest.raises(ConfigError, match=match):
+        run_stage(job)
+    assert store_of(env).list_refs(job.partial_ref_prefix) == {}
+    assert not store_of(env).exists(job.out_ref)
+
+
+def test_bad_inputs_fail_before_training(env, tmp_path) -> None:
+    from vinasmol_core.manifests import CheckpointManifest
+    from vinasmol_core.tiny import build_tiny_tokenizer
+    from vinasmol_core.train.fixtures import smollm2_config, write_litgpt_checkpoint
+
+    _error_before_training(
+        env, make_job(env, stage_spec("bad-1", ["transformer.h.7.*"]), "bad"), r"pattern 'transformer.h.7.\*'"
+    )
+    _error_before_training(
+        env, make_job(env, stage_spec("bad-2", "all", seq_len=128, max_tokens=10**5), "bad"), "block_size=64"
+    )
+    _error_before_training(
+        env, make_job(env, stage_spec("bad-3", "all", micro_batch=3), "bad"), "micro_batch=3"
+    )
+    _error_before_training(
+        env,
+        make_job(env, stage_spec("bad-4", "all", max_tokens=100), "bad"),
+        "smaller than one optimizer step",
+    )
+    # a checkpoint with another vocabulary than the dataset's tokenizer
+    other_tok = build_tiny_tokenizer(tmp_path / "tok", vocab_size=1000)
+    ckpt = write_litgpt_checkpoint(tmp_path / "other", smollm2_config(1000, block_size=64), other_tok)
+    store_of(env).publish(CheckpointManifest(format="litgpt"), ckpt, ref="test/other-vocab")
+    _error_before_training(
+        env, make_job(env, stage_spec("bad-5", "all"), "bad", init="test/other-vocab"), "vocabularies differ"
+    )
