@@ -1097,6 +1097,7 @@ class _S3Backend(_Backend):
                 if error is None:
                     counters.up(job.size)
                 failure = failure or error
+        self._http.close_all()
         if failure is not None:
             raise self._error(failure, "upload")
 
@@ -1156,6 +1157,7 @@ class _S3Backend(_Backend):
             finally:
                 for _job, fd, _progress, _futures in opened:
                     os.close(fd)
+        self._http.close_all()
         if failure is not None:
             raise self._error(failure, "download")
 
@@ -1229,6 +1231,8 @@ class _HttpData:
         self.timeout = timeout
         self.credentials: Any = None
         self._local = threading.local()
+        self._conns: list[http.client.HTTPConnection] = []
+        self._conns_lock = threading.Lock()
 
     def buffer(self) -> bytearray:
         buf = getattr(self._local, "buf", None)
@@ -1248,7 +1252,17 @@ class _HttpData:
             else:
                 conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
             self._local.conn = conn
+            with self._conns_lock:
+                self._conns.append(conn)
         return conn
+
+    def close_all(self) -> None:
+        """Close every connection (the worker threads that held them are gone)."""
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            with contextlib.suppress(Exception):
+                conn.close()
 
     def _drop_conn(self) -> None:
         conn = getattr(self._local, "conn", None)
