@@ -7,6 +7,7 @@ Pipeline steps: `count_words` ("train tokenizer") and `extend_tokenizer` ("merge
 from vinasmol_core.tokenizer.base import BaseTokenizer
 from vinasmol_core.tokenizer.counts import CountStats, WordCounts, WordCountsInfo, count_words
 from vinasmol_core.tokenizer.extend import DEFAULT_TARGET_VOCAB_SIZE, ExtendResult, extend_tokenizer
+from vinasmol_core.tokenizer.fertility import FertilityReport, fertility_report
 from vinasmol_core.tokenizer.text import nfc
 
 __all__ = [
@@ -14,9 +15,11 @@ __all__ = [
     "BaseTokenizer",
     "CountStats",
     "ExtendResult",
+    "FertilityReport",
     "WordCounts",
     "WordCountsInfo",
     "count_words",
     "extend_tokenizer",
+    "fertility_report",
     "nfc",
 ]

@@ -95,10 +95,6 @@ class BaseTokenizer:
             if not isinstance(idx, int) or not 0 <= idx < size or tokens[idx] is not None:
                 raise VinaSmolError(f"{file}: vocabulary ids are not exactly 0..{size - 1}")
             tokens[idx] = tok
-        present = sum(1 for c in bytes_to_unicode().values() if c in vocab)
-        if present < 128:
-            raise VinaSmolError(f"{file}: vocabulary holds only {present} of the 256 byte-level symbols; "
-                                "not a byte-level BPE")
         for added in data.get("added_tokens") or []:
             if added.get("id", 0) >= size:
                 raise VinaSmolError(f"{file}: added token {added.get('content')!r} has id {added.get('id')} "

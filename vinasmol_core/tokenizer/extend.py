@@ -32,7 +32,7 @@ from vinasmol_core.tokenizer.trainer import TrainResult, continue_bpe
 
 DEFAULT_TARGET_VOCAB_SIZE = 55936
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-REPORT_FILE = "extension.json"
+REPORT_FILE = "tokenizer_extension.json"
 EOT = "<|endoftext|>"
 MAX_REPAIR_ROUNDS = 3
 
@@ -248,7 +248,7 @@ def extend_tokenizer(
 ) -> ExtendResult:
     """Extend the byte-level BPE tokenizer in `base_dir` to `target_vocab_size` tokens with merges
     learned on `counts`; write tokenizer.json, tokenizer_config.json, special_tokens_map.json and
-    extension.json into `out_dir`.
+    tokenizer_extension.json (what was added) into `out_dir`.
 
     Fewer tokens are added when the corpus supports fewer (pairs seen at least `min_frequency`
     times); `ExtendResult.shortfall` then says so. Raises ConfigError / VinaSmolError (and writes
@@ -293,6 +293,7 @@ def extend_tokenizer(
     data = build_tokenizer_json(base, byte_tokens + result.tokens, new_merges)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         from tokenizers import Tokenizer
 
@@ -328,3 +329,37 @@ def extend_tokenizer(
     timings["total"] = time.perf_counter() - t0
     out.timings_s = {k: round(v, 3) for k, v in timings.items()}
     return out
+
+
+PROBE_TEXTS = (
+    "Hà Nội là thủ đô của nước Cộng hòa Xã hội chủ nghĩa Việt Nam.",
+    "Tiếng Việt có sáu thanh điệu.",  # NFD below: the normaliser must compose it
+    "The quick brown fox jumps over the lazy dog, 1234567 times!",
+    "def f(x: int) -> int:\n    return x ** 2  # square\n\n\tprint('done')",
+    "<|endoftext|>Xin chào<|endoftext|>  \n\n  trailing   spaces\t\r\n",
+    "Emoji 😀👍🏽 and ½ ² ℃, mixed 漢字 Ελληνικά русский العربية",
+)
+
+
+def check_transformers_parity(folder: Path, texts: tuple[str, ...] | list[str] = PROBE_TEXTS) -> None:
+    """Raise VinaSmolError unless transformers.AutoTokenizer loads `folder` and gives the same ids
+    as tokenizers.Tokenizer.from_file on `texts` (each also in NFD form), with the base's bos/eos/unk."""
+    import unicodedata
+
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    rust = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    try:
+        hf = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:
+        raise VinaSmolError(f"{folder}: transformers cannot load the tokenizer ({exc})") from None
+    for text in list(texts) + [unicodedata.normalize("NFD", t) for t in texts]:
+        a = hf(text, add_special_tokens=False)["input_ids"]
+        b = rust.encode(text, add_special_tokens=False).ids
+        if a != b:
+            raise VinaSmolError(f"{folder}: transformers and tokenizers disagree on {text[:40]!r}")
+    if len(hf) != rust.get_vocab_size(with_added_tokens=True):
+        raise VinaSmolError(f"{folder}: transformers sees {len(hf)} tokens, tokenizers "
+                            f"{rust.get_vocab_size(with_added_tokens=True)}")
