@@ -88,6 +88,7 @@ def _run(sources: list[dict], tokenizer: Path, out: Path, dedup: bool, workers: 
     result = json.loads(stdout.strip().splitlines()[-1])
     result["peak_tree_mb"] = peak_tree / 2**20
     result["maxrss_mb"] = usage.ru_maxrss / 1024  # kB on Linux
+    result["cpu_s"] = usage.ru_utime + usage.ru_stime  # the child and its reaped workers
     return result
 
 
@@ -133,15 +134,18 @@ def main() -> None:
         print(f"cores: {cores}, load average: {' '.join(f'{x:.1f}' for x in os.getloadavg())}, "
               f"tokenizer: {tokenizer}")
         header = (f"{'run':<5} {'dedup':<6} {'text MB':>8} {'docs':>7} {'tokens':>11} {'wall s':>7} "
-                  f"{'MB/s':>6} {'tree RSS MB':>11} {'max proc MB':>11}")
+                  f"{'MB/s':>6} {'CPU s':>7} {'MB/CPU-s':>8} {'tree RSS MB':>11} {'max proc MB':>11}")
         print(header)
         print("-" * len(header))
         for r in runs:
             mbps = r["text_bytes"] / 1e6 / r["wall_s"]
             r["mb_per_s"] = mbps
             print(f"{r['label']:<5} {str(r['dedup']):<6} {r['text_bytes'] / 1e6:>8.1f} {r['docs']:>7} "
-                  f"{r['tokens']:>11,} {r['wall_s']:>7.1f} {mbps:>6.2f} {r['peak_tree_mb']:>11.0f} "
+                  f"{r['tokens']:>11,} {r['wall_s']:>7.1f} {mbps:>6.2f} {r['cpu_s']:>7.1f} "
+                  f"{r['text_bytes'] / 1e6 / r['cpu_s']:>8.2f} {r['peak_tree_mb']:>11.0f} "
                   f"{r['maxrss_mb']:>11.0f}")
+        print("wall MB/s is end to end on this machine as loaded; MB/CPU-s is text per CPU-second of the "
+              "prepare process and its workers (CPU s includes process start and source hashing)")
         a, b = runs
         print(f"data_bench: mb_per_s={a['mb_per_s']:.2f} peak_rss_mb={a['peak_rss_mb']:.0f} "
               f"mb_per_s_4x={b['mb_per_s']:.2f} peak_rss_mb_4x={b['peak_rss_mb']:.0f}")

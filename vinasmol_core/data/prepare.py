@@ -41,6 +41,7 @@ from vinasmol_core.data.worker import (
     WorkerConfig,
     init_worker,
     local_state,
+    minhash_scheme,
     process_batch,
     process_in_worker,
     split_is_val,
@@ -376,6 +377,7 @@ def _build(
         from datasketch import LeanMinHash, MinHashLSH
 
         lsh = MinHashLSH(threshold=near_dedup_threshold, num_perm=cfg.num_perm)
+        scheme = minhash_scheme()
     n_lsh = 0
     entries: list[dict[str, Any]] = []
 
@@ -437,7 +439,7 @@ def _build(
             for j in range(n):
                 if not keep[j]:
                     continue
-                sig = LeanMinHash(seed=1, hashvalues=item.minhashes[j])
+                sig = LeanMinHash(seed=1, hashvalues=item.minhashes[j], **scheme)
                 if lsh.query(sig):
                     keep[j] = False
                     stats.near_duplicates += 1

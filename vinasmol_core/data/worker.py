@@ -75,7 +75,7 @@ class BatchResult:
     is_val: np.ndarray  # bool per kept document
     lengths: np.ndarray  # int64 tokens per kept document, eos included
     tokens: np.ndarray  # all kept documents' tokens, concatenated
-    minhashes: np.ndarray | None  # (kept, num_perm) uint64 when near dedup is on
+    minhashes: np.ndarray | None  # (kept, num_perm) hash values when near dedup is on
     mismatch: str | None = None  # a fast-path disagreement found by verification
 
 
@@ -104,7 +104,7 @@ class _State:
             from datasketch import MinHash
 
             self._minhash = MinHash
-            self._perms = MinHash(num_perm=cfg.num_perm, seed=1).permutations
+            self._perms = MinHash(num_perm=cfg.num_perm, seed=1, **minhash_scheme()).permutations
 
     def encode_plain(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
@@ -142,12 +142,21 @@ class _State:
         words = text.lower().split()
         n = self.cfg.ngram
         grams = {" ".join(words[i : i + n]).encode() for i in range(max(1, len(words) - n + 1))}
-        m = self._minhash(num_perm=self.cfg.num_perm, permutations=self._perms)
+        m = self._minhash(num_perm=self.cfg.num_perm, permutations=self._perms, **minhash_scheme())
         m.update_batch(list(grams))
-        return np.asarray(m.hashvalues, dtype=np.uint64)
+        return np.asarray(m.hashvalues)
 
 
 _STATE: _State | None = None
+
+
+def minhash_scheme() -> dict[str, str]:
+    """datasketch >= 2 wants the permutation scheme named when state is passed in; 1.x has none."""
+    import inspect
+
+    from datasketch import MinHash
+
+    return {"scheme": "affine32"} if "scheme" in inspect.signature(MinHash.__init__).parameters else {}
 
 
 def init_worker(cfg: WorkerConfig) -> None:

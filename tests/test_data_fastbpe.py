@@ -1,0 +1,97 @@
+"""The cached fast path encodes exactly like the real tokenizer, or is not used."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from tests.data_fixtures import sample_corpora, tiny_tokenizer, write_jsonl
+from vinasmol_core.data import SourceSpec, prepare_dataset
+from vinasmol_core.data.fastbpe import FastByteLevelBPE, fast_path_shape
+from vinasmol_core.data.shards import load_npy
+
+TRICKY = [
+    "Hello world", "  two leading spaces", "trailing spaces   ", "a  b   c    d", "tab\there\t\tand\t",
+    "line\nbreak \n next\n\n  indented\n    deeper  \n", "abc123 456 7,890.12 x1y2", " 9 lives", "1 2  3",
+    "don't they'll we've I'm she's 'quoted' ''", "!!! ?? ... --- (x) [y] {z}", "Hà Nội, Việt Nam 2024.",
+    "北京 是 中国 的首都。", "emoji 🙂🙂 ok", "e\u0301 combining", "nbsp\u00a0here and\u3000ideographic",
+    "literal <|endoftext|> inside", "x <|im_start|>y", "", " ", "\n", "   \n  \t ", "a", "٣٤٥ ¹²³ Ⅻ",
+    "def f(x):\n    return x  # comment\n\n\nclass A:\n\tpass\n", "word.\n\nWord", "  \u2028 sep",
+]
+
+
+def _variant(src: Path, dst: Path, change: dict) -> Path:
+    data = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
+    data.update(change)
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tiny_tokenizer(tmp_path_factory)
+    root = tmp_path_factory.mktemp("tok-variants")
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    return {
+        "digits+bytelevel": base,
+        "bytelevel": _variant(base, root / "bl", {"pre_tokenizer": byte_level}),
+        "nfc": _variant(base, root / "nfc", {"normalizer": {"type": "NFC"}}),
+    }
+
+
+@pytest.mark.parametrize("variant", ["digits+bytelevel", "bytelevel", "nfc"])
+def test_fast_path_equals_tokenizer(tmp_path_factory: pytest.TempPathFactory, tokenizers: dict[str, Path],
+                                    variant: str) -> None:
+    path = tokenizers[variant] / "tokenizer.json"
+    tok = Tokenizer.from_file(str(path))
+    fast = FastByteLevelBPE.create(tok, path, np.dtype(np.uint16))
+    assert fast is not None
+    texts = list(TRICKY)
+    for f in sample_corpora(tmp_path_factory).values():
+        texts += [json.loads(line)["text"] for line in f.read_text(encoding="utf-8").splitlines()[:15]]
+    for _ in range(2):  # cold, then from the caches
+        flat, lengths = fast.encode(texts, eos_id=0)
+        expected = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+        assert lengths.tolist() == [len(e) + 1 for e in expected]
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        for i, ids in enumerate(expected):
+            assert flat[offsets[i] : offsets[i + 1]].tolist() == ids + [0], repr(texts[i])
+
+
+def test_unsupported_shapes_are_refused() -> None:
+    assert fast_path_shape({"model": {"type": "WordPiece"}})[0] is not None
+    metaspace = {"model": {"type": "BPE"}, "pre_tokenizer": {"type": "Metaspace"}}
+    assert fast_path_shape(metaspace)[0] is not None
+    lower = {"model": {"type": "BPE"}, "normalizer": {"type": "Lowercase"},
+             "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}}
+    assert "normaliser" in (fast_path_shape(lower)[0] or "")
+    prefix = {"model": {"type": "BPE"}, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": True}}
+    assert fast_path_shape(prefix)[0] is not None
+
+
+def test_disagreement_falls_back_to_the_tokenizer(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    tok = tiny_tokenizer(tmp_path_factory)
+    src = write_jsonl(tmp_path / "en.jsonl", [{"id": str(i), "text": f"Some English text number {i}, ok."}
+                                              for i in range(40)])
+    spec = [SourceSpec(name="s", lang="en", paths=(str(src),))]
+    real = prepare_dataset(spec, tok, tmp_path / "real", val_fraction=0.0, workers=0)
+    original = FastByteLevelBPE.encode
+
+    def broken(self: FastByteLevelBPE, texts: list[str], eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+        flat, lengths = original(self, texts, eos_id)
+        flat = flat.copy()
+        flat[0] = (int(flat[0]) + 1) % 100
+        return flat, lengths
+
+    monkeypatch.setattr(FastByteLevelBPE, "encode", broken)
+    again = prepare_dataset(spec, tok, tmp_path / "again", val_fraction=0.0, workers=0)
+    assert again.token_counts == real.token_counts
+    a = load_npy(tmp_path / "real" / "train" / "s" / "00000.npy")
+    b = load_npy(tmp_path / "again" / "train" / "s" / "00000.npy")
+    assert np.array_equal(a, b)
