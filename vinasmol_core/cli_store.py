@@ -23,7 +23,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-StoreOpt = typer.Option(None, "--store", help="store URL (default: $VINASMOL_STORE, else the local default store)")
+StoreOpt = typer.Option(
+    None, "--store", help="store URL (default: $VINASMOL_STORE, else the local default store)"
+)
 
 
 def _human(n: int) -> str:
@@ -65,8 +67,8 @@ def ls_cmd(
     for name, d in refs.items():
         try:
             m = st.get_manifest(d)
-            size = sum(e.size for e in m.files.values())
-            table.add_row(name, d[:16], m.kind, m.name, str(len(m.files)), _human(size), m.created.isoformat())
+            size = _human(sum(e.size for e in m.files.values()))
+            table.add_row(name, d[:16], m.kind, m.name, str(len(m.files)), size, m.created.isoformat())
         except StoreError as exc:
             table.add_row(name, d[:16], "?", f"[red]{exc}[/red]", "", "", "")
     console.print(table)
@@ -122,7 +124,9 @@ def verify_cmd(
 @app.command("gc")
 def gc_cmd(
     store: str | None = StoreOpt,
-    grace_hours: float = typer.Option(24.0, "--grace-hours", min=0.0, help="keep unreferenced blobs this young"),
+    grace_hours: float = typer.Option(
+        24.0, "--grace-hours", min=0.0, help="keep unreferenced blobs younger than this"
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="report what would be deleted"),
 ) -> None:
     """Delete blobs no manifest names (older than the grace period) and stale partial uploads."""
@@ -130,7 +134,8 @@ def gc_cmd(
     report = st.gc(grace=timedelta(hours=grace_hours), dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
     print(
-        f"{st.url}: {report.blobs_total} blobs; {verb} {report.blobs_deleted} ({_human(report.bytes_deleted)}); "
+        f"{st.url}: {report.blobs_total} blobs; "
+        f"{verb} {report.blobs_deleted} ({_human(report.bytes_deleted)}); "
         f"kept {report.blobs_kept_recent} unreferenced younger than {grace_hours:g} h; "
         f"{verb} {report.stale_uploads_removed} stale partial uploads"
     )

@@ -612,7 +612,7 @@ class _S3Backend(_Backend):
     # -- plumbing
     @property
     def where(self) -> str:
-        return f"{self.url}" + (f" (endpoint {self.endpoint_url})" if self.endpoint_url else "")
+        return f"{self.url}" + (f" (endpoint {_redact_url(self.endpoint_url)})" if self.endpoint_url else "")
 
     def _k(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
