@@ -99,6 +99,9 @@ def main() -> None:
     parser.add_argument("--target-vocab", type=int, default=55936)
     parser.add_argument("--max-docs", type=int, default=None, help="documents per language")
     parser.add_argument("--max-bytes", type=int, default=None, help="UTF-8 bytes per language")
+    parser.add_argument(
+        "--max-doc-bytes", type=int, default=None, help="first N UTF-8 bytes of each document"
+    )
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -145,6 +148,7 @@ def main() -> None:
             files,
             max_docs=args.max_docs,
             max_bytes=args.max_bytes,
+            max_doc_bytes=args.max_doc_bytes,
             seq_len=args.seq_len,
             device=args.device,
         )
@@ -157,7 +161,10 @@ def main() -> None:
         f"{torch.get_num_threads()} threads"
     )
     print(f"# tokenizer: {tok} ({ext_info['base_vocab_size']} -> {ext_info['vocab_size']} tokens)")
-    cap = f"max_docs={args.max_docs} max_bytes={args.max_bytes} (per language, same text for every model)"
+    cap = (
+        f"max_docs={args.max_docs} max_doc_bytes={args.max_doc_bytes} max_bytes={args.max_bytes} "
+        "(per language, same text for every model)"
+    )
     print(f"# data: {', '.join(str(p[0]) for p in files.values())}; cap: {cap}; seq_len={args.seq_len}")
     print()
     cols = [

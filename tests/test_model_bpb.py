@@ -89,6 +89,8 @@ def test_nfc_and_byte_cap(data, tmp_path):
     docs = select_documents(data["vi"], max_bytes=1001)
     assert sum(len(d.encode("utf-8")) for d in docs) <= 1001
     assert all(d == unicodedata.normalize("NFC", d) for d in docs)
+    docs = select_documents(data["vi"], max_docs=5, max_doc_bytes=101)
+    assert len(docs) == 5 and all(95 <= len(d.encode("utf-8")) <= 101 for d in docs)
 
 
 def test_cli_extend_convert_export_eval(tiny, data, tmp_path):

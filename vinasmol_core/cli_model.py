@@ -143,6 +143,9 @@ def bpb_command(
     data: Annotated[list[str], typer.Option("--data", help="LANG=FILE (.jsonl[.gz] or .txt); repeatable")],
     max_docs: Annotated[int | None, typer.Option("--max-docs", help="documents per language")] = None,
     max_bytes: Annotated[int | None, typer.Option("--max-bytes", help="UTF-8 bytes per language")] = None,
+    max_doc_bytes: Annotated[
+        int | None, typer.Option("--max-doc-bytes", help="first N UTF-8 bytes of each document")
+    ] = None,
     seq_len: Annotated[int, typer.Option("--seq-len", help="window length in tokens")] = 1024,
     device: Annotated[str, typer.Option("--device")] = "cpu",
     dtype: Annotated[str, typer.Option("--dtype")] = "float32",
@@ -161,7 +164,14 @@ def bpb_command(
     for spec in models:
         path = resolve_model_dir(spec, store)
         results[spec] = bits_per_byte_report(
-            path, files, max_docs=max_docs, seq_len=seq_len, max_bytes=max_bytes, device=device, dtype=dtype
+            path,
+            files,
+            max_docs=max_docs,
+            seq_len=seq_len,
+            max_bytes=max_bytes,
+            max_doc_bytes=max_doc_bytes,
+            device=device,
+            dtype=dtype,
         )
     table = Table(title="bits per byte (lower is better)")
     table.add_column("model")

@@ -45,11 +45,21 @@ def iter_texts(path: Path, text_field: str = "text") -> Iterator[str]:
             yield f.read()
 
 
+def _cut(data: bytes, limit: int) -> tuple[str, bytes]:
+    """The longest prefix of UTF-8 `data` within `limit` bytes that ends on a character boundary."""
+    text = data[:limit].decode("utf-8", errors="ignore")
+    return text, text.encode("utf-8")
+
+
 def select_documents(
-    files: list[Path], max_docs: int | None = None, max_bytes: int | None = None
+    files: list[Path],
+    max_docs: int | None = None,
+    max_bytes: int | None = None,
+    max_doc_bytes: int | None = None,
 ) -> list[str]:
-    """NFC documents in file order, at most `max_docs` of them and at most `max_bytes` UTF-8 bytes in
-    all (the last one cut at a character boundary). The same caps give the same text for every model."""
+    """NFC documents in file order: at most `max_docs` of them, each cut to its first `max_doc_bytes`
+    UTF-8 bytes, at most `max_bytes` in all (the last one cut at a character boundary). The same caps
+    give the same text for every model."""
     docs: list[str] = []
     total = 0
     for path in files:
@@ -60,9 +70,10 @@ def select_documents(
                 return docs
             text = unicodedata.normalize("NFC", text)
             data = text.encode("utf-8")
+            if max_doc_bytes is not None and len(data) > max_doc_bytes:
+                text, data = _cut(data, max_doc_bytes)
             if max_bytes is not None and total + len(data) > max_bytes:
-                text = data[: max_bytes - total].decode("utf-8", errors="ignore")
-                data = text.encode("utf-8")
+                text, data = _cut(data, max_bytes - total)
             if data:
                 docs.append(text)
                 total += len(data)
@@ -193,6 +204,7 @@ def bits_per_byte_report(
     seq_len: int = 1024,
     *,
     max_bytes: int | None = None,
+    max_doc_bytes: int | None = None,
     device: str = "cpu",
     dtype: str = "float32",
     batch_tokens: int = 4096,
@@ -205,7 +217,9 @@ def bits_per_byte_report(
     scorer = Scorer(Path(model_dir), device=device, dtype=dtype, model=model)
     report = {}
     for lang, paths in files.items():
-        docs = select_documents([Path(p) for p in paths], max_docs=max_docs, max_bytes=max_bytes)
+        docs = select_documents(
+            [Path(p) for p in paths], max_docs=max_docs, max_bytes=max_bytes, max_doc_bytes=max_doc_bytes
+        )
         if not docs:
             raise VinaSmolError(f"evaluation data for {lang!r} holds no text")
         report[lang] = score_documents(scorer, docs, seq_len=seq_len, batch_tokens=batch_tokens)
