@@ -123,6 +123,9 @@ def demo_environment(demo_dir: Path) -> dict[str, str]:
         ),
         "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING"),
         "VINASMOL_WORK_DIR": str(demo_dir / "work"),
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TQDM_DISABLE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
         "VINASMOL_TIMING_LOG": os.environ.get("VINASMOL_TIMING_LOG", str(demo_dir / "timing.jsonl")),
     }
 

@@ -1,9 +1,15 @@
-"""The pipeline's steps as Prefect tasks: thin wrappers that fetch input artifacts from the store,
-call `vinasmol_core`, and publish the output artifact (returning its manifest).
+"""The pipeline's steps, one Prefect task each (`tasks.common.step`: the cached unit).
+
+A step turns the recipe section it reads into the request of the module's own task function
+(`tasks.tokenizer`, `tasks.data`, `tasks.model`; called as plain functions), which fetches the
+input artifacts from the store, calls `vinasmol_core` and publishes the output artifact; the step
+returns that manifest. Training stages run `vinasmol_core.train.run_stage_process` (or the stage
+deployment) directly.
 
 Every argument is part of the step's cache key except `store_url` and the other names in
 `tasks.common.EXCLUDED_ARGS` (or a step's own `exclude`). Inputs are passed as artifact digests, and
-the recipe section a step reads as plain data, so the key is exactly "what this step computes".
+the recipe section a step reads as plain data (corpora with the sha256 of their files), so the key
+is exactly "what this step computes"; temporary file paths never enter it.
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ from vinasmol_core.manifests import (
     CheckpointManifest,
     DatasetManifest,
     EvalReportManifest,
-    FileEntry,
     TokenizerManifest,
 )
 from vinasmol_core.train.spec import StageJob, StageSpec
@@ -51,23 +56,6 @@ def _scratch(prefix: str) -> Iterator[Path]:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _sha_of(manifest: Any, path: str = "tokenizer.json") -> str:
-    entry = manifest.files.get(path)
-    return entry.sha256 if isinstance(entry, FileEntry) else ""
-
-
-def _file_sha(path: Path) -> str:
-    import hashlib
-
-    if not path.is_file():
-        return ""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 # ----------------------------------------------------------------------------- corpora
@@ -160,9 +148,10 @@ def fetch_base_model(source: dict[str, Any], name: str, store_url: str) -> Check
 
             hf_dir = build_smollm2_135m(tmp / "model")
         else:
-            from vinasmol_core.model import fetch_base_model as fetch_hf
+            from tasks.model import FetchBaseRequest
+            from tasks.model import fetch_base_model as fetch_hf
 
-            hf_dir = fetch_hf(source["path"], tmp / "model")
+            return fetch_hf.fn(FetchBaseRequest(store_url=store_url, source=source["path"], name=name))
         from vinasmol_core.model import publish_checkpoint
 
         return publish_checkpoint(store, hf_dir, "hf", name=name, stage="base")
@@ -178,25 +167,18 @@ def train_tokenizer(
 ) -> DatasetManifest:
     """Word counts of the tokenizer's training corpora, split by the base tokenizer's own
     pre-tokenizer (the statistics the new merges are learned from)."""
-    from vinasmol_core.tokenizer import count_words
+    from tasks.tokenizer import TrainTokenizerRequest
+    from tasks.tokenizer import train_tokenizer as count_task
 
-    store = _store(store_url)
-    base_dir = store.fetch(base_model)
     with _scratch("tokenizer") as tmp:
-        files: list[Path] = []
+        files: list[str] = []
         for corpus in corpora:
             train, _ = materialize_corpus(corpus, tmp / "corpora" / corpus["name"])
-            files.extend(train)
-        counts = count_words(files, pre_tokenizer=base_dir / "tokenizer.json")
-        counts.save(tmp / "counts")
-        manifest = DatasetManifest(
-            name="word-counts",
-            source_digests=corpus_digests,
-            stats={"languages": section["train_languages"], "files": len(files)},
-            parents=[base_model],
-            extra={"content": "word-counts"},
+            files.extend(str(p) for p in train)
+        request = TrainTokenizerRequest(
+            store_url=store_url, corpus=files, base=base_model, corpus_digests=corpus_digests
         )
-        return store.publish(manifest, tmp / "counts")
+        return count_task.fn(request)
 
 
 @step("merge-vocabulary")
@@ -208,28 +190,19 @@ def merge_vocabulary(
     store_url: str,
 ) -> TokenizerManifest:
     """Extend the base tokenizer with the new language's merges; fertility of base vs merged."""
-    from vinasmol_core.tokenizer import WordCounts, extend_tokenizer, fertility_report
+    from tasks.tokenizer import MergeVocabularyRequest
+    from tasks.tokenizer import merge_vocabulary as merge_task
 
-    store = _store(store_url)
-    base_dir = store.fetch(base_model)
-    counts = WordCounts.load(store.fetch(word_counts))
     with _scratch("merge") as tmp:
-        result = extend_tokenizer(
-            base_dir, counts, target_vocab_size=section["target_vocab_size"], out_dir=tmp / "tokenizer"
-        )
         files = val_files(eval_corpora, tmp / "val", ["vi", "en", "code"])
-        report = fertility_report({"base": base_dir, "merged": Path(result.out_dir)}, files)
-        manifest = TokenizerManifest(
-            name="tokenizer",
-            vocab_size=result.vocab_size,
-            base_vocab_size=result.base_vocab_size,
+        request = MergeVocabularyRequest(
+            store_url=store_url,
+            base=base_model,
+            word_counts=word_counts,
             target_vocab_size=section["target_vocab_size"],
-            fertility=report.to_json(),
-            fertility_markdown=report.to_markdown(),
-            parents=[base_model, word_counts],
-            extra={"shortfall": getattr(result, "shortfall", None)},
+            eval_files={lang: [str(p) for p in paths] for lang, paths in files.items()},
         )
-        return store.publish(manifest, Path(result.out_dir))
+        return merge_task.fn(request)
 
 
 @step("data")
@@ -244,7 +217,8 @@ def prepare_data(
 ) -> DatasetManifest:
     """Clean, dedup, tokenize and pack the corpora of one dataset (`main`, or `annealing` = main +
     annealing sources). Keyed on the tokenizer's content, not on the artifact that carries it."""
-    from vinasmol_core.data import CleaningSpec, SourceSpec, prepare_dataset
+    from tasks.data import prepare_data as prepare_task
+    from vinasmol_core.data import CleaningSpec, SourceSpec
 
     store = _store(store_url)
     tok_dir = store.fetch(tokenizer_artifact)
@@ -261,7 +235,7 @@ def prepare_data(
                     text_field=corpus.get("text_field", "text"),
                 )
             )
-        info = prepare_dataset(
+        info = prepare_task.fn(
             sources,
             tok_dir,
             tmp / "dataset",
@@ -269,7 +243,7 @@ def prepare_data(
             val_fraction=section["val_fraction"],
             dedup=section["dedup"],
             near_dedup=section["near_dedup"],
-            store=store,
+            store_url=store_url,
             ref=f"datasets/{role}",
         )
         if not info.manifest_digest:
@@ -280,51 +254,32 @@ def prepare_data(
         return manifest
 
 
-def _flat_counts(counts: Any) -> dict[str, int]:
-    out: dict[str, int] = {}
-    if isinstance(counts, dict):
-        for key, value in counts.items():
-            if isinstance(value, int):
-                out[str(key)] = value
-            elif isinstance(value, dict):
-                for sub, v in _flat_counts(value).items():
-                    out[f"{key}.{sub}"] = v
-    return out
-
-
 @step("embeddings")
 def init_embeddings(
     base_model: str, tokenizer: str, section: dict[str, Any], store_url: str
 ) -> CheckpointManifest:
     """Resize the base model's tied embedding to the merged vocabulary and initialise the new rows."""
-    from vinasmol_core.model import extend_model, publish_checkpoint
+    from tasks.model import InitEmbeddingsRequest
+    from tasks.model import init_embeddings as init_task
 
-    store = _store(store_url)
-    base_dir, tok_dir = store.fetch(base_model), store.fetch(tokenizer)
-    with _scratch("embeddings") as tmp:
-        out = extend_model(
-            base_dir,
-            tok_dir,
-            tmp / "model",
-            init=section["method"],
-            translations=section.get("translations"),
-            blend=section["blend"],
-        )
-        return publish_checkpoint(
-            store, Path(out), "hf", name="extended", stage="embeddings", parents=[base_model, tokenizer]
-        )
+    request = InitEmbeddingsRequest(
+        store_url=store_url,
+        base_model=base_model,
+        tokenizer=tokenizer,
+        init=section["method"],
+        translations=section.get("translations"),
+        blend=section["blend"],
+    )
+    return init_task.fn(request)
 
 
 @step("convert")
 def convert_to_litgpt(hf_model: str, litgpt_name: str | None, store_url: str) -> CheckpointManifest:
     """The extended HF model as a litgpt checkpoint (lit_model.pth, model_config.yaml, tokenizer)."""
-    from vinasmol_core.model import hf_to_litgpt, publish_checkpoint
+    from tasks.model import ConvertRequest
+    from tasks.model import convert_to_litgpt as convert_task
 
-    store = _store(store_url)
-    hf_dir = store.fetch(hf_model)
-    with _scratch("convert") as tmp:
-        out = Path(hf_to_litgpt(hf_dir, tmp / "litgpt", litgpt_name=litgpt_name))
-        return publish_checkpoint(store, out, "litgpt", name="converted", stage="convert", parents=[hf_model])
+    return convert_task.fn(ConvertRequest(store_url=store_url, hf_model=hf_model, litgpt_name=litgpt_name))
 
 
 class TrainedStage(BaseModel):
@@ -446,35 +401,36 @@ def _condense(events: list[dict[str, Any]], limit: int = 2000) -> list[dict[str,
 
 @step("evaluate")
 def evaluate(
-    checkpoint: str, label: str, section: dict[str, Any], eval_corpora: list[dict[str, Any]], store_url: str
+    checkpoint: str,
+    label: str,
+    section: dict[str, Any],
+    eval_corpora: list[dict[str, Any]],
+    store_url: str,
 ) -> EvalReportManifest:
-    """Bits per byte of a checkpoint on each language's validation documents."""
-    from vinasmol_core.model import bits_per_byte
+    """Bits per byte of a checkpoint on each language's validation documents (main corpora)."""
+    from tasks.model import EvaluateRequest
+    from tasks.model import evaluate as evaluate_task
 
-    store = _store(store_url)
-    model_dir = store.fetch(checkpoint)
     with _scratch("eval") as tmp:
         files = val_files(eval_corpora, tmp / "val", section["languages"])
-        bpb = bits_per_byte(model_dir, files, max_docs=section.get("max_docs"), seq_len=section["seq_len"])
-    manifest = EvalReportManifest(
-        name=f"eval-{label}",
-        model_digest=checkpoint,
-        metrics={"bpb": {k: float(v) for k, v in bpb.items()}, "label": label},
-        parents=[checkpoint],
-    )
-    return store.publish(manifest)
+        request = EvaluateRequest(
+            store_url=store_url,
+            checkpoint=checkpoint,
+            files={lang: [str(p) for p in paths] for lang, paths in files.items()},
+            label=label,
+            max_docs=section.get("max_docs"),
+            seq_len=section["seq_len"],
+        )
+        return evaluate_task.fn(request)
 
 
 @step("export")
 def export(checkpoint: str, section: dict[str, Any], store_url: str) -> CheckpointManifest:
     """The final checkpoint as a verified Hugging Face folder (logits parity checked)."""
-    from vinasmol_core.model import export_hf, publish_checkpoint
+    from tasks.model import ExportRequest
+    from tasks.model import export as export_task
 
-    store = _store(store_url)
-    src = store.fetch(checkpoint)
-    with _scratch("export") as tmp:
-        card = {"name": section["name"], **section.get("card", {})}
-        out = Path(export_hf(src, tmp / "hf", dtype=section["dtype"], card=card))
-        return publish_checkpoint(
-            store, out, "hf", name=section["name"], stage="export", parents=[checkpoint]
-        )
+    card = {"title": section["name"], **section.get("card", {})}
+    return export_task.fn(
+        ExportRequest(store_url=store_url, checkpoint=checkpoint, dtype=section["dtype"], card=card)
+    )
