@@ -39,6 +39,11 @@ class RunPlan:
     start_ref: str | None = None
     start_stage: int = 0
     stage_runner: str = "inline"
+    explicit: set[str] = field(default_factory=set)
+
+    def refresh_evaluation(self, producer: str) -> bool:
+        """Re-evaluate a checkpoint when its producer is forced, or when `evaluate` itself is named."""
+        return producer in self.forced or "evaluate" in self.explicit
 
 
 def default_store_url() -> str:
@@ -100,6 +105,7 @@ def plan_run(
         start_ref=start_ref,
         start_stage=start_index,
         stage_runner=runner,
+        explicit=set(force or []) | ({from_stage} if from_stage else set()),
     )
 
 
@@ -124,7 +130,11 @@ class _Runner:
         self.done = _done_in_this_run(flow_run_id) if plan.forced else set()
 
     def __call__(self, task: Any, step_name: str, run_name: str, **kwargs: Any) -> Any:
-        refresh = step_name in self.plan.forced and run_name not in self.done
+        if step_name.startswith("evaluate:"):
+            forced = self.plan.refresh_evaluation(step_name.partition(":")[2])
+        else:
+            forced = step_name in self.plan.forced
+        refresh = forced and run_name not in self.done
         configured = task.with_options(
             result_storage=self.storage, refresh_cache=refresh, task_run_name=run_name
         )
@@ -232,10 +242,13 @@ def run_pipeline(plan: RunPlan) -> dict[str, Any]:
             litgpt_name=recipe.base_model.litgpt_name,
         )
         previous = converted.digest
-        for label, digest in (("base", base.digest), ("init", converted.digest)):
+        for label, producer, digest in (
+            ("base", "base-model", base.digest),
+            ("init", "convert", converted.digest),
+        ):
             report = run(
                 steps.evaluate,
-                "evaluate",
+                f"evaluate:{producer}",
                 f"evaluate-{label}",
                 checkpoint=digest,
                 label=label,
@@ -270,7 +283,7 @@ def run_pipeline(plan: RunPlan) -> dict[str, Any]:
         stage_events.append((spec.name, trained.events))
         report = run(
             steps.evaluate,
-            "evaluate",
+            f"evaluate:{spec.name}",
             f"evaluate-{spec.name}",
             checkpoint=previous,
             label=spec.name,

@@ -359,6 +359,10 @@ def test_force_and_start_ref_need_known_names(tmp_path: Path) -> None:
     store = "file://" + str(tmp_path / "store")
     plan = plan_run(recipe, store, force=["eeve-7"])
     assert plan.forced == {"eeve-7", "context-extension", "annealing", "evaluate", "export"}
+    assert plan.refresh_evaluation("eeve-7") and not plan.refresh_evaluation("eeve-3")
+    assert not plan.refresh_evaluation("convert")
+    plan = plan_run(recipe, store, force=["evaluate"])
+    assert plan.forced == {"evaluate", "export"} and plan.refresh_evaluation("base-model")
     with pytest.raises(ConfigError, match="start_ref needs from_stage"):
         plan_run(recipe, store, start_ref="runs/x/eeve-7")
     with pytest.raises(ConfigError, match="stage_runner"):
