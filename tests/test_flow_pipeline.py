@@ -40,7 +40,7 @@ def write_test_recipe(path: Path, annealing_seed: int = 7) -> Path:
         src["docs"], src["val_docs"] = (24, 4) if corpus["lang"] == "code" else (80, 8)
         if corpus["role"] == "annealing":
             src["docs"], src["seed"] = 30, annealing_seed
-    data["tokenizer"]["target_vocab_size"] = 1200
+    data["tokenizer"]["target_vocab_size"] = 1216
     data["stage_defaults"].update(
         checkpoint_interval=2, eval_interval=100, eval_sequences=1, eval_at_start=False
     )

@@ -88,6 +88,7 @@ def test_tiny_recipe_runs_every_stage_on_cpu() -> None:
         (lambda d: d["stages"][0].__setitem__("mixture", {"fr": 1.0}), "stages.0.mixture"),
         (lambda d: d["stages"][0].__setitem__("mixture", "nope"), "stages.0.mixture"),
         (lambda d: d["tokenizer"].__setitem__("target_vocab_size", "big"), "tokenizer.target_vocab_size"),
+        (lambda d: d["tokenizer"].__setitem__("target_vocab_size", 1200), "tokenizer.target_vocab_size"),
         (lambda d: d["corpora"][0].__setitem__("lang", "fr"), "corpora.0.lang"),
         (lambda d: d["base_model"]["source"].__setitem__("kind", "gguf"), "base_model.source"),
         (lambda d: d.__setitem__("stagez", []), "stagez"),

@@ -101,6 +101,15 @@ class TokenizerSection(_Strict):
     max_docs: int | None = Field(default=None, gt=0, description="cap on documents counted per corpus")
 
 
+    @field_validator("target_vocab_size")
+    @classmethod
+    def _multiple_of_64(cls, size: int) -> int:
+        if size % 64:
+            low = size // 64 * 64
+            raise ValueError(f"must be a multiple of 64 (nearest: {low} or {low + 64})")
+        return size
+
+
 class EmbeddingInitSection(_Strict):
     method: Literal["subword-mean", "translation-blend"] = "subword-mean"
     translations: str | None = Field(default=None, description="JSON file: new token -> translation")
