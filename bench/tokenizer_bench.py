@@ -42,13 +42,19 @@ def _child(spec_path: str) -> None:
     from vinasmol_core.tokenizer import count_words, extend_tokenizer
 
     spec = json.loads(Path(spec_path).read_text())
+
+    def cpu() -> float:
+        a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+    c0 = cpu()
     t0 = time.perf_counter()
     counts = count_words([Path(spec["train"])], pre_tokenizer=Path(spec["base"]), workers=spec["workers"])
     t1 = time.perf_counter()
     result = extend_tokenizer(Path(spec["base"]), counts, spec["target"], Path(spec["out"]))
     t2 = time.perf_counter()
     print(json.dumps({
-        "count_s": t1 - t0, "extend_s": t2 - t1, "wall_s": t2 - t0,
+        "count_s": t1 - t0, "extend_s": t2 - t1, "wall_s": t2 - t0, "cpu_s": cpu() - c0,
         "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "children_maxrss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         "stats": counts.stats.model_dump(),
@@ -148,7 +154,8 @@ def main() -> None:
         print(f"# skipped merges: {res['skipped_existing']} would rebuild an existing token, "
               f"{res['skipped_exhausting']} would use up an earlier new token")
         t = res["timings_s"]
-        print(f"# timed run: wall {run['wall_s']:.1f} s = counting {run['count_s']:.1f} s + extension "
+        print(f"# timed run: CPU time {run['cpu_s']:.1f} s (all processes and threads); "
+              f"wall {run['wall_s']:.1f} s = counting {run['count_s']:.1f} s + extension "
               f"{run['extend_s']:.1f} s (segment {t.get('segment', 0):.1f}, train {t.get('train', 0):.1f}, "
               f"verify {t.get('verify', 0):.1f}, write {t.get('write', 0):.1f}); "
               f"peak RSS {run['peak_rss_mb']:.0f} MB "

@@ -115,40 +115,39 @@ class BaseTokenizer:
     def added_contents(self) -> set[str]:
         return {t.get("content", "") for t in self.data.get("added_tokens") or []}
 
-    def model_only_json(self, tokens: list[str] | None = None,
-                        merges: list[tuple[str, str]] | None = None) -> dict[str, Any]:
-        """A tokenizer.json that runs only this BPE model (optionally with more tokens and merges)
+    def model_tokenizer(self, tokens: list[str] | None = None,
+                        merges: list[tuple[str, str]] | None = None) -> Any:
+        """A Rust tokenizer that runs only this BPE model (optionally with more tokens and merges)
         on words given one per whitespace-separated field: byte-level strings never hold
         whitespace, so the WhitespaceSplit is exact."""
-        model = dict(self.data["model"])
+        from tokenizers import Tokenizer, models, pre_tokenizers
+
+        spec = self.data["model"]
         toks = tokens if tokens is not None else self.tokens
-        model["vocab"] = {t: i for i, t in enumerate(toks)}
-        model["merges"] = [list(m) for m in (merges if merges is not None else self.merges)]
-        model["dropout"] = None
-        return {
-            "version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
-            "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"},
-            "post_processor": None, "decoder": None, "model": model,
-        }
+        bpe = models.BPE(
+            vocab={t: i for i, t in enumerate(toks)},
+            merges=list(merges if merges is not None else self.merges),
+            unk_token=spec.get("unk_token"),
+            fuse_unk=bool(spec.get("fuse_unk", False)),
+            byte_fallback=bool(spec.get("byte_fallback", False)),
+        )
+        tok = Tokenizer(bpe)
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        return tok
 
 
-def encode_words(tokenizer_json: dict[str, Any], words: list[str],
-                 chunk_words: int = 20000) -> list[list[int]]:
-    """Token ids of each byte-level word under a model-only tokenizer (see `model_only_json`),
+def encode_words(tokenizer: Any, words: list[str], chunk_words: int = 20000) -> list[list[int]]:
+    """Token ids of each byte-level word under a model-only tokenizer (see `model_tokenizer`),
     encoded in parallel by the Rust library, many words per call."""
     import numpy as np
-    from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_str(json.dumps(tokenizer_json, ensure_ascii=False))
     texts = [" ".join(words[i:i + chunk_words]) for i in range(0, len(words), chunk_words)]
     out: list[list[int]] = []
-    for enc, start in zip(tok.encode_batch(texts, add_special_tokens=False),
+    for enc, start in zip(tokenizer.encode_batch(texts, add_special_tokens=False),
                           range(0, len(words), chunk_words), strict=True):
         n = min(chunk_words, len(words) - start)
-        ids = np.asarray(enc.ids, dtype=np.int64)
-        wids = np.asarray([-1 if w is None else w for w in enc.word_ids], dtype=np.int64)
-        bounds = np.searchsorted(wids, np.arange(n + 1))
-        id_list = ids.tolist()
-        b = bounds.tolist()
-        out.extend(id_list[b[i]:b[i + 1]] for i in range(n))
+        wids = np.asarray(enc.word_ids, dtype=np.int64)  # no special tokens: never None
+        b = np.searchsorted(wids, np.arange(n + 1)).tolist()
+        ids = enc.ids
+        out.extend(ids[b[i]:b[i + 1]] for i in range(n))
     return out

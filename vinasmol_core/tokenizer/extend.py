@@ -131,7 +131,7 @@ def train_merges(base: BaseTokenizer, counts: WordCounts, n_new: int, *, byte_to
     words = [w for w, _ in items]
     freqs = [c for _, c in items]
     alphabet = base.tokens + list(byte_tokens or [])
-    base_seqs = encode_words(base.model_only_json(alphabet), words)
+    base_seqs = encode_words(base.model_tokenizer(alphabet), words)
     timings["segment"] = time.perf_counter() - t0
     forbidden: set[tuple[int, int]] = set()
     size = len(alphabet)
@@ -143,7 +143,7 @@ def train_merges(base: BaseTokenizer, counts: WordCounts, n_new: int, *, byte_to
         t2 = time.perf_counter()
         tokens = alphabet + result.tokens
         merges = base.merges + [(tokens[a], tokens[b]) for a, b in result.merges]
-        got = encode_words(base.model_only_json(tokens, merges), words)
+        got = encode_words(base.model_tokenizer(tokens, merges), words)
         produced = _produced_counts(got, freqs, len(tokens))
         timings["verify"] = timings.get("verify", 0.0) + time.perf_counter() - t2
         mismatched = sum(1 for x, y in zip(got, result.seqs, strict=True) if x != y)

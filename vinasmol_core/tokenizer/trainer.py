@@ -19,7 +19,6 @@ Rules on top of plain BPE:
 from __future__ import annotations
 
 import heapq
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -138,29 +137,30 @@ def continue_bpe(
         if a != b:
             tok_count[b] = tok_count.get(b, 0) - applied
         tok_count[new_id] = applied
+        grown: set[int] = set()
         for wi, out, _hits in updates:
             f = freqs[wi]
-            old_pairs = Counter(_pairs(seqs[wi]))
-            new_pairs = Counter(_pairs(out))
-            for p, c in old_pairs.items():
-                d = new_pairs.get(p, 0) - c
-                if d:
-                    pair_count[p] = pair_count.get(p, 0) + d * f
-                    if p not in new_pairs:
-                        where[p].discard(wi)
-            for p, c in new_pairs.items():
-                old = old_pairs.get(p, 0)
-                if c > old:
-                    pair_count[p] = pair_count.get(p, 0) + (c - old) * f
-                    if not old:
-                        s = where.get(p)
-                        if s is None:
-                            where[p] = {wi}
-                        else:
-                            s.add(wi)
-                    if p not in blocked:
-                        heapq.heappush(heap, (-pair_count[p], p))
+            old_pairs = _pairs(seqs[wi])
+            new_pairs = _pairs(out)
+            for p in old_pairs:
+                pair_count[p] -= f
+            for p in new_pairs:
+                pair_count[p] = pair_count.get(p, 0) + f
+            old_set, new_set = set(old_pairs), set(new_pairs)
+            for p in old_set - new_set:
+                where[p].discard(wi)
+            # Only pairs holding the new token can grow; they did not exist before this merge.
+            for p in new_set - old_set:
+                s = where.get(p)
+                if s is None:
+                    where[p] = {wi}
+                else:
+                    s.add(wi)
+                grown.add(p)
             seqs[wi] = out
+        for p in grown:
+            if p not in blocked:
+                heapq.heappush(heap, (-pair_count[p], p))
         pair_count.pop(k, None)
         where.pop(k, None)
     result.token_counts = [tok_count.get(base_size + i, 0) for i in range(len(result.tokens))]
