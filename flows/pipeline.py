@@ -67,7 +67,12 @@ def plan_run(
     check_store: bool = True,
 ) -> RunPlan:
     """Validate the recipe, the stage names, the runner and the store; raise a VinaSmolError naming
-    the problem. Nothing is written except the store's own reachability probe."""
+    the problem. Nothing is written except the store's own reachability probe.
+
+    `force`: re-run each named step and everything after it. `from_stage` alone: the same as
+    forcing that step. `from_stage` with `start_ref`: start at that training stage from the
+    checkpoint `start_ref` names, skipping the steps before it; nothing is forced, so unchanged
+    inputs load from cache (the scheduled annealing run)."""
     parsed = load_recipe(recipe)
     runner = stage_runner or parsed.compute.stage_runner
     if runner not in STAGE_RUNNERS:

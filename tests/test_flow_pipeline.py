@@ -109,11 +109,20 @@ def runs(prefect_server, tmp_path_factory) -> dict[str, Any]:
         out["changed"] = changed.result()
         out["changed_steps"] = executed(log, changed.state_details.flow_run_id)
 
+        weekly = vinasmol(
+            recipe=str(recipe2),
+            store=store,
+            from_stage="annealing",
+            start_ref="runs/tiny-test/context-extension",
+            return_state=True,
+        )
+        out["weekly_steps"] = executed(log, weekly.state_details.flow_run_id)
         restarted = vinasmol(
             recipe=str(recipe2),
             store=store,
             from_stage="annealing",
             start_ref="runs/tiny-test/context-extension",
+            force=["annealing"],
             return_state=True,
         )
         out["restarted"] = restarted.result()
@@ -262,7 +271,9 @@ def test_failure_then_retry_resumes_from_last_checkpoint(runs) -> None:
 
 
 def test_start_ref_and_from_stage_rerun_only_that_stage(runs) -> None:
-    """What the scheduled annealing deployment does: annealing again from a named checkpoint."""
+    """What the scheduled annealing deployment does: annealing from a named checkpoint; unchanged
+    inputs hit the cache, and `force` trains it again (to the same weights)."""
+    assert runs["weekly_steps"] == {}
     assert runs["restarted_steps"] == {"train-annealing": True, "evaluate-annealing": True, "export": True}
     [annealed] = runs["restarted"]["checkpoints"]
     assert annealed["stage"] == "annealing"
