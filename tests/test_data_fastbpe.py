@@ -21,7 +21,18 @@ TRICKY = [
     "北京 是 中国 的首都。", "emoji 🙂🙂 ok", "e\u0301 combining", "nbsp\u00a0here and\u3000ideographic",
     "literal <|endoftext|> inside", "x <|im_start|>y", "", " ", "\n", "   \n  \t ", "a", "٣٤٥ ¹²³ Ⅻ",
     "def f(x):\n    return x  # comment\n\n\nclass A:\n\tpass\n", "word.\n\nWord", "  \u2028 sep",
+    "a\x1cb \x1d c\x85d \x0be\x0c f\r\ng", "x\u200by \u200b z\ufeff",
 ]
+
+
+def _random_texts(n: int, seed: int = 0) -> list[str]:
+    """Strings drawn from whitespace of every kind, letters, digits, marks and punctuation."""
+    import random
+
+    rng = random.Random(seed)
+    alphabet = list(" \t\n\r\x0b\x0c\x1c\x1f\x85\xa0\u2000\u2028\u3000") + list("aZéđ1٣¹Ⅻ'sltvmd.,!-_") + \
+        ["\u0301", "\u200b", "中", "🙂", "'s", "'ll", "  ", "\n\n"]
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(n)]
 
 
 def _variant(src: Path, dst: Path, change: dict) -> Path:
@@ -51,7 +62,7 @@ def test_fast_path_equals_tokenizer(tmp_path_factory: pytest.TempPathFactory, to
     tok = Tokenizer.from_file(str(path))
     fast = FastByteLevelBPE.create(tok, path, np.dtype(np.uint16))
     assert fast is not None
-    texts = list(TRICKY)
+    texts = list(TRICKY) + _random_texts(400)
     for f in sample_corpora(tmp_path_factory).values():
         texts += [json.loads(line)["text"] for line in f.read_text(encoding="utf-8").splitlines()[:15]]
     for _ in range(2):  # cold, then from the caches

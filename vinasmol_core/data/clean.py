@@ -12,10 +12,8 @@ _CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _VI_LETTERS = (
     "àáảãạăằắẳẵặâầấẩẫậèéẻẽẹêềếểễệìíỉĩịòóỏõọôồốổỗộơờớởỡợùúủũụưừứửữựỳýỷỹỵđ"
 )
-_VI_RE = re.compile(f"[{_VI_LETTERS}]")
+_VI_RE = re.compile(f"[{_VI_LETTERS}{_VI_LETTERS.upper()}]")
 _NON_LETTER_BYTES = bytes(b for b in range(128) if not chr(b).isalpha())
-_LETTER_RE = re.compile(r"[^\W\d_]")
-_ASCII_RUN_RE = re.compile("[\x00-\x7f]+")
 
 FILTERS = ("empty", "too_short", "repeated_lines", "script")
 
@@ -44,16 +42,18 @@ def repeated_line_fraction(text: str) -> tuple[float, int]:
 
 
 def vietnamese_script_fractions(text: str, sample_chars: int) -> tuple[float, float]:
-    """(Latin-letter fraction, Vietnamese-diacritic fraction) of the letters in a prefix of `text`."""
-    sample = text[:sample_chars].lower()
-    n_ascii_letters = len(sample.encode("ascii", "ignore").translate(None, _NON_LETTER_BYTES))
-    non_ascii = _ASCII_RUN_RE.sub("", sample)
-    n_other_letters = len(_LETTER_RE.findall(non_ascii)) if non_ascii else 0
-    n_letters = n_ascii_letters + n_other_letters
-    if n_letters == 0:
+    """(Latin fraction, Vietnamese-diacritic fraction) over the ASCII letters and non-ASCII characters
+    of a prefix of `text`. Latin: ASCII letters and Vietnamese letters; every other non-ASCII
+    character (other scripts, typographic punctuation) counts against it."""
+    sample = text[:sample_chars]
+    ascii_part = sample.encode("ascii", "ignore")
+    n_ascii_letters = len(ascii_part.translate(None, _NON_LETTER_BYTES))
+    n_other = len(sample) - len(ascii_part)
+    n_vi = len(_VI_RE.findall(sample)) if n_other else 0
+    total = n_ascii_letters + n_other
+    if total == 0:
         return 0.0, 0.0
-    n_vi = len(_VI_RE.findall(non_ascii)) if non_ascii else 0
-    return (n_ascii_letters + n_vi) / n_letters, n_vi / n_letters
+    return (n_ascii_letters + n_vi) / total, n_vi / total
 
 
 def clean_document(text: str, lang: str, spec: CleaningSpec) -> tuple[str | None, str | None]:

@@ -2,13 +2,14 @@
 
 Why it is exact. Such a tokenizer pre-splits text with GPT-2's regex (after isolating every digit,
 in SmolLM2's case), then runs BPE inside each piece, so the ids of a text are the concatenation
-of the ids of its pre-tokens. In that regex a space only ever *starts* a match (` ?\\p{L}+`, ...)
-and nothing looks behind, so at every position p holding a single space between two non-space
-characters a new match begins, and the matches after p depend only on the text from p on.
-Cutting a document before every such space therefore gives pieces whose encodings concatenate to
-the document's encoding. Pieces (" Nội,", " the", ...) repeat a lot: each distinct piece is
-encoded once and cached. A new piece is split into pre-tokens with the same regex (the `regex`
-package), and each distinct pre-token is encoded once by the real tokenizer.
+of the ids of its pre-tokens. In that regex no match runs from a non-whitespace character into
+whitespace (whitespace only ever starts a match) and nothing looks behind, so wherever whitespace
+follows a non-whitespace character a new match begins, and the matches from there on depend only
+on the text from there on. Cutting a document at every such point therefore gives pieces whose
+encodings concatenate to the document's encoding. Pieces (" Nội,", " the", "\\n    return")
+repeat a lot: each distinct piece is encoded once and cached. A new piece is split into
+pre-tokens with the same regex (the `regex` package), and each distinct pre-token is encoded
+once by the real tokenizer.
 
 When it is used. Only for tokenizer.json files of exactly that shape: a BPE model without dropout
 or subword affixes, no normaliser (or NFC), and a ByteLevel pre-tokenizer with the GPT-2 regex and
@@ -28,11 +29,19 @@ from typing import Any
 
 import numpy as np
 
-_BOUNDARY = re.compile(r"(?= \S)(?<=\S)")  # before a space between two non-spaces
-_GPT2 = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# The regex's \s, spelled out (Oniguruma's Unicode \s: tab to CR, NEL, and the space, line and
+# paragraph separators), so Python's wider idea of whitespace (it adds U+001C..U+001F) never leaks in.
+_WS = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+# A piece starts wherever whitespace follows a non-whitespace character: no pre-token spans that
+# point, and the pre-tokens after it depend only on the text after it. So a piece is a run of
+# whitespace then a run of non-whitespace (or the trailing whitespace of the text).
+_PIECE = re.compile(f"[{_WS}]*[^{_WS}]+|[{_WS}]+")
+_GPT2 = (f"'s|'t|'re|'ve|'m|'ll|'d| ?\\p{{L}}+| ?\\p{{N}}+| ?[^{_WS}\\p{{L}}\\p{{N}}]+"
+         f"|[{_WS}]+(?![^{_WS}])|[{_WS}]+")
 # GPT-2's regex applied between isolated digits: a digit is a match of its own and ends the
 # segment, so "whitespace not followed by non-space" also holds before a digit.
-_GPT2_DIGITS = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+|\p{N}"""
+_GPT2_DIGITS = (f"'s|'t|'re|'ve|'m|'ll|'d| ?\\p{{L}}+| ?[^{_WS}\\p{{L}}\\p{{N}}]+"
+                f"|[{_WS}]+(?![^{_WS}\\p{{N}}])|[{_WS}]+|\\p{{N}}")
 _CACHE_LIMIT = 400_000
 
 
@@ -125,28 +134,21 @@ class FastByteLevelBPE:
             self._pieces.clear()
         if len(self._words) > _CACHE_LIMIT:
             self._words.clear()
-        split = _BOUNDARY.split
+        split = _PIECE.findall
         cache = self._pieces
-        get = cache.get
+        added = self._added
+        slow = [i for i, t in enumerate(texts) if added is not None and added.search(t)]
+        piece_lists = [split(t) for t in texts] if not slow else \
+            [split(t) if added is None or not added.search(t) else [] for t in texts]
+        distinct: set[str] = set()
+        for pieces in piece_lists:
+            distinct.update(pieces)
+        missing = distinct.difference(cache)  # C-level: set minus dict keys
+        if missing:
+            self._encode_pieces(missing)
         join = b"".join
-        bufs: list[bytes] = []
-        misses: list[tuple[int, list[str]]] = []
-        slow: list[int] = []
-        for i, text in enumerate(texts):
-            if self._added is not None and self._added.search(text):
-                slow.append(i)
-                bufs.append(b"")
-                continue
-            pieces = split(text)
-            try:
-                bufs.append(join(map(get, pieces)))  # type: ignore[arg-type]
-            except TypeError:  # a piece not seen yet
-                bufs.append(b"")
-                misses.append((i, pieces))
-        if misses:
-            self._encode_pieces({p for _, pieces in misses for p in pieces if p not in cache})
-            for i, pieces in misses:
-                bufs[i] = join(map(cache.__getitem__, pieces))
+        getter = cache.__getitem__
+        bufs = [join(map(getter, pieces)) for pieces in piece_lists]
         if slow:
             encs = self.tokenizer.encode_batch([texts[i] for i in slow], add_special_tokens=False)
             for i, e in zip(slow, encs, strict=True):
