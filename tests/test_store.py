@@ -239,7 +239,7 @@ def test_corrupt_blob_is_refused_at_fetch_naming_artifact_and_file(store_spec, s
 
 
 def test_publisher_killed_before_its_manifest_leaves_no_manifest(store_spec, tmp_path: Path) -> None:  # noqa: ANN001
-    sizes = {f"shard-{i}.bin": MB for i in range(6)} | {"big.bin": 18 * MB}
+    sizes = {f"shard-{i}.bin": MB for i in range(5)} | {"mid.bin": 12 * MB, "big.bin": 18 * MB}
     src = make_artifact(tmp_path / "src", sizes, seed=4)
     proc = child(store_spec, tmp_path, [(src, "killed", "runs/r/killed")], kill_after=2)
     out, err = proc.communicate(timeout=120)

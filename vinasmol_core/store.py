@@ -115,18 +115,32 @@ def _ref_key(name: str) -> str:
 
 def hash_file(path: Path, chunk: int = CHUNK) -> FileEntry:
     """sha256 and size of a file, read in chunks."""
+    return _hash_file(path, chunk)[0]
+
+
+def _hash_file(path: Path, chunk: int, crcs: str | None = None) -> tuple[FileEntry, list[int]]:
+    """sha256 and size, read in `chunk`-sized pieces; with crcs="parts" also the CRC32 of each piece,
+    with crcs="whole" the CRC32 of the whole file (what an S3 upload of those bytes declares)."""
     h = hashlib.sha256()
     size = 0
     buf = bytearray(chunk)
     view = memoryview(buf)
+    out: list[int] = []
+    whole = 0
     with open(path, "rb", buffering=0) as fh:
         while True:
             n = fh.readinto(buf)
             if not n:
                 break
             h.update(view[:n])
+            if crcs == "parts":
+                out.append(zlib.crc32(view[:n]))
+            elif crcs == "whole":
+                whole = zlib.crc32(view[:n], whole)
             size += n
-    return FileEntry(sha256=h.hexdigest(), size=size)
+    if crcs == "whole":
+        out = [whole]
+    return FileEntry(sha256=h.hexdigest(), size=size), out
 
 
 def _stat_sig(path: Path) -> tuple[int, int, int]:
@@ -150,6 +164,7 @@ class UploadJob:
     size: int
     sig: tuple[int, int, int]
     label: str
+    crcs: list[int] | None = None  # CRC32 per part (or of the whole file), computed while hashing
 
 
 @dataclass
@@ -228,6 +243,7 @@ class _Backend:
     """Object access under one root. Keys are relative, '/'-separated."""
 
     url: str
+    wants_crcs = False  # whether uploads want CRC32s of their parts computed during hashing
 
     def ensure_ready(self, write: bool = False) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -608,6 +624,10 @@ class _S3Backend(_Backend):
 
     def __repr__(self) -> str:
         return f"_S3Backend({self.url!r}, endpoint_url={self.endpoint_url!r})"
+
+    @property
+    def wants_crcs(self) -> bool:  # type: ignore[override]
+        return self._http is not None
 
     # -- plumbing
     @property
@@ -1023,7 +1043,19 @@ class _S3Backend(_Backend):
 
     def _put_small_http(self, job: UploadJob) -> None:
         assert self._http is not None
-        view = memoryview(self._http.buffer())[: job.size]
+        if job.crcs is not None and len(job.crcs) == 1 and self._http.can_sendfile:
+            headers = {"Content-Length": str(job.size), "x-amz-checksum-crc32": _b64crc(job.crcs[0])}
+            self._http.request(
+                "PUT",
+                self._k(job.key),
+                headers=headers,
+                file_body=(job.path, 0, job.size),
+                operation="PutObject",
+            )
+            if _stat_sig(job.path) != job.sig:
+                raise StoreError(f"{job.label}: the file changed while it was being published")
+            return
+        view = memoryview(self._http.buffer(job.size))[: job.size]
         with open(job.path, "rb", buffering=0) as fh:
             got = fh.readinto(view) if job.size else 0
         if got != job.size or _stat_sig(job.path) != job.sig:
@@ -1035,6 +1067,21 @@ class _S3Backend(_Backend):
         assert self._http is not None
         offset = (number - 1) * PART_SIZE
         length = min(PART_SIZE, job.size - offset)
+        query = {"partNumber": str(number), "uploadId": upload_id}
+        if job.crcs is not None and len(job.crcs) > number - 1 and self._http.can_sendfile:
+            # Zero-copy: the kernel sends the part from the page cache; the server checks the CRC32
+            # taken while hashing, so bytes changed since then are refused.
+            crc = _b64crc(job.crcs[number - 1])
+            headers = {"Content-Length": str(length), "x-amz-checksum-crc32": crc}
+            _, resp, _ = self._http.request(
+                "PUT",
+                self._k(job.key),
+                query,
+                headers,
+                file_body=(job.path, offset, length),
+                operation="UploadPart",
+            )
+            return {"PartNumber": number, "ETag": resp.get("ETag", ""), "ChecksumCRC32": crc}
         view = memoryview(self._http.buffer())[:length]
         fd = os.open(job.path, os.O_RDONLY)
         try:
@@ -1045,7 +1092,6 @@ class _S3Backend(_Backend):
             raise StoreError(f"{job.label}: the file changed while it was being published")
         crc = _crc32_b64(view)
         headers = {"Content-Length": str(length), "x-amz-checksum-crc32": crc}
-        query = {"partNumber": str(number), "uploadId": upload_id}
         _, resp, _ = self._http.request(
             "PUT", self._k(job.key), query, headers, body=view, operation="UploadPart"
         )
@@ -1233,11 +1279,13 @@ class _HttpData:
         self._local = threading.local()
         self._conns: list[http.client.HTTPConnection] = []
         self._conns_lock = threading.Lock()
+        self.can_sendfile = not self.https and hasattr(os, "sendfile")
 
-    def buffer(self) -> bytearray:
+    def buffer(self, size: int = 0) -> bytearray:
+        """This thread's reusable buffer, at least a part (or `size` bytes) long."""
         buf = getattr(self._local, "buf", None)
-        if buf is None or len(buf) < PART_SIZE:
-            buf = self._local.buf = bytearray(PART_SIZE)
+        if buf is None or len(buf) < max(size, PART_SIZE):
+            buf = self._local.buf = bytearray(max(size, PART_SIZE))
         return buf
 
     def _conn(self) -> http.client.HTTPConnection:
@@ -1296,6 +1344,7 @@ class _HttpData:
         body: memoryview | None = None,
         into: memoryview | None = None,
         operation: str = "request",
+        file_body: tuple[Path, int, int] | None = None,
     ) -> tuple[int, http.client.HTTPMessage, int]:
         """Send one request (retrying connection failures and 5xx); read the body into `into`.
         Returns (status, headers, bytes read). Errors raise botocore ClientError with the S3 code."""
@@ -1311,11 +1360,17 @@ class _HttpData:
                 conn.putrequest(method, path, skip_host=False, skip_accept_encoding=True)
                 for name, value in signed.items():
                     conn.putheader(name, value)
-                if body is None and "Content-Length" not in signed:
+                if body is None and file_body is None and "Content-Length" not in signed:
                     conn.putheader("Content-Length", "0")
                 conn.endheaders()
                 if body is not None:
                     conn.send(body)
+                elif file_body is not None:
+                    path, offset, length = file_body
+                    with open(path, "rb") as fh:
+                        sent = conn.sock.sendfile(fh, offset, length) if length else 0
+                    if sent != length:
+                        raise StoreError(f"{path}: sent {sent} of {length} bytes: the file shrank")
                 resp = conn.getresponse()
                 status = resp.status
                 if status >= 300:
@@ -1336,7 +1391,7 @@ class _HttpData:
                 if rest and into is not None:
                     got += len(rest)  # more than asked: the caller sees a size mismatch
                 return status, resp.headers, got
-            except ClientError:
+            except (ClientError, StoreError):
                 raise
             except (OSError, http.client.HTTPException) as exc:
                 last = exc
@@ -1359,7 +1414,11 @@ def _s3_error(payload: bytes, status: int) -> dict[str, Any]:
 
 
 def _crc32_b64(data: memoryview) -> str:
-    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+    return _b64crc(zlib.crc32(data))
+
+
+def _b64crc(crc: int) -> str:
+    return base64.b64encode(crc.to_bytes(4, "big")).decode()
 
 
 class _HashProgress:
@@ -1757,19 +1816,25 @@ class ArtifactStore:
         seen: set[str] = set()
         hashers = min(4, max(1, os.cpu_count() or 1), max(1, len(files)))
 
-        def hashed(item: tuple[str, Path]) -> tuple[str, Path, FileEntry, tuple[int, int, int]]:
+        want_crcs = self._backend.wants_crcs
+
+        def hashed(item: tuple[str, Path]) -> tuple[str, Path, FileEntry, tuple[int, int, int], list[int]]:
             rel, full = item
             sig = _stat_sig(full)
-            entry = hash_file(full)
+            if want_crcs:  # chunks aligned on upload parts: the CRCs come free with the hash's read
+                mode = "whole" if sig[0] < MULTIPART_THRESHOLD else "parts"
+                entry, crcs = _hash_file(full, PART_SIZE, mode)
+            else:
+                entry, crcs = _hash_file(full, CHUNK)
             if _stat_sig(full) != sig:
                 raise StoreError(f"{label}: file {rel} changed while it was being hashed")
-            return rel, full, entry, sig
+            return rel, full, entry, sig, crcs
 
         def jobs(pool: ThreadPoolExecutor) -> Iterator[UploadJob]:
             futures = [pool.submit(hashed, item) for item in files]
             try:
                 for fut in as_completed(futures):
-                    rel, full, entry, sig = fut.result()
+                    rel, full, entry, sig, crcs = fut.result()
                     entries[rel] = entry
                     if entry.sha256 in seen:
                         continue
@@ -1777,7 +1842,9 @@ class ArtifactStore:
                     info = self._backend.stat(_blob_key(entry.sha256))
                     if info is not None and info.size == entry.size:
                         continue
-                    yield UploadJob(_blob_key(entry.sha256), full, entry.size, sig, f"{label}: file {rel}")
+                    yield UploadJob(
+                        _blob_key(entry.sha256), full, entry.size, sig, f"{label}: file {rel}", crcs or None
+                    )
             finally:
                 for fut in futures:
                     fut.cancel()
