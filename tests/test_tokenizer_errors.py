@@ -75,7 +75,7 @@ def test_too_little_vietnamese_for_new_tokens() -> None:
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "jsonl.gz", "txt"])
-def test_invalid_utf8_names_file_and_offset(kind: str) -> None:
+def test_invalid_utf8_names_file_and_offset(monkeypatch, capsys, kind: str) -> None:  # noqa: ANN001
     folder = scratch("utf8")
     good = json.dumps({"text": "Hà Nội"}, ensure_ascii=False).encode() + b"\n"
     bad_line = b'{"text": "ab\xffcd"}\n'
@@ -87,6 +87,10 @@ def test_invalid_utf8_names_file_and_offset(kind: str) -> None:
         count_words([path])
     message = str(exc.value)
     assert str(path) in message and f"byte offset {offset}" in message and "UTF-8" in message
+    store = (folder / "store").as_uri()
+    code, err = _extend_cli(monkeypatch, capsys, path, folder / "out", store)
+    assert code == 1 and f"byte offset {offset}" in err
+    assert not (folder / "out").exists() and _store_is_empty(store)
 
 
 def test_missing_file_and_bad_json_are_named() -> None:
