@@ -229,6 +229,27 @@ def test_fsspec_url_source(tmp_path: Path, tok: Path) -> None:
     assert info.sources["remote"].train_docs == 4
 
 
+def test_datasets_source_streams(tmp_path: Path, tok: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    calls: list[tuple] = []
+
+    def load_dataset(name: str, config: str | None, **kw: object) -> list[dict]:
+        calls.append((name, config, kw))
+        return [{"id": f"h{i}", "text": f"{EN_DOC} Hub {i}."} for i in range(5)]
+
+    # the real `datasets` takes tens of seconds to import; its call is what matters here
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    spec = SourceSpec.parse_cli("wiki:vi=hf:wikimedia/wikipedia:20231101.vi@train")
+    assert (spec.hf_dataset, spec.hf_config, spec.hf_split, spec.lang) == ("wikimedia/wikipedia",
+                                                                           "20231101.vi", "train", "vi")
+    spec = SourceSpec(name="hub", lang="en", hf_dataset="org/corpus", hf_config="en", hf_revision="abc")
+    info = prepare_dataset([spec], tok, tmp_path / "ds", val_fraction=0.0, workers=0)
+    assert info.sources["hub"].train_docs == 5
+    assert calls == [("org/corpus", "en", {"split": "train", "streaming": True, "revision": "abc"})]
+
+
 # ----------------------------------------------------------------------------- tokenizer check
 def test_dataset_refused_by_a_model_with_another_tokenizer(tmp_path_factory: pytest.TempPathFactory,
                                                            tok: Path) -> None:

@@ -126,6 +126,10 @@ def source_digest(spec: SourceSpec, files: list[ResolvedFile]) -> str:
     if spec.hf_dataset:
         ident = ["hf", spec.hf_dataset, spec.hf_config, spec.hf_split, spec.hf_revision]
         h.update(json.dumps(ident).encode())
+        for name in spec.hf_data_files:  # local data files (e.g. the `json` builder): their bytes
+            if os.path.isfile(name):
+                with open(name, "rb") as f:
+                    h.update(hashlib.sha256(f.read()).hexdigest().encode())
         return h.hexdigest()
     for rf in files:
         h.update(os.path.basename(rf.url).encode() + b"\0")
@@ -226,8 +230,9 @@ def _iter_hf(spec: SourceSpec) -> Iterator[tuple[str, str | None]]:
     except ImportError as exc:  # pragma: no cover
         raise VinaSmolError("reading a hub dataset needs the `datasets` package") from exc
     try:
+        extra = {"data_files": list(spec.hf_data_files)} if spec.hf_data_files else {}
         ds = datasets.load_dataset(spec.hf_dataset, spec.hf_config, split=spec.hf_split,
-                                   streaming=spec.hf_streaming, revision=spec.hf_revision)
+                                   streaming=spec.hf_streaming, revision=spec.hf_revision, **extra)
     except Exception as exc:  # network, missing dataset, bad config...
         raise VinaSmolError(f"source {spec.name!r}: cannot open dataset {spec.hf_dataset!r}: {exc}") from exc
     for row, record in enumerate(ds, start=1):

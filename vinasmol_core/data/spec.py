@@ -35,6 +35,7 @@ class SourceSpec(BaseModel):
     hf_config: str | None = None
     hf_split: str = "train"
     hf_revision: str | None = None
+    hf_data_files: tuple[str, ...] = ()
     hf_streaming: bool = True
     text_field: str = "text"
     id_field: str | None = "id"
