@@ -150,6 +150,11 @@ def test_unchanged_inputs_reuse_the_artifact(tmp_path: Path, tok: Path) -> None:
     again = prepare_dataset(srcs, tok, tmp_path / "ds", workers=0)
     assert again.reused and again.key == first.key and not first.reused
     assert (tmp_path / "ds" / "dataset.json").stat().st_mtime_ns == stamp
+    moved = tmp_path / "moved" / "en.jsonl"  # the same content elsewhere: the same key
+    moved.parent.mkdir()
+    moved.write_bytes(files.read_bytes())
+    assert prepare_dataset([SourceSpec(name="s-en", lang="en", paths=(str(moved),))], tok, tmp_path / "ds",
+                           workers=0).reused
     # other settings or changed content: another key, rebuilt in place
     other = prepare_dataset(srcs, tok, tmp_path / "ds", val_fraction=0.5, workers=0)
     assert not other.reused and other.key != first.key

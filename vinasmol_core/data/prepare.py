@@ -82,7 +82,9 @@ def dataset_key(
     payload = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "sources": [s.model_dump(mode="json") | {"digest": source_digests[s.name]} for s in sources],
+        # where the files are is not part of the key: their content (the digest) is
+        "sources": [s.model_dump(mode="json", exclude={"paths", "hf_data_files"})
+                    | {"digest": source_digests[s.name]} for s in sources],
         "cleaning": cleaning.model_dump(mode="json"),
         "val_fraction": val_fraction,
         "dedup": dedup,
