@@ -24,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -326,6 +327,9 @@ def _results(
         while pending:
             head = pending.popleft()
             yield head if isinstance(head, _SourceEnd) else head.result()
+    except BrokenProcessPool as exc:
+        raise VinaSmolError(f"a data worker process died ({exc}); out of memory? "
+                            "try fewer --workers") from exc
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
