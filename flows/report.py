@@ -86,7 +86,7 @@ def summary_markdown(result: dict[str, Any]) -> str:
     parts += [
         "## Checkpoints",
         "",
-        "| step | stage step | ref | manifest digest |",
+        "| stage | steps | ref | manifest digest |",
         "| --- | ---: | --- | --- |",
     ]
     for row in result["checkpoints"]:
