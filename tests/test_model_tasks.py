@@ -84,3 +84,32 @@ def test_bad_tokenizer_publishes_nothing(tiny, store_url, tmp_path):
         )
     assert set(store.list_manifests()) == before
     assert "t/extended" not in store.list_refs()
+
+
+def test_cli_export_from_a_store_ref(tiny, store_url, tmp_path):
+    from typer.testing import CliRunner
+
+    from vinasmol_core.cli import app
+    from vinasmol_core.model import publish_checkpoint
+
+    publish_checkpoint(ArtifactStore(store_url), tiny["lit"], "litgpt", ref="t/lit")
+    out = tmp_path / "hf"
+    res = CliRunner().invoke(
+        app,
+        [
+            "export",
+            "t/lit",
+            "--store",
+            store_url,
+            "--out",
+            str(out),
+            "--publish",
+            "t/hf",
+            "--dtype",
+            "float32",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert (out / "model.safetensors").is_file()
+    manifest = ArtifactStore(store_url).get_manifest("t/hf")
+    assert manifest.format == "hf" and manifest.stage == "export"
