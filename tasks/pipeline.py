@@ -205,7 +205,7 @@ def merge_vocabulary(
         return merge_task.fn(request)
 
 
-@step("data")
+@step("data", exclude=("tokenizer_artifact",))
 def prepare_data(
     role: str,
     corpora: list[dict[str, Any]],

@@ -46,3 +46,15 @@ def test_store_root_normalises_local_paths(tmp_path, monkeypatch) -> None:
     assert store_root("file://./s/") == "file://" + str(tmp_path / "s")
     assert store_root("s") == "file://" + str(tmp_path / "s")
     assert store_root("s3://bucket/p/") == "s3://bucket/p"
+
+
+def test_data_step_is_keyed_on_tokenizer_content_not_its_carrier() -> None:
+    """A checkpoint carrying the same tokenizer.json as the tokenizer artifact reuses the dataset."""
+    from tasks.pipeline import prepare_data
+
+    policy = prepare_data.cache_policy
+    args = {"role": "annealing", "corpora": [], "corpus_digests": {}, "section": {}, "tokenizer_sha": "t" * 64}
+    a = policy.compute_key(None, {**args, "tokenizer_artifact": "tokenizer-digest"}, {})
+    b = policy.compute_key(None, {**args, "tokenizer_artifact": "checkpoint-digest"}, {})
+    c = policy.compute_key(None, {**args, "tokenizer_sha": "u" * 64, "tokenizer_artifact": "x"}, {})
+    assert a == b != c
