@@ -117,7 +117,6 @@ def measure_ours(config: Any, policy: str, args: argparse.Namespace) -> dict[str
     model = fabric.setup_module(model)
     optimizer, _ = make_optimizer(raw, spec, fabric.device.type)
     optimizer = fabric.setup_optimizers(optimizer)
-    trainable = [p for p in P.named_parameters(raw).values() if p.requires_grad]
     g = torch.Generator().manual_seed(0)
     times: list[float] = []
     for i in range(args.warmup + args.steps):
@@ -125,9 +124,7 @@ def measure_ours(config: Any, policy: str, args: argparse.Namespace) -> dict[str
         if fabric.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss, _ = optimizer_step(
-            fabric, model, optimizer, iter([batch]), 1, config.vocab_size, 1.0, trainable
-        )
+        loss, _ = optimizer_step(fabric, model, optimizer, iter([batch]), 1, config.vocab_size, 1.0)
         float(loss)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)

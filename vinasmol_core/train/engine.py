@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from vinasmol_core.errors import ConfigError, VinaSmolError
 from vinasmol_core.manifests import CheckpointManifest, DatasetManifest
+from vinasmol_core.train import dist as D
 from vinasmol_core.train import params as P
 from vinasmol_core.train import state as S
 from vinasmol_core.train.data import (
@@ -209,6 +210,11 @@ def make_fabric(spec: StageSpec, accelerator: str) -> Any:
     from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
 
     strategy: Any = "auto"
+    if spec.strategy == "fsdp" and accelerator != "cuda":
+        raise ConfigError(
+            f"stage {spec.name}: strategy=fsdp needs CUDA devices (Lightning Fabric has no FSDP on the CPU); "
+            "use strategy=ddp"
+        )
     if spec.strategy == "fsdp":
         from litgpt.model import Block
 
@@ -300,7 +306,6 @@ def optimizer_step(
     accum: int,
     vocab: int,
     grad_clip: float | None,
-    trainable_params: list[torch.nn.Parameter],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer update over `accum` micro-batches of (seq_len + 1)-token rows.
 
@@ -314,11 +319,10 @@ def optimizer_step(
             loss = F.cross_entropy(logits[..., :vocab].reshape(-1, vocab).float(), y.reshape(-1))
             fabric.backward(loss / accum)
         loss_sum += loss.detach()
-    if grad_clip is not None:
-        grad_norm = fabric.clip_gradients(model, optimizer, max_norm=grad_clip)
-    else:
-        grads = [p.grad for p in trainable_params if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    # with max_norm=inf the gradients are multiplied by exactly 1.0: the norm is measured, nothing clipped
+    grad_norm = fabric.clip_gradients(
+        model, optimizer, max_norm=grad_clip if grad_clip is not None else math.inf
+    )
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return fabric.all_reduce(loss_sum / accum, reduce_op="mean"), grad_norm
@@ -394,7 +398,8 @@ class StageRunner:
         # model: the initial weights, tied, policy applied
         init_sd = P.load_lit_state_dict(inputs.ckpt_dir / "lit_model.pth")
         fabric.seed_everything(spec.seed)
-        with fabric.init_module(empty_init=True):
+        # FSDP's empty init builds on the meta device (load_state_dict would then be a no-op)
+        with fabric.init_module(empty_init=not D.is_fsdp(fabric)):
             model = GPT(inputs.config)
         model.load_state_dict(init_sd, strict=True)
         P.tie_embeddings(model)
@@ -427,14 +432,18 @@ class StageRunner:
         if state_dir is not None:
             st = S.read_state_json(state_dir)
             start_step = int(st["step"])
-            S.load_optimizer_tensors(
-                raw_opt, opt_names, S.load_file(str(state_dir / "optimizer.safetensors"))
+            D.load_full_optimizer_state(
+                fabric, model, raw_opt, opt_names, S.load_file(str(state_dir / "optimizer.safetensors"))
             )
             rng_path = state_dir / f"rng-rank{rank}.safetensors"
             if int(st.get("world_size", -1)) == world and rng_path.exists():
                 S.restore_rng_state(rng_path.read_bytes(), S.read_safetensors_metadata(rng_path))
             if rank == 0 and (state_dir / "metrics.jsonl").exists():
                 shutil.copyfile(state_dir / "metrics.jsonl", metrics_path)
+                # the train-state's own checkpoint event was emitted after its metrics were copied
+                event = {"event": "checkpoint", "stage": spec.name, "step": start_step, "digest": resume[1]}
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(event, sort_keys=True) + "\n")
         sink = MetricsSink(metrics_path, self.metrics_copy, enabled=rank == 0)
         self.sink = sink
         total = spec.total_steps
@@ -459,7 +468,6 @@ class StageRunner:
         # ------------------------------------------------------------------ loop
         accum = spec.grad_accum
         vocab = inputs.config.vocab_size  # padded rows never enter the loss
-        trainable_params = [p for p in P.named_parameters(raw_model).values() if p.requires_grad]
         last_loss = float("nan")
         for step in range(start_step, total):
             t0 = time.perf_counter()
@@ -491,7 +499,7 @@ class StageRunner:
                 for micro in range(accum)
             )
             step_loss, grad_norm = optimizer_step(
-                fabric, model, optimizer, batches, accum, vocab, spec.grad_clip, trainable_params
+                fabric, model, optimizer, batches, accum, vocab, spec.grad_clip
             )
             last_loss = float(step_loss)
             done = step + 1
@@ -514,15 +522,16 @@ class StageRunner:
             if val_sets and (done % spec.eval_interval == 0 or done == total):
                 self._evaluate(model, val_sets, done)
             if done % spec.checkpoint_interval == 0 or done == total:
-                self._publish_state(raw_model, raw_opt, opt_names, done, last_loss)
+                self._publish_state(model, raw_model, raw_opt, opt_names, done, last_loss)
             if self.job.fail_at_step is not None and done == self.job.fail_at_step:
                 fabric.print(f"fail_at_step={done}: killing this process", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
 
         fabric.barrier()
+        final_state = D.full_module_state(fabric, model, raw_model)
         result = None
         if rank == 0:
-            result = self._publish_final(raw_model, init_sd, total, fb_digest, resume)
+            result = self._publish_final(final_state, init_sd, total, fb_digest, resume)
         fabric.barrier()
         return result
 
@@ -554,18 +563,20 @@ class StageRunner:
 
     # ------------------------------------------------------------------ checkpoints
     def _publish_state(
-        self, model: Any, optimizer: Any, names: dict[int, str], step: int, loss: float
+        self, model: Any, raw_model: Any, optimizer: Any, names: dict[int, str], step: int, loss: float
     ) -> None:
         fabric, spec = self.fabric, self.spec
         blobs = _gather_bytes(fabric, S.rng_state_bytes())
+        module_state = D.full_module_state(fabric, model, raw_model)
+        optim_state = D.full_optimizer_state(fabric, model, optimizer, names)
         if fabric.global_rank == 0:
             out = self.work / f"state-{step:08d}"
             out.mkdir()
-            S.save_model_state(out, P.module_state(model), self.trainable)
+            S.save_model_state(out, module_state, self.trainable)
             from safetensors.torch import save_file
 
             save_file(
-                {k: v.detach().cpu().contiguous() for k, v in S.optimizer_tensors(optimizer, names).items()},
+                {k: v.detach().cpu().contiguous() for k, v in optim_state.items()},
                 str(out / "optimizer.safetensors"),
             )
             for r, blob in enumerate(blobs):
@@ -601,6 +612,7 @@ class StageRunner:
             )
             published = self.store.publish(manifest, out, ref=f"{self.prefix}/step-{step:08d}")
             shutil.rmtree(out, ignore_errors=True)
+            self._prune_states(step)
             self.sink.emit(
                 {
                     "event": "checkpoint",
@@ -612,9 +624,24 @@ class StageRunner:
             )
         fabric.barrier()
 
+    def _prune_states(self, newest: int) -> None:
+        """Drop the refs of train-states older than the newest `keep_checkpoints` (blobs stay until
+        the store's garbage collection)."""
+        keep = self.spec.keep_checkpoints
+        delete = getattr(self.store, "delete_ref", None)
+        if keep is None or delete is None:
+            return
+        steps = sorted(
+            (int(m.group(1)), ref)
+            for ref in self.store.list_refs(self.prefix + "/")
+            if (m := STEP_REF.search(ref)) and int(m.group(1)) <= newest
+        )
+        for _, ref in steps[:-keep]:
+            delete(ref)
+
     def _publish_final(
         self,
-        model: Any,
+        state: dict[str, torch.Tensor],
         init_sd: dict[str, torch.Tensor],
         total: int,
         fb_digest: str,
@@ -623,13 +650,13 @@ class StageRunner:
         from litgpt.utils import save_config
 
         spec, inputs = self.spec, self.inputs
-        live = P.plain_state_dict(model)
         out_sd: dict[str, torch.Tensor] = {}
         for name, init in init_sd.items():
             if name == P.HEAD:
                 continue
-            cur = live[name]
-            if name == P.EMBED and P.is_split(model):
+            cur = state[name]
+            if name == P.EMBED and P.NEW_ROWS in state:
+                cur = torch.cat([cur[: inputs.base_vocab_size], state[P.NEW_ROWS].to(cur.dtype)])
                 merged = init.clone()
                 merged[inputs.base_vocab_size :] = cur[inputs.base_vocab_size :].to(init.dtype)
                 frozen_now = cur[: inputs.base_vocab_size]

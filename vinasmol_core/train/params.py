@@ -69,11 +69,22 @@ def is_split(model: nn.Module) -> bool:
     return isinstance(model.transformer.wte, SplitTiedEmbedding)
 
 
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter name without the segments FSDP, checkpoint wrappers or torch.compile insert."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
 def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Every parameter once, under its canonical name (the tied table is `transformer.wte.weight`)."""
     out: dict[str, nn.Parameter] = {}
     seen: dict[int, str] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
+    for raw_name, param in model.named_parameters(remove_duplicate=False):
+        name = clean_name(raw_name)
         key = id(param)
         if key in seen:
             if name == EMBED:  # prefer the embedding's name over lm_head's

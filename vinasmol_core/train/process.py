@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import traceback
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -116,7 +117,7 @@ def run_stage_process(
                         print(line, flush=True)
                 elif parsed[0] == "result":
                     result = parsed[1]
-                elif parsed[0] == "error":
+                elif parsed[0] == "error" and error is None:
                     error = parsed[1]
             rc = proc.wait(timeout=timeout)
         except BaseException:
@@ -124,7 +125,9 @@ def run_stage_process(
             proc.wait()
             raise
     if error is not None:
-        cls = _ERRORS.get(error.get("type", ""), VinaSmolError)
+        cls = _ERRORS.get(error.get("type", ""))
+        if cls is None:
+            raise VinaSmolError(f"stage {job.spec.name} failed: {error.get('message', '')}")
         raise cls(error.get("message", "stage failed"))
     if rc != 0 or result is None:
         how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
@@ -148,9 +151,18 @@ def main(argv: list[str] | None = None) -> int:
 
         run_stage(job, metrics_copy=args.metrics)
     except VinaSmolError as exc:
-        if int(os.environ.get("RANK", "0")) == 0:
-            payload = {"type": type(exc).__name__, "message": str(exc)}
-            print(ERROR_PREFIX + json.dumps(payload), flush=True)
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+        _report_error(type(exc).__name__, str(exc))
+        return 1
+    except Exception as exc:
+        traceback.print_exc()
+        _report_error("Exception", f"{type(exc).__name__}: {exc}")
         return 1
     return 0
+
+
+def _report_error(kind: str, message: str) -> None:
+    """One machine-readable error line for the parent (and a readable one on stderr)."""
+    rank = os.environ.get("RANK", "0")
+    prefix = "" if rank == "0" else f"rank {rank}: "
+    print(ERROR_PREFIX + json.dumps({"type": kind, "message": prefix + message}), flush=True)
+    print(f"error: {prefix}{message}", file=sys.stderr, flush=True)

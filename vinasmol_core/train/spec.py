@@ -41,6 +41,7 @@ OPERATIONAL_FIELDS = frozenset(
         "fused_adamw",
         "deterministic",
         "cpu_threads",
+        "keep_checkpoints",
     }
 )
 
@@ -85,6 +86,11 @@ class StageSpec(BaseModel):
     )
     # evaluation and checkpoints
     checkpoint_interval: int = Field(default=100, gt=0, description="optimizer steps between train-states")
+    keep_checkpoints: int | None = Field(
+        default=3,
+        gt=0,
+        description="newest train-state refs kept per stage (None: all); older refs are deleted",
+    )
     eval_interval: int = Field(default=100, gt=0)
     eval_sequences: int = Field(default=16, ge=0, description="validation sequences per language")
     eval_languages: list[str] | None = Field(
@@ -162,6 +168,10 @@ class StageSpec(BaseModel):
         if self.block_size is not None and self.seq_len > self.block_size:
             raise ConfigError(
                 f"stage {self.name}: seq_len={self.seq_len} is above block_size={self.block_size}"
+            )
+        if self.strategy == "fsdp" and self.accelerator == "cpu":
+            raise ConfigError(
+                f"stage {self.name}: strategy=fsdp needs accelerator=cuda; use strategy=ddp on the CPU"
             )
         if self.strategy == "fsdp" and self.trainable == "new-embeddings":
             raise ConfigError(
