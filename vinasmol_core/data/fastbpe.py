@@ -45,6 +45,21 @@ _GPT2_DIGITS = (f"'s|'t|'re|'ve|'m|'ll|'d| ?\\p{{L}}+| ?[^{_WS}\\p{{L}}\\p{{N}}]
 _CACHE_LIMIT = 400_000
 
 
+def _byte_chars() -> list[str]:
+    """GPT-2's byte-to-character table (the ByteLevel pre-tokenizer's alphabet), by byte value."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+_BYTE_CHARS = _byte_chars()
+
+
 def fast_path_shape(tokenizer_json: dict[str, Any]) -> tuple[str | None, bool, bool]:
     """(reason the fast path does not apply or None, digits isolated, NFC normaliser)."""
     model = tokenizer_json.get("model") or {}
@@ -106,15 +121,18 @@ class FastByteLevelBPE:
         return cls(tokenizer, digits, nfc, added, dtype)
 
     def _encode_words(self, words: list[str]) -> None:
-        encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
-        encodings = encode(words, add_special_tokens=False)
-        lengths = [len(e.ids) for e in encodings]
-        flat = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=self.dtype).tobytes()
+        """Cache the ids of new pre-tokens: the BPE model run on their byte-level characters, which
+        is what the tokenizer does after pre-tokenizing (and about twice as fast as encoding)."""
+        tokenize = self.tokenizer.model.tokenize
+        chars = _BYTE_CHARS.__getitem__
+        ids = [[t.id for t in tokenize("".join(map(chars, w.encode("utf-8"))))] for w in words]
+        flat = np.fromiter(chain.from_iterable(ids), dtype=self.dtype).tobytes()
         size = self.dtype.itemsize
         pos = 0
-        for w, n in zip(words, lengths, strict=True):
-            self._words[w] = flat[pos : pos + n * size]
-            pos += n * size
+        for w, x in zip(words, ids, strict=True):
+            n = len(x) * size
+            self._words[w] = flat[pos : pos + n]
+            pos += n
 
     def _encode_pieces(self, pieces: set[str]) -> None:
         """Cache the ids of new pieces: regex pre-tokens, each distinct one encoded once."""

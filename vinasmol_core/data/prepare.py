@@ -340,7 +340,7 @@ def _batches(sources: list[SourceSpec], files: dict[str, list[ResolvedFile]], sk
         counters = ReadCounters()
         for n, batch in enumerate(iter_batches(spec, files[spec.name], skip_bad_lines=skip_bad_lines,
                                                counters=counters, batch_chars=batch_chars)):
-            batch.verify = 16 if n < 2 else (2 if n % 8 == 0 else 0)
+            batch.verify = 8 if n < 2 else (1 if n % 16 == 0 else 0)
             yield batch
         yield _SourceEnd(index, counters)
 
