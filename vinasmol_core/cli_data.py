@@ -47,7 +47,7 @@ def prepare(
     source: list[str] = typer.Option(
         ..., "--source", "-s",
         help="NAME:LANG[:ROLE]=PATH_OR_GLOB[,PATH...] (LANG vi|en|code|any, ROLE main|annealing; "
-             "hf:DATASET[:CONFIG][@SPLIT] for a hub dataset)"),
+             "hf:DATASET[:CONFIG]@SPLIT for a hub dataset). Repeat for more sources."),
     tokenizer: Path = typer.Option(..., "--tokenizer", help="tokenizer folder (tokenizer.json)"),
     out: Path = typer.Option(..., "--out", help="dataset folder to write"),
     store: str | None = typer.Option(None, "--store", help="artifact store URL to publish to"),
