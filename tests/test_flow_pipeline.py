@@ -202,10 +202,8 @@ def test_pipeline_end_to_end_every_stage_and_loadable_export(runs) -> None:
     ids = tok("Hà Nội là thủ đô của Việt Nam.", return_tensors="pt").input_ids
     logits = model(ids).logits
     assert logits.shape[-1] >= len(tok) > 1024  # the extended vocabulary
-    assert store.resolve("runs/tiny-test/export") in {
-        result["export"]["digest"],
-        runs["changed"]["export"]["digest"],
-    }
+    # the last run of the sequence (annealing forced from a start_ref) moved the export ref
+    assert store.resolve("runs/tiny-test/export") == runs["restarted"]["export"]["digest"]
 
 
 def test_prefect_artifacts_of_the_run(runs) -> None:
