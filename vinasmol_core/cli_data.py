@@ -104,7 +104,7 @@ def inspect(
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=max(Console().width, 160))  # the table is wide; do not squeeze it
     console.print(f"dataset [bold]{meta['key'][:12]}[/bold]  "
                   f"tokenizer sha256 {meta['tokenizer_digest'][:12]}  "
                   f"vocab {meta['vocab_size']:,} ({meta['dtype']})  val fraction {meta['val_fraction']}  "
