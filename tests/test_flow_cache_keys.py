@@ -53,7 +53,9 @@ def test_data_step_is_keyed_on_tokenizer_content_not_its_carrier() -> None:
     from tasks.pipeline import prepare_data
 
     policy = prepare_data.cache_policy
-    args = {"role": "annealing", "corpora": [], "corpus_digests": {}, "section": {}, "tokenizer_sha": "t" * 64}
+    args = {
+        "role": "annealing", "corpus_digests": {}, "corpora": [], "section": {}, "tokenizer_sha": "t" * 64
+    }
     a = policy.compute_key(None, {**args, "tokenizer_artifact": "tokenizer-digest"}, {})
     b = policy.compute_key(None, {**args, "tokenizer_artifact": "checkpoint-digest"}, {})
     c = policy.compute_key(None, {**args, "tokenizer_sha": "u" * 64, "tokenizer_artifact": "x"}, {})
