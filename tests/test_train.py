@@ -27,6 +27,8 @@ def env(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VINASMOL_CACHE", str(root / "cache"))
         mp.setenv("TORCHDYNAMO_DISABLE", "1")
+        (root / "tmp").mkdir()
+        mp.setenv("TMPDIR", str(root / "tmp"))  # work folders of killed stage processes land here
         yield build_tiny_inputs(root / "inputs", (root / "store").as_uri(), block_size=64)
 
 
