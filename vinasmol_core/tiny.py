@@ -21,7 +21,7 @@ def write_tokenizer_config(out_dir: Path, model_max_length: int = 8192) -> None:
     """tokenizer_config.json and special_tokens_map.json with SmolLM2's base conventions."""
     eot = "<|endoftext|>"
     config = {
-        "tokenizer_class": "GPT2Tokenizer",
+        "tokenizer_class": "PreTrainedTokenizerFast",  # keeps tokenizer.json's own pipeline
         "bos_token": eot,
         "eos_token": eot,
         "unk_token": eot,
