@@ -20,8 +20,11 @@ import functools
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -186,3 +189,22 @@ def read_timing_log(path: Path, flow_run_id: str | None = None) -> list[dict[str
     if flow_run_id is not None:
         rows = [r for r in rows if r.get("flow_run_id") == flow_run_id]
     return rows
+
+
+def open_store(store_url: str) -> Any:
+    """The artifact store a step reads from and publishes to."""
+    from vinasmol_core.store import ArtifactStore
+
+    return ArtifactStore(store_url)
+
+
+@contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A temporary folder removed afterwards (outputs are published from it, then dropped)."""
+    root = Path(os.environ.get("VINASMOL_WORK_DIR") or tempfile.gettempdir())
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"vinasmol-{prefix}-", dir=root))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

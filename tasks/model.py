@@ -7,16 +7,13 @@ wired by the flows (`task.with_options(...)`); nothing here depends on a run id.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 from prefect import task
 from pydantic import BaseModel, Field
 
+from tasks.common import open_store, scratch_dir
 from vinasmol_core.manifests import CheckpointManifest, EvalReportManifest
 
 
@@ -62,19 +59,8 @@ class ExportRequest(StoreRequest):
     card: dict[str, Any] = Field(default_factory=dict)
 
 
-def _store(url: str) -> Any:
-    from vinasmol_core.store import ArtifactStore
-
-    return ArtifactStore(url)
 
 
-@contextmanager
-def _scratch(prefix: str) -> Iterator[Path]:
-    tmp = Path(tempfile.mkdtemp(prefix=f"vinasmol-{prefix}-"))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @task(name="fetch-base-model")
@@ -83,10 +69,10 @@ def fetch_base_model(req: FetchBaseRequest) -> CheckpointManifest:
     from vinasmol_core.model import fetch_base_model as fetch
     from vinasmol_core.model import publish_checkpoint
 
-    with _scratch("base") as tmp:
+    with scratch_dir("base") as tmp:
         path = fetch(req.source, None if Path(req.source).is_dir() else tmp / "model")
         return publish_checkpoint(
-            _store(req.store_url), path, "hf", ref=req.out_ref, name=req.name or req.source, stage="base"
+            open_store(req.store_url), path, "hf", ref=req.out_ref, name=req.name or req.source, stage="base"
         )
 
 
@@ -95,10 +81,10 @@ def init_embeddings(req: InitEmbeddingsRequest) -> CheckpointManifest:
     """Resize the base model to the extended tokenizer and initialise the new rows."""
     from vinasmol_core.model import extend_model, publish_checkpoint
 
-    store = _store(req.store_url)
+    store = open_store(req.store_url)
     base_dir, tok_dir = store.fetch(req.base_model), store.fetch(req.tokenizer)
     parents = [store.resolve(req.base_model), store.resolve(req.tokenizer)]
-    with _scratch("embeddings") as tmp:
+    with scratch_dir("embeddings") as tmp:
         out = extend_model(
             base_dir, tok_dir, tmp / "model", init=req.init, translations=req.translations, blend=req.blend
         )
@@ -112,9 +98,9 @@ def convert_to_litgpt(req: ConvertRequest) -> CheckpointManifest:
     """The HF checkpoint as a litgpt checkpoint (logits parity checked)."""
     from vinasmol_core.model import hf_to_litgpt, publish_checkpoint
 
-    store = _store(req.store_url)
+    store = open_store(req.store_url)
     hf_dir = store.fetch(req.hf_model)
-    with _scratch("convert") as tmp:
+    with scratch_dir("convert") as tmp:
         out = hf_to_litgpt(hf_dir, tmp / "litgpt", req.litgpt_name, pad_multiple=req.pad_multiple)
         return publish_checkpoint(
             store,
@@ -133,7 +119,7 @@ def evaluate(req: EvaluateRequest) -> EvalReportManifest:
     from vinasmol_core.model import bits_per_byte_report
     from vinasmol_core.model.bpb import report_to_json
 
-    store = _store(req.store_url)
+    store = open_store(req.store_url)
     model_dir = store.fetch(req.checkpoint)
     report = bits_per_byte_report(
         model_dir,
@@ -158,9 +144,9 @@ def export(req: ExportRequest) -> CheckpointManifest:
     """The checkpoint as a verified Hugging Face folder, published as an `hf` checkpoint artifact."""
     from vinasmol_core.model import export_hf, publish_checkpoint
 
-    store = _store(req.store_url)
+    store = open_store(req.store_url)
     src = store.fetch(req.checkpoint)
-    with _scratch("export") as tmp:
+    with scratch_dir("export") as tmp:
         out = export_hf(src, tmp / "hf", dtype=req.dtype, card=req.card)
         return publish_checkpoint(
             store,

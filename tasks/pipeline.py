@@ -16,18 +16,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-from tasks.common import step
+from tasks.common import open_store, scratch_dir, step
 from vinasmol_core.errors import VinaSmolError
 from vinasmol_core.manifests import (
     CheckpointManifest,
@@ -40,22 +36,8 @@ from vinasmol_core.train.spec import StageJob, StageSpec
 FAIL_AT_ENV = "VINASMOL_FAIL_AT"  # "<stage>:<step>": debugging, never part of a cache key
 
 
-def _store(store_url: str) -> Any:
-    from vinasmol_core.store import ArtifactStore
-
-    return ArtifactStore(store_url)
 
 
-@contextmanager
-def _scratch(prefix: str) -> Iterator[Path]:
-    """A temporary folder removed afterwards (outputs are published from it, then dropped)."""
-    root = Path(os.environ.get("VINASMOL_WORK_DIR") or tempfile.gettempdir())
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"vinasmol-{prefix}-", dir=root))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- corpora
@@ -117,14 +99,14 @@ def val_files(corpora: list[dict[str, Any]], out_dir: Path, languages: list[str]
 @step("base-model")
 def fetch_base_model(source: dict[str, Any], name: str, store_url: str) -> CheckpointManifest:
     """The English base model as an `hf` checkpoint artifact (tokenizer files included)."""
-    store = _store(store_url)
+    store = open_store(store_url)
     kind = source["kind"]
     if kind == "hf" and source["path"].startswith("store:"):
         manifest = store.get_manifest(source["path"][len("store:") :])
         if not isinstance(manifest, CheckpointManifest) or manifest.format != "hf":
             raise VinaSmolError(f"base_model.source.path: {source['path']} is not an hf checkpoint artifact")
         return manifest
-    with _scratch("base") as tmp:
+    with scratch_dir("base") as tmp:
         if kind == "tiny":
             from vinasmol_core.tiny import build_tiny_base_model, build_tiny_tokenizer
 
@@ -170,7 +152,7 @@ def train_tokenizer(
     from tasks.tokenizer import TrainTokenizerRequest
     from tasks.tokenizer import train_tokenizer as count_task
 
-    with _scratch("tokenizer") as tmp:
+    with scratch_dir("tokenizer") as tmp:
         files: list[str] = []
         for corpus in corpora:
             train, _ = materialize_corpus(corpus, tmp / "corpora" / corpus["name"])
@@ -193,7 +175,7 @@ def merge_vocabulary(
     from tasks.tokenizer import MergeVocabularyRequest
     from tasks.tokenizer import merge_vocabulary as merge_task
 
-    with _scratch("merge") as tmp:
+    with scratch_dir("merge") as tmp:
         files = val_files(eval_corpora, tmp / "val", ["vi", "en", "code"])
         request = MergeVocabularyRequest(
             store_url=store_url,
@@ -220,9 +202,9 @@ def prepare_data(
     from tasks.data import prepare_data as prepare_task
     from vinasmol_core.data import CleaningSpec, SourceSpec
 
-    store = _store(store_url)
+    store = open_store(store_url)
     tok_dir = store.fetch(tokenizer_artifact)
-    with _scratch(f"data-{role}") as tmp:
+    with scratch_dir(f"data-{role}") as tmp:
         sources = []
         for corpus in corpora:
             train, _ = materialize_corpus(corpus, tmp / "corpora" / corpus["name"])
@@ -411,7 +393,7 @@ def evaluate(
     from tasks.model import EvaluateRequest
     from tasks.model import evaluate as evaluate_task
 
-    with _scratch("eval") as tmp:
+    with scratch_dir("eval") as tmp:
         files = val_files(eval_corpora, tmp / "val", section["languages"])
         request = EvaluateRequest(
             store_url=store_url,

@@ -10,16 +10,12 @@ Caching and result storage are wired by the flows (`task.with_options(...)`).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from prefect import task
 from pydantic import BaseModel, Field
 
+from tasks.common import open_store, scratch_dir
 from vinasmol_core.manifests import DatasetManifest, TokenizerManifest
 
 
@@ -44,19 +40,8 @@ class MergeVocabularyRequest(BaseModel):
     out_ref: str | None = None
 
 
-def _store(url: str) -> Any:
-    from vinasmol_core.store import ArtifactStore
-
-    return ArtifactStore(url)
 
 
-@contextmanager
-def _scratch(prefix: str) -> Iterator[Path]:
-    tmp = Path(tempfile.mkdtemp(prefix=f"vinasmol-{prefix}-"))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @task(name="train-tokenizer")
@@ -64,10 +49,10 @@ def train_tokenizer(request: TrainTokenizerRequest) -> DatasetManifest:
     """Count the corpus's pre-tokenized words and publish the counts."""
     from vinasmol_core.tokenizer import count_words
 
-    store = _store(request.store_url)
+    store = open_store(request.store_url)
     pre = store.fetch(request.base) if request.base else None
     counts = count_words([Path(p) for p in request.corpus], request.text_field, pre_tokenizer=pre)
-    with _scratch("word-counts") as tmp:
+    with scratch_dir("word-counts") as tmp:
         counts.save(tmp)
         manifest = DatasetManifest(
             name="word-counts",
@@ -86,10 +71,10 @@ def merge_vocabulary(request: MergeVocabularyRequest) -> TokenizerManifest:
     from vinasmol_core.tokenizer import WordCounts, extend_tokenizer, fertility_report
     from vinasmol_core.tokenizer.publish import tokenizer_manifest
 
-    store = _store(request.store_url)
+    store = open_store(request.store_url)
     base_dir = store.fetch(request.base)
     counts = WordCounts.load(store.fetch(request.word_counts))
-    with _scratch("tokenizer") as tmp:
+    with scratch_dir("tokenizer") as tmp:
         result = extend_tokenizer(base_dir, counts, request.target_vocab_size, tmp / "tokenizer")
         report = None
         if request.eval_files:
