@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 
 from tests.data_fixtures import sample_corpora, tiny_tokenizer, write_jsonl
 from vinasmol_core.data import SourceSpec, prepare_dataset
-from vinasmol_core.data.fastbpe import FastByteLevelBPE, fast_path_shape
+from vinasmol_core.data.fastbpe import _BYTE_CHARS, FastByteLevelBPE, fast_path_shape
 from vinasmol_core.data.shards import load_npy
 
 TRICKY = [
@@ -106,3 +106,29 @@ def test_disagreement_falls_back_to_the_tokenizer(tmp_path_factory: pytest.TempP
     a = load_npy(tmp_path / "real" / "train" / "s" / "00000.npy")
     b = load_npy(tmp_path / "again" / "train" / "s" / "00000.npy")
     assert np.array_equal(a, b)
+
+
+def test_unreachable_tokens_are_left_out(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    """Merges bc, then ab, then ab+c over the three bytes of one character: "abc" is never produced
+    ("a" + "bc" is not a merge), while a rank-based BPE that kept it would join "a" and "bc"."""
+    base = tiny_tokenizer(tmp_path_factory) / "tokenizer.json"
+    data = json.loads(base.read_text(encoding="utf-8"))
+    vocab, merges = data["model"]["vocab"], data["model"]["merges"]
+    merged = {ch for m in merges for ch in "".join(m if isinstance(m, list) else m.split(" "))}
+    char = next(ch for ch in map(chr, range(0x2600, 0x2700))
+                if not {_BYTE_CHARS[x] for x in ch.encode()} & merged)
+    a, b, c = (_BYTE_CHARS[x] for x in char.encode())
+    for left, right in ((b, c), (a, b), (a + b, c)):
+        vocab[left + right] = len(vocab)
+        merges.append([left, right] if isinstance(merges[0], list) else f"{left} {right}")
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    tok = Tokenizer.from_file(str(path))
+    texts = [char, f" x{char}{char}y {char}"]
+    expected = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+    assert expected[0] == [vocab[a], vocab[b + c]]
+    fast = FastByteLevelBPE.create(tok, path, np.dtype(np.uint16))
+    assert fast is not None
+    flat, lengths = fast.encode(texts, eos_id=0)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    assert [flat[offsets[i] : offsets[i + 1] - 1].tolist() for i in range(len(texts))] == expected

@@ -1,21 +1,27 @@
-"""An exact, cached fast path for GPT-2-style byte-level BPE tokenizers (SmolLM2 and its extensions).
+"""An exact fast path for GPT-2-style byte-level BPE tokenizers (SmolLM2 and its extensions).
 
-Why it is exact. Such a tokenizer pre-splits text with GPT-2's regex (after isolating every digit,
-in SmolLM2's case), then runs BPE inside each piece, so the ids of a text are the concatenation
-of the ids of its pre-tokens. In that regex no match runs from a non-whitespace character into
-whitespace (whitespace only ever starts a match) and nothing looks behind, so wherever whitespace
-follows a non-whitespace character a new match begins, and the matches from there on depend only
-on the text from there on. Cutting a document at every such point therefore gives pieces whose
-encodings concatenate to the document's encoding. Pieces (" Nội,", " the", "\\n    return")
-repeat a lot: each distinct piece is encoded once and cached. A new piece is split into
-pre-tokens with the same regex (the `regex` package), and each distinct pre-token is encoded
-once by the real tokenizer.
+The encoding runs in tiktoken's compiled BPE (no Python work per word), driven by the tokenizer's
+own pre-tokenizer regex and merge list, and the ids are mapped back to the tokenizer's.
 
-When it is used. Only for tokenizer.json files of exactly that shape: a BPE model without dropout
-or subword affixes, no normaliser (or NFC), and a ByteLevel pre-tokenizer with the GPT-2 regex and
-no prefix space, optionally preceded by Digits(individual_digits=True). A text containing an added
-token's content goes to the real tokenizer whole. `prepare_dataset` also compares the two on
-samples of every source and rebuilds with the real tokenizer alone if they ever disagree.
+Why it is exact. tiktoken merges, at each step, the adjacent pair whose concatenation has the
+lowest rank; the tokenizer merges the adjacent pair that comes first in its merge list. Give each
+token the rank of the merge that makes it. While tiktoken only performs pairs that are in the
+merge list, it performs the same merges in the same order (the pair it picks is the tokenizer's
+first candidate, leftmost first in both). Suppose its first other merge joins x and y into the token
+t = x + y. Up to then both ran alike, and x, y cover exactly the bytes of t, so the tokenizer run
+on t's bytes alone goes through the same merges inside that span and also reaches [x, y], where it
+stops (the only pair is not a merge): t is *unreachable*, never produced by the tokenizer. So
+leaving unreachable tokens out of tiktoken's ranks (the tokenizer can neither output them nor build
+on them) makes the two agree on every input. `create` checks every token's reachability with the
+tokenizer's own BPE model, and requires every byte that UTF-8 text can hold to be a token (the
+tokenizer drops unknown bytes and lets their neighbours merge; tiktoken cannot do that).
+
+When it is used. Only for tokenizer.json files of exactly that shape: a BPE model without dropout,
+subword affixes or `ignore_merges`, each merge making a new token, no normaliser (or NFC), and a
+ByteLevel pre-tokenizer with the GPT-2 regex and no prefix space, optionally preceded by
+Digits(individual_digits=True). A text containing an added token's content goes to the real
+tokenizer whole. `prepare_dataset` also compares the two on samples of every source and rebuilds
+with the real tokenizer alone if they ever disagree.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +37,14 @@ import numpy as np
 # The regex's \s, spelled out (Oniguruma's Unicode \s: tab to CR, NEL, and the space, line and
 # paragraph separators), so Python's wider idea of whitespace (it adds U+001C..U+001F) never leaks in.
 _WS = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-# A piece starts wherever whitespace follows a non-whitespace character: no pre-token spans that
-# point, and the pre-tokens after it depend only on the text after it. So a piece is a run of
-# whitespace then a run of non-whitespace (or the trailing whitespace of the text).
-_PIECE = re.compile(f"[{_WS}]*[^{_WS}]+|[{_WS}]+")
 _GPT2 = (f"'s|'t|'re|'ve|'m|'ll|'d| ?\\p{{L}}+| ?\\p{{N}}+| ?[^{_WS}\\p{{L}}\\p{{N}}]+"
          f"|[{_WS}]+(?![^{_WS}])|[{_WS}]+")
 # GPT-2's regex applied between isolated digits: a digit is a match of its own and ends the
 # segment, so "whitespace not followed by non-space" also holds before a digit.
 _GPT2_DIGITS = (f"'s|'t|'re|'ve|'m|'ll|'d| ?\\p{{L}}+| ?[^{_WS}\\p{{L}}\\p{{N}}]+"
                 f"|[{_WS}]+(?![^{_WS}\\p{{N}}])|[{_WS}]+|\\p{{N}}")
-_CACHE_LIMIT = 400_000
+# Bytes that never occur in UTF-8 text.
+_NOT_UTF8 = frozenset({0xC0, 0xC1, *range(0xF5, 0x100)})
 
 
 def _byte_chars() -> list[str]:
@@ -69,6 +71,8 @@ def fast_path_shape(tokenizer_json: dict[str, Any]) -> tuple[str | None, bool, b
         return "BPE dropout", False, False
     if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         return "subword prefix/suffix", False, False
+    if model.get("ignore_merges"):
+        return "ignore_merges (whole words looked up before merging)", False, False
     norm = tokenizer_json.get("normalizer")
     nfc = False
     if norm is not None:
@@ -94,85 +98,65 @@ class FastByteLevelBPE:
     """Encodes texts exactly like `tokenizer.encode_batch(texts, add_special_tokens=False)`, faster.
 
     Build with `FastByteLevelBPE.create(tokenizer, tokenizer_json_path, dtype)`, which returns None
-    when the tokenizer's shape is not supported. Cached piece encodings are kept as raw bytes of
-    `dtype`, so a document's ids are one `bytes.join` of its pieces' (no per-token Python work)."""
+    when the tokenizer's shape is not supported (see the module docstring)."""
 
-    def __init__(
-        self, tokenizer: Any, digits: bool, nfc: bool, added: list[str], dtype: np.dtype[Any]
-    ) -> None:
-        import regex
-
+    def __init__(self, tokenizer: Any, encoding: Any, rank_to_id: np.ndarray, nfc: bool, added: list[str],
+                 dtype: np.dtype[Any]) -> None:
         self.tokenizer = tokenizer
+        self.encoding = encoding
+        self.rank_to_id = rank_to_id
         self.nfc = nfc
         self.dtype = np.dtype(dtype)
-        self._pretok = regex.compile(_GPT2_DIGITS if digits else _GPT2)
         self._added = re.compile("|".join(re.escape(a) for a in sorted(added, key=len, reverse=True))) \
             if added else None
-        self._pieces: dict[str, bytes] = {}
-        self._words: dict[str, bytes] = {}
 
     @classmethod
     def create(cls, tokenizer: Any, tokenizer_json: Path, dtype: np.dtype[Any]) -> FastByteLevelBPE | None:
+        import tiktoken
+
         data = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
         reason, digits, nfc = fast_path_shape(data)
         if reason is not None:
             return None
+        vocab: dict[str, int] = data["model"]["vocab"]
+        byte_of = {c: b for b, c in enumerate(_BYTE_CHARS)}
+        if any(_BYTE_CHARS[b] not in vocab for b in range(256) if b not in _NOT_UTF8):
+            return None
+        ranks: dict[bytes, int] = {bytes([b]): b for b in range(256)}
+        rank_to_id = [vocab.get(_BYTE_CHARS[b], -1) for b in range(256)]
+        tokenize = tokenizer.model.tokenize
+        for merge in data["model"].get("merges", []):
+            left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
+            token = left + right
+            key = bytes(byte_of[c] for c in token)
+            if key in ranks or token not in vocab:
+                return None  # a merge that remakes a token: the rank order would not be the merge order
+            if [t.id for t in tokenize(token)] != [vocab[token]]:
+                continue  # unreachable: the tokenizer never produces it (see the module docstring)
+            ranks[key] = len(rank_to_id)
+            rank_to_id.append(vocab[token])
+        encoding = tiktoken.Encoding(
+            "vinasmol-bpe", pat_str=_GPT2_DIGITS if digits else _GPT2, mergeable_ranks=ranks,
+            special_tokens={},
+        )
         added = [t["content"] for t in data.get("added_tokens", []) if t.get("content")]
-        return cls(tokenizer, digits, nfc, added, dtype)
-
-    def _encode_words(self, words: list[str]) -> None:
-        """Cache the ids of new pre-tokens: the BPE model run on their byte-level characters, which
-        is what the tokenizer does after pre-tokenizing (and about twice as fast as encoding)."""
-        tokenize = self.tokenizer.model.tokenize
-        chars = _BYTE_CHARS.__getitem__
-        ids = [[t.id for t in tokenize("".join(map(chars, w.encode("utf-8"))))] for w in words]
-        flat = np.fromiter(chain.from_iterable(ids), dtype=self.dtype).tobytes()
-        size = self.dtype.itemsize
-        pos = 0
-        for w, x in zip(words, ids, strict=True):
-            n = len(x) * size
-            self._words[w] = flat[pos : pos + n]
-            pos += n
-
-    def _encode_pieces(self, pieces: set[str]) -> None:
-        """Cache the ids of new pieces: regex pre-tokens, each distinct one encoded once."""
-        findall = self._pretok.findall
-        split = {p: findall(unicodedata.normalize("NFC", p) if self.nfc else p) for p in pieces}
-        words = self._words
-        new_words = list({w for ws in split.values() for w in ws if w not in words})
-        if new_words:
-            self._encode_words(new_words)
-        join = b"".join
-        for p, ws in split.items():
-            self._pieces[p] = words[ws[0]] if len(ws) == 1 else join(map(words.__getitem__, ws))
+        return cls(tokenizer, encoding, np.array(rank_to_id, dtype=np.int64), nfc, added, dtype)
 
     def encode(self, texts: list[str], eos_id: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids of all texts concatenated, each followed by eos_id; per-text lengths including eos)."""
-        if len(self._pieces) > _CACHE_LIMIT:  # bounded memory; only between batches
-            self._pieces.clear()
-        if len(self._words) > _CACHE_LIMIT:
-            self._words.clear()
-        split = _PIECE.findall
-        cache = self._pieces
-        added = self._added
-        slow = [i for i, t in enumerate(texts) if added is not None and added.search(t)]
-        piece_lists = [split(t) for t in texts] if not slow else \
-            [split(t) if added is None or not added.search(t) else [] for t in texts]
-        distinct: set[str] = set()
-        for pieces in piece_lists:
-            distinct.update(pieces)
-        missing = distinct.difference(cache)  # C-level: set minus dict keys
-        if missing:
-            self._encode_pieces(missing)
-        join = b"".join
-        getter = cache.__getitem__
-        bufs = [join(map(getter, pieces)) for pieces in piece_lists]
-        if slow:
-            encs = self.tokenizer.encode_batch([texts[i] for i in slow], add_special_tokens=False)
-            for i, e in zip(slow, encs, strict=True):
-                bufs[i] = np.array(e.ids, dtype=self.dtype).tobytes()
-        size = self.dtype.itemsize
-        lengths = np.fromiter((len(b) // size + 1 for b in bufs), dtype=np.int64, count=len(bufs))
-        eos = np.array([eos_id], dtype=self.dtype).tobytes()
-        flat = np.frombuffer(join(chain.from_iterable((b, eos) for b in bufs)), dtype=self.dtype)
+        parts: list[np.ndarray] = []
+        eos = np.array([eos_id], dtype=self.dtype)
+        to_ids = self.rank_to_id
+        for text in texts:
+            if self._added is not None and self._added.search(text):
+                ids = np.array(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=self.dtype)
+            else:
+                if self.nfc and not unicodedata.is_normalized("NFC", text):
+                    text = unicodedata.normalize("NFC", text)
+                ranks = self.encoding.encode_to_numpy(text, disallowed_special=())
+                ids = to_ids[ranks].astype(self.dtype)
+            parts.append(ids)
+            parts.append(eos)
+        lengths = np.fromiter((p.size + 1 for p in parts[::2]), dtype=np.int64, count=len(texts))
+        flat = np.concatenate(parts) if parts else np.zeros(0, self.dtype)
         return flat, lengths
