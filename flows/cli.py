@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -55,11 +57,14 @@ def _run_flow(
     force: list[str],
     start_ref: str | None,
     stage_runner: str | None,
+    before_flow: Callable[[], None] | None = None,
 ) -> dict:
     from flows.pipeline import plan_run, vinasmol
 
     # Every input is checked before a flow run exists, so bad input costs nothing.
     plan_run(recipe, store, from_stage, force, start_ref, stage_runner)
+    if before_flow is not None:
+        before_flow()
     state = vinasmol(
         recipe=str(recipe),
         store=store,
@@ -111,16 +116,11 @@ def retry_cmd(flow_run_id: str = typer.Argument(..., help="id of a finished vina
 
 
 def demo_environment(demo_dir: Path) -> dict[str, str]:
-    """Environment of the demo: an ephemeral Prefect with its home under the demo folder."""
+    """Environment of the demo: Prefect's home, the work folder and quiet libraries under the demo folder."""
     demo_dir = demo_dir.resolve()
     return {
         "PREFECT_HOME": str(demo_dir / "prefect"),
-        "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "true",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        # A busy machine can take longer than the default 20 s to start the temporary server.
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": os.environ.get(
-            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"
-        ),
         "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING"),
         "VINASMOL_WORK_DIR": str(demo_dir / "work"),
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -130,18 +130,75 @@ def demo_environment(demo_dir: Path) -> dict[str, str]:
     }
 
 
+class LocalPrefectServer:
+    """A Prefect API server for one command, on a free loopback port, its SQLite database in
+    PREFECT_HOME. Started before Prefect, torch and the pipeline are imported, so its boot (several
+    seconds) overlaps ours instead of following it as Prefect's ephemeral server would."""
+
+    def __init__(self, home: Path, startup_timeout: float = 180.0) -> None:
+        import socket
+        import subprocess
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.api_url = f"http://127.0.0.1:{port}/api"
+        self.log = home / "server.log"
+        self.startup_timeout = startup_timeout
+        home.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+        cmd = [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1",
+               "--port", str(port), "--no-services", "--no-ui"]
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL)
+        self.started = time.monotonic()
+
+    def wait_ready(self) -> None:
+        import httpx
+
+        while True:
+            try:
+                if httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.process.poll() is not None:
+                raise VinaSmolError(f"the local Prefect server exited while starting; see {self.log}")
+            if time.monotonic() - self.started > self.startup_timeout:
+                self.stop()
+                raise VinaSmolError("the local Prefect server did not answer within "
+                                    f"{self.startup_timeout:.0f} s; see {self.log}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
 @app.command("demo")
 def demo_cmd(
     demo_dir: Path = typer.Option(Path("demo-store"), "--dir", help="demo folder (store, Prefect home)"),
     recipe: Path = typer.Option(DEMO_RECIPE, "--recipe", help="recipe to run"),
 ) -> None:
-    """recipes/tiny-cpu.yaml end to end with an ephemeral Prefect; a second run is fully cached."""
+    """recipes/tiny-cpu.yaml end to end with a Prefect server of its own; a second run is fully cached."""
     t0 = time.perf_counter()
-    os.environ.pop("PREFECT_API_URL", None)
     os.environ.update(demo_environment(demo_dir))
-    store_url = "file://" + str((demo_dir / "store").resolve())
-    (demo_dir / "store").mkdir(parents=True, exist_ok=True)
-    result = _run_flow(recipe, store_url, None, [], None, "inline")
+    server = LocalPrefectServer(demo_dir.resolve() / "prefect")
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        store_url = "file://" + str((demo_dir / "store").resolve())
+        (demo_dir / "store").mkdir(parents=True, exist_ok=True)
+        result = _run_flow(recipe, store_url, None, [], None, "inline", before_flow=server.wait_ready)
+    finally:
+        server.stop()
 
     from vinasmol_core.store import ArtifactStore
 
