@@ -36,10 +36,6 @@ from vinasmol_core.train.spec import StageJob, StageSpec
 FAIL_AT_ENV = "VINASMOL_FAIL_AT"  # "<stage>:<step>": debugging, never part of a cache key
 
 
-
-
-
-
 # ----------------------------------------------------------------------------- corpora
 def materialize_corpus(corpus: dict[str, Any], out_dir: Path) -> tuple[list[Path], list[Path]]:
     """Local (train, val) JSONL files of one recipe corpus; built-in samples are written to out_dir."""
