@@ -72,6 +72,28 @@ def head_jsonl(src: Path, dst: Path, docs: int) -> Path:
     return dst
 
 
+def frozen_unchanged(init_dir: Path, after_dir: Path, base_vocab_size: int) -> tuple[bool, int]:
+    """(every tensor and every base row of the embedding bit-identical, new rows that changed)."""
+    import torch
+
+    from vinasmol_core.train.params import load_lit_state_dict
+
+    before = load_lit_state_dict(init_dir / "lit_model.pth")
+    after = load_lit_state_dict(after_dir / "lit_model.pth")
+    same = before.keys() == after.keys()
+    changed_rows = 0
+    for name, tensor in before.items():
+        other = after.get(name)
+        if other is None or other.shape != tensor.shape:
+            return False, 0
+        if name.endswith("wte.weight") or name.endswith("lm_head.weight"):
+            same &= torch.equal(tensor[:base_vocab_size], other[:base_vocab_size])
+            changed_rows = int((tensor[base_vocab_size:] != other[base_vocab_size:]).any(dim=1).sum())
+        else:
+            same &= torch.equal(tensor, other)
+    return same, changed_rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -246,6 +268,9 @@ def main() -> None:
             f"{rep['en'].bytes_per_token:.2f} |"
         )
     print()
+    identical, changed = frozen_unchanged(lit, after, ext_info["base_vocab_size"])
+    print(f"base rows and every other tensor bit-identical after stage 3: {identical}; "
+          f"new rows changed: {changed:,} of {ext_info['vocab_size'] - ext_info['base_vocab_size']:,}")
     vi_ok = scores["after"]["vi"].bpb < scores["base"]["vi"].bpb
     en_rel = scores["after"]["en"].bpb / scores["init"]["en"].bpb - 1.0
     print(f"vi after < vi base: {vi_ok}; en after vs init: {100 * en_rel:+.2f} % (target <= +0.5 %)")
