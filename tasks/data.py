@@ -45,11 +45,14 @@ def prepare_data(
                     name, s.docs_read, sum(s.removed.values()), s.removed,
                     s.exact_duplicates + s.near_duplicates, s.train_tokens, s.val_tokens)
 
+    def progress(name: str, s: SourceStats) -> None:
+        logger.info("%s: %.1f MB, %d docs so far", name, s.bytes_read / 1e6, s.docs_read)
+
     info = prepare_dataset(
         sources, Path(tokenizer_dir), Path(out_dir), cleaning=cleaning or CleaningSpec(),
         val_fraction=val_fraction, dedup=dedup, near_dedup=near_dedup,
         near_dedup_threshold=near_dedup_threshold, skip_bad_lines=skip_bad_lines, store=store_url, ref=ref,
-        workers=workers, on_source_done=done,
+        workers=workers, on_source_done=done, on_progress=progress,
     )
     logger.info("dataset %s %s; tokens %s", info.key[:12], "reused" if info.reused else "built",
                 info.token_counts)

@@ -366,3 +366,19 @@ def test_prefect_task_wrapper(tmp_path: Path, tok: Path) -> None:
     info = prepare_data.fn(srcs, tok, tmp_path / "ds", workers=0)
     assert info.dir == tmp_path / "ds" and info.token_counts["en"] > 0
     assert prepare_data.fn(srcs, tok, tmp_path / "ds", workers=0).reused
+
+
+def test_progress_is_reported_while_a_source_is_read(tmp_path: Path, tok: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import vinasmol_core.data.prepare as prepare
+
+    monkeypatch.setattr(prepare, "PROGRESS_SECONDS", 0.0)
+    rows = [{"id": str(i), "text": f"{EN_DOC} Number {i}."} for i in range(60)]
+    src = write_jsonl(tmp_path / "a.jsonl", rows)
+    seen: list[tuple[str, int, int]] = []
+    info = prepare_dataset([SourceSpec(name="a", lang="en", paths=(str(src),))], tok, tmp_path / "ds",
+                           val_fraction=0.0, workers=0, batch_chars=2000,
+                           on_progress=lambda name, s: seen.append((name, s.docs_read, s.bytes_read)))
+    assert len(seen) > 3 and {name for name, _, _ in seen} == {"a"}
+    docs = [d for _, d, _ in seen]
+    assert docs == sorted(docs) and docs[0] < docs[-1] <= info.sources["a"].docs_read

@@ -73,10 +73,14 @@ def prepare(
                    f"{s.exact_duplicates + s.near_duplicates:,} duplicates, "
                    f"{s.train_tokens:,} train / {s.val_tokens:,} val tokens")
 
+    def progress(name: str, s: SourceStats) -> None:
+        typer.echo(f"  {name}: {s.bytes_read / 1e6:,.1f} MB, {s.docs_read:,} docs so far", err=True)
+
     info = prepare_dataset(sources, tokenizer, out, cleaning=CleaningSpec(min_chars=min_chars),
                            val_fraction=val_fraction, dedup=dedup, near_dedup=near_dedup,
                            near_dedup_threshold=near_dedup_threshold, skip_bad_lines=skip_bad_lines,
-                           store=store, ref=ref, workers=workers, on_source_done=done)
+                           store=store, ref=ref, workers=workers, on_source_done=done,
+                           on_progress=progress)
     where = str(info.dir) if info.dir else f"store {store}"
     verb = "reused" if info.reused else f"built in {info.seconds:.1f} s"
     typer.echo(f"dataset {info.key[:12]} {verb}: {where}")

@@ -60,6 +60,7 @@ FORMAT_VERSION = 1
 DATASET_FILE = "dataset.json"
 SPLITS = ("train", "val")
 KEY_REF_PREFIX = "datasets/by-key/"
+PROGRESS_SECONDS = 5.0  # at most one on_progress call per source this often
 
 
 def split_of(source: str, doc_id: str, val_fraction: float) -> str:
@@ -203,9 +204,11 @@ def prepare_dataset(
     workers: int | None = None,
     use_fast_path: bool = True,
     on_source_done: Callable[[str, SourceStats], None] | None = None,
+    on_progress: Callable[[str, SourceStats], None] | None = None,
 ) -> DatasetInfo:
     """Prepare `sources` with the tokenizer in `tokenizer_dir` into `out_dir` (and publish the result
-    to `store` when given, under the ref `datasets/by-key/<key>` and `ref`).
+    to `store` when given, under the ref `datasets/by-key/<key>` and `ref`). `on_progress` gets the
+    running counts of the source being read every few seconds, `on_source_done` its final ones.
 
     Returns early, doing no work, when `out_dir` or the store already holds this exact build."""
     t0 = time.perf_counter()
@@ -249,7 +252,7 @@ def prepare_dataset(
             key=key, cleaning=cleaning, val_fraction=val_fraction, dedup=dedup, near_dedup=near_dedup,
             near_dedup_threshold=near_dedup_threshold, skip_bad_lines=skip_bad_lines,
             shard_tokens=shard_tokens, batch_chars=batch_chars, workers=n_workers,
-            on_source_done=on_source_done)
+            on_source_done=on_source_done, on_progress=on_progress)
         try:
             meta = _build(sources, files, digests, tok_path, tok_digest, tmp, use_fast_path=use_fast_path,
                           **build_args)
@@ -365,6 +368,7 @@ def _build(
     workers: int,
     use_fast_path: bool,
     on_source_done: Callable[[str, SourceStats], None] | None,
+    on_progress: Callable[[str, SourceStats], None] | None,
 ) -> dict[str, Any]:
     from tokenizers import Tokenizer
 
@@ -392,6 +396,7 @@ def _build(
         return writers, SourceStats(removed=dict.fromkeys(FILTERS, 0))
 
     current = 0
+    next_progress = time.monotonic() + PROGRESS_SECONDS
     writers, stats = new_state(sources[0])
     bad_examples: list[str] = []
     for item in _results(_batches(sources, files, skip_bad_lines, batch_chars), cfg, workers):
@@ -426,6 +431,9 @@ def _build(
             raise _FastPathMismatch(item.mismatch)
         stats.docs_read += item.docs_read
         stats.bytes_read += item.bytes_read
+        if on_progress is not None and time.monotonic() >= next_progress:
+            on_progress(sources[current].name, stats)
+            next_progress = time.monotonic() + PROGRESS_SECONDS
         stats.bad_lines_skipped += item.bad_lines
         bad_examples.extend(item.bad_examples)
         for k, v in item.removed.items():
