@@ -1,8 +1,9 @@
-"""Prefect task: prepare a dataset artifact (a thin wrapper over `vinasmol_core.data.prepare_dataset`).
+"""The body of the data step: prepare a dataset artifact (a thin wrapper over
+`vinasmol_core.data.prepare_dataset`, logging to the run when there is one).
 
-No Prefect cache policy: `prepare_dataset` keys its output on the *content* of the sources and the
-tokenizer (not their paths) and returns at once, doing no work, when the output folder or the
-store already holds that build, so a retried or re-run flow never redoes it.
+A plain function: the Prefect task is the `data` step in `tasks.pipeline`. `prepare_dataset` also
+keys its output on the *content* of the sources and the tokenizer (not their paths) and returns at
+once, doing no work, when the output folder or the store already holds that build.
 """
 
 from __future__ import annotations
@@ -11,14 +12,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import get_run_logger
 from prefect.exceptions import MissingContextError
 
 from vinasmol_core.data import CleaningSpec, DatasetInfo, SourceSpec, SourceStats, prepare_dataset
 
 
-@task(name="prepare-data", cache_policy=NO_CACHE, persist_result=False)
 def prepare_data(
     sources: list[SourceSpec],
     tokenizer_dir: Path,
@@ -37,7 +36,7 @@ def prepare_data(
     logger: Any
     try:
         logger = get_run_logger()
-    except MissingContextError:  # called as plain function (`prepare_data.fn(...)`)
+    except MissingContextError:  # outside a Prefect run
         logger = logging.getLogger(__name__)
 
     def done(name: str, s: SourceStats) -> None:

@@ -1,8 +1,8 @@
-"""Prefect tasks of the model steps: typed (Pydantic) requests in, manifests out.
+"""The bodies of the model steps: typed (Pydantic) requests in, manifests out.
 
-Each task fetches its input artifacts from the store, calls `vinasmol_core.model` in a scratch
-folder, publishes the output artifact and returns its manifest. Caching and result storage are
-wired by the flows (`task.with_options(...)`); nothing here depends on a run id.
+Each function fetches its input artifacts from the store, calls `vinasmol_core.model` in a scratch
+folder, publishes the output artifact and returns its manifest. They are plain functions: the
+Prefect tasks (cache keys, result storage) are the steps in `tasks.pipeline`, which call them.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import task
 from pydantic import BaseModel, Field
 
 from tasks.common import open_store, scratch_dir
@@ -59,11 +58,6 @@ class ExportRequest(StoreRequest):
     card: dict[str, Any] = Field(default_factory=dict)
 
 
-
-
-
-
-@task(name="fetch-base-model")
 def fetch_base_model(req: FetchBaseRequest) -> CheckpointManifest:
     """Publish the base model (a folder, or a hub download) as an `hf` checkpoint artifact."""
     from vinasmol_core.model import fetch_base_model as fetch
@@ -76,7 +70,6 @@ def fetch_base_model(req: FetchBaseRequest) -> CheckpointManifest:
         )
 
 
-@task(name="init-embeddings")
 def init_embeddings(req: InitEmbeddingsRequest) -> CheckpointManifest:
     """Resize the base model to the extended tokenizer and initialise the new rows."""
     from vinasmol_core.model import extend_model, publish_checkpoint
@@ -93,7 +86,6 @@ def init_embeddings(req: InitEmbeddingsRequest) -> CheckpointManifest:
         )
 
 
-@task(name="convert-to-litgpt")
 def convert_to_litgpt(req: ConvertRequest) -> CheckpointManifest:
     """The HF checkpoint as a litgpt checkpoint (logits parity checked)."""
     from vinasmol_core.model import hf_to_litgpt, publish_checkpoint
@@ -113,7 +105,6 @@ def convert_to_litgpt(req: ConvertRequest) -> CheckpointManifest:
         )
 
 
-@task(name="evaluate")
 def evaluate(req: EvaluateRequest) -> EvalReportManifest:
     """Bits per byte of a checkpoint per language, published as an eval report."""
     from vinasmol_core.model import bits_per_byte_report
@@ -139,7 +130,6 @@ def evaluate(req: EvaluateRequest) -> EvalReportManifest:
     return store.publish(manifest, ref=req.out_ref)
 
 
-@task(name="export")
 def export(req: ExportRequest) -> CheckpointManifest:
     """The checkpoint as a verified Hugging Face folder, published as an `hf` checkpoint artifact."""
     from vinasmol_core.model import export_hf, publish_checkpoint

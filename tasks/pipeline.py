@@ -1,7 +1,7 @@
 """The pipeline's steps, one Prefect task each (`tasks.common.step`: the cached unit).
 
-A step turns the recipe section it reads into the request of the module's own task function
-(`tasks.tokenizer`, `tasks.data`, `tasks.model`; called as plain functions), which fetches the
+A step turns the recipe section it reads into the request of its body in `tasks.tokenizer`,
+`tasks.data` or `tasks.model` (plain functions with typed requests), which fetches the
 input artifacts from the store, calls `vinasmol_core` and publishes the output artifact; the step
 returns that manifest. Training stages run `vinasmol_core.train.run_stage_process` (or the stage
 deployment) directly.
@@ -129,7 +129,7 @@ def fetch_base_model(source: dict[str, Any], name: str, store_url: str) -> Check
             from tasks.model import FetchBaseRequest
             from tasks.model import fetch_base_model as fetch_hf
 
-            return fetch_hf.fn(FetchBaseRequest(store_url=store_url, source=source["path"], name=name))
+            return fetch_hf(FetchBaseRequest(store_url=store_url, source=source["path"], name=name))
         from vinasmol_core.model import publish_checkpoint
 
         return publish_checkpoint(store, hf_dir, "hf", name=name, stage="base")
@@ -156,7 +156,7 @@ def train_tokenizer(
         request = TrainTokenizerRequest(
             store_url=store_url, corpus=files, base=base_model, corpus_digests=corpus_digests
         )
-        return count_task.fn(request)
+        return count_task(request)
 
 
 @step("merge-vocabulary")
@@ -180,7 +180,7 @@ def merge_vocabulary(
             target_vocab_size=section["target_vocab_size"],
             eval_files={lang: [str(p) for p in paths] for lang, paths in files.items()},
         )
-        return merge_task.fn(request)
+        return merge_task(request)
 
 
 @step("data", exclude=("tokenizer_artifact",))
@@ -213,7 +213,7 @@ def prepare_data(
                     text_field=corpus.get("text_field", "text"),
                 )
             )
-        info = prepare_task.fn(
+        info = prepare_task(
             sources,
             tok_dir,
             tmp / "dataset",
@@ -248,7 +248,7 @@ def init_embeddings(
         translations=section.get("translations"),
         blend=section["blend"],
     )
-    return init_task.fn(request)
+    return init_task(request)
 
 
 @step("convert")
@@ -257,7 +257,7 @@ def convert_to_litgpt(hf_model: str, litgpt_name: str | None, store_url: str) ->
     from tasks.model import ConvertRequest
     from tasks.model import convert_to_litgpt as convert_task
 
-    return convert_task.fn(ConvertRequest(store_url=store_url, hf_model=hf_model, litgpt_name=litgpt_name))
+    return convert_task(ConvertRequest(store_url=store_url, hf_model=hf_model, litgpt_name=litgpt_name))
 
 
 class TrainedStage(BaseModel):
@@ -399,7 +399,7 @@ def evaluate(
             max_docs=section.get("max_docs"),
             seq_len=section["seq_len"],
         )
-        return evaluate_task.fn(request)
+        return evaluate_task(request)
 
 
 @step("export")
@@ -409,6 +409,6 @@ def export(checkpoint: str, section: dict[str, Any], store_url: str) -> Checkpoi
     from tasks.model import export as export_task
 
     card = {"title": section["name"], **section.get("card", {})}
-    return export_task.fn(
+    return export_task(
         ExportRequest(store_url=store_url, checkpoint=checkpoint, dtype=section["dtype"], card=card)
     )

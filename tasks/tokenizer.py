@@ -1,18 +1,17 @@
-"""Prefect tasks of the tokenizer steps: typed (Pydantic) requests in, manifests out.
+"""The bodies of the tokenizer steps: typed (Pydantic) requests in, manifests out.
 
 - `train_tokenizer` ("train tokenizer"): count the pre-tokenized words of the training corpus and
   publish the counts (a `DatasetManifest` whose `extra.content` is "word-counts").
 - `merge_vocabulary` ("merge vocabulary"): extend the base tokenizer with merges learned on those
   counts, measure fertility, publish the tokenizer folder (a `TokenizerManifest`).
 
-Caching and result storage are wired by the flows (`task.with_options(...)`).
+Plain functions: the Prefect tasks (cache keys, result storage) are the steps in `tasks.pipeline`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
 from pydantic import BaseModel, Field
 
 from tasks.common import open_store, scratch_dir
@@ -44,7 +43,6 @@ class MergeVocabularyRequest(BaseModel):
 
 
 
-@task(name="train-tokenizer")
 def train_tokenizer(request: TrainTokenizerRequest) -> DatasetManifest:
     """Count the corpus's pre-tokenized words and publish the counts."""
     from vinasmol_core.tokenizer import count_words
@@ -64,7 +62,6 @@ def train_tokenizer(request: TrainTokenizerRequest) -> DatasetManifest:
         return store.publish(manifest, tmp, ref=request.out_ref)
 
 
-@task(name="merge-vocabulary")
 def merge_vocabulary(request: MergeVocabularyRequest) -> TokenizerManifest:
     """Extend the base tokenizer with merges learned on the word counts; publish it with its
     fertility report (base against extended)."""

@@ -359,13 +359,13 @@ def test_cli_prepare_inspect_and_errors(tmp_path_factory: pytest.TempPathFactory
     assert isinstance(bad.exception, ConfigError) and "language 'fr'" in str(bad.exception)
 
 
-def test_prefect_task_wrapper(tmp_path: Path, tok: Path) -> None:
+def test_data_step_body_builds_then_reuses(tmp_path: Path, tok: Path) -> None:
     from tasks.data import prepare_data
 
     srcs = [SourceSpec(name="s-en", lang="en", paths=(str(sample_corpora_small(tmp_path)),))]
-    info = prepare_data.fn(srcs, tok, tmp_path / "ds", workers=0)
+    info = prepare_data(srcs, tok, tmp_path / "ds", workers=0)
     assert info.dir == tmp_path / "ds" and info.token_counts["en"] > 0
-    assert prepare_data.fn(srcs, tok, tmp_path / "ds", workers=0).reused
+    assert prepare_data(srcs, tok, tmp_path / "ds", workers=0).reused
 
 
 def test_progress_is_reported_while_a_source_is_read(tmp_path: Path, tok: Path,

@@ -35,12 +35,12 @@ def _publish_tokenizer(store: ArtifactStore, tok_dir, ref: str) -> str:
 
 def test_steps_publish_typed_artifacts(tiny, store_url, tmp_path):
     store = ArtifactStore(store_url)
-    base = model_tasks.fetch_base_model.fn(
+    base = model_tasks.fetch_base_model(
         model_tasks.FetchBaseRequest(source=str(tiny["base"]), store_url=store_url, out_ref="t/base")
     )
     assert isinstance(base, CheckpointManifest) and base.format == "hf" and "model.safetensors" in base.files
     _publish_tokenizer(store, tiny["ext_tok"], "t/tokenizer")
-    ext = model_tasks.init_embeddings.fn(
+    ext = model_tasks.init_embeddings(
         model_tasks.InitEmbeddingsRequest(
             base_model="t/base", tokenizer="t/tokenizer", store_url=store_url, out_ref="t/extended"
         )
@@ -48,18 +48,18 @@ def test_steps_publish_typed_artifacts(tiny, store_url, tmp_path):
     assert ext.format == "hf" and ext.model_config_["vocab_size"] > base.model_config_["vocab_size"]
     assert ext.extra["extension"]["init"] == "subword-mean"
     assert ext.parents == [store.resolve("t/base"), store.resolve("t/tokenizer")]
-    lit = model_tasks.convert_to_litgpt.fn(
+    lit = model_tasks.convert_to_litgpt(
         model_tasks.ConvertRequest(hf_model="t/extended", store_url=store_url, out_ref="t/litgpt")
     )
     assert lit.format == "litgpt" and lit.model_config_["vocab_size"] == ext.model_config_["vocab_size"]
     assert lit.tokenizer_digest == ext.tokenizer_digest
-    hf = model_tasks.export.fn(
+    hf = model_tasks.export(
         model_tasks.ExportRequest(checkpoint="t/litgpt", dtype="float32", store_url=store_url, out_ref="t/hf")
     )
     assert hf.format == "hf" and "README.md" in hf.files
     val = tmp_path / "vi.jsonl"
     val.write_text(json.dumps({"text": "Hà Nội là thủ đô của Việt Nam."}, ensure_ascii=False) + "\n")
-    report = model_tasks.evaluate.fn(
+    report = model_tasks.evaluate(
         model_tasks.EvaluateRequest(
             checkpoint="t/hf", files={"vi": [str(val)]}, seq_len=64, store_url=store_url
         )
@@ -70,14 +70,14 @@ def test_steps_publish_typed_artifacts(tiny, store_url, tmp_path):
 
 def test_bad_tokenizer_publishes_nothing(tiny, store_url, tmp_path):
     store = ArtifactStore(store_url)
-    model_tasks.fetch_base_model.fn(
+    model_tasks.fetch_base_model(
         model_tasks.FetchBaseRequest(source=str(tiny["base"]), store_url=store_url, out_ref="t/base")
     )
     small = build_tiny_tokenizer(tmp_path / "small", vocab_size=300)
     _publish_tokenizer(store, small, "t/small")
     before = set(store.list_manifests())
     with pytest.raises(VinaSmolError, match="smaller"):
-        model_tasks.init_embeddings.fn(
+        model_tasks.init_embeddings(
             model_tasks.InitEmbeddingsRequest(
                 base_model="t/base", tokenizer="t/small", store_url=store_url, out_ref="t/extended"
             )

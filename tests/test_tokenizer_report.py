@@ -82,10 +82,10 @@ def test_prefect_tasks_publish_counts_and_tokenizer() -> None:
     url = (folder / "store").as_uri()
     store = ArtifactStore(url)
     base = store.publish(_tokenizer_manifest_for_base(), tiny_base(), ref="base/tokenizer")
-    counts = train_tokenizer.fn(TrainTokenizerRequest(store_url=url, corpus=[str(sample_data()["vi"])],
+    counts = train_tokenizer(TrainTokenizerRequest(store_url=url, corpus=[str(sample_data()["vi"])],
                                                       base="base/tokenizer", out_ref="counts/vi"))
     assert counts.extra["content"] == "word-counts" and counts.stats["vietnamese_letters"] > 0
-    tok = merge_vocabulary.fn(MergeVocabularyRequest(
+    tok = merge_vocabulary(MergeVocabularyRequest(
         store_url=url, base="base/tokenizer", word_counts="counts/vi", target_vocab_size=EXACT_TARGET,
         eval_files={"vi": [str(sample_data()["vi"])]}, out_ref="tokenizer/vi"))
     assert tok.vocab_size == EXACT_TARGET and tok.fertility["languages"]["vi"]["words"] > 0
