@@ -48,6 +48,19 @@ def full_module_state(fabric: Any, model: Any, raw_model: Any) -> dict[str, torc
     return {P.clean_name(k): v for k, v in state.items() if P.clean_name(k) in names}
 
 
+def _full_state_dicts(root: Any, rank0_only: bool) -> Any:
+    """FSDP's context for full (unsharded, CPU-offloaded) model and optimizer state dicts."""
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return FSDP.state_dict_type(
+        root,
+        StateDictType.FULL_STATE_DICT,
+        FullStateDictConfig(offload_to_cpu=True, rank0_only=rank0_only),
+        FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=rank0_only),
+    )
+
+
 def full_optimizer_state(
     fabric: Any, model: Any, optimizer: Any, names: dict[int, str]
 ) -> dict[str, torch.Tensor]:
@@ -56,16 +69,10 @@ def full_optimizer_state(
 
     if not is_fsdp(fabric):
         return optimizer_tensors(optimizer, names)
-    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     root = _fsdp_root(model)
-    with FSDP.state_dict_type(
-        root,
-        StateDictType.FULL_STATE_DICT,
-        FullStateDictConfig(offload_to_cpu=True, rank0_only=True),
-        FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=True),
-    ):
+    with _full_state_dicts(root, rank0_only=True):
         osd = FSDP.optim_state_dict(root, optimizer)
     out: dict[str, torch.Tensor] = {}
     for fqn, fields in osd.get("state", {}).items():
@@ -84,16 +91,10 @@ def load_full_optimizer_state(
     if not is_fsdp(fabric):
         load_optimizer_tensors(optimizer, names, tensors)
         return
-    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     root = _fsdp_root(model)
-    with FSDP.state_dict_type(
-        root,
-        StateDictType.FULL_STATE_DICT,
-        FullStateDictConfig(offload_to_cpu=True, rank0_only=False),
-        FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=False),
-    ):
+    with _full_state_dicts(root, rank0_only=False):
         template = FSDP.optim_state_dict(root, optimizer)
         by_fqn: dict[str, str] = {}
         for group in template["param_groups"]:
