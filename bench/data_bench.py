@@ -10,7 +10,7 @@ the largest single process's ru_maxrss. The 4x run lists every training file fou
 separate sources with exact dedup off (it would drop the copies), to show memory stays flat.
 
 Default tokenizer: the real SmolLM2 tokenizer (built offline by vinasmol_core.smollm2) extended
-to 55,936 tokens on vi/*-train (built once into .cache/data_bench, not timed); --tokenizer for
+to 55,936 tokens on vi/*-train (built once into .cache/bench, not timed); --tokenizer for
 another. Last line: `data_bench: mb_per_s=... peak_rss_mb=...
 mb_per_s_4x=... peak_rss_mb_4x=...`.
 """
@@ -93,20 +93,6 @@ def _run(sources: list[dict], tokenizer: Path, out: Path, dedup: bool, workers: 
     return result
 
 
-def extended_tokenizer(vi_train: list[Path], target: int) -> Path:
-    """SmolLM2's tokenizer extended on the Vietnamese training file (built once, not timed)."""
-    from vinasmol_core.smollm2 import build_smollm2_tokenizer
-    from vinasmol_core.tokenizer import count_words, extend_tokenizer
-
-    out = REPO / ".cache" / "data_bench" / f"tokenizer-{target}"
-    if not (out / "tokenizer.json").exists():
-        base = build_smollm2_tokenizer(out.parent / "smollm2-tokenizer")
-        print(f"building the extended tokenizer in {out} (not timed)", flush=True)
-        counts = count_words(vi_train, pre_tokenizer=base)
-        extend_tokenizer(base, counts, target_vocab_size=target, out_dir=out)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,7 +117,9 @@ def main() -> None:
         raise SystemExit(f"no *-train.jsonl.gz under {args.data}/{{vi,en,code}}")
     tmp = Path(tempfile.mkdtemp(prefix="data-bench-"))
     try:
-        tokenizer = args.tokenizer or extended_tokenizer(files["vi"], args.target_vocab_size)
+        from extended_tokenizer import extended_smollm2_tokenizer  # bench/, this script's folder
+
+        tokenizer = args.tokenizer or extended_smollm2_tokenizer(files["vi"], args.target_vocab_size)
         runs = []
         one = [{"name": f"{lang}-train", "lang": lang, "paths": [str(p) for p in ps]}
                for lang, ps in files.items()]

@@ -52,19 +52,6 @@ def cached(path: Path, build: Any) -> Path:
     return path
 
 
-def build_tokenizer(data: Path, work: Path, target: int) -> Path:
-    from vinasmol_core.smollm2 import build_smollm2_tokenizer
-    from vinasmol_core.tokenizer import count_words, extend_tokenizer
-
-    base_tok = cached(work / "smollm2-tokenizer", build_smollm2_tokenizer)
-
-    def build(out: Path) -> None:
-        counts = count_words([data / TRAIN["vi"]], pre_tokenizer=base_tok)
-        extend_tokenizer(base_tok, counts, target_vocab_size=target, out_dir=out)
-
-    return cached(work / f"tokenizer-{target}", build)
-
-
 def head_jsonl(src: Path, dst: Path, docs: int) -> Path:
     """The first `docs` documents of a .jsonl.gz file, as plain .jsonl."""
     with gzip.open(src, "rt", encoding="utf-8") as f, open(dst, "w", encoding="utf-8") as out:
@@ -143,7 +130,9 @@ def main() -> None:
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    tok = args.tokenizer or build_tokenizer(args.data, work, args.target_vocab)
+    from extended_tokenizer import extended_smollm2_tokenizer  # bench/, this script's folder
+
+    tok = args.tokenizer or extended_smollm2_tokenizer([args.data / TRAIN["vi"]], args.target_vocab)
     base = cached(work / "smollm2-135m", build_smollm2_135m)
     ext = cached(work / "extended-hf", lambda out: extend_model(base, tok, out, init="subword-mean"))
     lit = cached(work / "extended-litgpt", lambda out: hf_to_litgpt(ext, out))

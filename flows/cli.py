@@ -136,12 +136,11 @@ class LocalPrefectServer:
     seconds) overlaps ours instead of following it as Prefect's ephemeral server would."""
 
     def __init__(self, home: Path, startup_timeout: float = 180.0) -> None:
-        import socket
         import subprocess
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        from vinasmol_core.seaweed import free_ports
+
+        port = free_ports(1)[0]
         self.api_url = f"http://127.0.0.1:{port}/api"
         self.log = home / "server.log"
         self.startup_timeout = startup_timeout
