@@ -189,12 +189,15 @@ def demo_cmd(
 ) -> None:
     """recipes/tiny-cpu.yaml end to end with a Prefect server of its own; a second run is fully cached."""
     t0 = time.perf_counter()
+    try:
+        (demo_dir / "store").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VinaSmolError(f"demo folder {demo_dir}: cannot create it ({exc.strerror})") from None
     os.environ.update(demo_environment(demo_dir))
     server = LocalPrefectServer(demo_dir.resolve() / "prefect")
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
         store_url = "file://" + str((demo_dir / "store").resolve())
-        (demo_dir / "store").mkdir(parents=True, exist_ok=True)
         result = _run_flow(recipe, store_url, None, [], None, "inline", before_flow=server.wait_ready)
     finally:
         server.stop()
