@@ -12,9 +12,10 @@ $(STAMP): pyproject.toml
 	@# Hosts without CUDA take the CPU build of torch; a plain `torch` requirement can pull several GB of CUDA.
 	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/python -m pip install -q 'torch>=2.7'; \
 	else $(BIN)/python -m pip install -q torch==2.13.0 || $(BIN)/python -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; fi
-	@# uv resolves and installs the rest several times faster than pip; it keeps the torch above.
+	@# uv resolves and installs the rest several times faster than pip; it keeps the torch above. It
+	@# compiles bytecode at install: with PYTHONDONTWRITEBYTECODE set, nothing would ever be cached.
 	$(BIN)/python -m pip install -q uv
-	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[test]' || $(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e '.[test]' || $(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
