@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	@# compiles bytecode at install: with PYTHONDONTWRITEBYTECODE set, nothing would ever be cached.
 	$(BIN)/python -m pip install -q uv
 	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e '.[test]' || $(BIN)/python -m pip install -q -e '.[test]'
+	@# Prefect's database migrations run once here, not in every new demo folder.
+	$(BIN)/vinasmol prefect-template
 	touch $(STAMP)
 
 install: $(STAMP)

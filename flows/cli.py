@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -130,56 +129,14 @@ def demo_environment(demo_dir: Path) -> dict[str, str]:
     }
 
 
-class LocalPrefectServer:
-    """A Prefect API server for one command, on a free loopback port, its SQLite database in
-    PREFECT_HOME. Started before Prefect, torch and the pipeline are imported, so its boot (several
-    seconds) overlaps ours instead of following it as Prefect's ephemeral server would."""
+@app.command("prefect-template")
+def prefect_template_cmd() -> None:
+    """Prepare the empty Prefect database that new demo folders start from (`make` runs this at
+    install): Prefect's migrations and block registration, done once per Prefect version."""
+    from flows.local_server import build_database_template
 
-    def __init__(self, home: Path, startup_timeout: float = 180.0) -> None:
-        import subprocess
-
-        from vinasmol_core.seaweed import free_ports
-
-        port = free_ports(1)[0]
-        self.api_url = f"http://127.0.0.1:{port}/api"
-        self.log = home / "server.log"
-        self.startup_timeout = startup_timeout
-        home.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-        cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-               "--port", str(port), "--no-services", "--no-ui"]
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)
-        self.started = time.monotonic()
-
-    def wait_ready(self) -> None:
-        import httpx
-
-        while True:
-            try:
-                if httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.process.poll() is not None:
-                raise VinaSmolError(f"the local Prefect server exited while starting; see {self.log}")
-            if time.monotonic() - self.started > self.startup_timeout:
-                self.stop()
-                raise VinaSmolError("the local Prefect server did not answer within "
-                                    f"{self.startup_timeout:.0f} s; see {self.log}")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        import subprocess
-
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+    path, built = build_database_template()
+    print(f"ok: {path}" + ("" if built else " exists"))
 
 
 @app.command("demo")
@@ -194,6 +151,8 @@ def demo_cmd(
     except OSError as exc:
         raise VinaSmolError(f"demo folder {demo_dir}: cannot create it ({exc.strerror})") from None
     os.environ.update(demo_environment(demo_dir))
+    from flows.local_server import LocalPrefectServer
+
     server = LocalPrefectServer(demo_dir.resolve() / "prefect")
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
@@ -222,3 +181,10 @@ def demo_cmd(
 
 def main() -> None:
     run_app(app)
+
+
+def console() -> None:
+    """The `vinasmol` console script: `main`, ending without the interpreter's slow teardown."""
+    from vinasmol_core.process_exit import run_entry_point
+
+    run_entry_point(main)

@@ -4,7 +4,6 @@ artifacts (and as plain text for the CLI)."""
 from __future__ import annotations
 
 import base64
-import io
 from typing import Any
 
 
@@ -29,35 +28,20 @@ def metrics_rows(events: list[dict[str, Any]], limit: int = 200) -> list[dict[st
     return out
 
 
-def loss_curve_png(stages: list[tuple[str, list[dict[str, Any]]]]) -> bytes | None:
-    """One PNG: training loss against the global step, one colour per stage."""
-    points = [
-        (name, [(e["step"], e["loss"]) for e in ev if "loss" in e and "step" in e]) for name, ev in stages
-    ]
-    if not any(p for _, p in points):
+def loss_curve_svg(stages: list[tuple[str, list[dict[str, Any]]]]) -> str | None:
+    """One SVG: training loss against the step counted over all stages, one colour per stage."""
+    from vinasmol_core.chart import Series, line_chart_svg
+
+    series, offset = [], 0
+    for name, events in stages:
+        points = [(offset + e["step"], e["loss"]) for e in events if "loss" in e and "step" in e]
+        if points:
+            series.append(Series(name, points))
+            offset = points[-1][0]
+    if not series:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=90)
-    offset = 0
-    for name, pts in points:
-        if not pts:
-            continue
-        xs = [offset + s for s, _ in pts]
-        ax.plot(xs, [loss for _, loss in pts], label=name, linewidth=1.2)
-        offset = xs[-1]
-    ax.set_xlabel("optimizer step (all stages)")
-    ax.set_ylabel("training loss")
-    ax.legend(fontsize=7, ncol=3)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return line_chart_svg(series, title="training loss", x_label="optimizer step (all stages)",
+                          y_label="training loss")
 
 
 def bpb_markdown(bpb: dict[str, dict[str, float]]) -> str:
@@ -108,9 +92,9 @@ def publish_artifacts(result: dict[str, Any], stage_events: list[tuple[str, list
             create_table_artifact(
                 table=rows, key=f"metrics-{_slug(name)}", description=f"training metrics of stage {name}"
             )
-    png = loss_curve_png(stage_events)
-    if png is not None:
-        uri = "data:image/png;base64," + base64.b64encode(png).decode()
+    svg = loss_curve_svg(stage_events)
+    if svg is not None:
+        uri = "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode()
         create_markdown_artifact(
             markdown=f"## Training loss\n\n![loss curve]({uri})\n",
             key="loss-curve",

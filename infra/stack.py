@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vinasmol_core.localhost import http_ok
+
 REPO = Path(__file__).resolve().parent.parent
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
 DEFAULT_POOLS = {"cpu": "process", "cuda": "process"}
@@ -280,12 +282,7 @@ class Stack:
         self._spawn("prefect-server", cmd, self._server_env(), cwd=self.root)
 
     def _healthy(self) -> bool:
-        import httpx
-
-        try:
-            return httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return http_ok(f"{self.api_url}/health")
 
     def _wait(self, ready: Any, what: str, timeout: float, proc: str) -> None:
         deadline = time.monotonic() + timeout

@@ -228,7 +228,7 @@ def test_prefect_artifacts_of_the_run(runs) -> None:
     summary = next(a for a in arts if a.key == "summary-tiny-test")
     assert "Bits per byte" in summary.data and "fertility" in summary.data.lower()
     curve = next(a for a in arts if a.key == "loss-curve")
-    assert "data:image/png;base64," in curve.data
+    assert "data:image/svg+xml;base64," in curve.data
 
 
 def test_failure_then_retry_resumes_from_last_checkpoint(runs) -> None:

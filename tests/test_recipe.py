@@ -150,3 +150,23 @@ def test_cli_recipe_schema_and_check(monkeypatch, capsys, tmp_path: Path) -> Non
     bad.write_text(yaml.safe_dump(data))
     code, _, err = _cli(monkeypatch, capsys, "recipe", "check", str(bad))
     assert code == 1 and "error:" in err and "stages.3.warmup_steps" in err
+
+
+def test_cli_usage_errors_are_one_message_not_a_traceback(monkeypatch, capsys) -> None:
+    code, _, err = _cli(monkeypatch, capsys, "no-such-command")
+    assert code == 2 and "No such command" in err and "Traceback" not in err
+    code, _, err = _cli(monkeypatch, capsys, "recipe", "check")
+    assert code == 2 and "Missing argument" in err
+
+
+def test_console_script_exits_with_the_command_status(tmp_path: Path) -> None:
+    """The console entry point skips interpreter teardown; its exit status and output must survive."""
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-c", "from flows.cli import console; console()", "recipe", "check",
+                         str(TINY)], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.startswith("ok:")
+    bad = subprocess.run([sys.executable, "-c", "from flows.cli import console; console()", "recipe", "check",
+                          str(tmp_path / "missing.yaml")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "error:" in bad.stderr

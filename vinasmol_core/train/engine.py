@@ -682,7 +682,7 @@ class StageRunner:
         events = read_events(self.sink.path)
         self.sink.emit({"event": "done", "stage": spec.name, "step": total})
         shutil.copyfile(self.sink.path, out / "metrics.jsonl")
-        plot_loss_curve(read_events(self.sink.path), out / "loss_curve.png", f"{spec.name}: loss")
+        plot_loss_curve(read_events(self.sink.path), out / "loss_curve.svg", f"{spec.name}: loss")
         evals = [e for e in events if e.get("event") == "eval"]
         steps = [e for e in events if e.get("event") == "step"]
         summary: dict[str, Any] = {"tokens": total * spec.tokens_per_step, "steps": total}

@@ -62,30 +62,14 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def plot_loss_curve(events: list[dict[str, Any]], out_png: Path, title: str) -> None:
-    """Training loss per step, validation loss per language at each evaluation (matplotlib Agg)."""
-    import matplotlib
+def plot_loss_curve(events: list[dict[str, Any]], out_svg: Path, title: str) -> None:
+    """Training loss per step, validation loss per language at each evaluation, as an SVG file."""
+    from vinasmol_core.chart import Series, line_chart_svg
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [e["step"] for e in events if e.get("event") == "step"]
-    losses = [e["loss"] for e in events if e.get("event") == "step"]
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    if steps:
-        ax.plot(steps, losses, label="train loss", linewidth=1.0)
+    series = [Series("train loss", [(e["step"], e["loss"]) for e in events if e.get("event") == "step"])]
     evals = [e for e in events if e.get("event") == "eval"]
-    langs = sorted({lang for e in evals for lang in e.get("val_loss", {})})
-    for lang in langs:
-        xs = [e["step"] for e in evals if lang in e.get("val_loss", {})]
-        ys = [e["val_loss"][lang] for e in evals if lang in e.get("val_loss", {})]
-        ax.plot(xs, ys, marker="o", linestyle="--", label=f"val loss {lang}")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if steps or langs:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
+    for lang in sorted({lang for e in evals for lang in e.get("val_loss", {})}):
+        points = [(e["step"], e["val_loss"][lang]) for e in evals if lang in e.get("val_loss", {})]
+        series.append(Series(f"val loss {lang}", points, dashed=True))
+    svg = line_chart_svg(series, title=title, x_label="optimizer step", y_label="cross-entropy (nats/token)")
+    out_svg.write_text(svg, encoding="utf-8")
