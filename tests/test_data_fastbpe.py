@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 
 from tests.data_fixtures import sample_corpora, tiny_tokenizer, write_jsonl
 from vinasmol_core.data import SourceSpec, prepare_dataset
-from vinasmol_core.data.fastbpe import _BYTE_CHARS, FastByteLevelBPE, fast_path_shape
+from vinasmol_core.data.fastbpe import _BYTE_CHARS, MIN_PIECE_CHARS, FastByteLevelBPE, fast_path_shape
 from vinasmol_core.data.shards import load_npy
 
 TRICKY = [
@@ -22,6 +22,8 @@ TRICKY = [
     "literal <|endoftext|> inside", "x <|im_start|>y", "", " ", "\n", "   \n  \t ", "a", "٣٤٥ ¹²³ Ⅻ",
     "def f(x):\n    return x  # comment\n\n\nclass A:\n\tpass\n", "word.\n\nWord", "  \u2028 sep",
     "a\x1cb \x1d c\x85d \x0be\x0c f\r\ng", "x\u200by \u200b z\ufeff",
+    "runs  before\n\nletters,\t\tpunct  (x),  digits  42, ¹²  Ⅻ and  \U0001d2c0 (new in Unicode 15)",
+    "trailing run at the end  ", "\n\n\n", "  9", "\t\t'quote  's",
 ]
 
 
@@ -65,7 +67,10 @@ def test_fast_path_equals_tokenizer(tmp_path_factory: pytest.TempPathFactory, to
     texts = list(TRICKY) + _random_texts(400)
     for f in sample_corpora(tmp_path_factory).values():
         texts += [json.loads(line)["text"] for line in f.read_text(encoding="utf-8").splitlines()[:15]]
-    for _ in range(2):  # cold, then from the caches
+    # 0: every text cut at its whitespace runs and encoded without the lookahead; then the default,
+    # where texts with short pieces use the full pattern; then again from tiktoken's caches.
+    for min_piece_chars in (0, MIN_PIECE_CHARS, MIN_PIECE_CHARS):
+        fast.min_piece_chars = min_piece_chars
         flat, lengths = fast.encode(texts, eos_id=0)
         expected = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
         assert lengths.tolist() == [len(e) + 1 for e in expected]

@@ -16,6 +16,18 @@ on them) makes the two agree on every input. `create` checks every token's reach
 tokenizer's own BPE model, and requires every byte that UTF-8 text can hold to be a token (the
 tokenizer drops unknown bytes and lets their neighbours merge; tiktoken cannot do that).
 
+Skipping the regex's lookahead. The pattern's alternative "whitespace not followed by a non-space"
+makes tiktoken's regex engine backtrack, and costs about 40% of the encoding time on Wikipedia
+text. Without it, the pattern differs only on a run of two or more whitespace characters followed
+by a character the lookahead rejects (any non-space; with isolated digits, any non-space
+non-digit): the original splits off the run's last character, to lead the next piece, while the
+plain whitespace alternative takes the whole run. Cutting the text before that last character and
+encoding the pieces separately without the lookahead gives the original's pre-tokens: the
+original has a pre-token boundary at every cut, and its pre-tokens never look back past their own
+start. Where a character after such a run has no Unicode category in Python's tables (newer than
+Python's Unicode data), or where pieces would be short (indented code: one call per piece costs
+more than the backtracking), the text is encoded with the full pattern instead.
+
 When it is used. Only for tokenizer.json files of exactly that shape: a BPE model without dropout,
 subword affixes or `ignore_merges`, each merge making a new token, no normaliser (or NFC), and a
 ByteLevel pre-tokenizer with the GPT-2 regex and no prefix space, optionally preceded by
@@ -43,6 +55,12 @@ _GPT2 = (f"'s|'t|'re|'ve|'m|'ll|'d| ?\\p{{L}}+| ?\\p{{N}}+| ?[^{_WS}\\p{{L}}\\p{
 # segment, so "whitespace not followed by non-space" also holds before a digit.
 _GPT2_DIGITS = (f"'s|'t|'re|'ve|'m|'ll|'d| ?\\p{{L}}+| ?[^{_WS}\\p{{L}}\\p{{N}}]+"
                 f"|[{_WS}]+(?![^{_WS}\\p{{N}}])|[{_WS}]+|\\p{{N}}")
+# The same two without the lookahead alternative (see "Skipping the regex's lookahead").
+_GPT2_PLAIN_WS = _GPT2.replace(f"|[{_WS}]+(?![^{_WS}])", "")
+_GPT2_DIGITS_PLAIN_WS = _GPT2_DIGITS.replace(f"|[{_WS}]+(?![^{_WS}\\p{{N}}])", "")
+_WS_RUN = re.compile(f"[{_WS}]{{2,}}")
+# Below this many characters per piece on average, the text is encoded whole with the full pattern.
+MIN_PIECE_CHARS = 100
 # Bytes that never occur in UTF-8 text.
 _NOT_UTF8 = frozenset({0xC0, 0xC1, *range(0xF5, 0x100)})
 
@@ -100,10 +118,13 @@ class FastByteLevelBPE:
     Build with `FastByteLevelBPE.create(tokenizer, tokenizer_json_path, dtype)`, which returns None
     when the tokenizer's shape is not supported (see the module docstring)."""
 
-    def __init__(self, tokenizer: Any, encoding: Any, rank_to_id: np.ndarray, nfc: bool, added: list[str],
-                 dtype: np.dtype[Any]) -> None:
+    def __init__(self, tokenizer: Any, encoding: Any, plain_ws: Any, digits: bool, rank_to_id: np.ndarray,
+                 nfc: bool, added: list[str], dtype: np.dtype[Any]) -> None:
         self.tokenizer = tokenizer
-        self.encoding = encoding
+        self.encoding = encoding  # the tokenizer's full pattern
+        self.plain_ws = plain_ws  # the pattern without its lookahead, for pieces cut by `_ranks`
+        self.digits = digits
+        self.min_piece_chars = MIN_PIECE_CHARS
         self.rank_to_id = rank_to_id
         self.nfc = nfc
         self.dtype = np.dtype(dtype)
@@ -135,12 +156,36 @@ class FastByteLevelBPE:
                 continue  # unreachable: the tokenizer never produces it (see the module docstring)
             ranks[key] = len(rank_to_id)
             rank_to_id.append(vocab[token])
-        encoding = tiktoken.Encoding(
-            "vinasmol-bpe", pat_str=_GPT2_DIGITS if digits else _GPT2, mergeable_ranks=ranks,
-            special_tokens={},
+        patterns = (_GPT2_DIGITS, _GPT2_DIGITS_PLAIN_WS) if digits else (_GPT2, _GPT2_PLAIN_WS)
+        encoding, plain_ws = (
+            tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+            for name, pattern in zip(("vinasmol-bpe", "vinasmol-bpe-plain-ws"), patterns, strict=True)
         )
         added = [t["content"] for t in data.get("added_tokens", []) if t.get("content")]
-        return cls(tokenizer, encoding, np.array(rank_to_id, dtype=np.int64), nfc, added, dtype)
+        return cls(tokenizer, encoding, plain_ws, digits, np.array(rank_to_id, dtype=np.int64), nfc, added,
+                   dtype)
+
+    def _ranks(self, text: str) -> list[int]:
+        """tiktoken ranks of one text: cut before the last character of every whitespace run that the
+        lookahead splits, each piece encoded without it (see the module docstring)."""
+        cuts: list[int] = []
+        for run in _WS_RUN.finditer(text):
+            end = run.end()
+            if end == len(text):
+                continue
+            category = unicodedata.category(text[end])
+            if category == "Cn":
+                return self.encoding.encode_ordinary(text)
+            if not (self.digits and category[0] == "N"):
+                cuts.append(end - 1)
+        if len(cuts) * self.min_piece_chars > len(text):
+            return self.encoding.encode_ordinary(text)
+        encode, ranks, start = self.plain_ws.encode_ordinary, [], 0
+        for cut in cuts:
+            ranks += encode(text[start:cut])
+            start = cut
+        ranks += encode(text[start:])
+        return ranks
 
     def encode(self, texts: list[str], eos_id: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids of all texts concatenated, each followed by eos_id; per-text lengths including eos)."""
@@ -153,8 +198,7 @@ class FastByteLevelBPE:
             else:
                 if self.nfc and not unicodedata.is_normalized("NFC", text):
                     text = unicodedata.normalize("NFC", text)
-                ranks = self.encoding.encode_to_numpy(text, disallowed_special=())
-                ids = to_ids[ranks].astype(self.dtype)
+                ids = to_ids[np.array(self._ranks(text), dtype=np.int64)].astype(self.dtype)
             parts.append(ids)
             parts.append(eos)
         lengths = np.fromiter((p.size + 1 for p in parts[::2]), dtype=np.int64, count=len(texts))
