@@ -140,7 +140,7 @@ class FastByteLevelBPE:
         if reason is not None:
             return None
         vocab: dict[str, int] = data["model"]["vocab"]
-        byte_of = {c: b for b, c in enumerate(_BYTE_CHARS)}
+        to_latin1 = str.maketrans({c: b for b, c in enumerate(_BYTE_CHARS)})  # then each char is its byte
         if any(_BYTE_CHARS[b] not in vocab for b in range(256) if b not in _NOT_UTF8):
             return None
         ranks: dict[bytes, int] = {bytes([b]): b for b in range(256)}
@@ -149,7 +149,7 @@ class FastByteLevelBPE:
         for merge in data["model"].get("merges", []):
             left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
             token = left + right
-            key = bytes(byte_of[c] for c in token)
+            key = token.translate(to_latin1).encode("latin-1")
             if key in ranks or token not in vocab:
                 return None  # a merge that remakes a token: the rank order would not be the merge order
             if [t.id for t in tokenize(token)] != [vocab[token]]:
