@@ -77,23 +77,24 @@ def line_chart_svg(
         f'<text x="14" y="{top + ph / 2:.1f}" text-anchor="middle" '
         f'transform="rotate(-90 14 {top + ph / 2:.1f})">{escape(y_label)}</text>'
     )
-    legend_y = top + 14
-    for i, (s, pts) in enumerate(clean):
-        color = PALETTE[i % len(PALETTE)]
-        if pts:
-            coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
-            dash = ' stroke-dasharray="5,3"' if s.dashed else ""
-            out.append(
-                f'<polyline data-label="{escape(s.label)}" points="{coords}" fill="none" '
-                f'stroke="{color}" stroke-width="1.5"{dash}/>'
-            )
-            if s.dashed:
-                out.extend(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"/>'
-                           for x, y in pts)
-        lx = left + pw - 150
-        out.append(f'<line x1="{lx}" y1="{legend_y - 4}" x2="{lx + 18}" y2="{legend_y - 4}" '
+    colors = [PALETTE[i % len(PALETTE)] for i in range(len(clean))]
+    for (s, pts), color in zip(clean, colors, strict=True):
+        if not pts:
+            continue
+        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        dash = ' stroke-dasharray="5,3"' if s.dashed else ""
+        out.append(f'<polyline data-label="{escape(s.label)}" points="{coords}" fill="none" '
+                   f'stroke="{color}" stroke-width="1.5"{dash}/>')
+        if s.dashed:
+            out.extend(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"/>' for x, y in pts)
+    # The legend, top right, over a light backdrop so that lines under it stay readable.
+    lx = left + pw - 150
+    out.append(f'<rect x="{lx - 6}" y="{top + 4}" width="150" height="{14 * len(clean) + 6}" '
+               'fill="white" fill-opacity="0.85"/>')
+    for i, ((s, _), color) in enumerate(zip(clean, colors, strict=True)):
+        y = top + 14 + 14 * i
+        out.append(f'<line x1="{lx}" y1="{y - 4}" x2="{lx + 18}" y2="{y - 4}" '
                    f'stroke="{color}" stroke-width="2"/>')
-        out.append(f'<text x="{lx + 24}" y="{legend_y}">{escape(s.label)}</text>')
-        legend_y += 14
+        out.append(f'<text x="{lx + 24}" y="{y}">{escape(s.label)}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
