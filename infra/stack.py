@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flows.local_server import seed_from_template
 from vinasmol_core.localhost import http_ok
 
 REPO = Path(__file__).resolve().parent.parent
@@ -279,7 +280,10 @@ class Stack:
         cmd = [_bin("prefect"), "server", "start", "--host", self.host, "--port", str(port)]
         if not self.services:
             cmd.append("--no-services")
-        self._spawn("prefect-server", cmd, self._server_env(), cwd=self.root)
+        env = self._server_env()
+        if not self.database_url:
+            seed_from_template(self.root / "prefect" / "prefect.db", env)
+        self._spawn("prefect-server", cmd, env, cwd=self.root)
 
     def _healthy(self) -> bool:
         return http_ok(f"{self.api_url}/health")
