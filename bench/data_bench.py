@@ -9,6 +9,9 @@ process tree's summed RSS (sampled every 50 ms: the main process plus its worker
 the largest single process's ru_maxrss. The 4x run lists every training file four times as
 separate sources with exact dedup off (it would drop the copies), to show memory stays flat.
 
+Then, side by side in one process, the fast path's encoder against tiktoken with the tokenizer's
+full regex (lookahead included) on the same texts.
+
 Default tokenizer: the real SmolLM2 tokenizer (built offline by vinasmol_core.smollm2) extended
 to 55,936 tokens on vi/*-train (built once into .cache/bench, not timed); --tokenizer for
 another. Last line: `data_bench: mb_per_s=... peak_rss_mb=...
@@ -93,6 +96,37 @@ def _run(sources: list[dict], tokenizer: Path, out: Path, dedup: bool, workers: 
     return result
 
 
+def encoder_table(files: dict[str, list[Path]], tokenizer: Path) -> None:
+    """Side by side on the same texts, in this process: the fast path's `encode` (ids, EOS) with the
+    tokenizer's full pattern on every text, then as prepare runs it (cut at the lookahead's splits)."""
+    import gzip
+
+    import numpy as np
+    import orjson
+    from tokenizers import Tokenizer
+
+    from vinasmol_core.data.fastbpe import FastByteLevelBPE
+
+    path = tokenizer / "tokenizer.json"
+    fast = FastByteLevelBPE.create(Tokenizer.from_file(str(path)), path, np.dtype(np.uint16))
+    if fast is None:
+        print("encoder: the tokenizer has no fast path")
+        return
+    print(f"{'lang':<5} {'text MB':>8} {'full pattern s':>15} {'cut at runs s':>14} {'speed-up':>9}")
+    for lang, paths in files.items():
+        texts = [orjson.loads(line)["text"] for p in paths for line in gzip.open(p)]
+        seconds = []
+        for cut in (False, True):
+            fast.cut_whitespace_runs = cut
+            t0 = time.perf_counter()
+            for i in range(0, len(texts), 256):
+                fast.encode(texts[i : i + 256], eos_id=0)
+            seconds.append(time.perf_counter() - t0)
+        full, cut_s = seconds
+        mb = sum(len(t.encode()) for t in texts) / 1e6
+        print(f"{lang:<5} {mb:>8.1f} {full:>15.2f} {cut_s:>14.2f} {full / cut_s:>8.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,6 +181,7 @@ def main() -> None:
                   f"{r['maxrss_mb']:>11.0f}")
         print("wall MB/s is end to end on this machine as loaded; MB/CPU-s is text per CPU-second of the "
               "prepare process and its workers (CPU s includes process start and source hashing)")
+        encoder_table(files, tokenizer)
         a, b = runs
         print(f"data_bench: mb_per_s={a['mb_per_s']:.2f} peak_rss_mb={a['peak_rss_mb']:.0f} "
               f"mb_per_s_4x={b['mb_per_s']:.2f} peak_rss_mb_4x={b['peak_rss_mb']:.0f}")

@@ -67,10 +67,10 @@ def test_fast_path_equals_tokenizer(tmp_path_factory: pytest.TempPathFactory, to
     texts = list(TRICKY) + _random_texts(400)
     for f in sample_corpora(tmp_path_factory).values():
         texts += [json.loads(line)["text"] for line in f.read_text(encoding="utf-8").splitlines()[:15]]
-    # 0: every text cut at its whitespace runs and encoded without the lookahead; then the default,
-    # where texts with short pieces use the full pattern; then again from tiktoken's caches.
-    for min_piece_chars in (0, MIN_PIECE_CHARS, MIN_PIECE_CHARS):
-        fast.min_piece_chars = min_piece_chars
+    # Every text cut at its whitespace runs and encoded without the lookahead; the default, where
+    # texts with short pieces use the full pattern; the full pattern alone; the default again, warm.
+    for cut, min_piece_chars in ((True, 0), (True, MIN_PIECE_CHARS), (False, 0), (True, MIN_PIECE_CHARS)):
+        fast.cut_whitespace_runs, fast.min_piece_chars = cut, min_piece_chars
         flat, lengths = fast.encode(texts, eos_id=0)
         expected = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
         assert lengths.tolist() == [len(e) + 1 for e in expected]

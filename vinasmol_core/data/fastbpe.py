@@ -124,6 +124,7 @@ class FastByteLevelBPE:
         self.encoding = encoding  # the tokenizer's full pattern
         self.plain_ws = plain_ws  # the pattern without its lookahead, for pieces cut by `_ranks`
         self.digits = digits
+        self.cut_whitespace_runs = True  # False: every text with the full pattern (benchmarks compare)
         self.min_piece_chars = MIN_PIECE_CHARS
         self.rank_to_id = rank_to_id
         self.nfc = nfc
@@ -168,13 +169,15 @@ class FastByteLevelBPE:
     def _ranks(self, text: str) -> list[int]:
         """tiktoken ranks of one text: cut before the last character of every whitespace run that the
         lookahead splits, each piece encoded without it (see the module docstring)."""
+        if not self.cut_whitespace_runs:
+            return self.encoding.encode_ordinary(text)
         cuts: list[int] = []
         for run in _WS_RUN.finditer(text):
             end = run.end()
             if end == len(text):
                 continue
             category = unicodedata.category(text[end])
-            if category == "Cn":
+            if category == "Cn" or len(cuts) * self.min_piece_chars > len(text):
                 return self.encoding.encode_ordinary(text)
             if not (self.digits and category[0] == "N"):
                 cuts.append(end - 1)
