@@ -16,7 +16,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from vinasmol_core.errors import VinaSmolError
-from vinasmol_core.localhost import free_ports, http_ok
+from vinasmol_core.localhost import die_with_parent, free_ports, http_ok
 
 # Run in a subprocess against an empty SQLite file: what the server does on its first start.
 _PREPARE_DATABASE = """
@@ -94,7 +94,8 @@ class LocalPrefectServer:
                "--port", str(port), "--no-services", "--no-ui"]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)
+                                            stdin=subprocess.DEVNULL,
+                                            preexec_fn=die_with_parent if sys.platform == "linux" else None)
         self.started = time.monotonic()
 
     def wait_ready(self) -> None:

@@ -46,3 +46,39 @@ def test_new_home_starts_from_the_template_and_keeps_its_data(tmp_path: Path) ->
     with sqlite3.connect(home / "prefect.db") as db:
         kept = "select count(*) from sqlite_master where name = 'kept_by_the_second_start'"
         assert db.execute(kept).fetchone()[0] == 1
+
+
+def test_server_dies_with_the_command_that_started_it(tmp_path: Path) -> None:
+    """A demo killed outright (SIGKILL, the OOM killer) leaves no Prefect server behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = "\n".join([
+        "import sys, time",
+        "from pathlib import Path",
+        "from flows.local_server import LocalPrefectServer",
+        "server = LocalPrefectServer(Path(sys.argv[1]))",
+        "print(server.process.pid, flush=True)",
+        "time.sleep(600)",
+    ])
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "prefect")],
+                              stdout=subprocess.PIPE, text=True)
+    server_pid = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(server_pid, 0)
+        except ProcessLookupError:
+            return
+        # Reaped by init once it exits; until then it may linger as a zombie, which counts as gone.
+        with open(f"/proc/{server_pid}/stat") as stat:
+            if stat.read().split(") ", 1)[1].startswith("Z"):
+                return
+        time.sleep(0.2)
+    os.kill(server_pid, signal.SIGKILL)
+    raise AssertionError("the Prefect server outlived the process that started it")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import signal
 import socket
 import urllib.error
 import urllib.request
@@ -29,3 +31,13 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
+
+
+def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """`preexec_fn` for a server child: ask Linux to send it SIGTERM when the process that started
+    it dies, even by SIGKILL, so that no server outlives the command that needed it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass

