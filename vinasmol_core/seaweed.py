@@ -28,6 +28,7 @@ from pathlib import Path
 from types import TracebackType
 
 from vinasmol_core.errors import StoreError
+from vinasmol_core.localhost import die_with_parent as _die_with_parent
 from vinasmol_core.localhost import free_ports
 
 # Every listener `weed mini` opens; each gets an explicit free port so that several servers can run side
@@ -258,7 +259,7 @@ def start_seaweed(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=die_with_parent if die_with_parent and sys.platform == "linux" else None,
+            preexec_fn=_die_with_parent if die_with_parent and sys.platform == "linux" else None,
         )
     server = SeaweedServer(
         endpoint_url=f"http://{host}:{ports['s3.port']}",
