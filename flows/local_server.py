@@ -66,11 +66,13 @@ def seed_from_template(database: Path, env: dict[str, str]) -> None:
     on a database seeded from this Prefect version's template skips block registration (set in
     `env`), since the template has it; any other database is left to the server."""
     marker, template = database.with_name(_FROM_TEMPLATE), database_template()
-    if not database.exists() and template.exists():
-        database.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(template, database.with_suffix(".db.part"))
-        os.replace(database.with_suffix(".db.part"), database)
-        marker.write_text(version("prefect"))
+    if not database.exists():
+        marker.unlink(missing_ok=True)  # whatever it said was about a database that is gone
+        if template.exists():
+            database.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(template, database.with_suffix(".db.part"))
+            os.replace(database.with_suffix(".db.part"), database)
+            marker.write_text(version("prefect"))
     if marker.exists() and marker.read_text() == version("prefect"):
         env["PREFECT_API_BLOCKS_REGISTER_ON_START"] = "false"
 

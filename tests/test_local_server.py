@@ -82,3 +82,17 @@ def test_server_dies_with_the_command_that_started_it(tmp_path: Path) -> None:
         time.sleep(0.2)
     os.kill(server_pid, signal.SIGKILL)
     raise AssertionError("the Prefect server outlived the process that started it")
+
+
+def test_a_deleted_database_without_template_registers_blocks_again(tmp_path: Path, monkeypatch) -> None:
+    """The marker of a seeded database is dropped with the database it described."""
+    import flows.local_server as local_server
+
+    database = tmp_path / "prefect" / "prefect.db"
+    monkeypatch.setattr(local_server, "database_template", lambda: tmp_path / "no-template.db")
+    database.parent.mkdir(parents=True)
+    (database.parent / "database-template-version").write_text(local_server.version("prefect"))
+    env: dict[str, str] = {}
+    local_server.seed_from_template(database, env)
+    assert "PREFECT_API_BLOCKS_REGISTER_ON_START" not in env
+    assert not (database.parent / "database-template-version").exists()
