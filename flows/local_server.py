@@ -16,7 +16,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from vinasmol_core.errors import VinaSmolError
-from vinasmol_core.localhost import die_with_parent, free_ports, http_ok
+from vinasmol_core.localhost import die_with_parent, free_ports, http_ok, stop_process
 
 # Run in a subprocess against an empty SQLite file: what the server does on its first start.
 _PREPARE_DATABASE = """
@@ -111,10 +111,4 @@ class LocalPrefectServer:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout=15)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import signal
 import socket
+import subprocess
 import urllib.error
 import urllib.request
 
@@ -41,3 +42,15 @@ def die_with_parent() -> None:  # pragma: no cover - runs in the child between f
         libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
     except Exception:
         pass
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `timeout` seconds; reaps it. Does nothing if it has exited."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)

@@ -29,7 +29,7 @@ from types import TracebackType
 
 from vinasmol_core.errors import StoreError
 from vinasmol_core.localhost import die_with_parent as _die_with_parent
-from vinasmol_core.localhost import free_ports
+from vinasmol_core.localhost import free_ports, stop_process
 
 # Every listener `weed mini` opens; each gets an explicit free port so that several servers can run side
 # by side (their defaults, and the default gRPC offset of +10000, would collide).
@@ -130,14 +130,7 @@ class SeaweedServer:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after `timeout` seconds. Idempotent."""
-        if self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=5)
+        stop_process(self.process, timeout)
 
     def __enter__(self) -> SeaweedServer:
         return self

@@ -177,12 +177,12 @@ class FastByteLevelBPE:
             if end == len(text):
                 continue
             category = unicodedata.category(text[end])
-            if category == "Cn" or len(cuts) * self.min_piece_chars > len(text):
+            if category == "Cn":
                 return self.encoding.encode_ordinary(text)
             if not (self.digits and category[0] == "N"):
                 cuts.append(end - 1)
-        if len(cuts) * self.min_piece_chars > len(text):
-            return self.encoding.encode_ordinary(text)
+                if len(cuts) * self.min_piece_chars > len(text):  # short pieces: stop scanning
+                    return self.encoding.encode_ordinary(text)
         encode, ranks, start = self.plain_ws.encode_ordinary, [], 0
         for cut in cuts:
             ranks += encode(text[start:cut])
