@@ -8,6 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xxhash
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from tests.data_fixtures import mixture_dataset, sample_corpora, tiny_tokenizer, write_jsonl
@@ -21,7 +24,7 @@ from vinasmol_core.data import (
     split_of,
     tokenizer_digest,
 )
-from vinasmol_core.data.clean import clean_document, normalize_text
+from vinasmol_core.data.clean import clean_document, dedup_hash, normalize_text
 from vinasmol_core.data.shards import SourceTokens
 from vinasmol_core.errors import ConfigError, VinaSmolError
 
@@ -60,6 +63,22 @@ def test_normalisation_and_filters() -> None:
     assert clean_document(chinese, "vi", spec) == (None, "script")
     assert clean_document(VI_DOC, "vi", spec) == (VI_DOC, None)
     assert clean_document(EN_DOC, "en", spec) == (EN_DOC, None)
+
+
+_SPACEY = list(" \t\n\x0b\x0c\r\x1c\x1f\x85\xa0\u1680\u2003\u2028\u202f\u3000") + list("aé\u1ec7中🙂\u200b")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(_SPACEY), max_size=30))
+@example("")
+@example("  a \u3000 b\n\n")
+def test_dedup_hash_is_of_the_text_with_whitespace_runs_collapsed(text: str) -> None:
+    assert dedup_hash(text) == xxhash.xxh3_64_intdigest(" ".join(text.split()).encode("utf-32-le"))
+
+
+def test_no_whitespace_above_u3000() -> None:
+    """dedup_hash's table of str.split()'s whitespace stops at U+3000."""
+    assert not any(chr(c).isspace() for c in range(0x3001, 0x110000))
 
 
 # ----------------------------------------------------------------------------- build

@@ -99,8 +99,9 @@ def test_disagreement_falls_back_to_the_tokenizer(tmp_path_factory: pytest.TempP
     real = prepare_dataset(spec, tok, tmp_path / "real", val_fraction=0.0, workers=0)
     original = FastByteLevelBPE.encode
 
-    def broken(self: FastByteLevelBPE, texts: list[str], eos_id: int) -> tuple[np.ndarray, np.ndarray]:
-        flat, lengths = original(self, texts, eos_id)
+    def broken(self: FastByteLevelBPE, texts: list[str], eos_id: int,
+               **kwargs: bool) -> tuple[np.ndarray, np.ndarray]:
+        flat, lengths = original(self, texts, eos_id, **kwargs)
         flat = flat.copy()
         flat[0] = (int(flat[0]) + 1) % 100
         return flat, lengths

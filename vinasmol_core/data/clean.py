@@ -5,24 +5,38 @@ from __future__ import annotations
 import re
 import unicodedata
 
+import numpy as np
+import xxhash
+
 from vinasmol_core.data.spec import CleaningSpec
 
 # C0 controls except tab and newline, DEL, and C1 controls. CR is handled before this runs.
 _CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_IS_CONTROL = np.zeros(0x110000, dtype=bool)  # by code point
+_IS_CONTROL[[*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0)]] = True
+# What str.split() splits on (no code point above U+3000 is whitespace)
+_IS_SPACE = np.zeros(0x110000, dtype=bool)
+_IS_SPACE[[c for c in range(0x3001) if chr(c).isspace()]] = True
 _VI_LETTERS = (
     "àáảãạăằắẳẵặâầấẩẫậèéẻẽẹêềếểễệìíỉĩịòóỏõọôồốổỗộơờớởỡợùúủũụưừứửữựỳýỷỹỵđ"
 )
-_VI_RE = re.compile(f"[{_VI_LETTERS}{_VI_LETTERS.upper()}]")
+_IS_VI_LETTER = np.zeros(0x110000, dtype=bool)  # by code point
+_IS_VI_LETTER[[ord(c) for c in _VI_LETTERS + _VI_LETTERS.upper()]] = True
 _NON_LETTER_BYTES = bytes(b for b in range(128) if not chr(b).isalpha())
 
 FILTERS = ("empty", "too_short", "repeated_lines", "script")
+
+
+def codepoints(text: str) -> np.ndarray:
+    """The text's code points as a uint32 array (lone surrogates kept as they are)."""
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
 
 
 def normalize_text(text: str) -> str:
     """CR/CRLF to LF, control characters (other than tab and newline) removed, Unicode NFC."""
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if _CONTROL_RE.search(text):
+    if _IS_CONTROL[codepoints(text)].any():
         text = _CONTROL_RE.sub("", text)
     if text.startswith("\ufeff"):
         text = text[1:]
@@ -49,7 +63,7 @@ def vietnamese_script_fractions(text: str, sample_chars: int) -> tuple[float, fl
     ascii_part = sample.encode("ascii", "ignore")
     n_ascii_letters = len(ascii_part.translate(None, _NON_LETTER_BYTES))
     n_other = len(sample) - len(ascii_part)
-    n_vi = len(_VI_RE.findall(sample)) if n_other else 0
+    n_vi = int(np.count_nonzero(_IS_VI_LETTER[codepoints(sample)])) if n_other else 0
     total = n_ascii_letters + n_other
     if total == 0:
         return 0.0, 0.0
@@ -76,6 +90,14 @@ def clean_document(text: str, lang: str, spec: CleaningSpec) -> tuple[str | None
     return text, None
 
 
-def dedup_key(text: str) -> bytes:
-    """The normalised form exact deduplication hashes: whitespace runs collapsed, ends stripped."""
-    return " ".join(text.split()).encode("utf-8")
+def dedup_hash(text: str) -> int:
+    """The 64-bit hash exact deduplication compares: of the text with its whitespace runs collapsed to
+    one space and its ends stripped (the form `" ".join(text.split())`), as UTF-32 code points."""
+    codes = codepoints(text)
+    space = _IS_SPACE[codes]
+    keep = ~space
+    keep[1:] |= ~space[:-1]  # a whitespace run's first character stays (as a space) unless it leads
+    canonical = np.where(space, np.uint32(0x20), codes)[keep]
+    if canonical.size and space[-1]:  # a trailing run left one space
+        canonical = canonical[:-1]
+    return xxhash.xxh3_64_intdigest(canonical.tobytes())

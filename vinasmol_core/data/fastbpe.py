@@ -24,9 +24,10 @@ non-digit): the original splits off the run's last character, to lead the next p
 plain whitespace alternative takes the whole run. Cutting the text before that last character and
 encoding the pieces separately without the lookahead gives the original's pre-tokens: the
 original has a pre-token boundary at every cut, and its pre-tokens never look back past their own
-start. Where a character after such a run has no Unicode category in Python's tables (newer than
-Python's Unicode data), or where pieces would be short (indented code: one call per piece costs
-more than the backtracking), the text is encoded with the full pattern instead.
+start. The runs are found with a table lookup over the text's code points. With isolated digits,
+where a character after such a run has no Unicode category in Python's tables (newer than Python's
+Unicode data: the regex may know it as a number), or where pieces would be short (indented code: one
+call per piece costs more than the backtracking), the text is encoded with the full pattern instead.
 
 When it is used. Only for tokenizer.json files of exactly that shape: a BPE model without dropout,
 subword affixes or `ignore_merges`, each merge making a new token, no normaliser (or NFC), and a
@@ -38,6 +39,7 @@ with the real tokenizer alone if they ever disagree.
 
 from __future__ import annotations
 
+import array
 import json
 import re
 import unicodedata
@@ -46,9 +48,13 @@ from typing import Any
 
 import numpy as np
 
+from vinasmol_core.data.clean import codepoints
+
 # The regex's \s, spelled out (Oniguruma's Unicode \s: tab to CR, NEL, and the space, line and
 # paragraph separators), so Python's wider idea of whitespace (it adds U+001C..U+001F) never leaks in.
-_WS = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_WS_CODES = [*range(0x09, 0x0E), 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F,
+             0x205F, 0x3000]
+_WS = "".join(map(chr, _WS_CODES))
 _GPT2 = (f"'s|'t|'re|'ve|'m|'ll|'d| ?\\p{{L}}+| ?\\p{{N}}+| ?[^{_WS}\\p{{L}}\\p{{N}}]+"
          f"|[{_WS}]+(?![^{_WS}])|[{_WS}]+")
 # GPT-2's regex applied between isolated digits: a digit is a match of its own and ends the
@@ -58,7 +64,8 @@ _GPT2_DIGITS = (f"'s|'t|'re|'ve|'m|'ll|'d| ?\\p{{L}}+| ?[^{_WS}\\p{{L}}\\p{{N}}]
 # The same two without the lookahead alternative (see "Skipping the regex's lookahead").
 _GPT2_PLAIN_WS = _GPT2.replace(f"|[{_WS}]+(?![^{_WS}])", "")
 _GPT2_DIGITS_PLAIN_WS = _GPT2_DIGITS.replace(f"|[{_WS}]+(?![^{_WS}\\p{{N}}])", "")
-_WS_RUN = re.compile(f"[{_WS}]{{2,}}")
+_IS_WS = np.zeros(0x110000, dtype=bool)  # by code point
+_IS_WS[_WS_CODES] = True
 # Below this many characters per piece on average, the text is encoded whole with the full pattern.
 MIN_PIECE_CHARS = 100
 # Bytes that never occur in UTF-8 text.
@@ -145,7 +152,7 @@ class FastByteLevelBPE:
         if any(_BYTE_CHARS[b] not in vocab for b in range(256) if b not in _NOT_UTF8):
             return None
         ranks: dict[bytes, int] = {bytes([b]): b for b in range(256)}
-        rank_to_id = [vocab.get(_BYTE_CHARS[b], -1) for b in range(256)]
+        rank_to_id = [vocab.get(_BYTE_CHARS[b], 0) for b in range(256)]  # 0: a byte UTF-8 text never holds
         tokenize = tokenizer.model.tokenize
         for merge in data["model"].get("merges", []):
             left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
@@ -163,26 +170,37 @@ class FastByteLevelBPE:
             for name, pattern in zip(("vinasmol-bpe", "vinasmol-bpe-plain-ws"), patterns, strict=True)
         )
         added = [t["content"] for t in data.get("added_tokens", []) if t.get("content")]
-        return cls(tokenizer, encoding, plain_ws, digits, np.array(rank_to_id, dtype=np.int64), nfc, added,
+        return cls(tokenizer, encoding, plain_ws, digits, np.array(rank_to_id, dtype=dtype), nfc, added,
                    dtype)
 
+    def _cuts(self, text: str) -> list[int] | None:
+        """Where to cut `text` so that its pieces can be encoded without the lookahead: before the last
+        character of every run of two or more whitespace characters that the lookahead splits. None
+        when the full pattern must be used instead (see the module docstring)."""
+        codes = codepoints(text)
+        ws = _IS_WS[codes]
+        # i is the last character of a run of >= 2 and text[i + 1] is not whitespace
+        cuts = np.flatnonzero(ws[:-2] & ws[1:-1] & ~ws[2:]) + 1
+        if self.digits and cuts.size:
+            after = codes[cuts + 1]
+            keep = (after < 0x30) | (after > 0x39)  # the lookahead accepts a digit: no split before one
+            for j in np.flatnonzero(keep & (after > 0x7F)).tolist():
+                category = unicodedata.category(text[cuts[j] + 1])
+                if category == "Cn":  # unknown to Python's tables; the regex may know it as a number
+                    return None
+                keep[j] = category[0] != "N"
+            cuts = cuts[keep]
+        if cuts.size * self.min_piece_chars > len(text):
+            return None
+        return cuts.tolist()
+
     def _ranks(self, text: str) -> list[int]:
-        """tiktoken ranks of one text: cut before the last character of every whitespace run that the
-        lookahead splits, each piece encoded without it (see the module docstring)."""
-        if not self.cut_whitespace_runs:
+        """tiktoken ranks of one text: cut where `_cuts` says, each piece encoded without the lookahead."""
+        cuts = self._cuts(text) if self.cut_whitespace_runs else None
+        if cuts is None:
             return self.encoding.encode_ordinary(text)
-        cuts: list[int] = []
-        for run in _WS_RUN.finditer(text):
-            end = run.end()
-            if end == len(text):
-                continue
-            category = unicodedata.category(text[end])
-            if category == "Cn":
-                return self.encoding.encode_ordinary(text)
-            if not (self.digits and category[0] == "N"):
-                cuts.append(end - 1)
-                if len(cuts) * self.min_piece_chars > len(text):  # short pieces: stop scanning
-                    return self.encoding.encode_ordinary(text)
+        if not cuts:
+            return self.plain_ws.encode_ordinary(text)
         encode, ranks, start = self.plain_ws.encode_ordinary, [], 0
         for cut in cuts:
             ranks += encode(text[start:cut])
@@ -190,18 +208,22 @@ class FastByteLevelBPE:
         ranks += encode(text[start:])
         return ranks
 
-    def encode(self, texts: list[str], eos_id: int) -> tuple[np.ndarray, np.ndarray]:
-        """(ids of all texts concatenated, each followed by eos_id; per-text lengths including eos)."""
+    def encode(self, texts: list[str], eos_id: int, *,
+               texts_are_nfc: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(ids of all texts concatenated, each followed by eos_id; per-text lengths including eos).
+        `texts_are_nfc` skips the NFC check of a tokenizer with an NFC normaliser."""
         parts: list[np.ndarray] = []
         eos = np.array([eos_id], dtype=self.dtype)
         to_ids = self.rank_to_id
+        check_nfc = self.nfc and not texts_are_nfc
         for text in texts:
             if self._added is not None and self._added.search(text):
                 ids = np.array(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=self.dtype)
             else:
-                if self.nfc and not unicodedata.is_normalized("NFC", text):
+                if check_nfc and not unicodedata.is_normalized("NFC", text):
                     text = unicodedata.normalize("NFC", text)
-                ids = to_ids[np.array(self._ranks(text), dtype=np.int64)].astype(self.dtype)
+                # array.array converts a list of ints about 3x faster than np.array
+                ids = to_ids[np.frombuffer(array.array("I", self._ranks(text)), dtype=np.uint32)]
             parts.append(ids)
             parts.append(eos)
         lengths = np.fromiter((p.size + 1 for p in parts[::2]), dtype=np.int64, count=len(texts))

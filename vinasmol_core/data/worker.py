@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from vinasmol_core.data.clean import FILTERS, clean_document, dedup_key
+from vinasmol_core.data.clean import FILTERS, clean_document, dedup_hash
 from vinasmol_core.data.spec import CleaningSpec
 from vinasmol_core.errors import VinaSmolError
 
@@ -123,7 +123,7 @@ class _State:
         if self.fast is None:
             flat, lengths = self.encode_plain(texts)
             return flat, lengths, None
-        flat, lengths = self.fast.encode(texts, self.cfg.eos_id)
+        flat, lengths = self.fast.encode(texts, self.cfg.eos_id, texts_are_nfc=self.cfg.cleaning.normalize)
         mismatch = None
         if verify and texts:
             step = max(1, len(texts) // verify)
@@ -240,7 +240,7 @@ def process_batch(batch: Batch, state: _State | None = None) -> BatchResult:
             continue
         kept_texts.append(text)
         if cfg.dedup:
-            hashes.append(int.from_bytes(hashlib.blake2b(dedup_key(text), digest_size=8).digest(), "big"))
+            hashes.append(dedup_hash(text))
         is_val.append(split_is_val(batch.source, doc_id, cfg.val_fraction))
     minhashes = np.stack([st.signature(t) for t in kept_texts]) if cfg.near_dedup and kept_texts else None
     if kept_texts:
