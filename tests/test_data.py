@@ -310,6 +310,20 @@ def test_bad_lines_name_file_and_line_or_are_skipped(tmp_path: Path, tok: Path) 
     assert info.sources["bad"].bad_lines_skipped == 2 and info.sources["bad"].train_docs == 1
 
 
+def test_truncated_or_corrupt_gzip_is_an_error_naming_the_file(tmp_path: Path, tok: Path) -> None:
+    data = gzip.compress(b"".join(json.dumps({"text": f"{EN_DOC} {i}"}).encode() + b"\n" for i in range(200)))
+    corrupt = bytearray(data)
+    corrupt[40:60] = b"\xff" * 20
+    out = tmp_path / "ds"
+    for name, content in (("cut.jsonl.gz", data[: len(data) // 2]), ("bad.jsonl.gz", bytes(corrupt)),
+                          ("plain.jsonl.gz", b'{"text": "not compressed"}\n')):
+        (tmp_path / name).write_bytes(content)
+        src = [SourceSpec(name="g", lang="en", paths=(str(tmp_path / name),))]
+        with pytest.raises(VinaSmolError, match=rf"source 'g': cannot read .*{name}: "):
+            prepare_dataset(src, tok, out, workers=0)
+        _assert_nothing_written(tmp_path, out)
+
+
 def test_empty_source_and_missing_field_are_errors(tmp_path: Path, tok: Path) -> None:
     from vinasmol_core.store import ArtifactStore
 

@@ -8,10 +8,13 @@ import glob as globlib
 import hashlib
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from isal.isal_zlib import error as IsalError
 
 from vinasmol_core.data.spec import SourceSpec
 from vinasmol_core.data.worker import Batch
@@ -20,6 +23,8 @@ from vinasmol_core.errors import VinaSmolError
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
 _GLOB_CHARS = set("*?[")
+# What a missing, truncated or corrupt (compressed) file raises while it is read
+_READ_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error, IsalError)
 
 
 @dataclass(frozen=True)
@@ -109,9 +114,9 @@ def _open_binary(rf: ResolvedFile) -> Any:
     """A binary, decompressed file object."""
     if rf.local and rf.compression in (None, "gzip"):
         if rf.compression == "gzip":
-            import gzip
+            from isal import igzip  # about 2.5x faster than the standard library's gzip here
 
-            return gzip.open(rf.url, "rb")
+            return igzip.open(rf.url, "rb")
         return open(rf.url, "rb")  # noqa: SIM115
     import fsspec
 
@@ -255,25 +260,33 @@ def iter_batches(
         yield from _record_batches(records, new_batch(), new_batch, batch_chars)
         return
     for rf in files:
-        if rf.fmt == "jsonl":
-            batch = new_batch(rf.display, os.path.basename(rf.url))
-            with _open_binary(rf) as f:
-                for lineno, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    batch.lines.append(line)
-                    batch.line_numbers.append(lineno)
-                    batch.chars += len(line)
-                    if batch.chars >= batch_chars:
-                        yield batch
-                        batch = new_batch(rf.display, os.path.basename(rf.url))
-            if batch.lines:
-                yield batch
-        elif rf.fmt == "parquet":
-            yield from _record_batches(_iter_parquet(rf, spec), new_batch(rf.display), new_batch, batch_chars)
-        else:
-            yield from _record_batches(_iter_text(rf, spec, skip_bad_lines, counters), new_batch(rf.display),
-                                       new_batch, batch_chars)
+        try:
+            yield from _file_batches(rf, spec, skip_bad_lines, counters, batch_chars, new_batch)
+        except _READ_ERRORS as exc:
+            raise VinaSmolError(f"source {spec.name!r}: cannot read {rf.display}: {exc}") from exc
+
+
+def _file_batches(rf: ResolvedFile, spec: SourceSpec, skip_bad_lines: bool, counters: ReadCounters,
+                  batch_chars: int, new_batch: Any) -> Iterator[Batch]:
+    if rf.fmt == "jsonl":
+        batch = new_batch(rf.display, os.path.basename(rf.url))
+        with _open_binary(rf) as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                batch.lines.append(line)
+                batch.line_numbers.append(lineno)
+                batch.chars += len(line)
+                if batch.chars >= batch_chars:
+                    yield batch
+                    batch = new_batch(rf.display, os.path.basename(rf.url))
+        if batch.lines:
+            yield batch
+    elif rf.fmt == "parquet":
+        yield from _record_batches(_iter_parquet(rf, spec), new_batch(rf.display), new_batch, batch_chars)
+    else:
+        yield from _record_batches(_iter_text(rf, spec, skip_bad_lines, counters), new_batch(rf.display),
+                                   new_batch, batch_chars)
 
 
 def _record_batches(records: Iterator[tuple[str, str | None]], batch: Batch, new_batch: Any,
