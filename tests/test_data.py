@@ -310,6 +310,26 @@ def test_bad_lines_name_file_and_line_or_are_skipped(tmp_path: Path, tok: Path) 
     assert info.sources["bad"].bad_lines_skipped == 2 and info.sources["bad"].train_docs == 1
 
 
+@pytest.mark.timeout(120)
+def test_worker_processes_report_errors_and_stop(tmp_path: Path, tok: Path) -> None:
+    """With worker processes: a bad line is named as in-process, and a tokenizer that fails after the
+    workers started (they wait for their config) ends the build without hanging."""
+    out = tmp_path / "ds"
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"".join(json.dumps({"text": f"{EN_DOC} {i}"}).encode() + b"\n" for i in range(50))
+                     + b"{not json\n")
+    with pytest.raises(VinaSmolError, match=r"bad\.jsonl line 51 is not valid JSON"):
+        prepare_dataset([SourceSpec(name="bad", lang="en", paths=(str(path),))], tok, out, workers=2)
+    _assert_nothing_written(tmp_path, out)
+    data = (tok / "tokenizer.json").read_text(encoding="utf-8").replace("<|endoftext|>", "<|end|>")
+    (tmp_path / "no-eos").mkdir()
+    (tmp_path / "no-eos" / "tokenizer.json").write_text(data, encoding="utf-8")
+    with pytest.raises(VinaSmolError, match=r"has no <\|endoftext\|> token"):
+        prepare_dataset([SourceSpec(name="s-en", lang="en", paths=(str(sample_corpora_small(tmp_path)),))],
+                        tmp_path / "no-eos", out, workers=2)
+    _assert_nothing_written(tmp_path, out)
+
+
 def test_truncated_or_corrupt_gzip_is_an_error_naming_the_file(tmp_path: Path, tok: Path) -> None:
     data = gzip.compress(b"".join(json.dumps({"text": f"{EN_DOC} {i}"}).encode() + b"\n" for i in range(200)))
     corrupt = bytearray(data)

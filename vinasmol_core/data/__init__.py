@@ -10,21 +10,46 @@ The pieces (see each module):
     tokcheck   tokenizer_digest / check_tokenizer
 """
 
-from vinasmol_core.data.prepare import (
-    DATASET_FILE,
-    dataset_manifest,
-    load_dataset_meta,
-    prepare_dataset,
-    split_of,
-)
-from vinasmol_core.data.sampler import (
-    MixtureSampler,
-    SequenceStream,
-    resolve_weight_keys,
-    validation_sequences,
-)
-from vinasmol_core.data.spec import CleaningSpec, DatasetInfo, LongContextSpec, SourceSpec, SourceStats
-from vinasmol_core.data.tokcheck import check_tokenizer, dataset_tokenizer_digest, tokenizer_digest
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vinasmol_core.data.prepare import (
+        DATASET_FILE,
+        dataset_manifest,
+        load_dataset_meta,
+        prepare_dataset,
+        split_of,
+    )
+    from vinasmol_core.data.sampler import (
+        MixtureSampler,
+        SequenceStream,
+        resolve_weight_keys,
+        validation_sequences,
+    )
+    from vinasmol_core.data.spec import CleaningSpec, DatasetInfo, LongContextSpec, SourceSpec, SourceStats
+    from vinasmol_core.data.tokcheck import check_tokenizer, dataset_tokenizer_digest, tokenizer_digest
+
+# Each name's module, imported on first use: a data worker process imports only what it needs.
+_MODULE_OF = {
+    "DATASET_FILE": "prepare", "dataset_manifest": "prepare", "load_dataset_meta": "prepare",
+    "prepare_dataset": "prepare", "split_of": "prepare",
+    "MixtureSampler": "sampler", "SequenceStream": "sampler", "resolve_weight_keys": "sampler",
+    "validation_sequences": "sampler",
+    "CleaningSpec": "spec", "DatasetInfo": "spec", "LongContextSpec": "spec", "SourceSpec": "spec",
+    "SourceStats": "spec",
+    "check_tokenizer": "tokcheck", "dataset_tokenizer_digest": "tokcheck", "tokenizer_digest": "tokcheck",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
 
 __all__ = [
     "DATASET_FILE",

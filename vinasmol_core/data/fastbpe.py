@@ -43,6 +43,7 @@ import array
 import json
 import re
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -119,30 +120,21 @@ def fast_path_shape(tokenizer_json: dict[str, Any]) -> tuple[str | None, bool, b
     return None, digits, nfc
 
 
-class FastByteLevelBPE:
-    """Encodes texts exactly like `tokenizer.encode_batch(texts, add_special_tokens=False)`, faster.
+@dataclass(frozen=True)
+class BPETables:
+    """What the fast path takes from a tokenizer.json (small, picklable: built once per prepare and
+    sent to every worker process)."""
 
-    Build with `FastByteLevelBPE.create(tokenizer, tokenizer_json_path, dtype)`, which returns None
-    when the tokenizer's shape is not supported (see the module docstring)."""
-
-    def __init__(self, tokenizer: Any, encoding: Any, plain_ws: Any, digits: bool, rank_to_id: np.ndarray,
-                 nfc: bool, added: list[str], dtype: np.dtype[Any]) -> None:
-        self.tokenizer = tokenizer
-        self.encoding = encoding  # the tokenizer's full pattern
-        self.plain_ws = plain_ws  # the pattern without its lookahead, for pieces cut by `_ranks`
-        self.digits = digits
-        self.cut_whitespace_runs = True  # False: every text with the full pattern (benchmarks compare)
-        self.min_piece_chars = MIN_PIECE_CHARS
-        self.rank_to_id = rank_to_id
-        self.nfc = nfc
-        self.dtype = np.dtype(dtype)
-        self._added = re.compile("|".join(re.escape(a) for a in sorted(added, key=len, reverse=True))) \
-            if added else None
+    tokenizer_json: str
+    ranks: dict[bytes, int]  # tiktoken's mergeable ranks: reachable tokens, in merge order
+    rank_to_id: list[int]
+    digits: bool
+    nfc: bool
+    added: list[str]  # added tokens' contents
 
     @classmethod
-    def create(cls, tokenizer: Any, tokenizer_json: Path, dtype: np.dtype[Any]) -> FastByteLevelBPE | None:
-        import tiktoken
-
+    def build(cls, tokenizer: Any, tokenizer_json: Path) -> BPETables | None:
+        """None when the tokenizer's shape is not supported (see the module docstring)."""
         data = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
         reason, digits, nfc = fast_path_shape(data)
         if reason is not None:
@@ -164,14 +156,47 @@ class FastByteLevelBPE:
                 continue  # unreachable: the tokenizer never produces it (see the module docstring)
             ranks[key] = len(rank_to_id)
             rank_to_id.append(vocab[token])
-        patterns = (_GPT2_DIGITS, _GPT2_DIGITS_PLAIN_WS) if digits else (_GPT2, _GPT2_PLAIN_WS)
-        encoding, plain_ws = (
-            tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+        added = [t["content"] for t in data.get("added_tokens", []) if t.get("content")]
+        return cls(str(tokenizer_json), ranks, rank_to_id, digits, nfc, added)
+
+
+class FastByteLevelBPE:
+    """Encodes texts exactly like `tokenizer.encode_batch(texts, add_special_tokens=False)`, faster.
+
+    Build with `FastByteLevelBPE(BPETables.build(...), dtype)`, or `FastByteLevelBPE.create(tokenizer,
+    tokenizer_json_path, dtype)`, which returns None when the tokenizer's shape is not supported."""
+
+    def __init__(self, tables: BPETables, dtype: np.dtype[Any], tokenizer: Any = None) -> None:
+        import tiktoken
+
+        patterns = (_GPT2_DIGITS, _GPT2_DIGITS_PLAIN_WS) if tables.digits else (_GPT2, _GPT2_PLAIN_WS)
+        self.encoding, self.plain_ws = (  # the full pattern; without its lookahead, for cut pieces
+            tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=tables.ranks, special_tokens={})
             for name, pattern in zip(("vinasmol-bpe", "vinasmol-bpe-plain-ws"), patterns, strict=True)
         )
-        added = [t["content"] for t in data.get("added_tokens", []) if t.get("content")]
-        return cls(tokenizer, encoding, plain_ws, digits, np.array(rank_to_id, dtype=dtype), nfc, added,
-                   dtype)
+        self.tables = tables
+        self.digits = tables.digits
+        self.cut_whitespace_runs = True  # False: every text with the full pattern (benchmarks compare)
+        self.min_piece_chars = MIN_PIECE_CHARS
+        self.dtype = np.dtype(dtype)
+        self.rank_to_id = np.array(tables.rank_to_id, dtype=self.dtype)
+        self.nfc = tables.nfc
+        self._tokenizer = tokenizer  # loaded when first needed: for texts holding an added token
+        longest_first = sorted(tables.added, key=len, reverse=True)
+        self._added = re.compile("|".join(map(re.escape, longest_first))) if longest_first else None
+
+    @classmethod
+    def create(cls, tokenizer: Any, tokenizer_json: Path, dtype: np.dtype[Any]) -> FastByteLevelBPE | None:
+        tables = BPETables.build(tokenizer, tokenizer_json)
+        return None if tables is None else cls(tables, dtype, tokenizer)
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(self.tables.tokenizer_json)
+        return self._tokenizer
 
     def _cuts(self, text: str) -> list[int] | None:
         """Where to cut `text` so that its pieces can be encoded without the lookahead: before the last

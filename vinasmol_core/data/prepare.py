@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vinasmol_core.data.clean import FILTERS
+from vinasmol_core.data.fastbpe import BPETables
 from vinasmol_core.data.readers import ReadCounters, ResolvedFile, iter_batches, resolve_files, source_digest
 from vinasmol_core.data.shards import ShardWriter, dtype_for_vocab
 from vinasmol_core.data.spec import CleaningSpec, DatasetInfo, SourceSpec, SourceStats
@@ -46,6 +47,7 @@ from vinasmol_core.data.worker import (
     process_batch,
     process_in_worker,
     split_is_val,
+    started,
 )
 from vinasmol_core.errors import ConfigError, VinaSmolError
 
@@ -251,17 +253,19 @@ def prepare_dataset(
         build_args: dict[str, Any] = dict(
             key=key, cleaning=cleaning, val_fraction=val_fraction, dedup=dedup, near_dedup=near_dedup,
             near_dedup_threshold=near_dedup_threshold, skip_bad_lines=skip_bad_lines,
-            shard_tokens=shard_tokens, batch_chars=batch_chars, workers=n_workers,
-            on_source_done=on_source_done, on_progress=on_progress)
+            shard_tokens=shard_tokens, batch_chars=batch_chars, on_source_done=on_source_done,
+            on_progress=on_progress)
         try:
-            meta = _build(sources, files, digests, tok_path, tok_digest, tmp, use_fast_path=use_fast_path,
-                          **build_args)
+            with _Workers(n_workers) as pool:
+                meta = _build(sources, files, digests, tok_path, tok_digest, tmp, pool=pool,
+                              use_fast_path=use_fast_path, **build_args)
         except _FastPathMismatch as exc:
             log.warning("fast tokenizer path disagreed with the tokenizer (%s); rebuilding without it", exc)
             shutil.rmtree(tmp)
             tmp.mkdir()
-            meta = _build(sources, files, digests, tok_path, tok_digest, tmp, use_fast_path=False,
-                          **build_args)
+            with _Workers(n_workers) as pool:
+                meta = _build(sources, files, digests, tok_path, tok_digest, tmp, pool=pool,
+                              use_fast_path=False, **build_args)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -308,33 +312,76 @@ def _auto_workers(files: dict[str, list[ResolvedFile]], sources: list[SourceSpec
     return min(cores, 8)
 
 
-def _results(
-    items: Iterator[Batch | _SourceEnd], cfg: WorkerConfig, workers: int
-) -> Iterator[BatchResult | _SourceEnd]:
-    """Results in input order: in-process, or from a pool of `workers` spawned processes with a
-    bounded number of batches in flight."""
-    if workers <= 0:
-        state = local_state(cfg)
-        for item in items:
-            yield item if isinstance(item, _SourceEnd) else process_batch(item, state)
-        return
-    ctx = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(cfg,))
-    pending: deque[Future[BatchResult] | _SourceEnd] = deque()
-    try:
-        for item in items:
-            pending.append(item if isinstance(item, _SourceEnd) else pool.submit(process_in_worker, item))
-            while sum(isinstance(p, Future) for p in pending) > 2 * workers:
+class _Workers:
+    """Where batches are processed: in this process, or in `n` spawned worker processes with a bounded
+    number of batches in flight. The processes start at once, so that their imports overlap the main
+    process reading the tokenizer; `configure` then sends each of them the WorkerConfig."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.state: Any = None
+        self.pool: ProcessPoolExecutor | None = None
+        self.configured = False
+        if n > 0:
+            ctx = multiprocessing.get_context("spawn")
+            self.setup = ctx.SimpleQueue()
+            self.pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=init_worker,
+                                            initargs=(self.setup,))
+            for _ in range(n):
+                self.pool.submit(started)
+
+    def configure(self, cfg: WorkerConfig) -> None:
+        if self.pool is None:
+            self.state = local_state(cfg)
+        else:
+            for _ in range(self.n):
+                self.setup.put(cfg)
+        self.configured = True
+
+    def results(self, items: Iterator[Batch | _SourceEnd]) -> Iterator[BatchResult | _SourceEnd]:
+        """Results in input order."""
+        if self.pool is None:
+            for item in items:
+                yield item if isinstance(item, _SourceEnd) else process_batch(item, self.state)
+            return
+        pending: deque[Future[BatchResult] | _SourceEnd] = deque()
+        try:
+            for item in items:
+                pending.append(item if isinstance(item, _SourceEnd)
+                               else self.pool.submit(process_in_worker, item))
+                while sum(isinstance(p, Future) for p in pending) > 2 * self.n:
+                    head = pending.popleft()
+                    yield head if isinstance(head, _SourceEnd) else head.result()
+            while pending:
                 head = pending.popleft()
                 yield head if isinstance(head, _SourceEnd) else head.result()
-        while pending:
-            head = pending.popleft()
-            yield head if isinstance(head, _SourceEnd) else head.result()
-    except BrokenProcessPool as exc:
-        raise VinaSmolError(f"a data worker process died ({exc}); out of memory? "
-                            "try fewer --workers") from exc
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        except BrokenProcessPool as exc:
+            raise VinaSmolError(f"a data worker process died ({exc}); out of memory? "
+                                "try fewer --workers") from exc
+
+    def __enter__(self) -> _Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is None:
+            return
+        if not self.configured:  # the workers wait for a config: tell them there is none
+            for _ in range(self.n):
+                self.setup.put(None)
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _sample_mismatch(tokenizer: Any, item: BatchResult) -> str | None:
+    """Where the fast path's ids of the documents a worker sent back as samples differ from the
+    tokenizer's own (None when they agree)."""
+    if not item.samples:
+        return None
+    offsets = np.concatenate([[0], np.cumsum(item.lengths)])
+    encodings = tokenizer.encode_batch([text for _, text in item.samples], add_special_tokens=False)
+    for (i, text), encoding in zip(item.samples, encodings, strict=True):
+        if item.tokens[offsets[i] : offsets[i + 1] - 1].tolist() != encoding.ids:
+            return f"document {i} of a batch: {text[:80]!r}"
+    return None
 
 
 def _batches(sources: list[SourceSpec], files: dict[str, list[ResolvedFile]], skip_bad_lines: bool,
@@ -365,7 +412,7 @@ def _build(
     skip_bad_lines: bool,
     shard_tokens: int,
     batch_chars: int,
-    workers: int,
+    pool: _Workers,
     use_fast_path: bool,
     on_source_done: Callable[[str, SourceStats], None] | None,
     on_progress: Callable[[str, SourceStats], None] | None,
@@ -378,9 +425,10 @@ def _build(
         raise VinaSmolError(f"tokenizer {tok_path} has no {EOS_TOKEN} token to separate documents")
     vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
     dtype = dtype_for_vocab(vocab_size)
+    tables = BPETables.build(tokenizer, tok_path) if use_fast_path else None
     cfg = WorkerConfig(tokenizer_path=str(tok_path), eos_id=int(eos), dtype=dtype.name, cleaning=cleaning,
-                       val_fraction=val_fraction, dedup=dedup, near_dedup=near_dedup,
-                       use_fast_path=use_fast_path)
+                       val_fraction=val_fraction, dedup=dedup, near_dedup=near_dedup, fast_tables=tables)
+    pool.configure(cfg)
     seen: set[int] = set()
     lsh = None
     if near_dedup:
@@ -399,7 +447,7 @@ def _build(
     next_progress = time.monotonic() + PROGRESS_SECONDS
     writers, stats = new_state(sources[0])
     bad_examples: list[str] = []
-    for item in _results(_batches(sources, files, skip_bad_lines, batch_chars), cfg, workers):
+    for item in pool.results(_batches(sources, files, skip_bad_lines, batch_chars)):
         if isinstance(item, _SourceEnd):
             spec = sources[item.index]
             stats.bad_lines_skipped += item.counters.bad_lines_skipped
@@ -427,8 +475,9 @@ def _build(
             if current < len(sources):
                 writers, stats = new_state(sources[current])
             continue
-        if item.mismatch is not None:
-            raise _FastPathMismatch(item.mismatch)
+        mismatch = _sample_mismatch(tokenizer, item)
+        if mismatch is not None:
+            raise _FastPathMismatch(mismatch)
         stats.docs_read += item.docs_read
         stats.bytes_read += item.bytes_read
         if on_progress is not None and time.monotonic() >= next_progress:
@@ -467,6 +516,7 @@ def _build(
                 writers[sp].add(item.tokens, item.lengths)
             else:
                 writers[sp].add(item.tokens[np.repeat(docs, item.lengths)], item.lengths[docs])
+
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,

@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vinasmol_core.data.clean import FILTERS, clean_document, dedup_hash
+from vinasmol_core.data.fastbpe import BPETables, FastByteLevelBPE
 from vinasmol_core.data.spec import CleaningSpec
 from vinasmol_core.errors import VinaSmolError
 
@@ -40,7 +40,7 @@ class WorkerConfig:
     val_fraction: float
     dedup: bool
     near_dedup: bool
-    use_fast_path: bool = True
+    fast_tables: BPETables | None = None  # None: the tokenizer's own encoder
     num_perm: int = 128
     ngram: int = 5
 
@@ -60,7 +60,7 @@ class Batch:
     lines: list[bytes] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)
     texts: list[str | None] = field(default_factory=list)
-    verify: int = 0  # compare this many documents with the plain tokenizer
+    verify: int = 0  # send back this many documents for the main process to compare with the tokenizer
     chars: int = 0
 
 
@@ -76,7 +76,7 @@ class BatchResult:
     lengths: np.ndarray  # int64 tokens per kept document, eos included
     tokens: np.ndarray  # all kept documents' tokens, concatenated
     minhashes: np.ndarray | None  # (kept, num_perm) hash values when near dedup is on
-    mismatch: str | None = None  # a fast-path disagreement found by verification
+    samples: list[tuple[int, str]] = field(default_factory=list)  # (kept index, text) to verify
 
 
 def split_is_val(source: str, doc_id: str, val_fraction: float) -> bool:
@@ -89,15 +89,10 @@ def split_is_val(source: str, doc_id: str, val_fraction: float) -> bool:
 
 class _State:
     def __init__(self, cfg: WorkerConfig) -> None:
-        from tokenizers import Tokenizer
-
-        from vinasmol_core.data.fastbpe import FastByteLevelBPE
-
         self.cfg = cfg
-        self.tokenizer = Tokenizer.from_file(cfg.tokenizer_path)
         self.dtype = np.dtype(cfg.dtype)
-        self.fast = FastByteLevelBPE.create(self.tokenizer, Path(cfg.tokenizer_path), self.dtype) \
-            if cfg.use_fast_path else None
+        self.fast = FastByteLevelBPE(cfg.fast_tables, self.dtype) if cfg.fast_tables is not None else None
+        self._tokenizer: Any = None
         self._minhash: Any = None
         self._perms: Any = None
         if cfg.near_dedup:
@@ -106,37 +101,14 @@ class _State:
             self._minhash = MinHash
             self._perms = MinHash(num_perm=cfg.num_perm, seed=1, **minhash_scheme()).permutations
 
-    def encode_plain(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
-        ids = [e.ids for e in encode(texts, add_special_tokens=False)]
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 1
-        flat = np.empty(int(lengths.sum()), dtype=self.dtype)
-        pos = 0
-        for x in ids:
-            flat[pos : pos + len(x)] = x
-            pos += len(x)
-            flat[pos] = self.cfg.eos_id
-            pos += 1
-        return flat, lengths
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if self.fast is not None:
+            return self.fast.encode(texts, self.cfg.eos_id, texts_are_nfc=self.cfg.cleaning.normalize)
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
 
-    def encode(self, texts: list[str], verify: int) -> tuple[np.ndarray, np.ndarray, str | None]:
-        if self.fast is None:
-            flat, lengths = self.encode_plain(texts)
-            return flat, lengths, None
-        flat, lengths = self.fast.encode(texts, self.cfg.eos_id, texts_are_nfc=self.cfg.cleaning.normalize)
-        mismatch = None
-        if verify and texts:
-            step = max(1, len(texts) // verify)
-            picks = list(range(0, len(texts), step))[:verify]
-            ref_flat, ref_len = self.encode_plain([texts[i] for i in picks])
-            offsets = np.concatenate([[0], np.cumsum(lengths)])
-            ref_off = np.concatenate([[0], np.cumsum(ref_len)])
-            for j, i in enumerate(picks):
-                ours = flat[offsets[i] : offsets[i + 1]]
-                if not np.array_equal(ours, ref_flat[ref_off[j] : ref_off[j + 1]]):
-                    mismatch = f"document {i} of a batch: {texts[i][:80]!r}"
-                    break
-        return flat, lengths, mismatch
+            self._tokenizer = Tokenizer.from_file(self.cfg.tokenizer_path)
+        return encode_with_tokenizer(self._tokenizer, texts, self.cfg.eos_id, self.dtype)
 
     def signature(self, text: str) -> np.ndarray:
         words = text.lower().split()
@@ -150,6 +122,22 @@ class _State:
 _STATE: _State | None = None
 
 
+def encode_with_tokenizer(tokenizer: Any, texts: list[str], eos_id: int,
+                          dtype: np.dtype[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The tokenizer's own ids of `texts`, as FastByteLevelBPE.encode returns them."""
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    ids = [e.ids for e in encode(texts, add_special_tokens=False)]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 1
+    flat = np.empty(int(lengths.sum()), dtype=dtype)
+    pos = 0
+    for x in ids:
+        flat[pos : pos + len(x)] = x
+        pos += len(x)
+        flat[pos] = eos_id
+        pos += 1
+    return flat, lengths
+
+
 def minhash_scheme() -> dict[str, str]:
     """datasketch >= 2 wants the permutation scheme named when state is passed in; 1.x has none."""
     import inspect
@@ -159,12 +147,18 @@ def minhash_scheme() -> dict[str, str]:
     return {"scheme": "affine32"} if "scheme" in inspect.signature(MinHash.__init__).parameters else {}
 
 
-def init_worker(cfg: WorkerConfig) -> None:
-    """Process-pool initializer: one tokenizer thread per process (the pool gives the parallelism)."""
+def init_worker(setup: Any) -> None:
+    """Process-pool initializer: waits for the WorkerConfig on the `setup` queue (None: the build
+    stopped before it began). One tokenizer thread per process: the pool gives the parallelism."""
     global _STATE
     os.environ.setdefault("RAYON_NUM_THREADS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _STATE = _State(cfg)
+    cfg = setup.get()
+    _STATE = _State(cfg) if cfg is not None else None
+
+
+def started() -> None:
+    """A no-op task: submitting one per worker makes the pool start its processes."""
 
 
 def local_state(cfg: WorkerConfig) -> _State:
@@ -244,9 +238,13 @@ def process_batch(batch: Batch, state: _State | None = None) -> BatchResult:
         is_val.append(split_is_val(batch.source, doc_id, cfg.val_fraction))
     minhashes = np.stack([st.signature(t) for t in kept_texts]) if cfg.near_dedup and kept_texts else None
     if kept_texts:
-        tokens, lengths, mismatch = st.encode(kept_texts, batch.verify)
+        tokens, lengths = st.encode(kept_texts)
     else:
-        tokens, lengths, mismatch = np.zeros(0, st.dtype), np.zeros(0, np.int64), None
+        tokens, lengths = np.zeros(0, st.dtype), np.zeros(0, np.int64)
+    samples = []
+    if batch.verify and st.fast is not None and kept_texts:
+        step = max(1, len(kept_texts) // batch.verify)
+        samples = [(i, kept_texts[i]) for i in range(0, len(kept_texts), step)[: batch.verify]]
     return BatchResult(
         docs_read=len(ids),
         bytes_read=bytes_read,
@@ -258,7 +256,7 @@ def process_batch(batch: Batch, state: _State | None = None) -> BatchResult:
         lengths=lengths,
         tokens=tokens,
         minhashes=minhashes,
-        mismatch=mismatch,
+        samples=samples,
     )
 
 
