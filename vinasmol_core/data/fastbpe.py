@@ -68,7 +68,7 @@ _GPT2_DIGITS_PLAIN_WS = _GPT2_DIGITS.replace(f"|[{_WS}]+(?![^{_WS}\\p{{N}}])", "
 _IS_WS = np.zeros(0x110000, dtype=bool)  # by code point
 _IS_WS[_WS_CODES] = True
 # Below this many characters per piece on average, the text is encoded whole with the full pattern.
-MIN_PIECE_CHARS = 100
+MIN_PIECE_CHARS = 20
 # Bytes that never occur in UTF-8 text.
 _NOT_UTF8 = frozenset({0xC0, 0xC1, *range(0xF5, 0x100)})
 

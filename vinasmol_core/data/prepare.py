@@ -362,13 +362,15 @@ class _Workers:
     def __enter__(self) -> _Workers:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         if self.pool is None:
             return
         if not self.configured:  # the workers wait for a config: tell them there is none
             for _ in range(self.n):
                 self.setup.put(None)
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        # After a success nothing is left to wait for but the workers' interpreter teardown (about
+        # 0.2 s): they exit in the background. After a failure, wait until no batch is running.
+        self.pool.shutdown(wait=exc_type is not None, cancel_futures=True)
 
 
 def _sample_mismatch(tokenizer: Any, item: BatchResult) -> str | None:
