@@ -374,15 +374,13 @@ class _Workers:
 
 
 def _sample_mismatch(tokenizer: Any, item: BatchResult) -> str | None:
-    """Where the fast path's ids of the documents a worker sent back as samples differ from the
-    tokenizer's own (None when they agree)."""
+    """The first sample whose fast-path ids differ from the tokenizer's own (None when all agree)."""
     if not item.samples:
         return None
-    offsets = np.concatenate([[0], np.cumsum(item.lengths)])
-    encodings = tokenizer.encode_batch([text for _, text in item.samples], add_special_tokens=False)
-    for (i, text), encoding in zip(item.samples, encodings, strict=True):
-        if item.tokens[offsets[i] : offsets[i + 1] - 1].tolist() != encoding.ids:
-            return f"document {i} of a batch: {text[:80]!r}"
+    encodings = tokenizer.encode_batch([text for text, _ in item.samples], add_special_tokens=False)
+    for (text, ids), encoding in zip(item.samples, encodings, strict=True):
+        if ids.tolist() != encoding.ids:
+            return repr(text[:80])
     return None
 
 
