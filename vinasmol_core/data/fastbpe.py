@@ -40,7 +40,6 @@ with the real tokenizer alone if they ever disagree.
 from __future__ import annotations
 
 import array
-import json
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from vinasmol_core.data.clean import codepoints
 
@@ -135,7 +135,7 @@ class BPETables:
     @classmethod
     def build(cls, tokenizer: Any, tokenizer_json: Path) -> BPETables | None:
         """None when the tokenizer's shape is not supported (see the module docstring)."""
-        data = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
+        data = orjson.loads(Path(tokenizer_json).read_bytes())
         reason, digits, nfc = fast_path_shape(data)
         if reason is not None:
             return None
@@ -152,7 +152,8 @@ class BPETables:
             key = token.translate(to_latin1).encode("latin-1")
             if key in ranks or token not in vocab:
                 return None  # a merge that remakes a token: the rank order would not be the merge order
-            if [t.id for t in tokenize(token)] != [vocab[token]]:
+            produced = tokenize(token)
+            if len(produced) != 1 or produced[0].id != vocab[token]:
                 continue  # unreachable: the tokenizer never produces it (see the module docstring)
             ranks[key] = len(rank_to_id)
             rank_to_id.append(vocab[token])

@@ -15,21 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 from vinasmol_core.data.clean import FILTERS, clean_document, dedup_hash
 from vinasmol_core.data.fastbpe import BPETables, FastByteLevelBPE
 from vinasmol_core.data.spec import CleaningSpec
 from vinasmol_core.errors import VinaSmolError
-
-try:
-    import orjson as _orjson
-
-    _loads = _orjson.loads
-except ImportError:  # pragma: no cover
-    import json as _json
-
-    _loads = _json.loads
-
 
 # A sampled document is checked on at most this many leading characters (a prefix is a text like any
 # other; the tokenizer's own encoder runs at about 1.5 MB/s, and whole documents made it 0.5 s of CPU
@@ -182,7 +173,7 @@ def _parse_lines(
         problem = None
         record: Any = None
         try:
-            record = _loads(line)
+            record = orjson.loads(line)
         except ValueError as exc:
             try:
                 line.decode("utf-8")
