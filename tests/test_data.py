@@ -207,7 +207,7 @@ def test_store_publish_and_reuse_from_store(tmp_path: Path, tok: Path) -> None:
 
 
 def test_worker_pool_matches_in_process(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
-                                        tok: Path) -> None:
+                                        tok: Path, caplog: pytest.LogCaptureFixture) -> None:
     files = sample_corpora(tmp_path_factory)
     code = [json.loads(line) for line in files["code"].read_text().splitlines()[:4]]
     srcs = [SourceSpec(name="s-vi", lang="vi", paths=(str(files["vi"]),)),
@@ -216,6 +216,7 @@ def test_worker_pool_matches_in_process(tmp_path_factory: pytest.TempPathFactory
     plain = prepare_dataset(srcs, tok, tmp_path / "plain", workers=0, use_fast_path=False, batch_chars=20_000)
     pooled = prepare_dataset(srcs, tok, tmp_path / "pool", workers=2, batch_chars=20_000)
     assert pooled.token_counts == plain.token_counts
+    assert "disagreed" not in caplog.text  # the samples the workers sent back matched: no rebuild
     for src in ("s-vi", "s-en", "s-code"):
         for split in ("train", "val"):
             assert _docs(tmp_path / "pool", src, split) == _docs(tmp_path / "plain", src, split)

@@ -1,9 +1,11 @@
 """Build a dataset artifact: read, clean, deduplicate, split, tokenize and pack every source.
 
-Streaming throughout: one batch of text is cleaned while the previous one is tokenized (the
-tokenizer's Rust threads use every core and release the GIL), and token shards are written as
-they fill, so peak memory does not grow with the corpus (exact deduplication keeps 8 bytes plus
-set overhead per document; near-duplicate detection keeps its LSH index in memory).
+Streaming throughout. The main process reads the sources and hands batches of raw lines to worker
+processes (one per core, spawned while it reads the tokenizer), which parse, clean, hash and
+tokenize them (see worker.py). It takes their results in order, drops duplicates, checks sampled
+documents against the tokenizer and writes token shards as they fill, so peak memory does not grow
+with the corpus (exact deduplication keeps 8 bytes plus set overhead per document; near-duplicate
+detection keeps its LSH index in memory). Small local inputs are processed in-process.
 
 The result folder (see shards.py for the layout) is built in a temporary sibling folder and
 renamed into place only when complete. Its key, a digest of the source digests, the cleaning,
