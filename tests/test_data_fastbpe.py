@@ -24,6 +24,7 @@ TRICKY = [
     "a\x1cb \x1d c\x85d \x0be\x0c f\r\ng", "x\u200by \u200b z\ufeff",
     "runs  before\n\nletters,\t\tpunct  (x),  digits  42, ¹²  Ⅻ and  \U0001d2c0 (new in Unicode 15)",
     "trailing run at the end  ", "\n\n\n", "  9", "\t\t'quote  's",
+    "the encoder's unused special token <|vinasmol:unused|> is ordinary text",
 ]
 
 
