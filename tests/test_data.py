@@ -331,6 +331,26 @@ def test_worker_processes_report_errors_and_stop(tmp_path: Path, tok: Path) -> N
     _assert_nothing_written(tmp_path, out)
 
 
+@pytest.mark.timeout(120)
+def test_a_worker_dead_before_its_config_fails_the_build_without_hanging(tmp_path: Path, tok: Path) -> None:
+    import os
+    import signal
+
+    from vinasmol_core.data.prepare import _Workers
+    from vinasmol_core.data.worker import Batch, WorkerConfig
+
+    cfg = WorkerConfig(tokenizer_path=str(tok / "tokenizer.json"), eos_id=0, dtype="uint16",
+                       cleaning=CleaningSpec(), val_fraction=0.0, dedup=False, near_dedup=False)
+    batch = Batch(source="s", lang="en", text_field="text", id_field=None, skip_bad_lines=False,
+                  ids=["1"], texts=[EN_DOC])
+    with pytest.raises(VinaSmolError, match="a data worker process died"), _Workers(2) as workers:
+        assert workers.pool is not None
+        os.kill(next(iter(workers.pool._processes)), signal.SIGKILL)  # before it reads its config
+        workers.configure(cfg)
+        list(workers.results(iter([batch, batch, batch])))
+    assert workers.config_file is not None and not workers.config_file.exists()
+
+
 def test_truncated_or_corrupt_gzip_is_an_error_naming_the_file(tmp_path: Path, tok: Path) -> None:
     data = gzip.compress(b"".join(json.dumps({"text": f"{EN_DOC} {i}"}).encode() + b"\n" for i in range(200)))
     corrupt = bytearray(data)

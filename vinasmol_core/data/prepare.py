@@ -20,6 +20,7 @@ import json
 import logging
 import multiprocessing
 import os
+import pickle
 import shutil
 import tempfile
 import time
@@ -317,13 +318,16 @@ def _auto_workers(files: dict[str, list[ResolvedFile]], sources: list[SourceSpec
 class _Workers:
     """Where batches are processed: in this process, or in `n` spawned worker processes with a bounded
     number of batches in flight. The processes start at once, so that their imports overlap the main
-    process reading the tokenizer; `configure` then sends each of them the WorkerConfig."""
+    process reading the tokenizer; `configure` then sends each of them the WorkerConfig. The config
+    (about 1.5 MB with the fast path's tables) goes through a file: the queue carries only its path,
+    so a put never waits on a worker, even one that died."""
 
     def __init__(self, n: int) -> None:
         self.n = n
         self.state: Any = None
         self.pool: ProcessPoolExecutor | None = None
         self.configured = False
+        self.config_file: Path | None = None
         if n > 0:
             ctx = multiprocessing.get_context("spawn")
             self.setup = ctx.SimpleQueue()
@@ -336,8 +340,12 @@ class _Workers:
         if self.pool is None:
             self.state = local_state(cfg)
         else:
+            fd, name = tempfile.mkstemp(prefix="vinasmol-data-worker-", suffix=".pickle")
+            self.config_file = Path(name)
+            with os.fdopen(fd, "wb") as f:
+                pickle.dump(cfg, f, protocol=pickle.HIGHEST_PROTOCOL)
             for _ in range(self.n):
-                self.setup.put(cfg)
+                self.setup.put(name)
         self.configured = True
 
     def results(self, items: Iterator[Batch | _SourceEnd]) -> Iterator[BatchResult | _SourceEnd]:
@@ -373,6 +381,8 @@ class _Workers:
         # After a success nothing is left to wait for but the workers' interpreter teardown (about
         # 0.2 s): they exit in the background. After a failure, wait until no batch is running.
         self.pool.shutdown(wait=exc_type is not None, cancel_futures=True)
+        if self.config_file is not None:  # a worker that had not read it yet starts without work
+            self.config_file.unlink(missing_ok=True)
 
 
 def _sample_mismatch(tokenizer: Any, item: BatchResult) -> str | None:

@@ -9,8 +9,10 @@ which sees the results in order.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,12 +147,17 @@ def minhash_scheme() -> dict[str, str]:
 
 
 def init_worker(setup: Any) -> None:
-    """Process-pool initializer: waits for the WorkerConfig on the `setup` queue (None: the build
-    stopped before it began). One tokenizer thread per process: the pool gives the parallelism."""
+    """Process-pool initializer: waits for the path of the pickled WorkerConfig on the `setup` queue
+    (None, or a file already gone: the build ended without work for this worker). One tokenizer
+    thread per process: the pool gives the parallelism."""
     global _STATE
     os.environ.setdefault("RAYON_NUM_THREADS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cfg = setup.get()
+    path = setup.get()
+    cfg = None
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+            cfg = pickle.load(f)
     _STATE = _State(cfg) if cfg is not None else None
 
 
