@@ -528,7 +528,6 @@ def _build(
                 writers[sp].add(item.tokens, item.lengths)
             else:
                 writers[sp].add(item.tokens[np.repeat(docs, item.lengths)], item.lengths[docs])
-
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
