@@ -47,6 +47,14 @@ def _docs(dataset: Path, source: str, split: str = "train") -> list[list[int]]:
     return [toks[a : b - 1].tolist() for a, b in zip(offs[:-1], offs[1:], strict=True)]
 
 
+def test_package_names_resolve_lazily() -> None:
+    """vinasmol_core.data imports its modules on first use: every exported name has its module."""
+    import vinasmol_core.data as data
+
+    assert sorted(data.__all__) == sorted(data._MODULE_OF)
+    assert all(getattr(data, name) is not None for name in data.__all__)
+
+
 # ----------------------------------------------------------------------------- cleaning
 def test_normalisation_and_filters() -> None:
     spec = CleaningSpec(min_chars=10)

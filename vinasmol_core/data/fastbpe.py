@@ -180,12 +180,10 @@ class FastByteLevelBPE:
             for name, pattern in zip(("vinasmol-bpe", "vinasmol-bpe-plain-ws"), patterns, strict=True)
         )
         self.tables = tables
-        self.digits = tables.digits
         self.cut_whitespace_runs = True  # False: every text with the full pattern (benchmarks compare)
         self.min_piece_chars = MIN_PIECE_CHARS
         self.dtype = np.dtype(dtype)
         self.rank_to_id = np.array(tables.rank_to_id, dtype=self.dtype)
-        self.nfc = tables.nfc
         self._tokenizer = tokenizer  # loaded when first needed: for texts holding an added token
         longest_first = sorted(tables.added, key=len, reverse=True)
         self._added = re.compile("|".join(map(re.escape, longest_first))) if longest_first else None
@@ -211,7 +209,7 @@ class FastByteLevelBPE:
         ws = _IS_WS[codes]
         # i is the last character of a run of >= 2 and text[i + 1] is not whitespace
         cuts = np.flatnonzero(ws[:-2] & ws[1:-1] & ~ws[2:]) + 1
-        if self.digits and cuts.size:
+        if self.tables.digits and cuts.size:
             after = codes[cuts + 1]
             keep = (after < 0x30) | (after > 0x39)  # the lookahead accepts a digit: no split before one
             for j in np.flatnonzero(keep & (after > 0x7F)).tolist():
@@ -244,7 +242,7 @@ class FastByteLevelBPE:
         parts: list[np.ndarray] = []
         eos = np.array([eos_id], dtype=self.dtype)
         to_ids = self.rank_to_id
-        check_nfc = self.nfc and not texts_are_nfc
+        check_nfc = self.tables.nfc and not texts_are_nfc
         for text in texts:
             if self._added is not None and self._added.search(text):
                 ids = np.array(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=self.dtype)

@@ -326,8 +326,7 @@ class _Workers:
         self.n = n
         self.state: Any = None
         self.pool: ProcessPoolExecutor | None = None
-        self.configured = False
-        self.config_file: Path | None = None
+        self.config_file: Path | None = None  # set once the workers have been sent their config
         if n > 0:
             ctx = multiprocessing.get_context("spawn")
             self.setup = ctx.SimpleQueue()
@@ -346,7 +345,6 @@ class _Workers:
                 pickle.dump(cfg, f, protocol=pickle.HIGHEST_PROTOCOL)
             for _ in range(self.n):
                 self.setup.put(name)
-        self.configured = True
 
     def results(self, items: Iterator[Batch | _SourceEnd]) -> Iterator[BatchResult | _SourceEnd]:
         """Results in input order."""
@@ -375,7 +373,7 @@ class _Workers:
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         if self.pool is None:
             return
-        if not self.configured:  # the workers wait for a config: tell them there is none
+        if self.config_file is None:  # the workers wait for a config: tell them there is none
             for _ in range(self.n):
                 self.setup.put(None)
         # After a success nothing is left to wait for but the workers' interpreter teardown (about
