@@ -146,3 +146,34 @@ def test_long_document_upsampling_factor(tmp_path_factory: pytest.TempPathFactor
     assert per_long / per_short == pytest.approx(factor, rel=0.01)
     assert plain.sources[0].n_extra == 0
     assert long_fraction(plain, plain.sources[0].n_windows) == pytest.approx(n_long / n_all, abs=1e-9)
+
+
+def test_resume_under_another_world_size_skips_and_repeats_nothing(ds: Path) -> None:
+    """Two ranks consume indices 0..19, the run resumes on four: they continue at 20, 21, 22, 23, ..."""
+    sampler = MixtureSampler(ds, MIX, 16, seed=0, stage="eeve-6")
+    old = [sampler.stream(2, rank=r, world_size=2) for r in range(2)]
+    for stream in old:
+        for _ in range(5):
+            next(stream)
+    for saved in (old[0].state_dict(), old[1].state_dict()):
+        new = [sampler.stream(2, rank=r, world_size=4) for r in range(4)]
+        for stream in new:
+            stream.load_state_dict(saved)
+        assert sorted(stream.next_index for stream in new) == [20, 21, 22, 23]
+        got = {next(stream)[0].tobytes() for stream in new}
+        assert got == {sampler.sequence(i).tobytes() for i in (20, 21, 22, 23)}
+
+
+def test_every_positive_weight_gets_sequences(ds: Path) -> None:
+    counts = MixtureSampler._block_counts(np.array([0.9999, 0.0001]), 4096)
+    assert counts.tolist() == [4095, 1]
+    assert MixtureSampler._block_counts(np.array([0.55, 0.40, 0.05]), 4096).tolist() == [2253, 1638, 205]
+    sampler = MixtureSampler(ds, {"vi": 0.9999, "en": 0.0001}, 16, seed=0, stage="s")
+    drawn = Counter(sampler.locate(i)[0] for i in range(4096))
+    assert drawn["sample-en"] == 1
+    mix = sampler.effective_mixture()
+    assert mix["sample-en"]["effective"] == 1 / 4096
+    assert abs(mix["sample-en"]["requested"] - 0.0001) < 1e-12
+    [warning] = sampler.mixture_warnings()
+    assert "sample-en" in warning and "0.0001" in warning
+    assert MixtureSampler(ds, MIX, 16, seed=0, stage="s").mixture_warnings() == []

@@ -147,6 +147,27 @@ def test_ddp_two_processes_match_one(env, reference) -> None:
     assert torch.allclose(w2[P.EMBED], w1[P.EMBED], atol=1e-5)
 
 
+@pytest.mark.timeout(300)
+def test_ddp_evaluation_with_fewer_windows_than_ranks(env) -> None:
+    """One validation sequence per language on two ranks: rank 1 has none of its own. Both ranks must
+    make the same forward passes (DDP broadcasts buffers in every forward), or the run hangs."""
+    from vinasmol_core.train.engine import run_stage
+    from vinasmol_core.train.process import run_stage_process
+
+    kw = dict(eval_sequences=1, max_tokens=2 * 4 * 32, checkpoint_interval=2, eval_interval=1)
+    one = run_stage(make_job(env, stage_spec("eeve-3", "new-embeddings", **kw), "eval-one"))
+    two = run_stage_process(
+        make_job(env, stage_spec("eeve-3", "new-embeddings", devices=2, **kw), "eval-ddp"), echo=False
+    )
+    v1 = [e["val_loss"] for e in events_of(env, one.digest) if e["event"] == "eval"]
+    v2 = [e["val_loss"] for e in events_of(env, two.digest) if e["event"] == "eval"]
+    assert len(v1) == len(v2) == 3 and {"vi", "en"} <= v1[0].keys()
+    for a, b in zip(v1, v2, strict=True):
+        assert a.keys() == b.keys()
+        for lang in a:
+            assert abs(a[lang] - b[lang]) < 1e-5, (lang, a[lang], b[lang])
+
+
 def _check_litgpt_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
     """The folder is a plain litgpt checkpoint: strict load into GPT, one tied tensor, files present."""
     from litgpt import Config

@@ -85,8 +85,21 @@ def test_pattern_matching_nothing_is_refused() -> None:
 def test_new_embeddings_needs_base_vocab() -> None:
     with pytest.raises(ConfigError, match="base_vocab_size"):
         P.apply_policy(tiny_model(), "new-embeddings", base_vocab_size=None)
-    with pytest.raises(ConfigError, match="no new rows"):
+    with pytest.raises(ConfigError, match="no new token"):
         P.apply_policy(tiny_model(), "new-embeddings", base_vocab_size=VOCAB)
+
+
+def test_new_embeddings_never_trains_padding_rows() -> None:
+    """base_vocab_size == vocab_size < padded_vocab_size: every row the policy would train is padding."""
+    from litgpt import Config
+    from litgpt.model import GPT
+
+    with torch.device("meta"):
+        config = Config(n_layer=1, n_embd=16, n_head=2, block_size=8, vocab_size=100, padded_vocab_size=128)
+        model = GPT(config)
+    P.tie_embeddings(model)
+    with pytest.raises(ConfigError, match="base_vocab_size=100 leaves no new token in the 100-token"):
+        P.apply_policy(model, "new-embeddings", base_vocab_size=100)
 
 
 @pytest.mark.parametrize("policy", ["new-embeddings", "embeddings", "transformer"])
@@ -141,6 +154,14 @@ def test_spec_rules_name_the_fields() -> None:
         parse_spec({"name": "s", "trainable": "all", "lr": -1, "max_tokens": 10, "mixture": {"vi": 1}})
     with pytest.raises(ConfigError, match="trainable"):
         parse_spec({"name": "s", "trainable": "everything", "lr": 1, "max_tokens": 10, "mixture": {"vi": 1}})
+
+
+def test_fp16_mixed_precision_is_refused_with_the_alternatives() -> None:
+    """fp16 needs a gradient scaler that skips overflowing steps; the engine has none, so the spec
+    refuses it up front and names what works instead."""
+    with pytest.raises(ConfigError, match="16-mixed.*bf16-mixed.*32-true"):
+        parse_spec({"name": "s", "trainable": "all", "lr": 1, "max_tokens": 10, "mixture": {"vi": 1},
+                    "precision": "16-mixed"})
 
 
 def test_presets_follow_the_recipe() -> None:

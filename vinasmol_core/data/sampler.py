@@ -3,8 +3,9 @@
 `MixtureSampler.sequence(i)` is a pure function of (dataset, weights, seq_len, seed, stage, i):
 
 - Source choice: global indices are cut into blocks of `block_size`. Each block holds every
-  source exactly `round(weight * block_size)` times (largest remainder), in an order shuffled by a
-  generator seeded with (seed, stage, block). Proportions are exact to 1/block_size in every block.
+  source exactly `round(weight * block_size)` times (largest remainder; at least once for a positive
+  weight), in an order shuffled by a generator seeded with (seed, stage, block). Proportions are exact
+  to 1/block_size in every block; `effective_mixture()` reports them next to the requested ones.
 - Window choice: the n-th draw of a source (n counts that source's slots in earlier blocks and
   earlier in the block) takes position n of a seeded Feistel permutation of the source's windows,
   a new permutation for every pass (epoch) over the source. A window is `seq_len + 1` tokens at
@@ -243,13 +244,37 @@ class MixtureSampler:
 
     @staticmethod
     def _block_counts(probs: np.ndarray, block: int) -> np.ndarray:
+        """Slots per source in a block: largest remainder, and at least one slot for every positive
+        probability (taken from the source with the most slots), so no source silently vanishes."""
         raw = probs * block
         counts = np.floor(raw).astype(np.int64)
         rest = block - int(counts.sum())
         if rest:
             order = np.argsort(-(raw - counts), kind="stable")
             counts[order[:rest]] += 1
+        for s in np.flatnonzero((probs > 0) & (counts == 0)):
+            counts[int(np.argmax(counts))] -= 1
+            counts[s] = 1
         return counts
+
+    def effective_mixture(self) -> dict[str, dict[str, float]]:
+        """Per source: the probability asked for and the share of slots it really gets."""
+        return {
+            s.name: {"requested": float(p), "effective": int(c) / self.block_size}
+            for s, p, c in zip(self.sources, self.probabilities, self._counts, strict=True)
+        }
+
+    def mixture_warnings(self, tolerance: float = 0.1) -> list[str]:
+        """One line per source whose effective share is off its requested share by more than
+        `tolerance` (relative): a weight too small for the block size."""
+        out = []
+        for name, m in self.effective_mixture().items():
+            if abs(m["effective"] - m["requested"]) > tolerance * m["requested"]:
+                out.append(
+                    f"mixture: source {name} asked for {m['requested']:.3g} of the sequences but gets "
+                    f"{m['effective']:.3g} (1 of every {self.block_size} is the least a source can get)"
+                )
+        return out
 
     # -- indexing -----------------------------------------------------------------------------------
     def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
@@ -348,13 +373,11 @@ class SequenceStream:
         return {"next_index": self.next_index, "rank": self.rank, "world_size": self.world_size}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
-        world = int(state.get("world_size", self.world_size))
-        if world != self.world_size:
-            # a different world size resumes at the same point of the global order
-            step = int(state["next_index"]) // world
-            self.next_index = step * self.world_size + self.rank
-        else:
-            self.next_index = int(state["next_index"])
+        """Resume from any rank's state, also under another world size: every rank has consumed the
+        global indices below `next_index - rank` (they step in lockstep), so this rank continues at
+        that point of the global order plus its own rank."""
+        consumed = int(state["next_index"]) - int(state.get("rank", 0))
+        self.next_index = consumed + self.rank
 
 
 def validation_sequences(dataset_dir: Path | str, key: str, seq_len: int,

@@ -375,6 +375,10 @@ class StageRunner:
             stage=spec.name,
             long_context=spec.long_context,
         )
+        self.mixture = train_sampler.effective_mixture()
+        mixture_warnings = train_sampler.mixture_warnings()
+        for warning in mixture_warnings:
+            fabric.print(f"warning: stage {spec.name}: {warning}", flush=True)
         val_sets: dict[str, np.ndarray] = {}
         if spec.eval_sequences > 0:
             for lang in inputs.languages:
@@ -459,6 +463,8 @@ class StageRunner:
                 "trainable_params": n_trainable,
                 "world_size": world,
                 "first_batch_sha256": fb_digest,
+                "mixture": self.mixture,
+                "warnings": mixture_warnings,
             }
         )
         self.byte_lengths = token_byte_lengths(inputs.ckpt_dir, inputs.config.padded_vocab_size)
@@ -545,12 +551,18 @@ class StageRunner:
         losses: dict[str, float] = {}
         bpb: dict[str, float] = {}
         for lang, seqs in val_sets.items():
+            # every rank makes the same number of forward passes (collectives inside the wrapped
+            # module's forward must pair up); a rank short of sequences runs a masked dummy batch
             mine = list(range(rank, len(seqs), world))
+            n_forward = math.ceil(math.ceil(len(seqs) / world) / spec.micro_batch)
             totals = torch.zeros(3, dtype=torch.float64)  # nll (nats), tokens, bytes
-            for start in range(0, len(mine), spec.micro_batch):
-                batch = torch.from_numpy(seqs[mine[start : start + spec.micro_batch]])
+            for k in range(n_forward):
+                chunk = mine[k * spec.micro_batch : (k + 1) * spec.micro_batch]
+                batch = torch.from_numpy(seqs[chunk or [0]])
                 x, y = batch[:, :-1].to(fabric.device), batch[:, 1:]
                 logits = model(x)[..., :vocab].float().reshape(-1, vocab)
+                if not chunk:
+                    continue
                 nll = F.cross_entropy(logits, y.reshape(-1).to(fabric.device), reduction="sum")
                 totals += torch.tensor([float(nll), y.numel(), float(lengths[y].sum())], dtype=torch.float64)
             totals = fabric.all_reduce(totals.to(fabric.device), reduce_op="sum").cpu()
@@ -708,6 +720,7 @@ class StageRunner:
             "resume_key": self.resume_key,
             "trainable": sorted(self.trainable),
             "resumed_from_step": resume[0] if resume else None,
+            "mixture": self.mixture,
         }
         if inputs.base_vocab_size is not None:
             extra["base_vocab_size"] = inputs.base_vocab_size

@@ -114,7 +114,8 @@ def apply_policy(model: nn.Module, policy: str | list[str], base_vocab_size: int
     for param in params.values():
         param.requires_grad_(False)
     if policy == "new-embeddings":
-        vocab = model.transformer.wte.weight.shape[0]
+        # the tokenizer's size, not the table's rows: rows at and above vocab_size are padding
+        vocab = model.config.vocab_size
         if base_vocab_size is None:
             raise ConfigError(
                 "trainable=new-embeddings needs base_vocab_size (set it in the stage spec, or publish the "
@@ -122,8 +123,9 @@ def apply_policy(model: nn.Module, policy: str | list[str], base_vocab_size: int
             )
         if not 0 < base_vocab_size < vocab:
             raise ConfigError(
-                f"trainable=new-embeddings: base_vocab_size={base_vocab_size} leaves no new rows in the "
-                f"{vocab}-row embedding"
+                f"trainable=new-embeddings: base_vocab_size={base_vocab_size} leaves no new token in the "
+                f"{vocab}-token vocabulary (the embedding's {model.transformer.wte.weight.shape[0]} rows "
+                "above the vocabulary are padding, never trained)"
             )
         split = SplitTiedEmbedding(model.transformer.wte.weight, base_vocab_size)
         model.transformer.wte = split

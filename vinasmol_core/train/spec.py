@@ -121,6 +121,17 @@ class StageSpec(BaseModel):
             raise ValueError("mixture weights sum to 0")
         return mixture
 
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, value: Precision) -> Precision:
+        if value == "16-mixed":
+            raise ValueError(
+                "precision 16-mixed is not supported (fp16 needs a gradient scaler that skips "
+                "overflowing steps); use bf16-mixed where the GPU has bf16 (A100, H100, L4, RTX 30xx "
+                "and newer) or 32-true (V100, T4)"
+            )
+        return value
+
     @field_validator("trainable")
     @classmethod
     def _patterns(cls, value: Policy | list[str]) -> Policy | list[str]:
