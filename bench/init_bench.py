@@ -56,7 +56,7 @@ def build_mean_resizing(base_dir: Path, tokenizer_dir: Path, out_dir: Path, seed
     from tokenizers import Tokenizer
 
     from vinasmol_core.model import hf_io
-    from vinasmol_core.model.export import load_hf_model
+    from vinasmol_core.model.parity import load_hf_model
 
     if (out_dir / "config.json").is_file():
         return out_dir
