@@ -35,7 +35,7 @@ TRAIN_VI = "vi/viwiki-train.jsonl.gz"
 
 def build_tokenizer(data: Path, work: Path, target: int) -> Path:
     """The extended tokenizer: SmolLM2's, extended with merges learned on Vietnamese Wikipedia (train)."""
-    from vinasmol_core.smollm2 import build_smollm2_tokenizer
+    from vinasmol_core.builtin.smollm2 import build_smollm2_tokenizer
     from vinasmol_core.tokenizer import count_words, extend_tokenizer
 
     out_dir = work / f"tokenizer-{target}"
@@ -110,8 +110,8 @@ def main() -> None:
 
     import torch
 
+    from vinasmol_core.builtin.smollm2 import build_smollm2_135m
     from vinasmol_core.model import bits_per_byte_report, extend_model
-    from vinasmol_core.smollm2 import build_smollm2_135m
 
     files = {lang: [args.data / rel] for lang, rel in VAL_FILES.items()}
     for paths in files.values():

