@@ -12,7 +12,7 @@ separate sources with exact dedup off (it would drop the copies), to show memory
 Then, side by side in one process, the fast path's encoder against tiktoken with the tokenizer's
 full regex (lookahead included) on the same texts (alternating, best of three runs each).
 
-Default tokenizer: the real SmolLM2 tokenizer (built offline by vinasmol_core.smollm2) extended
+Default tokenizer: the real SmolLM2 tokenizer (built offline by vinasmol_core.builtin.smollm2) extended
 to 55,936 tokens on vi/*-train (built once into .cache/bench, not timed); --tokenizer for
 another. Last line: `data_bench: mb_per_s=... peak_rss_mb=...
 mb_per_s_4x=... peak_rss_mb_4x=...`.

@@ -115,10 +115,10 @@ def main() -> None:
 
     import torch
 
+    from vinasmol_core.builtin.smollm2 import build_smollm2_135m
     from vinasmol_core.data import SourceSpec, prepare_dataset
     from vinasmol_core.manifests import CheckpointManifest
     from vinasmol_core.model import bits_per_byte_report, extend_model, hf_to_litgpt
-    from vinasmol_core.smollm2 import build_smollm2_135m
     from vinasmol_core.store import ArtifactStore
     from vinasmol_core.train import StageJob, StageSpec, run_stage_process
 

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def extended_smollm2_tokenizer(vi_train: list[Path], target: int) -> Path:
     """The tokenizer folder, extended to `target` tokens on `vi_train`; built on first use."""
-    from vinasmol_core.smollm2 import build_smollm2_tokenizer
+    from vinasmol_core.builtin.smollm2 import build_smollm2_tokenizer
     from vinasmol_core.tokenizer import count_words, extend_tokenizer
 
     stamp = [(p.resolve().as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in vi_train]

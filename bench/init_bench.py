@@ -35,7 +35,7 @@ TRAIN_VI = "vi/viwiki-train.jsonl.gz"
 
 def build_tokenizer(data: Path, work: Path, target: int) -> Path:
     """The extended tokenizer: SmolLM2's, extended with merges learned on Vietnamese Wikipedia (train)."""
-    from vinasmol_core.smollm2 import build_smollm2_tokenizer
+    from vinasmol_core.builtin.smollm2 import build_smollm2_tokenizer
     from vinasmol_core.tokenizer import count_words, extend_tokenizer
 
     out_dir = work / f"tokenizer-{target}"
@@ -56,7 +56,7 @@ def build_mean_resizing(base_dir: Path, tokenizer_dir: Path, out_dir: Path, seed
     from tokenizers import Tokenizer
 
     from vinasmol_core.model import hf_io
-    from vinasmol_core.model.export import load_hf_model
+    from vinasmol_core.model.parity import load_hf_model
 
     if (out_dir / "config.json").is_file():
         return out_dir
@@ -110,8 +110,8 @@ def main() -> None:
 
     import torch
 
+    from vinasmol_core.builtin.smollm2 import build_smollm2_135m
     from vinasmol_core.model import bits_per_byte_report, extend_model
-    from vinasmol_core.smollm2 import build_smollm2_135m
 
     files = {lang: [args.data / rel] for lang, rel in VAL_FILES.items()}
     for paths in files.values():

@@ -35,8 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from vinasmol_core import store as store_mod  # noqa: E402
+from vinasmol_core.localserver.seaweed import start_seaweed  # noqa: E402
 from vinasmol_core.manifests import DatasetManifest  # noqa: E402
-from vinasmol_core.seaweed import start_seaweed  # noqa: E402
 from vinasmol_core.store import ArtifactStore  # noqa: E402
 
 MB = 1 << 20

@@ -119,7 +119,7 @@ def main() -> None:
         _child(args.child)
         return
 
-    from vinasmol_core.smollm2 import build_smollm2_tokenizer
+    from vinasmol_core.builtin.smollm2 import build_smollm2_tokenizer
     from vinasmol_core.tokenizer import fertility_report
     from vinasmol_core.tokenizer.extend import check_transformers_parity
 

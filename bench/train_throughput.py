@@ -237,7 +237,7 @@ def main() -> None:
     if args.accelerator == "cpu":
         os.environ.setdefault("TORCHDYNAMO_DISABLE", "0" if args.compile else "1")
 
-    from vinasmol_core.train.fixtures import SMOLLM2_360M_SHAPE, TINY_SHAPE, smollm2_config
+    from vinasmol_core.builtin.fixtures import SMOLLM2_360M_SHAPE, TINY_SHAPE, smollm2_config
 
     shape = dict(SMOLLM2_360M_SHAPE if args.shape == "360m" else TINY_SHAPE)
     shape["block_size"] = max(shape["block_size"], args.seq_len)

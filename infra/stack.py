@@ -18,11 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.local_server import seed_from_template
-from vinasmol_core.localhost import http_ok
+from vinasmol_core.localserver.localhost import free_ports, http_ok, pid_alive, port_open, stop_process_group
 
 REPO = Path(__file__).resolve().parent.parent
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
@@ -42,31 +39,6 @@ BUCKET = "vinasmol"
 
 class StackError(RuntimeError):
     """A stack component did not start or answer."""
-
-
-def _bindable(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-        return True
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now (and its +10000 twin, where gRPC ports go by default)."""
-    rng = random.Random()
-    for _ in range(500):
-        port = rng.randrange(20000, 45000)
-        if _bindable(host, port) and _bindable(host, port + 10000):
-            return port
-    raise StackError("no free TCP port found on " + host)
-
-
-def port_open(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
 
 
 def _bin(name: str) -> str:
@@ -195,41 +167,10 @@ class Stack:
         self._save(st)
         return proc.pid
 
-    @staticmethod
-    def _alive(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        try:  # a zombie child of ours counts as dead
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                return fh.read().split()[2] != "Z"
-        except OSError:
-            return False
-
-    def _stop(self, name: str, pid: int, timeout: float = 20.0) -> None:
-        """Stop the process group that `_spawn` started for `name` (its leader is `pid`)."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(pid, sig)
-            except ProcessLookupError:
-                return
-            deadline = time.monotonic() + (timeout if sig == signal.SIGTERM else 5.0)
-            while time.monotonic() < deadline:
-                if not self._alive(pid):
-                    return
-                time.sleep(0.2)
-
     # ------------------------------------------------------------------ components
     def _start_seaweed(self) -> None:
-        """SeaweedFS (`vinasmol_core.seaweed`) with the stack's credentials, detached from this process."""
-        from vinasmol_core.seaweed import start_seaweed
+        """SeaweedFS (`localserver.seaweed`) with the stack's credentials, detached from this process."""
+        from vinasmol_core.localserver.seaweed import start_seaweed
 
         creds = self.credentials()
         server = start_seaweed(
@@ -263,7 +204,7 @@ class Stack:
         return env
 
     def _start_server(self) -> None:
-        port = self.prefect_port or self.state().get("prefect_port") or free_port(self.host)
+        port = self.prefect_port or self.state().get("prefect_port") or free_ports(1, self.host)[0]
         if port_open(self.host, port):
             raise StackError(f"port {self.host}:{port} is taken: stop what listens there or pick another")
         st = self.state()
@@ -292,7 +233,7 @@ class Stack:
         deadline = time.monotonic() + timeout
         pid = self.state()["pids"][proc]
         while not ready():
-            if not self._alive(pid):
+            if not pid_alive(pid):
                 raise StackError(f"{what} exited while starting; see {self.logs / (proc + '.log')}")
             if time.monotonic() > deadline:
                 raise StackError(f"{what} not ready after {timeout:.0f} s; see {self.logs / (proc + '.log')}")
@@ -352,7 +293,7 @@ class Stack:
                     w.status == "ONLINE" or str(w.status).endswith("ONLINE")
                     for w in client.read_workers_for_work_pool(name)
                 ):
-                    if not self._alive(pid):
+                    if not pid_alive(pid):
                         log = self.logs / f"worker-{name}.log"
                         raise StackError(f"worker for pool {name!r} exited; see {log}")
                     if time.monotonic() > deadline:
@@ -461,7 +402,7 @@ class Stack:
         self._save(st)
 
     def running(self) -> dict[str, bool]:
-        return {name: self._alive(pid) for name, pid in self.state().get("pids", {}).items()}
+        return {name: pid_alive(pid) for name, pid in self.state().get("pids", {}).items()}
 
     def down(self) -> None:
         """Stop workers first (their runs end with them), then the server, then SeaweedFS."""
@@ -469,7 +410,7 @@ class Stack:
         pids: dict[str, int] = st.get("pids", {})
         order = sorted(pids, key=lambda n: (not n.startswith("worker-"), n == "seaweedfs"))
         for name in order:
-            self._stop(name, pids[name])
+            stop_process_group(pids[name])
         st["pids"] = {}
         if self.state_file.exists():
             self._save(st)

@@ -47,7 +47,7 @@ def materialize_corpus(corpus: dict[str, Any], out_dir: Path) -> tuple[list[Path
             if not path.is_file():
                 raise VinaSmolError(f"corpus {corpus['name']}: file {path} does not exist")
         return train, val
-    from vinasmol_core.sample_corpus import sample_texts
+    from vinasmol_core.builtin.sample_corpus import sample_texts
 
     lang, docs, val_docs = corpus["lang"], source["docs"], source["val_docs"]
     texts = sample_texts(lang, docs + val_docs, source["seed"])
@@ -104,7 +104,7 @@ def fetch_base_model(source: dict[str, Any], name: str, store_url: str) -> Check
         return manifest
     with scratch_dir("base") as tmp:
         if kind == "tiny":
-            from vinasmol_core.tiny import build_tiny_base_model, build_tiny_tokenizer
+            from vinasmol_core.builtin.tiny import build_tiny_base_model, build_tiny_tokenizer
 
             tok = build_tiny_tokenizer(tmp / "tokenizer", vocab_size=source["vocab_size"])
             params = {
@@ -122,7 +122,7 @@ def fetch_base_model(source: dict[str, Any], name: str, store_url: str) -> Check
             }
             hf_dir = build_tiny_base_model(tmp / "model", tok, **params)
         elif kind == "smollm2-135m":
-            from vinasmol_core.smollm2 import build_smollm2_135m
+            from vinasmol_core.builtin.smollm2 import build_smollm2_135m
 
             hf_dir = build_smollm2_135m(tmp / "model")
         else:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from vinasmol_core.builtin.sample_corpus import sample_texts, write_sample_corpora
 from vinasmol_core.data import SourceSpec, prepare_dataset
-from vinasmol_core.sample_corpus import sample_texts, write_sample_corpora
 
 
 def _cached_dir(factory: pytest.TempPathFactory, name: str) -> tuple[Path, bool]:
@@ -19,7 +19,7 @@ def _cached_dir(factory: pytest.TempPathFactory, name: str) -> tuple[Path, bool]
 
 def tiny_tokenizer(factory: pytest.TempPathFactory, vocab_size: int = 1024) -> Path:
     """SmolLM2-shaped byte-level BPE (digits split, <|endoftext|> = 0) trained on English and code."""
-    from vinasmol_core.tiny import build_tiny_tokenizer
+    from vinasmol_core.builtin.tiny import build_tiny_tokenizer
 
     path, ready = _cached_dir(factory, f"tokenizer-{vocab_size}")
     if not ready:

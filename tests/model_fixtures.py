@@ -6,8 +6,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from vinasmol_core.sample_corpus import sample_texts
-from vinasmol_core.tiny import build_tiny_base_model, build_tiny_tokenizer
+from vinasmol_core.builtin.sample_corpus import sample_texts
+from vinasmol_core.builtin.tiny import build_tiny_base_model, build_tiny_tokenizer
 
 
 def extend_tokenizer_with_merges(base_dir: Path, out_dir: Path, n_new: int, texts: list[str]) -> Path:

@@ -12,10 +12,10 @@ import torch
 from typer.testing import CliRunner
 
 from tests.model_fixtures import shared_tiny
+from vinasmol_core.builtin.sample_corpus import sample_texts
 from vinasmol_core.cli import app
 from vinasmol_core.model import bits_per_byte, bits_per_byte_report
 from vinasmol_core.model.bpb import select_documents
-from vinasmol_core.sample_corpus import sample_texts
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_cli_errors_are_one_line(tiny, tmp_path):
     from vinasmol_core.cli import run_app
 
     small = tmp_path / "small"
-    from vinasmol_core.tiny import build_tiny_tokenizer
+    from vinasmol_core.builtin.tiny import build_tiny_tokenizer
 
     build_tiny_tokenizer(small, vocab_size=300)
     import sys

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from tests.model_fixtures import shared_tiny
 from vinasmol_core.errors import VinaSmolError
 from vinasmol_core.model import (
+    convert,
     detect_litgpt_name,
     export_hf,
     hf_to_litgpt,
@@ -184,7 +185,7 @@ def test_unknown_litgpt_name_is_refused(tiny, tmp_path):
 def test_litgpt_folder_contents(tiny):
     config = load_litgpt_config(tiny["lit"])
     vocab = json.loads((tiny["ext"] / "config.json").read_text())["vocab_size"]
-    assert config.name == litgpt_io.CUSTOM_NAME  # tiny shapes are not in litgpt's table
+    assert config.name == convert.CUSTOM_NAME  # tiny shapes are not in litgpt's table
     assert config.vocab_size == config.padded_vocab_size == vocab
     assert config.rope_base == 10000 and config.block_size == 512
     state, _ = load_litgpt_weights(tiny["lit"] / "lit_model.pth")

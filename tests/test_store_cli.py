@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vinasmol_core.cli_store import main
+from vinasmol_core.cli.store import main
 from vinasmol_core.manifests import DatasetManifest
 from vinasmol_core.store import ArtifactStore
 
@@ -78,7 +78,7 @@ def test_module_entry_point_exit_status(filled, tmp_path: Path) -> None:  # noqa
     store, _ = filled
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     bad = subprocess.run(
-        [sys.executable, "-m", "vinasmol_core.cli_store", "show", "runs/none", "--store", store.url],
+        [sys.executable, "-m", "vinasmol_core.cli.store", "show", "runs/none", "--store", store.url],
         capture_output=True,
         text=True,
         env=env,

@@ -110,7 +110,7 @@ def _tokenizer_manifest_for_base():  # noqa: ANN202
 
 
 def test_smollm2_tokenizer_json_from_gguf_metadata() -> None:
-    from vinasmol_core.smollm2 import (
+    from vinasmol_core.builtin.smollm2 import (
         smollm2_135m_config,
         smollm2_tokenizer_json,
         write_smollm2_tokenizer_config,

@@ -21,7 +21,7 @@ MIXTURE = {"vi": 0.6, "en": 0.3, "code": 0.1}
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from vinasmol_core.train.fixtures import build_tiny_inputs
+    from vinasmol_core.builtin.fixtures import build_tiny_inputs
 
     root = tmp_path_factory.mktemp("train")
     with pytest.MonkeyPatch.context() as mp:
@@ -272,9 +272,9 @@ def _error_before_training(env, job: StageJob, match: str) -> None:
 
 
 def test_bad_inputs_fail_before_training(env, tmp_path) -> None:
+    from vinasmol_core.builtin.fixtures import smollm2_config, write_litgpt_checkpoint
+    from vinasmol_core.builtin.tiny import build_tiny_tokenizer
     from vinasmol_core.manifests import CheckpointManifest
-    from vinasmol_core.tiny import build_tiny_tokenizer
-    from vinasmol_core.train.fixtures import smollm2_config, write_litgpt_checkpoint
 
     _error_before_training(
         env, make_job(env, stage_spec("bad-1", ["transformer.h.7.*"]), "bad"), r"pattern 'transformer.h.7.\*'"

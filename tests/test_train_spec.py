@@ -20,7 +20,7 @@ VOCAB = 128
 def tiny_model(seed: int = 0):
     from litgpt.model import GPT
 
-    from vinasmol_core.train.fixtures import smollm2_config
+    from vinasmol_core.builtin.fixtures import smollm2_config
 
     torch.manual_seed(seed)
     model = GPT(smollm2_config(VOCAB, n_layer=2, n_embd=32, n_head=4, n_query_groups=2, intermediate_size=64))

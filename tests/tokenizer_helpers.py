@@ -19,14 +19,14 @@ EXACT_TARGET = 1088
 
 @functools.cache
 def tiny_base() -> Path:
-    from vinasmol_core.tiny import build_tiny_tokenizer
+    from vinasmol_core.builtin.tiny import build_tiny_tokenizer
 
     return build_tiny_tokenizer(_ROOT / "tiny-base", vocab_size=1024)
 
 
 @functools.cache
 def sample_data() -> dict[str, Path]:
-    from vinasmol_core.sample_corpus import write_sample_corpora
+    from vinasmol_core.builtin.sample_corpus import write_sample_corpora
 
     return write_sample_corpora(_ROOT / "data", docs_per_lang=200)
 

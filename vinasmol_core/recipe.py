@@ -35,7 +35,7 @@ class _Strict(BaseModel):
 
 # ----------------------------------------------------------------------------- base model
 class TinyBase(_Strict):
-    """A tiny random SmolLM2-family model built by `vinasmol_core.tiny` (demo and tests)."""
+    """A tiny random SmolLM2-family model built by `vinasmol_core.builtin.tiny` (demo and tests)."""
 
     kind: Literal["tiny"] = "tiny"
     vocab_size: int = Field(default=1024, ge=300)
@@ -70,7 +70,7 @@ class BaseModelSpec(_Strict):
 
 # ----------------------------------------------------------------------------- corpora
 class SampleSource(_Strict):
-    """Built-in deterministic corpora of `vinasmol_core.sample_corpus` (demo and tests)."""
+    """Built-in deterministic corpora of `vinasmol_core.builtin.sample_corpus` (demo and tests)."""
 
     kind: Literal["sample"] = "sample"
     docs: int = Field(default=200, gt=0)

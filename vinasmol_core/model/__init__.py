@@ -8,6 +8,7 @@ from vinasmol_core.model.base import (
     resolve_model_dir,
 )
 from vinasmol_core.model.bpb import bits_per_byte, bits_per_byte_report
+from vinasmol_core.model.convert import detect_litgpt_name, hf_to_litgpt, litgpt_config_for
 from vinasmol_core.model.embeddings import (
     INIT_METHODS,
     extend_model,
@@ -15,15 +16,9 @@ from vinasmol_core.model.embeddings import (
     mean_rows,
     segment_tokens,
 )
-from vinasmol_core.model.export import check_parity, export_hf
-from vinasmol_core.model.litgpt_io import (
-    detect_litgpt_name,
-    hf_to_litgpt,
-    litgpt_config_for,
-    load_litgpt_config,
-    load_litgpt_weights,
-    masked_logits,
-)
+from vinasmol_core.model.export import export_hf
+from vinasmol_core.model.litgpt_io import load_litgpt_config, load_litgpt_weights, masked_logits
+from vinasmol_core.model.parity import check_parity
 from vinasmol_core.model.translations import Seq2SeqTranslations, TranslationSource, TsvTranslations
 
 __all__ = [

@@ -127,7 +127,7 @@ class Scorer:
             self.model = build_litgpt_model(config, state, dtype=torch_dtype).to(device)
             self.max_len = config.block_size
         elif (self.model_dir / "config.json").is_file():
-            from vinasmol_core.model.export import load_hf_model
+            from vinasmol_core.model.parity import load_hf_model
 
             hf_io.check_hf_dir(self.model_dir)
             self.kind = "hf"

@@ -92,10 +92,10 @@ def build_tiny_inputs(
     """Tokenizer with `vocab_size` tokens (the first `base_vocab_size` rows play the base vocabulary),
     a tiny model and a dataset of the sample corpora (vi, en, code main sources and a vi annealing
     source); published to `store_url` under the refs `tiny/init` and `tiny/dataset`."""
+    from vinasmol_core.builtin.sample_corpus import write_sample_corpora
+    from vinasmol_core.builtin.tiny import build_tiny_tokenizer
     from vinasmol_core.data import SourceSpec, prepare_dataset
-    from vinasmol_core.sample_corpus import write_sample_corpora
     from vinasmol_core.store import ArtifactStore
-    from vinasmol_core.tiny import build_tiny_tokenizer
 
     root = Path(root)
     tok_dir = build_tiny_tokenizer(root / "tokenizer", vocab_size=vocab_size)

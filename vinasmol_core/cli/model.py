@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from vinasmol_core.cli.options import path_pairs
 from vinasmol_core.errors import ConfigError, VinaSmolError
 
 app = typer.Typer(no_args_is_help=True, help="model surgery: fetch a base, extend its vocabulary, convert")
@@ -127,16 +128,6 @@ def export_command(
         typer.echo(f"published {manifest.digest} as {publish}")
 
 
-def _parse_data(items: list[str]) -> dict[str, list[Path]]:
-    files: dict[str, list[Path]] = {}
-    for item in items:
-        lang, sep, path = item.partition("=")
-        if not sep or not lang or not path:
-            raise ConfigError(f"--data: expected LANG=FILE, got {item!r}")
-        files.setdefault(lang, []).append(Path(path))
-    return files
-
-
 @eval_app.command("bpb")
 def bpb_command(
     models: Annotated[list[str], typer.Argument(help="HF or litgpt folders (or refs with --store)")],
@@ -159,7 +150,7 @@ def bpb_command(
     from vinasmol_core.model import bits_per_byte_report, resolve_model_dir
     from vinasmol_core.model.bpb import report_to_json
 
-    files = _parse_data(data)
+    files = path_pairs(data, "--data", "LANG=FILE")
     results = {}
     for spec in models:
         path = resolve_model_dir(spec, store)

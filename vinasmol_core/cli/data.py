@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from vinasmol_core.cli.options import split_pair
 from vinasmol_core.errors import ConfigError
 
 app = typer.Typer(no_args_is_help=True, help="Training data: prepare token shards, inspect them, sample.")
@@ -32,9 +33,7 @@ def _merge_sources(texts: list[str], text_field: str, id_field: str | None) -> l
 def _parse_weights(text: str) -> dict[str, float]:
     weights: dict[str, float] = {}
     for part in text.split(","):
-        key, sep, value = part.partition("=")
-        if not sep:
-            raise ConfigError(f"--weights {text!r}: expected KEY=WEIGHT[,KEY=WEIGHT...]")
+        key, value = split_pair(part, "--weights", "KEY=WEIGHT[,KEY=WEIGHT...]", empty_value=True)
         try:
             weights[key.strip()] = float(value)
         except ValueError:

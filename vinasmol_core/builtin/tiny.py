@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from vinasmol_core.sample_corpus import sample_texts
+from vinasmol_core.builtin.sample_corpus import sample_texts
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

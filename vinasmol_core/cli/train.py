@@ -89,14 +89,12 @@ def preset_cmd(
     set_: Annotated[list[str] | None, typer.Option("--set", help="FIELD=JSON_VALUE override")] = None,
 ) -> None:
     """Print the recipe's default StageSpec for a stage kind, as JSON."""
-    from vinasmol_core.errors import ConfigError
+    from vinasmol_core.cli.options import split_pair
     from vinasmol_core.train.spec import preset
 
     overrides: dict[str, Any] = {}
     for item in set_ or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE")
+        key, value = split_pair(item, "--set", "FIELD=VALUE", empty_value=True)
         try:
             overrides[key] = json.loads(value)
         except ValueError:

@@ -142,7 +142,7 @@ def gc_cmd(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the store commands alone (`python -m vinasmol_core.cli_store ls ...`); returns the exit status."""
+    """Run the store commands alone (`python -m vinasmol_core.cli.store ls ...`); returns the exit status."""
     try:
         app(args=argv, standalone_mode=False)
     except VinaSmolError as exc:

@@ -7,7 +7,7 @@
 
 The server binds to 127.0.0.1 only, on free ports, with telemetry and the admin UI off, and checks
 credentials generated for it (written to `identities.json`, mode 0600, in its folder). By default it
-dies with the process that started it. `python -m vinasmol_core.seaweed --dir D` runs one in the
+dies with the process that started it. `python -m vinasmol_core.localserver.seaweed --dir D` runs one in the
 foreground and prints the environment a client needs.
 """
 
@@ -28,8 +28,8 @@ from pathlib import Path
 from types import TracebackType
 
 from vinasmol_core.errors import StoreError
-from vinasmol_core.localhost import die_with_parent as _die_with_parent
-from vinasmol_core.localhost import free_ports, stop_process
+from vinasmol_core.localserver.localhost import die_with_parent as _die_with_parent
+from vinasmol_core.localserver.localhost import free_ports, stop_process
 
 # Every listener `weed mini` opens; each gets an explicit free port so that several servers can run side
 # by side (their defaults, and the default gRPC offset of +10000, would collide).
@@ -276,7 +276,7 @@ def start_seaweed(
 def main(argv: list[str] | None = None) -> int:
     """Run a server in the foreground until interrupted."""
     parser = argparse.ArgumentParser(
-        prog="python -m vinasmol_core.seaweed", description=__doc__.splitlines()[0]
+        prog="python -m vinasmol_core.localserver.seaweed", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--dir", type=Path, required=True, help="data folder")
     parser.add_argument("--port", type=int, default=None, help="S3 port (default: a free one)")
