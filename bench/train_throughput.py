@@ -81,8 +81,9 @@ def measure_ours(config: Any, policy: str, args: argparse.Namespace) -> dict[str
     from lightning.fabric import Fabric
     from litgpt.model import GPT
 
-    from vinasmol_core.train import params as P
-    from vinasmol_core.train.engine import enable_activation_checkpointing, make_optimizer, optimizer_step
+    from vinasmol_core.train import params
+    from vinasmol_core.train.engine import optimizer_step
+    from vinasmol_core.train.runtime import enable_activation_checkpointing, make_optimizer
     from vinasmol_core.train.spec import StageSpec
 
     spec = StageSpec(
@@ -104,14 +105,14 @@ def measure_ours(config: Any, policy: str, args: argparse.Namespace) -> dict[str
     with fabric.init_module(empty_init=False):
         model = GPT(config)
     model.apply(model._init_weights)
-    P.tie_embeddings(model)
+    params.tie_embeddings(model)
     model.max_seq_length = args.seq_len
     base = args.base_vocab_size if args.base_vocab_size < config.vocab_size else config.vocab_size * 7 // 8
-    P.apply_policy(model, policy, base_vocab_size=base)
+    params.apply_policy(model, policy, base_vocab_size=base)
     if args.activation_checkpointing:
         enable_activation_checkpointing(model)
     raw = model
-    n_trainable = sum(p.numel() for p in P.named_parameters(raw).values() if p.requires_grad)
+    n_trainable = sum(p.numel() for p in params.named_parameters(raw).values() if p.requires_grad)
     if args.compile:
         model = torch.compile(model)
     model = fabric.setup_module(model)

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from vinasmol_core.errors import ConfigError, VinaSmolError
-from vinasmol_core.train import params as P
+from vinasmol_core.train import params
 from vinasmol_core.train.metrics import read_events
 from vinasmol_core.train.spec import StageJob, StageSpec
 
@@ -143,8 +143,8 @@ def test_ddp_two_processes_match_one(env, reference) -> None:
             assert abs(a[lang] - b[lang]) < 1e-5
     w1, w2 = weights(env, reference.digest), weights(env, manifest.digest)
     base = env.base_vocab_size
-    assert torch.equal(w2[P.EMBED][:base], w1[P.EMBED][:base])
-    assert torch.allclose(w2[P.EMBED], w1[P.EMBED], atol=1e-5)
+    assert torch.equal(w2[params.EMBED][:base], w1[params.EMBED][:base])
+    assert torch.allclose(w2[params.EMBED], w1[params.EMBED], atol=1e-5)
 
 
 @pytest.mark.timeout(300)
@@ -183,7 +183,7 @@ def _check_litgpt_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
     ):
         assert (folder / name).is_file(), name
     sd = torch.load(folder / "lit_model.pth", weights_only=True)
-    assert sd[P.HEAD].untyped_storage().data_ptr() == sd[P.EMBED].untyped_storage().data_ptr()
+    assert sd[params.HEAD].untyped_storage().data_ptr() == sd[params.EMBED].untyped_storage().data_ptr()
     GPT(Config.from_file(folder / "model_config.yaml")).load_state_dict(sd, strict=True)
     return sd
 
@@ -233,19 +233,19 @@ def test_eeve_chain_to_annealing(env) -> None:
     base = env.base_vocab_size
 
     def changed(a: dict, b: dict) -> set[str]:
-        return {k for k in a if k != P.HEAD and not torch.equal(a[k], b[k])}
+        return {k for k in a if k != params.HEAD and not torch.equal(a[k], b[k])}
 
     init_sd, s3, s4, s6, s7, ctx, ann = sds
-    assert changed(init_sd, s3) == {P.EMBED}
-    assert torch.equal(s3[P.EMBED][:base], init_sd[P.EMBED][:base])
-    assert not torch.equal(s3[P.EMBED][base:], init_sd[P.EMBED][base:])
-    assert changed(s3, s4) == {P.EMBED}
-    assert torch.equal(s4[P.EMBED][0], s4[P.HEAD][0])
-    assert changed(s4, s6) == set(k for k in s4 if k != P.HEAD)
-    assert P.EMBED not in changed(s6, s7) and "transformer.ln_f.weight" not in changed(s6, s7)
+    assert changed(init_sd, s3) == {params.EMBED}
+    assert torch.equal(s3[params.EMBED][:base], init_sd[params.EMBED][:base])
+    assert not torch.equal(s3[params.EMBED][base:], init_sd[params.EMBED][base:])
+    assert changed(s3, s4) == {params.EMBED}
+    assert torch.equal(s4[params.EMBED][0], s4[params.HEAD][0])
+    assert changed(s4, s6) == set(k for k in s4 if k != params.HEAD)
+    assert params.EMBED not in changed(s6, s7) and "transformer.ln_f.weight" not in changed(s6, s7)
     assert changed(s6, s7) == {k for k in s6 if k.startswith("transformer.h.")}
     assert changed(s7, ctx) and changed(ctx, ann)
-    assert [m.extra["trainable"] for m in outputs[:2]] == [[P.NEW_ROWS], [P.EMBED]]
+    assert [m.extra["trainable"] for m in outputs[:2]] == [[params.NEW_ROWS], [params.EMBED]]
 
     digests = [m.extra["first_batch_sha256"] for m in outputs]
     assert len(set(digests)) == len(digests)

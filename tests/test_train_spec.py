@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vinasmol_core.errors import ConfigError
-from vinasmol_core.train import params as P
+from vinasmol_core.train import params
 from vinasmol_core.train.data import batch_indices
 from vinasmol_core.train.schedule import learning_rate
 from vinasmol_core.train.spec import StageJob, StageSpec, parse_spec, preset
@@ -25,7 +25,7 @@ def tiny_model(seed: int = 0):
     torch.manual_seed(seed)
     model = GPT(smollm2_config(VOCAB, n_layer=2, n_embd=32, n_head=4, n_query_groups=2, intermediate_size=64))
     model.apply(model._init_weights)
-    P.tie_embeddings(model)
+    params.tie_embeddings(model)
     return model
 
 
@@ -54,39 +54,39 @@ BLOCK = [
     "transformer.h.{i}.mlp.proj.weight",
 ]
 TRANSFORMER = sorted(n.format(i=i) for i in range(2) for n in BLOCK)
-ALL = sorted([*TRANSFORMER, P.EMBED, "transformer.ln_f.weight"])
+ALL = sorted([*TRANSFORMER, params.EMBED, "transformer.ln_f.weight"])
 
 
 @pytest.mark.parametrize(
     ("policy", "expected"),
     [
-        ("new-embeddings", [P.NEW_ROWS]),
-        ("embeddings", [P.EMBED]),
+        ("new-embeddings", [params.NEW_ROWS]),
+        ("embeddings", [params.EMBED]),
         ("all", ALL),
         ("transformer", TRANSFORMER),
-        (["transformer.ln_f.*", "lm_head.weight"], [P.EMBED, "transformer.ln_f.weight"]),
+        (["transformer.ln_f.*", "lm_head.weight"], [params.EMBED, "transformer.ln_f.weight"]),
         (["transformer.h.1.attn.*"], ["transformer.h.1.attn.proj.weight", "transformer.h.1.attn.qkv.weight"]),
     ],
 )
 def test_policy_selects_exactly(policy, expected) -> None:
     model = tiny_model()
-    names = P.apply_policy(model, policy, base_vocab_size=BASE)
+    names = params.apply_policy(model, policy, base_vocab_size=BASE)
     assert names == sorted(expected)
-    assert P.is_tied(model)
-    params = P.named_parameters(model)
-    assert sorted(n for n, p in params.items() if p.requires_grad) == sorted(expected)
+    assert params.is_tied(model)
+    named = params.named_parameters(model)
+    assert sorted(n for n, p in named.items() if p.requires_grad) == sorted(expected)
 
 
 def test_pattern_matching_nothing_is_refused() -> None:
     with pytest.raises(ConfigError, match="transformer.h.9"):
-        P.apply_policy(tiny_model(), ["transformer.h.0.*", "transformer.h.9.*"], base_vocab_size=BASE)
+        params.apply_policy(tiny_model(), ["transformer.h.0.*", "transformer.h.9.*"], base_vocab_size=BASE)
 
 
 def test_new_embeddings_needs_base_vocab() -> None:
     with pytest.raises(ConfigError, match="base_vocab_size"):
-        P.apply_policy(tiny_model(), "new-embeddings", base_vocab_size=None)
+        params.apply_policy(tiny_model(), "new-embeddings", base_vocab_size=None)
     with pytest.raises(ConfigError, match="no new token"):
-        P.apply_policy(tiny_model(), "new-embeddings", base_vocab_size=VOCAB)
+        params.apply_policy(tiny_model(), "new-embeddings", base_vocab_size=VOCAB)
 
 
 def test_new_embeddings_never_trains_padding_rows() -> None:
@@ -97,19 +97,19 @@ def test_new_embeddings_never_trains_padding_rows() -> None:
     with torch.device("meta"):
         config = Config(n_layer=1, n_embd=16, n_head=2, block_size=8, vocab_size=100, padded_vocab_size=128)
         model = GPT(config)
-    P.tie_embeddings(model)
+    params.tie_embeddings(model)
     with pytest.raises(ConfigError, match="base_vocab_size=100 leaves no new token in the 100-token"):
-        P.apply_policy(model, "new-embeddings", base_vocab_size=100)
+        params.apply_policy(model, "new-embeddings", base_vocab_size=100)
 
 
 @pytest.mark.parametrize("policy", ["new-embeddings", "embeddings", "transformer"])
 def test_frozen_tensors_and_rows_do_not_move(policy) -> None:
     """A few AdamW steps with weight decay: frozen tensors (and old rows) stay bit-identical."""
-    from vinasmol_core.train.engine import make_optimizer
+    from vinasmol_core.train.runtime import make_optimizer
 
     model = tiny_model()
-    before = {k: v.detach().clone() for k, v in P.plain_state_dict(model).items()}
-    trainable = P.apply_policy(model, policy, base_vocab_size=BASE)
+    before = {k: v.detach().clone() for k, v in params.plain_state_dict(model).items()}
+    trainable = params.apply_policy(model, policy, base_vocab_size=BASE)
     s = spec(trainable=policy, lr=1e-2, weight_decay=0.1)
     optimizer, names = make_optimizer(model, s, "cpu")
     opt_params = {names[id(p)] for g in optimizer.param_groups for p in g["params"]}
@@ -122,15 +122,15 @@ def test_frozen_tensors_and_rows_do_not_move(policy) -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    after = P.plain_state_dict(model)
-    assert after[P.HEAD] is after[P.EMBED]
-    changed = {k for k in before if k != P.HEAD and not torch.equal(before[k], after[k])}
+    after = params.plain_state_dict(model)
+    assert after[params.HEAD] is after[params.EMBED]
+    changed = {k for k in before if k != params.HEAD and not torch.equal(before[k], after[k])}
     if policy == "new-embeddings":
-        assert changed == {P.EMBED}
-        assert torch.equal(before[P.EMBED][:BASE], after[P.EMBED][:BASE])
-        assert not torch.equal(before[P.EMBED][BASE:], after[P.EMBED][BASE:])
+        assert changed == {params.EMBED}
+        assert torch.equal(before[params.EMBED][:BASE], after[params.EMBED][:BASE])
+        assert not torch.equal(before[params.EMBED][BASE:], after[params.EMBED][BASE:])
     elif policy == "embeddings":
-        assert changed == {P.EMBED}
+        assert changed == {params.EMBED}
     else:
         assert changed == set(TRANSFORMER)
 
@@ -139,7 +139,7 @@ def test_split_embedding_computes_the_same_logits() -> None:
     model = tiny_model()
     x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
     ref = model(x)
-    P.apply_policy(model, "new-embeddings", base_vocab_size=BASE)
+    params.apply_policy(model, "new-embeddings", base_vocab_size=BASE)
     assert torch.equal(model(x), ref)
 
 

@@ -68,7 +68,7 @@ def run(
 @app.command("check")
 def check(job: Annotated[Path, typer.Option("--job", help="StageJob JSON file")]) -> None:
     """Every check a stage makes before training (spec, inputs, tokenizer, patterns), nothing else."""
-    from vinasmol_core.train.engine import validate_job
+    from vinasmol_core.train.inputs import validate_job
     from vinasmol_core.train.spec import load_job
 
     stage_job = load_job(job)

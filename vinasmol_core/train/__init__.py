@@ -24,8 +24,12 @@ def __getattr__(name: str):  # lazy: keep `import vinasmol_core.train` cheap
         from vinasmol_core.train.process import run_stage_process
 
         return run_stage_process
-    if name in ("run_stage", "validate_job"):
-        from vinasmol_core.train import engine
+    if name == "run_stage":
+        from vinasmol_core.train.engine import run_stage
 
-        return getattr(engine, name)
+        return run_stage
+    if name == "validate_job":
+        from vinasmol_core.train.inputs import validate_job
+
+        return validate_job
     raise AttributeError(name)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from vinasmol_core.train import params as P
+from vinasmol_core.train import params
 
 
 def is_fsdp(fabric: Any) -> bool:
@@ -33,7 +33,7 @@ def full_module_state(fabric: Any, model: Any, raw_model: Any) -> dict[str, torc
     """Canonical parameter tensors (the `module_state` layout). Collective under FSDP; the result is
     complete on rank 0 (other ranks may get an empty dict)."""
     if not is_fsdp(fabric):
-        return P.module_state(raw_model)
+        return params.module_state(raw_model)
     from torch.distributed.fsdp import FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -44,8 +44,8 @@ def full_module_state(fabric: Any, model: Any, raw_model: Any) -> dict[str, torc
         state = root.state_dict()
     if fabric.global_rank != 0:
         return {}
-    names = set(P.named_parameters(raw_model))
-    return {P.clean_name(k): v for k, v in state.items() if P.clean_name(k) in names}
+    names = set(params.named_parameters(raw_model))
+    return {params.clean_name(k): v for k, v in state.items() if params.clean_name(k) in names}
 
 
 def _full_state_dicts(root: Any, rank0_only: bool) -> Any:
@@ -78,7 +78,7 @@ def full_optimizer_state(
     for fqn, fields in osd.get("state", {}).items():
         for key, value in fields.items():
             value = value if torch.is_tensor(value) else torch.tensor(float(value), dtype=torch.float32)
-            out[f"{P.clean_name(fqn)}/{key}"] = value
+            out[f"{params.clean_name(fqn)}/{key}"] = value
     return out
 
 
@@ -99,7 +99,7 @@ def load_full_optimizer_state(
         by_fqn: dict[str, str] = {}
         for group in template["param_groups"]:
             for fqn in group["params"]:
-                by_fqn[P.clean_name(fqn)] = fqn
+                by_fqn[params.clean_name(fqn)] = fqn
         state: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
             name, _, field = key.rpartition("/")

@@ -1,0 +1,117 @@
+"""The stage's runtime: accelerator and determinism, the Fabric, the optimizer, rank ordering."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vinasmol_core.errors import ConfigError
+from vinasmol_core.train import params
+from vinasmol_core.train.spec import StageSpec
+
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
+
+
+def configure_runtime(spec: StageSpec) -> str:
+    """Accelerator choice, determinism switches. Returns 'cpu' or 'cuda'."""
+    accelerator = spec.accelerator
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    deterministic = spec.deterministic if spec.deterministic is not None else accelerator == "cpu"
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=accelerator != "cpu")
+        torch.backends.cudnn.benchmark = False
+    if accelerator == "cpu" and spec.cpu_threads is not None:
+        torch.set_num_threads(spec.cpu_threads)
+    if accelerator == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator
+
+
+def make_fabric(spec: StageSpec, accelerator: str) -> Fabric:
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
+
+    strategy: Any = "auto"
+    if spec.strategy == "fsdp" and accelerator != "cuda":
+        raise ConfigError(
+            f"stage {spec.name}: strategy=fsdp needs CUDA devices (Lightning Fabric has no FSDP on the CPU); "
+            "use strategy=ddp"
+        )
+    if spec.strategy == "fsdp":
+        from litgpt.model import Block
+
+        strategy = FSDPStrategy(
+            auto_wrap_policy={Block},
+            activation_checkpointing_policy={Block} if spec.activation_checkpointing else None,
+            state_dict_type="full",
+            sharding_strategy="FULL_SHARD",
+            use_orig_params=True,
+        )
+    elif spec.world_size > 1 or spec.strategy == "ddp":
+        strategy = DDPStrategy(process_group_backend="nccl" if accelerator == "cuda" else "gloo")
+    return Fabric(
+        accelerator=accelerator,
+        devices=spec.devices,
+        num_nodes=spec.nodes,
+        strategy=strategy,
+        precision=spec.precision,
+    )
+
+
+@contextlib.contextmanager
+def local_rank_zero_first(fabric: Fabric) -> Iterator[None]:
+    """Local rank 0 runs the block first (fills the store cache), then the others."""
+    if fabric.local_rank != 0:
+        fabric.barrier()
+    yield
+    if fabric.local_rank == 0:
+        fabric.barrier()
+
+
+def enable_activation_checkpointing(model: Any) -> None:
+    """Recompute each transformer block in backward (non-reentrant checkpoint), names unchanged."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.transformer.h:
+        inner = block.forward
+
+        def forward(*args: Any, _inner: Any = inner, **kwargs: Any) -> Any:
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+
+
+def make_optimizer(
+    model: Any, spec: StageSpec, accelerator: str
+) -> tuple[torch.optim.Optimizer, dict[int, str]]:
+    """AdamW over the trainable tensors only; no weight decay on vectors (norms, biases)."""
+    named = {n: p for n, p in params.named_parameters(model).items() if p.requires_grad}
+    decay = [p for n, p in sorted(named.items()) if p.ndim >= 2]
+    no_decay = [p for n, p in sorted(named.items()) if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": spec.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    fused = spec.fused_adamw if spec.fused_adamw is not None else accelerator == "cuda"
+    optimizer = torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps, fused=fused or None)
+    return optimizer, {id(p): n for n, p in named.items()}
+
+
+def gather_bytes(fabric: Fabric, blob: bytes) -> list[bytes]:
+    """All ranks' byte strings (only meaningful on rank 0)."""
+    if fabric.world_size == 1:
+        return [blob]
+    device = fabric.device
+    length = torch.tensor([len(blob)], dtype=torch.int64, device=device)
+    lengths = fabric.all_gather(length).reshape(-1).tolist()
+    buf = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
+    buf[: len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device)
+    gathered = fabric.all_gather(buf).reshape(len(lengths), -1).cpu()
+    return [bytes(gathered[r, : lengths[r]].numpy().tobytes()) for r in range(len(lengths))]
