@@ -10,7 +10,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from tests.data_fixtures import sample_corpora, tiny_tokenizer, write_jsonl
-from vinasmol_core.data import SourceSpec, prepare_dataset
+from vinasmol_core.data import PrepareSettings, SourceSpec, prepare_dataset
 from vinasmol_core.data.fastbpe import _BYTE_CHARS, MIN_PIECE_CHARS, FastByteLevelBPE, fast_path_shape
 from vinasmol_core.data.shards import load_npy
 
@@ -97,7 +97,7 @@ def test_disagreement_falls_back_to_the_tokenizer(tmp_path_factory: pytest.TempP
     src = write_jsonl(tmp_path / "en.jsonl", [{"id": str(i), "text": f"Some English text number {i}, ok."}
                                               for i in range(40)])
     spec = [SourceSpec(name="s", lang="en", paths=(str(src),))]
-    real = prepare_dataset(spec, tok, tmp_path / "real", val_fraction=0.0, workers=0)
+    real = prepare_dataset(spec, tok, tmp_path / "real", PrepareSettings(val_fraction=0.0, workers=0))
     original = FastByteLevelBPE.encode
 
     def broken(self: FastByteLevelBPE, texts: list[str], eos_id: int,
@@ -108,7 +108,7 @@ def test_disagreement_falls_back_to_the_tokenizer(tmp_path_factory: pytest.TempP
         return flat, lengths
 
     monkeypatch.setattr(FastByteLevelBPE, "encode", broken)
-    again = prepare_dataset(spec, tok, tmp_path / "again", val_fraction=0.0, workers=0)
+    again = prepare_dataset(spec, tok, tmp_path / "again", PrepareSettings(val_fraction=0.0, workers=0))
     assert again.token_counts == real.token_counts
     a = load_npy(tmp_path / "real" / "train" / "s" / "00000.npy")
     b = load_npy(tmp_path / "again" / "train" / "s" / "00000.npy")

@@ -92,7 +92,7 @@ def build_tiny_inputs(
     """Tokenizer with `vocab_size` tokens (the first `base_vocab_size` rows play the base vocabulary),
     a tiny model and a dataset of the sample corpora (vi, en, code main sources and a vi annealing
     source); published to `store_url` under the refs `tiny/init` and `tiny/dataset`."""
-    from vinasmol_core.data import SourceSpec, prepare_dataset
+    from vinasmol_core.data import PrepareSettings, SourceSpec, prepare_dataset
     from vinasmol_core.sample_corpus import write_sample_corpora
     from vinasmol_core.store import ArtifactStore
     from vinasmol_core.tiny import build_tiny_tokenizer
@@ -117,7 +117,8 @@ def build_tiny_inputs(
         SourceSpec(name="sample-vi-annealing", lang="vi", role="annealing", paths=(str(anneal["vi"]),))
     )
     prepare_dataset(
-        sources, tok_dir, root / "dataset", val_fraction=0.1, dedup=False, store=store, ref="tiny/dataset"
+        sources, tok_dir, root / "dataset", PrepareSettings(val_fraction=0.1, dedup=False), store=store,
+        ref="tiny/dataset",
     )
     return TinyInputs(
         store_url=store_url,
