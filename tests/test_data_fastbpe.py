@@ -11,8 +11,9 @@ from tokenizers import Tokenizer
 
 from tests.data_fixtures import sample_corpora, tiny_tokenizer, write_jsonl
 from vinasmol_core.data import PrepareSettings, SourceSpec, prepare_dataset
-from vinasmol_core.data.fastbpe import _BYTE_CHARS, MIN_PIECE_CHARS, FastByteLevelBPE, fast_path_shape
+from vinasmol_core.data.fastbpe import MIN_PIECE_CHARS, FastByteLevelBPE, fast_path_shape
 from vinasmol_core.data.shards import load_npy
+from vinasmol_core.tokenizer.text import bytes_to_unicode
 
 TRICKY = [
     "Hello world", "  two leading spaces", "trailing spaces   ", "a  b   c    d", "tab\there\t\tand\t",
@@ -122,9 +123,10 @@ def test_unreachable_tokens_are_left_out(tmp_path_factory: pytest.TempPathFactor
     data = json.loads(base.read_text(encoding="utf-8"))
     vocab, merges = data["model"]["vocab"], data["model"]["merges"]
     merged = {ch for m in merges for ch in "".join(m if isinstance(m, list) else m.split(" "))}
+    byte_chars = bytes_to_unicode()
     char = next(ch for ch in map(chr, range(0x2600, 0x2700))
-                if not {_BYTE_CHARS[x] for x in ch.encode()} & merged)
-    a, b, c = (_BYTE_CHARS[x] for x in char.encode())
+                if not {byte_chars[x] for x in ch.encode()} & merged)
+    a, b, c = (byte_chars[x] for x in char.encode())
     for left, right in ((b, c), (a, b), (a + b, c)):
         vocab[left + right] = len(vocab)
         merges.append([left, right] if isinstance(merges[0], list) else f"{left} {right}")
