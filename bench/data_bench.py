@@ -35,13 +35,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _child(spec_path: str) -> None:
     """Run one prepare_dataset (in this process) and print its numbers as JSON."""
-    from vinasmol_core.data import SourceSpec, prepare_dataset
+    from vinasmol_core.data import PrepareSettings, SourceSpec, prepare_dataset
 
     spec = json.loads(Path(spec_path).read_text())
     sources = [SourceSpec(**s) for s in spec["sources"]]
     t0 = time.perf_counter()
-    info = prepare_dataset(sources, Path(spec["tokenizer"]), Path(spec["out"]), val_fraction=0.01,
-                           dedup=spec["dedup"], workers=spec["workers"])
+    settings = PrepareSettings(val_fraction=0.01, dedup=spec["dedup"], workers=spec["workers"])
+    info = prepare_dataset(sources, Path(spec["tokenizer"]), Path(spec["out"]), settings)
     wall = time.perf_counter() - t0
     stats = list(info.sources.values())
     print(json.dumps({

@@ -116,7 +116,7 @@ def main() -> None:
     import torch
 
     from vinasmol_core.builtin.smollm2 import build_smollm2_135m
-    from vinasmol_core.data import SourceSpec, prepare_dataset
+    from vinasmol_core.data import PrepareSettings, SourceSpec, prepare_dataset
     from vinasmol_core.manifests import CheckpointManifest
     from vinasmol_core.model import bits_per_byte_report, extend_model, hf_to_litgpt
     from vinasmol_core.store import ArtifactStore
@@ -169,8 +169,7 @@ def main() -> None:
         sources,
         tok,
         work / f"dataset-{args.train_docs}",
-        val_fraction=0.02,
-        dedup=False,
+        PrepareSettings(val_fraction=0.02, dedup=False),
         store=store,
         ref="bench/dataset",
     )

@@ -15,22 +15,16 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.exceptions import MissingContextError
 
-from vinasmol_core.data import CleaningSpec, DatasetInfo, SourceSpec, SourceStats, prepare_dataset
+from vinasmol_core.data import DatasetInfo, PrepareSettings, SourceSpec, SourceStats, prepare_dataset
 
 
 def prepare_data(
     sources: list[SourceSpec],
     tokenizer_dir: Path,
     out_dir: Path,
-    cleaning: CleaningSpec | None = None,
-    val_fraction: float = 0.01,
-    dedup: bool = True,
-    near_dedup: bool = False,
-    near_dedup_threshold: float = 0.8,
-    skip_bad_lines: bool = False,
+    settings: PrepareSettings | None = None,
     store_url: str | None = None,
     ref: str | None = None,
-    workers: int | None = None,
 ) -> DatasetInfo:
     """Clean, deduplicate, split, tokenize and pack `sources`; publish to `store_url` when given."""
     logger: Any
@@ -47,12 +41,8 @@ def prepare_data(
     def progress(name: str, s: SourceStats) -> None:
         logger.info("%s: %.1f MB, %d docs so far", name, s.bytes_read / 1e6, s.docs_read)
 
-    info = prepare_dataset(
-        sources, Path(tokenizer_dir), Path(out_dir), cleaning=cleaning or CleaningSpec(),
-        val_fraction=val_fraction, dedup=dedup, near_dedup=near_dedup,
-        near_dedup_threshold=near_dedup_threshold, skip_bad_lines=skip_bad_lines, store=store_url, ref=ref,
-        workers=workers, on_source_done=done, on_progress=progress,
-    )
+    info = prepare_dataset(sources, Path(tokenizer_dir), Path(out_dir), settings, store=store_url, ref=ref,
+                           on_source_done=done, on_progress=progress)
     logger.info("dataset %s %s; tokens %s", info.key[:12], "reused" if info.reused else "built",
                 info.token_counts)
     return info

@@ -196,7 +196,7 @@ def prepare_data(
     """Clean, dedup, tokenize and pack the corpora of one dataset (`main`, or `annealing` = main +
     annealing sources). Keyed on the tokenizer's content, not on the artifact that carries it."""
     from tasks.data import prepare_data as prepare_task
-    from vinasmol_core.data import CleaningSpec, SourceSpec
+    from vinasmol_core.data import CleaningSpec, PrepareSettings, SourceSpec
 
     store = open_store(store_url)
     tok_dir = store.fetch(tokenizer_artifact)
@@ -217,10 +217,12 @@ def prepare_data(
             sources,
             tok_dir,
             tmp / "dataset",
-            cleaning=CleaningSpec(**section.get("cleaning", {})),
-            val_fraction=section["val_fraction"],
-            dedup=section["dedup"],
-            near_dedup=section["near_dedup"],
+            PrepareSettings(
+                cleaning=CleaningSpec(**section.get("cleaning", {})),
+                val_fraction=section["val_fraction"],
+                dedup=section["dedup"],
+                near_dedup=section["near_dedup"],
+            ),
             store_url=store_url,
             ref=f"datasets/{role}",
         )

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vinasmol_core.builtin.sample_corpus import sample_texts, write_sample_corpora
-from vinasmol_core.data import SourceSpec, prepare_dataset
+from vinasmol_core.data import PrepareSettings, SourceSpec, prepare_dataset
 
 
 def _cached_dir(factory: pytest.TempPathFactory, name: str) -> tuple[Path, bool]:
@@ -71,5 +71,5 @@ def mixture_dataset(factory: pytest.TempPathFactory) -> Path:
                          [{"id": f"a{i}", "text": t} for i, t in enumerate(sample_texts("vi", 30, seed=11))])
     sources = [SourceSpec(name=f"sample-{lang}", lang=lang, paths=(str(p),)) for lang, p in files.items()]
     sources.append(SourceSpec(name="vi-best", lang="vi", role="annealing", paths=(str(anneal),)))
-    prepare_dataset(sources, tiny_tokenizer(factory), out, val_fraction=0.1, workers=0)
+    prepare_dataset(sources, tiny_tokenizer(factory), out, PrepareSettings(val_fraction=0.1, workers=0))
     return out

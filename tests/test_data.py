@@ -17,6 +17,7 @@ from tests.data_fixtures import mixture_dataset, sample_corpora, tiny_tokenizer,
 from vinasmol_core.data import (
     CleaningSpec,
     MixtureSampler,
+    PrepareSettings,
     SourceSpec,
     check_tokenizer,
     load_dataset_meta,
@@ -126,12 +127,13 @@ def test_exact_dedup_across_sources(tmp_path: Path, tok: Path) -> None:
     ])
     info = prepare_dataset([SourceSpec(name="a", lang="en", paths=(str(a),)),
                             SourceSpec(name="b", lang="en", paths=(str(b),))],
-                           tok, tmp_path / "ds", val_fraction=0.0, workers=0)
+                           tok, tmp_path / "ds", PrepareSettings(val_fraction=0.0, workers=0))
     assert info.sources["a"].exact_duplicates == 0 and info.sources["a"].train_docs == 6
     assert info.sources["b"].exact_duplicates == 3 and info.sources["b"].train_docs == 1
     off = prepare_dataset([SourceSpec(name="a", lang="en", paths=(str(a),)),
                            SourceSpec(name="b", lang="en", paths=(str(b),))],
-                          tok, tmp_path / "ds-nodedup", val_fraction=0.0, dedup=False, workers=0)
+                          tok, tmp_path / "ds-nodedup",
+                          PrepareSettings(val_fraction=0.0, dedup=False, workers=0))
     assert off.sources["b"].train_docs == 4
 
 
@@ -143,9 +145,10 @@ def test_near_dedup(tmp_path: Path, tok: Path) -> None:
                                            {"id": "z", "text": other}])
     srcs = [SourceSpec(name="a", lang="en", paths=(str(a),)),
             SourceSpec(name="b", lang="en", paths=(str(b),))]
-    on = prepare_dataset(srcs, tok, tmp_path / "on", val_fraction=0.0, near_dedup=True, workers=0)
+    on = prepare_dataset(srcs, tok, tmp_path / "on",
+                         PrepareSettings(val_fraction=0.0, near_dedup=True, workers=0))
     assert on.sources["b"].near_duplicates == 1 and on.sources["b"].train_docs == 1
-    off = prepare_dataset(srcs, tok, tmp_path / "off", val_fraction=0.0, workers=0)
+    off = prepare_dataset(srcs, tok, tmp_path / "off", PrepareSettings(val_fraction=0.0, workers=0))
     assert off.sources["b"].train_docs == 2
 
 
@@ -156,9 +159,9 @@ def test_split_is_stable_and_per_document(tmp_path: Path, tok: Path) -> None:
     assert 0.12 < splits.count("val") / len(splits) < 0.28
     full = write_jsonl(tmp_path / "full.jsonl", records)
     part = write_jsonl(tmp_path / "part.jsonl", records[::3][::-1])  # a subset, in another order
-    kw = {"val_fraction": 0.2, "workers": 0}
-    prepare_dataset([SourceSpec(name="src", lang="en", paths=(str(full),))], tok, tmp_path / "f", **kw)
-    prepare_dataset([SourceSpec(name="src", lang="en", paths=(str(part),))], tok, tmp_path / "p", **kw)
+    kw = PrepareSettings(val_fraction=0.2, workers=0)
+    prepare_dataset([SourceSpec(name="src", lang="en", paths=(str(full),))], tok, tmp_path / "f", kw)
+    prepare_dataset([SourceSpec(name="src", lang="en", paths=(str(part),))], tok, tmp_path / "p", kw)
     tokenizer = Tokenizer.from_file(str(tok / "tokenizer.json"))
 
     def val_texts(ds: Path) -> set[str]:
@@ -172,22 +175,22 @@ def test_split_is_stable_and_per_document(tmp_path: Path, tok: Path) -> None:
 def test_unchanged_inputs_reuse_the_artifact(tmp_path: Path, tok: Path) -> None:
     files = sample_corpora_small(tmp_path)
     srcs = [SourceSpec(name="s-en", lang="en", paths=(str(files),))]
-    first = prepare_dataset(srcs, tok, tmp_path / "ds", workers=0)
+    first = prepare_dataset(srcs, tok, tmp_path / "ds", PrepareSettings(workers=0))
     stamp = (tmp_path / "ds" / "dataset.json").stat().st_mtime_ns
-    again = prepare_dataset(srcs, tok, tmp_path / "ds", workers=0)
+    again = prepare_dataset(srcs, tok, tmp_path / "ds", PrepareSettings(workers=0))
     assert again.reused and again.key == first.key and not first.reused
     assert (tmp_path / "ds" / "dataset.json").stat().st_mtime_ns == stamp
     moved = tmp_path / "moved" / "en.jsonl"  # the same content elsewhere: the same key
     moved.parent.mkdir()
     moved.write_bytes(files.read_bytes())
     assert prepare_dataset([SourceSpec(name="s-en", lang="en", paths=(str(moved),))], tok, tmp_path / "ds",
-                           workers=0).reused
+                           PrepareSettings(workers=0)).reused
     # other settings or changed content: another key, rebuilt in place
-    other = prepare_dataset(srcs, tok, tmp_path / "ds", val_fraction=0.5, workers=0)
+    other = prepare_dataset(srcs, tok, tmp_path / "ds", PrepareSettings(val_fraction=0.5, workers=0))
     assert not other.reused and other.key != first.key
     with files.open("a", encoding="utf-8") as f:
         f.write(json.dumps({"id": "new", "text": EN_DOC}) + "\n")
-    changed = prepare_dataset(srcs, tok, tmp_path / "ds", val_fraction=0.5, workers=0)
+    changed = prepare_dataset(srcs, tok, tmp_path / "ds", PrepareSettings(val_fraction=0.5, workers=0))
     assert not changed.reused and changed.key != other.key
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folders left
 
@@ -202,12 +205,13 @@ def test_store_publish_and_reuse_from_store(tmp_path: Path, tok: Path) -> None:
 
     store = ArtifactStore(f"file://{tmp_path / 'store'}", cache_dir=tmp_path / "cache")
     srcs = [SourceSpec(name="s-en", lang="en", paths=(str(sample_corpora_small(tmp_path)),))]
-    info = prepare_dataset(srcs, tok, tmp_path / "ds", store=store, ref="datasets/main", workers=0)
+    info = prepare_dataset(srcs, tok, tmp_path / "ds", PrepareSettings(workers=0), store=store,
+                           ref="datasets/main")
     manifest = store.get_manifest("datasets/main")
     assert isinstance(manifest, DatasetManifest) and manifest.digest == info.manifest_digest
     assert manifest.tokenizer_digest == tokenizer_digest(tok) and manifest.token_counts["en"] > 0
     assert "dataset.json" in manifest.files and all(s in manifest.files for s in manifest.shards)
-    elsewhere = prepare_dataset(srcs, tok, tmp_path / "other", store=store, workers=0)
+    elsewhere = prepare_dataset(srcs, tok, tmp_path / "other", PrepareSettings(workers=0), store=store)
     assert elsewhere.reused and elsewhere.manifest_digest == info.manifest_digest
     assert not (tmp_path / "other").exists()
     fetched = store.fetch(info.manifest_digest)
@@ -221,8 +225,9 @@ def test_worker_pool_matches_in_process(tmp_path_factory: pytest.TempPathFactory
     srcs = [SourceSpec(name="s-vi", lang="vi", paths=(str(files["vi"]),)),
             SourceSpec(name="s-en", lang="en", paths=(str(files["en"]),)),
             SourceSpec(name="s-code", lang="code", paths=(str(write_jsonl(tmp_path / "code.jsonl", code)),))]
-    plain = prepare_dataset(srcs, tok, tmp_path / "plain", workers=0, use_fast_path=False, batch_chars=20_000)
-    pooled = prepare_dataset(srcs, tok, tmp_path / "pool", workers=2, batch_chars=20_000)
+    plain = prepare_dataset(srcs, tok, tmp_path / "plain",
+                            PrepareSettings(workers=0, use_fast_path=False, batch_chars=20_000))
+    pooled = prepare_dataset(srcs, tok, tmp_path / "pool", PrepareSettings(workers=2, batch_chars=20_000))
     assert pooled.token_counts == plain.token_counts
     assert "disagreed" not in caplog.text  # the samples the workers sent back matched: no rebuild
     for src in ("s-vi", "s-en", "s-code"):
@@ -246,7 +251,7 @@ def test_other_formats_and_globs(tmp_path: Path, tok: Path) -> None:
         SourceSpec(name="txt", lang="en", paths=(str(tmp_path / "txt" / "*.txt"),)),
         SourceSpec(name="pq", lang="en", paths=(str(tmp_path / "t.parquet"),), text_field="content"),
         SourceSpec(name="gz", lang="en", paths=(str(tmp_path / "g.jsonl.gz"),)),
-    ], tok, tmp_path / "ds", val_fraction=0.0, workers=0)
+    ], tok, tmp_path / "ds", PrepareSettings(val_fraction=0.0, workers=0))
     assert {n: s.train_docs for n, s in info.sources.items()} == {"txt": 3, "pq": 4, "gz": 5}
 
 
@@ -258,7 +263,7 @@ def test_fsspec_url_source(tmp_path: Path, tok: Path) -> None:
         for i in range(4):
             f.write(json.dumps({"id": i, "text": f"{EN_DOC} Remote {i}."}) + "\n")
     info = prepare_dataset([SourceSpec(name="remote", lang="en", paths=("memory://vinasmol-data-test/*.jsonl",))],
-                           tok, tmp_path / "ds", val_fraction=0.0, workers=0)
+                           tok, tmp_path / "ds", PrepareSettings(val_fraction=0.0, workers=0))
     assert info.sources["remote"].train_docs == 4
 
 
@@ -278,7 +283,7 @@ def test_datasets_source_streams(tmp_path: Path, tok: Path, monkeypatch: pytest.
     assert (spec.hf_dataset, spec.hf_config, spec.hf_split, spec.lang) == ("wikimedia/wikipedia",
                                                                            "20231101.vi", "train", "vi")
     spec = SourceSpec(name="hub", lang="en", hf_dataset="org/corpus", hf_config="en", hf_revision="abc")
-    info = prepare_dataset([spec], tok, tmp_path / "ds", val_fraction=0.0, workers=0)
+    info = prepare_dataset([spec], tok, tmp_path / "ds", PrepareSettings(val_fraction=0.0, workers=0))
     assert info.sources["hub"].train_docs == 5
     assert calls == [("org/corpus", "en", {"split": "train", "streaming": True, "revision": "abc"})]
 
@@ -309,13 +314,13 @@ def test_bad_lines_name_file_and_line_or_are_skipped(tmp_path: Path, tok: Path) 
     out = tmp_path / "ds"
     src = [SourceSpec(name="bad", lang="en", paths=(str(path),))]
     with pytest.raises(VinaSmolError, match=r"bad\.jsonl line 2 is not valid UTF-8"):
-        prepare_dataset(src, tok, out, workers=0)
+        prepare_dataset(src, tok, out, PrepareSettings(workers=0))
     _assert_nothing_written(tmp_path, out)
     path.write_bytes(good + b"\n{not json\n" + b"[1, 2]\n")
     with pytest.raises(VinaSmolError, match=r"bad\.jsonl line 2 is not valid JSON"):
-        prepare_dataset(src, tok, out, workers=0)
+        prepare_dataset(src, tok, out, PrepareSettings(workers=0))
     _assert_nothing_written(tmp_path, out)
-    info = prepare_dataset(src, tok, out, skip_bad_lines=True, val_fraction=0.0, workers=0)
+    info = prepare_dataset(src, tok, out, PrepareSettings(skip_bad_lines=True, val_fraction=0.0, workers=0))
     assert info.sources["bad"].bad_lines_skipped == 2 and info.sources["bad"].train_docs == 1
 
 
@@ -328,14 +333,15 @@ def test_worker_processes_report_errors_and_stop(tmp_path: Path, tok: Path) -> N
     path.write_bytes(b"".join(json.dumps({"text": f"{EN_DOC} {i}"}).encode() + b"\n" for i in range(50))
                      + b"{not json\n")
     with pytest.raises(VinaSmolError, match=r"bad\.jsonl line 51 is not valid JSON"):
-        prepare_dataset([SourceSpec(name="bad", lang="en", paths=(str(path),))], tok, out, workers=2)
+        prepare_dataset([SourceSpec(name="bad", lang="en", paths=(str(path),))], tok, out,
+                        PrepareSettings(workers=2))
     _assert_nothing_written(tmp_path, out)
     data = (tok / "tokenizer.json").read_text(encoding="utf-8").replace("<|endoftext|>", "<|end|>")
     (tmp_path / "no-eos").mkdir()
     (tmp_path / "no-eos" / "tokenizer.json").write_text(data, encoding="utf-8")
     with pytest.raises(VinaSmolError, match=r"has no <\|endoftext\|> token"):
         prepare_dataset([SourceSpec(name="s-en", lang="en", paths=(str(sample_corpora_small(tmp_path)),))],
-                        tmp_path / "no-eos", out, workers=2)
+                        tmp_path / "no-eos", out, PrepareSettings(workers=2))
     _assert_nothing_written(tmp_path, out)
 
 
@@ -344,14 +350,13 @@ def test_a_worker_dead_before_its_config_fails_the_build_without_hanging(tmp_pat
     import os
     import signal
 
-    from vinasmol_core.data.prepare import _Workers
-    from vinasmol_core.data.worker import Batch, WorkerConfig
+    from vinasmol_core.data.worker import Batch, WorkerConfig, WorkerPool
 
     cfg = WorkerConfig(tokenizer_path=str(tok / "tokenizer.json"), eos_id=0, dtype="uint16",
                        cleaning=CleaningSpec(), val_fraction=0.0, dedup=False, near_dedup=False)
     batch = Batch(source="s", lang="en", text_field="text", id_field=None, skip_bad_lines=False,
                   ids=["1"], texts=[EN_DOC])
-    with pytest.raises(VinaSmolError, match="a data worker process died"), _Workers(2) as workers:
+    with pytest.raises(VinaSmolError, match="a data worker process died"), WorkerPool(2) as workers:
         assert workers.pool is not None
         os.kill(next(iter(workers.pool._processes)), signal.SIGKILL)  # before it reads its config
         workers.configure(cfg)
@@ -369,7 +374,7 @@ def test_truncated_or_corrupt_gzip_is_an_error_naming_the_file(tmp_path: Path, t
         (tmp_path / name).write_bytes(content)
         src = [SourceSpec(name="g", lang="en", paths=(str(tmp_path / name),))]
         with pytest.raises(VinaSmolError, match=rf"source 'g': cannot read .*{name}: "):
-            prepare_dataset(src, tok, out, workers=0)
+            prepare_dataset(src, tok, out, PrepareSettings(workers=0))
         _assert_nothing_written(tmp_path, out)
 
 
@@ -383,14 +388,14 @@ def test_empty_source_and_missing_field_are_errors(tmp_path: Path, tok: Path) ->
     out = tmp_path / "ds"
     with pytest.raises(VinaSmolError, match="source 'nothing' is empty"):
         prepare_dataset([SourceSpec(name="ok", lang="en", paths=(str(ok),)),
-                         SourceSpec(name="nothing", lang="en", paths=(str(empty),))], tok, out, store=store,
-                        workers=0)
+                         SourceSpec(name="nothing", lang="en", paths=(str(empty),))], tok, out,
+                        PrepareSettings(workers=0), store=store)
     _assert_nothing_written(tmp_path, out)
     assert store.list_refs() == {} and store.list_manifests() == []
     wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"id": "1", "body": EN_DOC}])
     with pytest.raises(VinaSmolError, match=r"wrong\.jsonl line 1 has no field 'text' \(fields: body, id\)"):
-        prepare_dataset([SourceSpec(name="w", lang="en", paths=(str(wrong),))], tok, out, store=store,
-                        workers=0)
+        prepare_dataset([SourceSpec(name="w", lang="en", paths=(str(wrong),))], tok, out,
+                        PrepareSettings(workers=0), store=store)
     _assert_nothing_written(tmp_path, out)
     with pytest.raises(VinaSmolError, match="does not exist"):
         prepare_dataset([SourceSpec(name="m", lang="en", paths=(str(tmp_path / "missing.jsonl"),))], tok, out)
@@ -445,9 +450,9 @@ def test_data_step_body_builds_then_reuses(tmp_path: Path, tok: Path) -> None:
     from tasks.data import prepare_data
 
     srcs = [SourceSpec(name="s-en", lang="en", paths=(str(sample_corpora_small(tmp_path)),))]
-    info = prepare_data(srcs, tok, tmp_path / "ds", workers=0)
+    info = prepare_data(srcs, tok, tmp_path / "ds", PrepareSettings(workers=0))
     assert info.dir == tmp_path / "ds" and info.token_counts["en"] > 0
-    assert prepare_data(srcs, tok, tmp_path / "ds", workers=0).reused
+    assert prepare_data(srcs, tok, tmp_path / "ds", PrepareSettings(workers=0)).reused
 
 
 def test_progress_is_reported_while_a_source_is_read(tmp_path: Path, tok: Path,
@@ -459,7 +464,7 @@ def test_progress_is_reported_while_a_source_is_read(tmp_path: Path, tok: Path,
     src = write_jsonl(tmp_path / "a.jsonl", rows)
     seen: list[tuple[str, int, int]] = []
     info = prepare_dataset([SourceSpec(name="a", lang="en", paths=(str(src),))], tok, tmp_path / "ds",
-                           val_fraction=0.0, workers=0, batch_chars=2000,
+                           PrepareSettings(val_fraction=0.0, workers=0, batch_chars=2000),
                            on_progress=lambda name, s: seen.append((name, s.docs_read, s.bytes_read)))
     assert len(seen) > 3 and {name for name, _, _ in seen} == {"a"}
     docs = [d for _, d, _ in seen]

@@ -10,9 +10,10 @@ import pytest
 from tokenizers import Tokenizer
 
 from tests.data_fixtures import sample_corpora, tiny_tokenizer, write_jsonl
-from vinasmol_core.data import SourceSpec, prepare_dataset
-from vinasmol_core.data.fastbpe import _BYTE_CHARS, MIN_PIECE_CHARS, FastByteLevelBPE, fast_path_shape
+from vinasmol_core.data import PrepareSettings, SourceSpec, prepare_dataset
+from vinasmol_core.data.fastbpe import MIN_PIECE_CHARS, FastByteLevelBPE, fast_path_shape
 from vinasmol_core.data.shards import load_npy
+from vinasmol_core.tokenizer.text import bytes_to_unicode
 
 TRICKY = [
     "Hello world", "  two leading spaces", "trailing spaces   ", "a  b   c    d", "tab\there\t\tand\t",
@@ -97,7 +98,7 @@ def test_disagreement_falls_back_to_the_tokenizer(tmp_path_factory: pytest.TempP
     src = write_jsonl(tmp_path / "en.jsonl", [{"id": str(i), "text": f"Some English text number {i}, ok."}
                                               for i in range(40)])
     spec = [SourceSpec(name="s", lang="en", paths=(str(src),))]
-    real = prepare_dataset(spec, tok, tmp_path / "real", val_fraction=0.0, workers=0)
+    real = prepare_dataset(spec, tok, tmp_path / "real", PrepareSettings(val_fraction=0.0, workers=0))
     original = FastByteLevelBPE.encode
 
     def broken(self: FastByteLevelBPE, texts: list[str], eos_id: int,
@@ -108,7 +109,7 @@ def test_disagreement_falls_back_to_the_tokenizer(tmp_path_factory: pytest.TempP
         return flat, lengths
 
     monkeypatch.setattr(FastByteLevelBPE, "encode", broken)
-    again = prepare_dataset(spec, tok, tmp_path / "again", val_fraction=0.0, workers=0)
+    again = prepare_dataset(spec, tok, tmp_path / "again", PrepareSettings(val_fraction=0.0, workers=0))
     assert again.token_counts == real.token_counts
     a = load_npy(tmp_path / "real" / "train" / "s" / "00000.npy")
     b = load_npy(tmp_path / "again" / "train" / "s" / "00000.npy")
@@ -122,9 +123,10 @@ def test_unreachable_tokens_are_left_out(tmp_path_factory: pytest.TempPathFactor
     data = json.loads(base.read_text(encoding="utf-8"))
     vocab, merges = data["model"]["vocab"], data["model"]["merges"]
     merged = {ch for m in merges for ch in "".join(m if isinstance(m, list) else m.split(" "))}
+    byte_chars = bytes_to_unicode()
     char = next(ch for ch in map(chr, range(0x2600, 0x2700))
-                if not {_BYTE_CHARS[x] for x in ch.encode()} & merged)
-    a, b, c = (_BYTE_CHARS[x] for x in char.encode())
+                if not {byte_chars[x] for x in ch.encode()} & merged)
+    a, b, c = (byte_chars[x] for x in char.encode())
     for left, right in ((b, c), (a, b), (a + b, c)):
         vocab[left + right] = len(vocab)
         merges.append([left, right] if isinstance(merges[0], list) else f"{left} {right}")

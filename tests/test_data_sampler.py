@@ -12,6 +12,7 @@ from tests.data_fixtures import long_short_corpus, mixture_dataset, tiny_tokeniz
 from vinasmol_core.data import (
     LongContextSpec,
     MixtureSampler,
+    PrepareSettings,
     SourceSpec,
     prepare_dataset,
     validation_sequences,
@@ -124,7 +125,7 @@ def test_long_document_upsampling_factor(tmp_path_factory: pytest.TempPathFactor
     tok = tiny_tokenizer(tmp_path_factory)
     src = SourceSpec(name="books", lang="en", paths=(str(long_short_corpus(tmp_path_factory)),))
     ds = tmp_path / "ds"
-    prepare_dataset([src], tok, ds, val_fraction=0.0, workers=0)
+    prepare_dataset([src], tok, ds, PrepareSettings(val_fraction=0.0, workers=0))
     seq_len = 32
     plain = MixtureSampler(ds, {"en": 1.0}, seq_len, stage="ctx")
     factor = 3.0

@@ -94,7 +94,7 @@ def build_tiny_inputs(
     source); published to `store_url` under the refs `tiny/init` and `tiny/dataset`."""
     from vinasmol_core.builtin.sample_corpus import write_sample_corpora
     from vinasmol_core.builtin.tiny import build_tiny_tokenizer
-    from vinasmol_core.data import SourceSpec, prepare_dataset
+    from vinasmol_core.data import PrepareSettings, SourceSpec, prepare_dataset
     from vinasmol_core.store import ArtifactStore
 
     root = Path(root)
@@ -117,7 +117,8 @@ def build_tiny_inputs(
         SourceSpec(name="sample-vi-annealing", lang="vi", role="annealing", paths=(str(anneal["vi"]),))
     )
     prepare_dataset(
-        sources, tok_dir, root / "dataset", val_fraction=0.1, dedup=False, store=store, ref="tiny/dataset"
+        sources, tok_dir, root / "dataset", PrepareSettings(val_fraction=0.1, dedup=False), store=store,
+        ref="tiny/dataset",
     )
     return TinyInputs(
         store_url=store_url,

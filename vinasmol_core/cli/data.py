@@ -63,7 +63,7 @@ def prepare(
     workers: int | None = typer.Option(None, "--workers", help="worker processes (default: one per core)"),
 ) -> None:
     """Clean, deduplicate, split, tokenize and pack sources into a dataset folder."""
-    from vinasmol_core.data import CleaningSpec, SourceStats, prepare_dataset
+    from vinasmol_core.data import CleaningSpec, PrepareSettings, SourceStats, prepare_dataset
 
     sources = _merge_sources(source, text_field, id_field or None)
 
@@ -75,10 +75,10 @@ def prepare(
     def progress(name: str, s: SourceStats) -> None:
         typer.echo(f"  {name}: {s.bytes_read / 1e6:,.1f} MB, {s.docs_read:,} docs so far", err=True)
 
-    info = prepare_dataset(sources, tokenizer, out, cleaning=CleaningSpec(min_chars=min_chars),
-                           val_fraction=val_fraction, dedup=dedup, near_dedup=near_dedup,
-                           near_dedup_threshold=near_dedup_threshold, skip_bad_lines=skip_bad_lines,
-                           store=store, ref=ref, workers=workers, on_source_done=done,
+    settings = PrepareSettings(cleaning=CleaningSpec(min_chars=min_chars), val_fraction=val_fraction,
+                               dedup=dedup, near_dedup=near_dedup, near_dedup_threshold=near_dedup_threshold,
+                               skip_bad_lines=skip_bad_lines, workers=workers)
+    info = prepare_dataset(sources, tokenizer, out, settings, store=store, ref=ref, on_source_done=done,
                            on_progress=progress)
     where = str(info.dir) if info.dir else f"store {store}"
     verb = "reused" if info.reused else f"built in {info.seconds:.1f} s"

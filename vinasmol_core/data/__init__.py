@@ -1,7 +1,7 @@
 """Training data: ingest, clean, deduplicate, split, tokenize and pack corpora; sample mixtures.
 
 The pieces (see each module):
-    spec       SourceSpec, CleaningSpec, LongContextSpec, DatasetInfo
+    spec       SourceSpec, CleaningSpec, PrepareSettings, LongContextSpec, DatasetInfo
     readers    JSONL(.gz) / Parquet / text files, globs, fsspec URLs, `datasets` by name
     clean      normalisation and light filters
     prepare    prepare_dataset: the whole build, streamed, into a reusable dataset folder
@@ -29,7 +29,14 @@ if TYPE_CHECKING:
         resolve_weight_keys,
         validation_sequences,
     )
-    from vinasmol_core.data.spec import CleaningSpec, DatasetInfo, LongContextSpec, SourceSpec, SourceStats
+    from vinasmol_core.data.spec import (
+        CleaningSpec,
+        DatasetInfo,
+        LongContextSpec,
+        PrepareSettings,
+        SourceSpec,
+        SourceStats,
+    )
     from vinasmol_core.data.tokcheck import check_tokenizer, dataset_tokenizer_digest, tokenizer_digest
 
 # Each name's module, imported on first use: a data worker process imports only what it needs.
@@ -38,8 +45,8 @@ _MODULE_OF = {
     "prepare_dataset": "prepare", "split_of": "prepare",
     "MixtureSampler": "sampler", "SequenceStream": "sampler", "resolve_weight_keys": "sampler",
     "validation_sequences": "sampler",
-    "CleaningSpec": "spec", "DatasetInfo": "spec", "LongContextSpec": "spec", "SourceSpec": "spec",
-    "SourceStats": "spec",
+    "CleaningSpec": "spec", "DatasetInfo": "spec", "LongContextSpec": "spec", "PrepareSettings": "spec",
+    "SourceSpec": "spec", "SourceStats": "spec",
     "check_tokenizer": "tokcheck", "dataset_tokenizer_digest": "tokcheck", "tokenizer_digest": "tokcheck",
 }
 
@@ -57,6 +64,7 @@ __all__ = [
     "DatasetInfo",
     "LongContextSpec",
     "MixtureSampler",
+    "PrepareSettings",
     "SequenceStream",
     "SourceSpec",
     "SourceStats",

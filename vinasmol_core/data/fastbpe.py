@@ -74,21 +74,6 @@ MIN_PIECE_CHARS = 20
 _NOT_UTF8 = frozenset({0xC0, 0xC1, *range(0xF5, 0x100)})
 
 
-def _byte_chars() -> list[str]:
-    """GPT-2's byte-to-character table (the ByteLevel pre-tokenizer's alphabet), by byte value."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {b: chr(b) for b in printable}, 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return [table[b] for b in range(256)]
-
-
-_BYTE_CHARS = _byte_chars()
-
-
 def fast_path_shape(tokenizer_json: dict[str, Any]) -> tuple[str | None, bool, bool]:
     """(reason the fast path does not apply or None, digits isolated, NFC normaliser)."""
     model = tokenizer_json.get("model") or {}
@@ -136,16 +121,20 @@ class BPETables:
     @classmethod
     def build(cls, tokenizer: Any, tokenizer_json: Path) -> BPETables | None:
         """None when the tokenizer's shape is not supported (see the module docstring)."""
+        # here, not at the top: worker processes import this module but never build tables
+        from vinasmol_core.tokenizer.text import bytes_to_unicode, unicode_to_bytes
+
         data = orjson.loads(Path(tokenizer_json).read_bytes())
         reason, digits, nfc = fast_path_shape(data)
         if reason is not None:
             return None
         vocab: dict[str, int] = data["model"]["vocab"]
-        to_latin1 = str.maketrans({c: b for b, c in enumerate(_BYTE_CHARS)})  # then each char is its byte
-        if any(_BYTE_CHARS[b] not in vocab for b in range(256) if b not in _NOT_UTF8):
+        byte_chars = bytes_to_unicode()
+        to_latin1 = str.maketrans(unicode_to_bytes())  # then each char is its byte
+        if any(byte_chars[b] not in vocab for b in range(256) if b not in _NOT_UTF8):
             return None
         ranks: dict[bytes, int] = {bytes([b]): b for b in range(256)}
-        rank_to_id = [vocab.get(_BYTE_CHARS[b], 0) for b in range(256)]  # 0: a byte UTF-8 text never holds
+        rank_to_id = [vocab.get(byte_chars[b], 0) for b in range(256)]  # 0: a byte UTF-8 text never holds
         tokenize = tokenizer.model.tokenize
         for merge in data["model"].get("merges", []):
             left, right = merge if isinstance(merge, list) else merge.split(" ", 1)

@@ -2,10 +2,11 @@
 
 Streaming throughout. The main process reads the sources and hands batches of raw lines to worker
 processes (one per core, spawned while it reads the tokenizer), which parse, clean, hash and
-tokenize them (see worker.py). It takes their results in order, drops duplicates, checks sampled
-documents against the tokenizer and writes token shards as they fill, so peak memory does not grow
-with the corpus (exact deduplication keeps 8 bytes plus set overhead per document; near-duplicate
-detection keeps its LSH index in memory). Small local inputs are processed in-process.
+tokenize them (see worker.py, which also holds the pool). It takes their results in order, drops
+duplicates, checks sampled documents against the tokenizer and writes token shards as they fill, so
+peak memory does not grow with the corpus (exact deduplication keeps 8 bytes plus set overhead per
+document; near-duplicate detection keeps its LSH index in memory). Small local inputs are processed
+in-process.
 
 The result folder (see shards.py for the layout) is built in a temporary sibling folder and
 renamed into place only when complete. Its key, a digest of the source digests, the cleaning,
@@ -18,16 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
-import pickle
 import shutil
 import tempfile
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,19 +34,16 @@ from vinasmol_core.data.clean import FILTERS
 from vinasmol_core.data.fastbpe import BPETables
 from vinasmol_core.data.readers import ReadCounters, ResolvedFile, iter_batches, resolve_files, source_digest
 from vinasmol_core.data.shards import ShardWriter, dtype_for_vocab
-from vinasmol_core.data.spec import CleaningSpec, DatasetInfo, SourceSpec, SourceStats
+from vinasmol_core.data.spec import DatasetInfo, PrepareSettings, SourceSpec, SourceStats
 from vinasmol_core.data.tokcheck import EOS_TOKEN, tokenizer_digest, tokenizer_file
 from vinasmol_core.data.worker import (
     Batch,
     BatchResult,
     WorkerConfig,
-    init_worker,
-    local_state,
+    WorkerPool,
+    auto_workers,
     minhash_scheme,
-    process_batch,
-    process_in_worker,
     split_is_val,
-    started,
 )
 from vinasmol_core.errors import ConfigError, VinaSmolError
 
@@ -73,18 +66,8 @@ def split_of(source: str, doc_id: str, val_fraction: float) -> str:
     return "val" if split_is_val(source, doc_id, val_fraction) else "train"
 
 
-def dataset_key(
-    sources: list[SourceSpec],
-    source_digests: dict[str, str],
-    *,
-    cleaning: CleaningSpec,
-    val_fraction: float,
-    dedup: bool,
-    near_dedup: bool,
-    near_dedup_threshold: float,
-    tokenizer_digest_: str,
-    shard_tokens: int,
-) -> str:
+def dataset_key(sources: list[SourceSpec], source_digests: dict[str, str], settings: PrepareSettings,
+                tokenizer_digest_: str) -> str:
     """A deterministic key for a build: same inputs and settings, same key."""
     payload = {
         "format": FORMAT,
@@ -92,13 +75,13 @@ def dataset_key(
         # where the files are is not part of the key: their content (the digest) is
         "sources": [s.model_dump(mode="json", exclude={"paths", "hf_data_files"})
                     | {"digest": source_digests[s.name]} for s in sources],
-        "cleaning": cleaning.model_dump(mode="json"),
-        "val_fraction": val_fraction,
-        "dedup": dedup,
-        "near_dedup": near_dedup,
-        "near_dedup_threshold": near_dedup_threshold if near_dedup else None,
+        "cleaning": settings.cleaning.model_dump(mode="json"),
+        "val_fraction": settings.val_fraction,
+        "dedup": settings.dedup,
+        "near_dedup": settings.near_dedup,
+        "near_dedup_threshold": settings.near_dedup_threshold if settings.near_dedup else None,
         "tokenizer": tokenizer_digest_,
-        "shard_tokens": shard_tokens,
+        "shard_tokens": settings.shard_tokens,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -175,60 +158,84 @@ def _publish(store: ArtifactStore, meta: dict[str, Any], out_dir: Path, ref: str
     return digest
 
 
-def _validate_inputs(sources: list[SourceSpec], val_fraction: float, near_dedup_threshold: float,
-                     shard_tokens: int) -> None:
+def _validate_inputs(sources: list[SourceSpec], settings: PrepareSettings) -> None:
     if not sources:
         raise ConfigError("no sources: give at least one --source NAME:LANG=PATH")
     names = [s.name for s in sources]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"source names must be unique; repeated: {', '.join(dupes)}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if not 0.0 < near_dedup_threshold <= 1.0:
-        raise ConfigError(f"near_dedup_threshold must be in (0, 1], got {near_dedup_threshold}")
-    if shard_tokens < 1024:
-        raise ConfigError(f"shard_tokens must be at least 1024, got {shard_tokens}")
+    if not 0.0 <= settings.val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {settings.val_fraction}")
+    if not 0.0 < settings.near_dedup_threshold <= 1.0:
+        raise ConfigError(f"near_dedup_threshold must be in (0, 1], got {settings.near_dedup_threshold}")
+    if settings.shard_tokens < 1024:
+        raise ConfigError(f"shard_tokens must be at least 1024, got {settings.shard_tokens}")
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One build's resolved inputs, settings and callbacks."""
+
+    sources: list[SourceSpec]
+    files: dict[str, list[ResolvedFile]]
+    digests: dict[str, str]
+    tok_path: Path
+    tok_digest: str
+    key: str
+    settings: PrepareSettings
+    on_source_done: Callable[[str, SourceStats], None] | None
+    on_progress: Callable[[str, SourceStats], None] | None
 
 
 def prepare_dataset(
     sources: list[SourceSpec],
     tokenizer_dir: Path,
     out_dir: Path,
+    settings: PrepareSettings | None = None,
     *,
-    cleaning: CleaningSpec | None = None,
-    val_fraction: float = 0.01,
-    dedup: bool = True,
-    near_dedup: bool = False,
-    near_dedup_threshold: float = 0.8,
-    skip_bad_lines: bool = False,
     store: str | ArtifactStore | None = None,
     ref: str | None = None,
-    shard_tokens: int = 1 << 25,
-    batch_chars: int = 1 << 21,
-    workers: int | None = None,
-    use_fast_path: bool = True,
     on_source_done: Callable[[str, SourceStats], None] | None = None,
     on_progress: Callable[[str, SourceStats], None] | None = None,
 ) -> DatasetInfo:
-    """Prepare `sources` with the tokenizer in `tokenizer_dir` into `out_dir` (and publish the result
-    to `store` when given, under the ref `datasets/by-key/<key>` and `ref`). `on_progress` gets the
-    running counts of the source being read every few seconds, `on_source_done` its final ones.
+    """Prepare `sources` with the tokenizer in `tokenizer_dir` into `out_dir` as `settings` say (and
+    publish the result to `store` when given, under the ref `datasets/by-key/<key>` and `ref`).
+    `on_progress` gets the running counts of the source being read every few seconds, `on_source_done`
+    its final ones.
 
     Returns early, doing no work, when `out_dir` or the store already holds this exact build."""
     t0 = time.perf_counter()
-    cleaning = cleaning or CleaningSpec()
     out_dir = Path(out_dir)
-    _validate_inputs(sources, val_fraction, near_dedup_threshold, shard_tokens)
+    job = _resolve(sources, tokenizer_dir, settings or PrepareSettings(), on_source_done, on_progress)
+    st = _open_store(store)
+    existing = _existing_build(job.key, out_dir, st, ref, t0)
+    if existing is not None:
+        return existing
+    meta = _build_into(job, out_dir)
+    digest = _publish(st, meta, out_dir, ref) if st is not None else None
+    return _info_from_meta(meta, out_dir, reused=False, manifest_digest=digest,
+                           seconds=time.perf_counter() - t0)
+
+
+def _resolve(sources: list[SourceSpec], tokenizer_dir: Path, settings: PrepareSettings,
+             on_source_done: Callable[[str, SourceStats], None] | None,
+             on_progress: Callable[[str, SourceStats], None] | None) -> _Job:
+    """Check the settings, find the files and digest the sources and the tokenizer."""
+    _validate_inputs(sources, settings)
     tok_path = tokenizer_file(tokenizer_dir)
     tok_digest = tokenizer_digest(tokenizer_dir)
     files = {s.name: resolve_files(s) if s.paths else [] for s in sources}
     digests = {s.name: source_digest(s, files[s.name]) for s in sources}
-    key = dataset_key(sources, digests, cleaning=cleaning, val_fraction=val_fraction, dedup=dedup,
-                      near_dedup=near_dedup, near_dedup_threshold=near_dedup_threshold,
-                      tokenizer_digest_=tok_digest, shard_tokens=shard_tokens)
-    st = _open_store(store)
+    key = dataset_key(sources, digests, settings, tok_digest)
+    return _Job(sources=sources, files=files, digests=digests, tok_path=tok_path, tok_digest=tok_digest,
+                key=key, settings=settings, on_source_done=on_source_done, on_progress=on_progress)
 
+
+def _existing_build(key: str, out_dir: Path, st: ArtifactStore | None, ref: str | None,
+                    t0: float) -> DatasetInfo | None:
+    """The build `key` when `out_dir` or the store already holds it (None: build it). Raises when
+    `out_dir` holds something else."""
     existing = _read_meta(out_dir)
     if existing is not None and existing.get("key") == key:
         digest = _publish(st, existing, out_dir, ref) if st is not None else None
@@ -248,34 +255,31 @@ def prepare_dataset(
     if out_dir.exists() and (not out_dir.is_dir() or (existing is None and any(out_dir.iterdir()))):
         raise VinaSmolError(f"output folder {out_dir} exists and is not a prepared dataset; "
                             "choose an empty or new folder")
+    return None
 
+
+def _build_into(job: _Job, out_dir: Path) -> dict[str, Any]:
+    """Build in a temporary sibling folder (again without the fast path when it disagreed with the
+    tokenizer), then move it to `out_dir`; returns dataset.json's content."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        n_workers = _auto_workers(files, sources) if workers is None else max(0, workers)
-        build_args: dict[str, Any] = dict(
-            key=key, cleaning=cleaning, val_fraction=val_fraction, dedup=dedup, near_dedup=near_dedup,
-            near_dedup_threshold=near_dedup_threshold, skip_bad_lines=skip_bad_lines,
-            shard_tokens=shard_tokens, batch_chars=batch_chars, on_source_done=on_source_done,
-            on_progress=on_progress)
+        workers = job.settings.workers
+        n_workers = auto_workers(job.files, job.sources) if workers is None else max(0, workers)
         try:
-            with _Workers(n_workers) as pool:
-                meta = _build(sources, files, digests, tok_path, tok_digest, tmp, pool=pool,
-                              use_fast_path=use_fast_path, **build_args)
+            with WorkerPool(n_workers) as pool:
+                meta = _build(job, tmp, pool, fast=job.settings.use_fast_path)
         except _FastPathMismatch as exc:
             log.warning("fast tokenizer path disagreed with the tokenizer (%s); rebuilding without it", exc)
             shutil.rmtree(tmp)
             tmp.mkdir()
-            with _Workers(n_workers) as pool:
-                meta = _build(sources, files, digests, tok_path, tok_digest, tmp, pool=pool,
-                              use_fast_path=False, **build_args)
+            with WorkerPool(n_workers) as pool:
+                meta = _build(job, tmp, pool, fast=False)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    digest = _publish(st, meta, out_dir, ref) if st is not None else None
-    return _info_from_meta(meta, out_dir, reused=False, manifest_digest=digest,
-                           seconds=time.perf_counter() - t0)
+    return meta
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
@@ -300,89 +304,6 @@ class _SourceEnd:
     counters: ReadCounters
 
 
-def _auto_workers(files: dict[str, list[ResolvedFile]], sources: list[SourceSpec]) -> int:
-    """Worker processes: one per usable core, none for small local inputs (process start-up dominates)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    if cores < 2:
-        return 0
-    if all(s.paths for s in sources) and all(f.local for fs in files.values() for f in fs):
-        size = sum(os.path.getsize(f.url) * (4 if f.compression else 1) for fs in files.values() for f in fs)
-        if size < (16 << 20):
-            return 0
-    return min(cores, 8)
-
-
-class _Workers:
-    """Where batches are processed: in this process, or in `n` spawned worker processes with a bounded
-    number of batches in flight. The processes start at once, so that their imports overlap the main
-    process reading the tokenizer; `configure` then sends each of them the WorkerConfig. The config
-    (about 1.5 MB with the fast path's tables) goes through a file: the queue carries only its path,
-    so a put never waits on a worker, even one that died."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.state: Any = None
-        self.pool: ProcessPoolExecutor | None = None
-        self.config_file: Path | None = None  # set once the workers have been sent their config
-        if n > 0:
-            ctx = multiprocessing.get_context("spawn")
-            self.setup = ctx.SimpleQueue()
-            self.pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=init_worker,
-                                            initargs=(self.setup,))
-            for _ in range(n):
-                self.pool.submit(started)
-
-    def configure(self, cfg: WorkerConfig) -> None:
-        if self.pool is None:
-            self.state = local_state(cfg)
-        else:
-            fd, name = tempfile.mkstemp(prefix="vinasmol-data-worker-", suffix=".pickle")
-            self.config_file = Path(name)
-            with os.fdopen(fd, "wb") as f:
-                pickle.dump(cfg, f, protocol=pickle.HIGHEST_PROTOCOL)
-            for _ in range(self.n):
-                self.setup.put(name)
-
-    def results(self, items: Iterator[Batch | _SourceEnd]) -> Iterator[BatchResult | _SourceEnd]:
-        """Results in input order."""
-        if self.pool is None:
-            for item in items:
-                yield item if isinstance(item, _SourceEnd) else process_batch(item, self.state)
-            return
-        pending: deque[Future[BatchResult] | _SourceEnd] = deque()
-        try:
-            for item in items:
-                pending.append(item if isinstance(item, _SourceEnd)
-                               else self.pool.submit(process_in_worker, item))
-                while sum(isinstance(p, Future) for p in pending) > 2 * self.n:
-                    head = pending.popleft()
-                    yield head if isinstance(head, _SourceEnd) else head.result()
-            while pending:
-                head = pending.popleft()
-                yield head if isinstance(head, _SourceEnd) else head.result()
-        except BrokenProcessPool as exc:
-            raise VinaSmolError(f"a data worker process died ({exc}); out of memory? "
-                                "try fewer --workers") from exc
-
-    def __enter__(self) -> _Workers:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        if self.pool is None:
-            return
-        if self.config_file is None:  # the workers wait for a config: tell them there is none
-            for _ in range(self.n):
-                self.setup.put(None)
-        # After a success nothing is left to wait for but the workers' interpreter teardown (about
-        # 0.2 s): they exit in the background. After a failure, wait until no batch is running.
-        self.pool.shutdown(wait=exc_type is not None, cancel_futures=True)
-        if self.config_file is not None:  # a worker that had not read it yet starts without work
-            self.config_file.unlink(missing_ok=True)
-
-
 def _sample_mismatch(tokenizer: Any, item: BatchResult) -> str | None:
     """The first sample whose fast-path ids differ from the tokenizer's own (None when all agree)."""
     if not item.samples:
@@ -405,146 +326,164 @@ def _batches(sources: list[SourceSpec], files: dict[str, list[ResolvedFile]], sk
         yield _SourceEnd(index, counters)
 
 
-def _build(
-    sources: list[SourceSpec],
-    files: dict[str, list[ResolvedFile]],
-    digests: dict[str, str],
-    tok_path: Path,
-    tok_digest: str,
-    root: Path,
-    *,
-    key: str,
-    cleaning: CleaningSpec,
-    val_fraction: float,
-    dedup: bool,
-    near_dedup: bool,
-    near_dedup_threshold: float,
-    skip_bad_lines: bool,
-    shard_tokens: int,
-    batch_chars: int,
-    pool: _Workers,
-    use_fast_path: bool,
-    on_source_done: Callable[[str, SourceStats], None] | None,
-    on_progress: Callable[[str, SourceStats], None] | None,
-) -> dict[str, Any]:
+def _build(job: _Job, root: Path, pool: WorkerPool, *, fast: bool) -> dict[str, Any]:
+    """Read, process and write every source into `root`; returns (and writes) dataset.json's content."""
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(tok_path))
+    settings = job.settings
+    tokenizer = Tokenizer.from_file(str(job.tok_path))
     eos = tokenizer.token_to_id(EOS_TOKEN)
     if eos is None:
-        raise VinaSmolError(f"tokenizer {tok_path} has no {EOS_TOKEN} token to separate documents")
+        raise VinaSmolError(f"tokenizer {job.tok_path} has no {EOS_TOKEN} token to separate documents")
     vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
     dtype = dtype_for_vocab(vocab_size)
-    tables = BPETables.build(tokenizer, tok_path) if use_fast_path else None
-    cfg = WorkerConfig(tokenizer_path=str(tok_path), eos_id=int(eos), dtype=dtype.name, cleaning=cleaning,
-                       val_fraction=val_fraction, dedup=dedup, near_dedup=near_dedup, fast_tables=tables)
+    tables = BPETables.build(tokenizer, job.tok_path) if fast else None
+    cfg = WorkerConfig(tokenizer_path=str(job.tok_path), eos_id=int(eos), dtype=dtype.name,
+                       cleaning=settings.cleaning, val_fraction=settings.val_fraction, dedup=settings.dedup,
+                       near_dedup=settings.near_dedup, fast_tables=tables)
     pool.configure(cfg)
-    seen: set[int] = set()
-    lsh = None
-    if near_dedup:
-        from datasketch import LeanMinHash, MinHashLSH
-
-        lsh = MinHashLSH(threshold=near_dedup_threshold, num_perm=cfg.num_perm)
-        scheme = minhash_scheme()
-    n_lsh = 0
-    entries: list[dict[str, Any]] = []
-
-    def new_state(spec: SourceSpec) -> tuple[dict[str, ShardWriter], SourceStats]:
-        writers = {sp: ShardWriter(root, f"{sp}/{spec.name}", dtype, shard_tokens) for sp in SPLITS}
-        return writers, SourceStats(removed=dict.fromkeys(FILTERS, 0))
-
-    current = 0
-    next_progress = time.monotonic() + PROGRESS_SECONDS
-    writers, stats = new_state(sources[0])
-    bad_examples: list[str] = []
-    for item in pool.results(_batches(sources, files, skip_bad_lines, batch_chars)):
-        if isinstance(item, _SourceEnd):
-            spec = sources[item.index]
-            stats.bad_lines_skipped += item.counters.bad_lines_skipped
-            bad_examples.extend(item.counters.bad_line_examples)
-            split_entries = {}
-            for sp in SPLITS:
-                shards = writers[sp].close()
-                split_entries[sp] = {"tokens": writers[sp].total_tokens, "docs": writers[sp].total_docs,
-                                     "shards": shards}
-            stats.train_tokens = split_entries["train"]["tokens"]
-            stats.val_tokens = split_entries["val"]["tokens"]
-            stats.train_docs = split_entries["train"]["docs"]
-            stats.val_docs = split_entries["val"]["docs"]
-            _check_source_nonempty(spec, stats, files[spec.name])
-            entry = {"name": spec.name, "lang": spec.lang, "role": spec.role, "text_field": spec.text_field,
-                     "digest": digests[spec.name], "spec": spec.model_dump(mode="json"),
-                     "stats": stats.model_dump(mode="json"), "splits": split_entries}
-            if bad_examples:
-                entry["bad_line_examples"] = bad_examples[:5]
-            entries.append(entry)
-            if on_source_done is not None:
-                on_source_done(spec.name, stats)
-            current = item.index + 1
-            bad_examples = []
-            if current < len(sources):
-                writers, stats = new_state(sources[current])
-            continue
-        mismatch = _sample_mismatch(tokenizer, item)
-        if mismatch is not None:
-            raise _FastPathMismatch(mismatch)
-        stats.docs_read += item.docs_read
-        stats.bytes_read += item.bytes_read
-        if on_progress is not None and time.monotonic() >= next_progress:
-            on_progress(sources[current].name, stats)
-            next_progress = time.monotonic() + PROGRESS_SECONDS
-        stats.bad_lines_skipped += item.bad_lines
-        bad_examples.extend(item.bad_examples)
-        for k, v in item.removed.items():
-            stats.removed[k] = stats.removed.get(k, 0) + v
-        n = item.lengths.size
-        if n == 0:
-            continue
-        keep = np.ones(n, dtype=bool)
-        if dedup:
-            for j, h in enumerate(item.hashes.tolist()):
-                if h in seen:
-                    keep[j] = False
-                    stats.exact_duplicates += 1
-                else:
-                    seen.add(h)
-        if lsh is not None and item.minhashes is not None:
-            for j in range(n):
-                if not keep[j]:
-                    continue
-                sig = LeanMinHash(seed=1, hashvalues=item.minhashes[j], **scheme)
-                if lsh.query(sig):
-                    keep[j] = False
-                    stats.near_duplicates += 1
-                else:
-                    lsh.insert(n_lsh, sig, check_duplication=False)
-                    n_lsh += 1
-        for sp, docs in (("train", keep & ~item.is_val), ("val", keep & item.is_val)):
-            if not docs.any():
-                continue
-            if docs.all():
-                writers[sp].add(item.tokens, item.lengths)
-            else:
-                writers[sp].add(item.tokens[np.repeat(docs, item.lengths)], item.lengths[docs])
+    entries = _write_sources(job, root, pool, tokenizer, dtype, _Dedup(settings, cfg.num_perm))
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "key": key,
-        "tokenizer_digest": tok_digest,
+        "key": job.key,
+        "tokenizer_digest": job.tok_digest,
         "vocab_size": vocab_size,
         "eos_id": int(eos),
         "dtype": dtype.name,
-        "val_fraction": val_fraction,
-        "dedup": dedup,
-        "near_dedup": near_dedup,
-        "near_dedup_threshold": near_dedup_threshold if near_dedup else None,
-        "cleaning": cleaning.model_dump(mode="json"),
+        "val_fraction": settings.val_fraction,
+        "dedup": settings.dedup,
+        "near_dedup": settings.near_dedup,
+        "near_dedup_threshold": settings.near_dedup_threshold if settings.near_dedup else None,
+        "cleaning": settings.cleaning.model_dump(mode="json"),
         "token_counts": _token_counts(entries),
         "shards": [s["path"] for e in entries for sp in SPLITS for s in e["splits"][sp]["shards"]],
         "sources": entries,
     }
     (root / DATASET_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return meta
+
+
+def _write_sources(job: _Job, root: Path, pool: WorkerPool, tokenizer: Any, dtype: np.dtype[Any],
+                   dedup: _Dedup) -> list[dict[str, Any]]:
+    """Take the processed batches in order, check their samples, deduplicate them and write each source's
+    shards; returns the sources' dataset.json entries."""
+    sources, shard_tokens = job.sources, job.settings.shard_tokens
+    entries: list[dict[str, Any]] = []
+    out = _SourceOut(root, sources[0], dtype, shard_tokens)
+    next_progress = time.monotonic() + PROGRESS_SECONDS
+    for item in pool.results(_batches(sources, job.files, job.settings.skip_bad_lines,
+                                      job.settings.batch_chars)):
+        if isinstance(item, _SourceEnd):
+            name = sources[item.index].name
+            entries.append(out.close(item.counters, job.digests[name], job.files[name]))
+            if job.on_source_done is not None:
+                job.on_source_done(name, out.stats)
+            if item.index + 1 < len(sources):
+                out = _SourceOut(root, sources[item.index + 1], dtype, shard_tokens)
+            continue
+        mismatch = _sample_mismatch(tokenizer, item)
+        if mismatch is not None:
+            raise _FastPathMismatch(mismatch)
+        out.stats.docs_read += item.docs_read
+        out.stats.bytes_read += item.bytes_read
+        if job.on_progress is not None and time.monotonic() >= next_progress:
+            job.on_progress(out.spec.name, out.stats)
+            next_progress = time.monotonic() + PROGRESS_SECONDS
+        out.add(item, dedup)
+    return entries
+
+
+class _Dedup:
+    """Exact (a set of document hashes) and near (MinHash LSH) deduplication across all sources, in
+    input order: the first copy of a document is the one kept."""
+
+    def __init__(self, settings: PrepareSettings, num_perm: int) -> None:
+        self.exact = settings.dedup
+        self.seen: set[int] = set()
+        self.lsh: Any = None
+        self.n_lsh = 0
+        if settings.near_dedup:
+            from datasketch import LeanMinHash, MinHashLSH
+
+            self.lean_minhash = LeanMinHash
+            self.lsh = MinHashLSH(threshold=settings.near_dedup_threshold, num_perm=num_perm)
+            self.scheme = minhash_scheme()
+
+    def keep(self, item: BatchResult, stats: SourceStats) -> np.ndarray:
+        """Which of the batch's documents to keep (the duplicates are counted in `stats`)."""
+        n = item.lengths.size
+        keep = np.ones(n, dtype=bool)
+        if self.exact:
+            for j, h in enumerate(item.hashes.tolist()):
+                if h in self.seen:
+                    keep[j] = False
+                    stats.exact_duplicates += 1
+                else:
+                    self.seen.add(h)
+        if self.lsh is not None and item.minhashes is not None:
+            for j in range(n):
+                if not keep[j]:
+                    continue
+                sig = self.lean_minhash(seed=1, hashvalues=item.minhashes[j], **self.scheme)
+                if self.lsh.query(sig):
+                    keep[j] = False
+                    stats.near_duplicates += 1
+                else:
+                    self.lsh.insert(self.n_lsh, sig, check_duplication=False)
+                    self.n_lsh += 1
+        return keep
+
+
+class _SourceOut:
+    """One source's shard writers (train and val), running stats and bad-line examples."""
+
+    def __init__(self, root: Path, spec: SourceSpec, dtype: np.dtype[Any], shard_tokens: int) -> None:
+        self.spec = spec
+        self.writers = {sp: ShardWriter(root, f"{sp}/{spec.name}", dtype, shard_tokens) for sp in SPLITS}
+        self.stats = SourceStats(removed=dict.fromkeys(FILTERS, 0))
+        self.bad_examples: list[str] = []
+
+    def add(self, item: BatchResult, dedup: _Dedup) -> None:
+        """Count a batch's bad lines and removed documents; write the documents that are not duplicates."""
+        stats = self.stats
+        stats.bad_lines_skipped += item.bad_lines
+        self.bad_examples.extend(item.bad_examples)
+        for k, v in item.removed.items():
+            stats.removed[k] = stats.removed.get(k, 0) + v
+        if item.lengths.size == 0:
+            return
+        keep = dedup.keep(item, stats)
+        for sp, docs in (("train", keep & ~item.is_val), ("val", keep & item.is_val)):
+            if not docs.any():
+                continue
+            if docs.all():
+                self.writers[sp].add(item.tokens, item.lengths)
+            else:
+                self.writers[sp].add(item.tokens[np.repeat(docs, item.lengths)], item.lengths[docs])
+
+    def close(self, counters: ReadCounters, digest: str, files: list[ResolvedFile]) -> dict[str, Any]:
+        """Close the shards and check the source kept documents; returns its dataset.json entry."""
+        spec, stats = self.spec, self.stats
+        stats.bad_lines_skipped += counters.bad_lines_skipped
+        self.bad_examples.extend(counters.bad_line_examples)
+        split_entries = {}
+        for sp in SPLITS:
+            shards = self.writers[sp].close()
+            split_entries[sp] = {"tokens": self.writers[sp].total_tokens, "docs": self.writers[sp].total_docs,
+                                 "shards": shards}
+        stats.train_tokens = split_entries["train"]["tokens"]
+        stats.val_tokens = split_entries["val"]["tokens"]
+        stats.train_docs = split_entries["train"]["docs"]
+        stats.val_docs = split_entries["val"]["docs"]
+        _check_source_nonempty(spec, stats, files)
+        entry = {"name": spec.name, "lang": spec.lang, "role": spec.role, "text_field": spec.text_field,
+                 "digest": digest, "spec": spec.model_dump(mode="json"),
+                 "stats": stats.model_dump(mode="json"), "splits": split_entries}
+        if self.bad_examples:
+            entry["bad_line_examples"] = self.bad_examples[:5]
+        return entry
+
 
 def _check_source_nonempty(spec: SourceSpec, stats: SourceStats, files: list[ResolvedFile]) -> None:
     where = spec.hf_dataset or ", ".join(f.display for f in files[:3]) + (" ..." if len(files) > 3 else "")

@@ -1,8 +1,10 @@
-"""Typed inputs and outputs of data preparation: sources, cleaning rules, long-context view, result."""
+"""Typed inputs and outputs of data preparation: sources, cleaning rules, build settings, long-context
+view, result."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -121,6 +123,35 @@ class CleaningSpec(BaseModel):
     vi_min_latin_fraction: float = Field(0.8, ge=0.0, le=1.0)
     vi_min_diacritic_fraction: float = Field(0.03, ge=0.0, le=1.0)
     script_sample_chars: int = Field(4096, ge=64)
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """How `prepare_dataset` builds a dataset (the sources and the tokenizer are its other inputs).
+
+    The cleaning, split, dedup and shard settings are part of the dataset's key; the others change
+    only how the build runs. Values are used as given (no coercion), so the key stays stable."""
+
+    cleaning: CleaningSpec = field(default_factory=CleaningSpec)
+    """Normalisation and filters applied to every document."""
+    val_fraction: float = 0.01
+    """Share of documents sent to the validation split, in [0, 1), by a stable hash of (source, id)."""
+    dedup: bool = True
+    """Drop exact duplicates (after cleaning) across all sources, keeping the first seen."""
+    near_dedup: bool = False
+    """Also drop near-duplicates found by MinHash LSH over word 5-grams."""
+    near_dedup_threshold: float = 0.8
+    """Estimated Jaccard similarity, in (0, 1], from which a document counts as a near-duplicate."""
+    skip_bad_lines: bool = False
+    """Skip (and count) JSONL lines that are not UTF-8 JSON objects instead of failing."""
+    shard_tokens: int = 1 << 25
+    """Tokens per shard file (at least 1024)."""
+    batch_chars: int = 1 << 21
+    """Characters of raw input per batch handed to a worker."""
+    workers: int | None = None
+    """Worker processes; None: one per core (at most 8), none for small local inputs; 0: in-process."""
+    use_fast_path: bool = True
+    """Tokenize with the table-driven encoder (checked on samples against the tokenizer's own)."""
 
 
 class LongContextSpec(BaseModel):

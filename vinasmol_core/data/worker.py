@@ -5,16 +5,26 @@ decoded (id, text) records. For each document the worker parses, cleans and filt
 its exact-dedup hash (and MinHash signature), its split, and its tokens. Decisions that need the
 whole corpus (is this hash new? does LSH know a near-duplicate?) are left to the main process,
 which sees the results in order.
+
+WorkerPool runs the batches, in spawned worker processes or in this process, and gives back their
+results in input order; auto_workers picks how many processes a build gets.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import multiprocessing
 import os
 import pickle
+import tempfile
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import orjson
@@ -23,6 +33,10 @@ from vinasmol_core.data.clean import FILTERS, clean_document, dedup_hash
 from vinasmol_core.data.fastbpe import BPETables, FastByteLevelBPE
 from vinasmol_core.data.spec import CleaningSpec
 from vinasmol_core.errors import VinaSmolError
+
+if TYPE_CHECKING:
+    from vinasmol_core.data.readers import ResolvedFile
+    from vinasmol_core.data.spec import SourceSpec
 
 # A sampled document is checked on at most this many leading characters (a prefix is a text like any
 # other; the tokenizer's own encoder runs at about 1.5 MB/s, and whole documents made it 0.5 s of CPU
@@ -270,3 +284,88 @@ def process_batch(batch: Batch, state: _State | None = None) -> BatchResult:
 def process_in_worker(batch: Batch) -> BatchResult:
     """Entry point for pool workers (uses the state set up by init_worker)."""
     return process_batch(batch)
+
+
+M = TypeVar("M")
+
+
+def auto_workers(files: dict[str, list[ResolvedFile]], sources: list[SourceSpec]) -> int:
+    """Worker processes: one per usable core, none for small local inputs (process start-up dominates)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    if cores < 2:
+        return 0
+    if all(s.paths for s in sources) and all(f.local for fs in files.values() for f in fs):
+        size = sum(os.path.getsize(f.url) * (4 if f.compression else 1) for fs in files.values() for f in fs)
+        if size < (16 << 20):
+            return 0
+    return min(cores, 8)
+
+
+class WorkerPool:
+    """Where batches are processed: in this process, or in `n` spawned worker processes with a bounded
+    number of batches in flight. The processes start at once, so that their imports overlap the main
+    process reading the tokenizer; `configure` then sends each of them the WorkerConfig. The config
+    (about 1.5 MB with the fast path's tables) goes through a file: the queue carries only its path,
+    so a put never waits on a worker, even one that died."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.state: Any = None
+        self.pool: ProcessPoolExecutor | None = None
+        self.config_file: Path | None = None  # set once the workers have been sent their config
+        if n > 0:
+            ctx = multiprocessing.get_context("spawn")
+            self.setup = ctx.SimpleQueue()
+            self.pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=init_worker,
+                                            initargs=(self.setup,))
+            for _ in range(n):
+                self.pool.submit(started)
+
+    def configure(self, cfg: WorkerConfig) -> None:
+        if self.pool is None:
+            self.state = local_state(cfg)
+        else:
+            fd, name = tempfile.mkstemp(prefix="vinasmol-data-worker-", suffix=".pickle")
+            self.config_file = Path(name)
+            with os.fdopen(fd, "wb") as f:
+                pickle.dump(cfg, f, protocol=pickle.HIGHEST_PROTOCOL)
+            for _ in range(self.n):
+                self.setup.put(name)
+
+    def results(self, items: Iterable[Batch | M]) -> Iterator[BatchResult | M]:
+        """Results in input order; items that are not batches (markers) pass through in their place."""
+        if self.pool is None:
+            for item in items:
+                yield process_batch(item, self.state) if isinstance(item, Batch) else item
+            return
+        pending: deque[Future[BatchResult] | M] = deque()
+        try:
+            for item in items:
+                pending.append(self.pool.submit(process_in_worker, item) if isinstance(item, Batch) else item)
+                while sum(isinstance(p, Future) for p in pending) > 2 * self.n:
+                    head = pending.popleft()
+                    yield head.result() if isinstance(head, Future) else head
+            while pending:
+                head = pending.popleft()
+                yield head.result() if isinstance(head, Future) else head
+        except BrokenProcessPool as exc:
+            raise VinaSmolError(f"a data worker process died ({exc}); out of memory? "
+                                "try fewer --workers") from exc
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if self.pool is None:
+            return
+        if self.config_file is None:  # the workers wait for a config: tell them there is none
+            for _ in range(self.n):
+                self.setup.put(None)
+        # After a success nothing is left to wait for but the workers' interpreter teardown (about
+        # 0.2 s): they exit in the background. After a failure, wait until no batch is running.
+        self.pool.shutdown(wait=exc_type is not None, cancel_futures=True)
+        if self.config_file is not None:  # a worker that had not read it yet starts without work
+            self.config_file.unlink(missing_ok=True)

@@ -18,13 +18,13 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vinasmol_core.errors import ConfigError, VinaSmolError
 from vinasmol_core.model import hf_io
 from vinasmol_core.model.translations import TranslationSource, translation_source
+from vinasmol_core.tokenizer.text import unicode_to_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -34,24 +34,9 @@ INIT_METHODS = ("subword-mean", "translation-blend")
 EXTENSION_FILE = "extension.json"
 
 
-@lru_cache(maxsize=1)
-def byte_decoder() -> dict[str, int]:
-    """The inverse of GPT-2's bytes-to-unicode table used by byte-level BPE."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
-
-
 def token_bytes(token: str) -> bytes | None:
     """The bytes a byte-level BPE token stands for; None when it is not in the byte alphabet."""
-    table = byte_decoder()
+    table = unicode_to_bytes()
     try:
         return bytes(table[ch] for ch in token)
     except KeyError:
@@ -231,7 +216,6 @@ def extend_model(
     the model has exactly as many rows as the tokenizer has tokens. Tied embeddings stay one tensor
     (no lm_head in the file); an untied lm_head gets the same treatment. Nothing is written on error."""
     import torch
-    from safetensors.torch import save_file
 
     base_hf_dir, tokenizer_dir = Path(base_hf_dir), Path(tokenizer_dir)
     if init not in INIT_METHODS:
@@ -239,35 +223,18 @@ def extend_model(
     if init == "translation-blend" and translator is None:
         translator = translation_source(translations)
     config = hf_io.check_hf_dir(base_hf_dir)
-    if not (base_hf_dir / "tokenizer.json").is_file():
-        raise VinaSmolError(
-            f"{base_hf_dir} has no tokenizer.json: the base tokenizer is needed to check "
-            "the extension and to segment new tokens"
-        )
-    base_tok, new_tok = load_tokenizer(base_hf_dir), load_tokenizer(tokenizer_dir)
-    base_tokens = id_to_token_list(base_tok, f"{base_hf_dir}/tokenizer.json")
-    new_tokens = id_to_token_list(new_tok, f"{tokenizer_dir}/tokenizer.json")
-
-    state = hf_io.load_hf_state_dict(base_hf_dir)
-    if hf_io.EMBED_KEY not in state:
-        raise VinaSmolError(f"{base_hf_dir}: no {hf_io.EMBED_KEY} in the weights")
-    embed = state[hf_io.EMBED_KEY]
-    rows = embed.shape[0]
-    if config.get("vocab_size", rows) != rows:
-        raise VinaSmolError(
-            f"{base_hf_dir}/config.json: vocab_size {config.get('vocab_size')} does not match "
-            f"the {rows} rows of {hf_io.EMBED_KEY}"
-        )
+    base_tok, new_tok, base_tokens, new_tokens = _load_tokenizers(base_hf_dir, tokenizer_dir)
+    state, rows = _load_embedding(base_hf_dir, config)
     check_extension(base_tokens, new_tokens, rows)
     tied = hf_io.is_tied(config, state)
     base_size, new_size = len(base_tokens), len(new_tokens)
-    new_ids = list(range(base_size, new_size))
 
-    matrices = {hf_io.EMBED_KEY: embed}
+    matrices = {hf_io.EMBED_KEY: state[hf_io.EMBED_KEY]}
     if not tied:
         matrices[hf_io.LM_HEAD_KEY] = state[hf_io.LM_HEAD_KEY]
     result = init_new_rows(
-        matrices, base_tok, new_tok, new_ids, init=init, translator=translator, blend=blend
+        matrices, base_tok, new_tok, list(range(base_size, new_size)), init=init, translator=translator,
+        blend=blend,
     )
     for name, w in matrices.items():
         state[name] = torch.cat([w[:base_size], result.rows[name].to(w.dtype)], dim=0).contiguous()
@@ -289,17 +256,54 @@ def extend_model(
         "base_tokenizer_digest": hf_io.tokenizer_digest(base_hf_dir),
         "tokenizer_digest": hf_io.tokenizer_digest(tokenizer_dir),
     }
-    with hf_io.atomic_output_dir(Path(out_dir)) as tmp:
+    _write_model(Path(out_dir), state, new_config, base_hf_dir, tokenizer_dir, info)
+    return Path(out_dir)
+
+
+def _load_tokenizers(
+    base_hf_dir: Path, tokenizer_dir: Path
+) -> tuple[Tokenizer, Tokenizer, list[str], list[str]]:
+    """The base model's tokenizer and the extended one, and each one's tokens by id."""
+    if not (base_hf_dir / "tokenizer.json").is_file():
+        raise VinaSmolError(
+            f"{base_hf_dir} has no tokenizer.json: the base tokenizer is needed to check "
+            "the extension and to segment new tokens"
+        )
+    base_tok, new_tok = load_tokenizer(base_hf_dir), load_tokenizer(tokenizer_dir)
+    base_tokens = id_to_token_list(base_tok, f"{base_hf_dir}/tokenizer.json")
+    new_tokens = id_to_token_list(new_tok, f"{tokenizer_dir}/tokenizer.json")
+    return base_tok, new_tok, base_tokens, new_tokens
+
+
+def _load_embedding(base_hf_dir: Path, config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], int]:
+    """The base model's weights and the number of rows of its embedding (checked against its config)."""
+    state = hf_io.load_hf_state_dict(base_hf_dir)
+    if hf_io.EMBED_KEY not in state:
+        raise VinaSmolError(f"{base_hf_dir}: no {hf_io.EMBED_KEY} in the weights")
+    rows = state[hf_io.EMBED_KEY].shape[0]
+    if config.get("vocab_size", rows) != rows:
+        raise VinaSmolError(
+            f"{base_hf_dir}/config.json: vocab_size {config.get('vocab_size')} does not match "
+            f"the {rows} rows of {hf_io.EMBED_KEY}"
+        )
+    return state, rows
+
+
+def _write_model(out_dir: Path, state: dict[str, torch.Tensor], config: dict[str, Any], base_hf_dir: Path,
+                 tokenizer_dir: Path, info: dict[str, Any]) -> None:
+    """The HF folder: weights, config, the base's generation config, the new tokenizer and `info`."""
+    from safetensors.torch import save_file
+
+    with hf_io.atomic_output_dir(out_dir) as tmp:
         save_file(
             {k: v.contiguous() for k, v in state.items()},
             str(tmp / "model.safetensors"),
             metadata={"format": "pt"},
         )
-        hf_io.write_json(tmp / "config.json", new_config)
+        hf_io.write_json(tmp / "config.json", config)
         if (base_hf_dir / "generation_config.json").is_file():
             hf_io.write_json(
                 tmp / "generation_config.json", hf_io.read_json(base_hf_dir / "generation_config.json")
             )
         hf_io.copy_tokenizer_files(tokenizer_dir, tmp)
         hf_io.write_json(tmp / EXTENSION_FILE, info)
-    return Path(out_dir)

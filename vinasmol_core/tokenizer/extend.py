@@ -271,21 +271,10 @@ def extend_tokenizer(
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise VinaSmolError(f"{out_dir} already exists and is not empty (use overwrite to replace it)")
 
-    byte_tokens = base.missing_byte_symbols() if complete_alphabet else []
-    n_new = target_vocab_size - base.vocab_size
-    result = train_merges(base, counts, n_new - len(byte_tokens), byte_tokens=byte_tokens,
-                          min_frequency=min_frequency, timings=timings)
+    byte_tokens, result, shortfall = _learn_tokens(base, counts, target_vocab_size, complete_alphabet,
+                                                   min_new_tokens, min_frequency, timings)
     added = len(byte_tokens) + len(result.tokens)
-    if len(result.tokens) < min_new_tokens:
-        raise VinaSmolError(
-            f"the corpus supports only {len(result.tokens)} new tokens (pairs seen at least {min_frequency} "
-            f"times), fewer than the {min_new_tokens} required: is it Vietnamese text, and large enough?")
     vocab_size = base.vocab_size + added
-    shortfall = None
-    if added < n_new:
-        shortfall = (f"the corpus supports only {added:,} new tokens, not the {n_new:,} asked for: the "
-                     f"vocabulary has {vocab_size:,} tokens instead of target_vocab_size "
-                     f"{target_vocab_size:,}")
 
     t1 = time.perf_counter()
     all_tokens = base.tokens + byte_tokens + result.tokens
@@ -295,32 +284,16 @@ def extend_tokenizer(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
     try:
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
-        if tok.get_vocab_size(with_added_tokens=True) != vocab_size:
-            raise VinaSmolError(f"internal check failed: the written tokenizer has "
-                                f"{tok.get_vocab_size(with_added_tokens=True)} tokens, expected {vocab_size}")
-        tok.save(str(tmp / "tokenizer.json"), pretty=True)
-        config, special = _tokenizer_config(base, vocab_size)
-        (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
-                                                   encoding="utf-8")
-        (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n",
-                                                     encoding="utf-8")
-        sample = [byte_level_to_text(t) for t in result.tokens[:40]]
+        _write_tokenizer_files(tmp, base, data, vocab_size)
         out = ExtendResult(
             out_dir=out_dir, vocab_size=vocab_size, base_vocab_size=base.vocab_size,
             target_vocab_size=target_vocab_size, new_tokens=added, shortfall=shortfall,
             base_sha256=base.sha256, tokenizer_sha256=_sha256(tmp / "tokenizer.json"),
             skipped_existing=result.skipped_existing, skipped_exhausting=result.skipped_exhausting,
             byte_tokens=[f"0x{unicode_to_bytes()[t]:02x}" for t in byte_tokens],
-            sample_new_tokens=sample, timings_s=timings,
+            sample_new_tokens=[byte_level_to_text(t) for t in result.tokens[:40]], timings_s=timings,
         )
-        report = out.model_dump(mode="json", exclude={"out_dir", "timings_s"})
-        report["corpus"] = counts.stats.model_dump()
-        report["min_frequency"] = min_frequency
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n",
-                                       encoding="utf-8")
+        _write_report(tmp, out, counts, min_frequency)
         timings["write"] = time.perf_counter() - t1
         install_folder(tmp, out_dir, overwrite)
     finally:
@@ -329,6 +302,54 @@ def extend_tokenizer(
     timings["total"] = time.perf_counter() - t0
     out.timings_s = {k: round(v, 3) for k, v in timings.items()}
     return out
+
+
+def _learn_tokens(base: BaseTokenizer, counts: WordCounts, target_vocab_size: int, complete_alphabet: bool,
+                  min_new_tokens: int, min_frequency: int,
+                  timings: dict[str, float]) -> tuple[list[str], TrainResult, str | None]:
+    """The byte symbols the base lacks (when `complete_alphabet`) and the merges learned on `counts`,
+    with a note when fewer tokens than asked for were added; raises below `min_new_tokens` merges."""
+    byte_tokens = base.missing_byte_symbols() if complete_alphabet else []
+    n_new = target_vocab_size - base.vocab_size
+    result = train_merges(base, counts, n_new - len(byte_tokens), byte_tokens=byte_tokens,
+                          min_frequency=min_frequency, timings=timings)
+    added = len(byte_tokens) + len(result.tokens)
+    if len(result.tokens) < min_new_tokens:
+        raise VinaSmolError(
+            f"the corpus supports only {len(result.tokens)} new tokens (pairs seen at least {min_frequency} "
+            f"times), fewer than the {min_new_tokens} required: is it Vietnamese text, and large enough?")
+    shortfall = None
+    if added < n_new:
+        shortfall = (f"the corpus supports only {added:,} new tokens, not the {n_new:,} asked for: the "
+                     f"vocabulary has {base.vocab_size + added:,} tokens instead of target_vocab_size "
+                     f"{target_vocab_size:,}")
+    return byte_tokens, result, shortfall
+
+
+def _write_tokenizer_files(tmp: Path, base: BaseTokenizer, data: dict[str, Any], vocab_size: int) -> None:
+    """tokenizer.json (checked to hold `vocab_size` tokens), tokenizer_config.json and
+    special_tokens_map.json into `tmp`."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
+    if tok.get_vocab_size(with_added_tokens=True) != vocab_size:
+        raise VinaSmolError(f"internal check failed: the written tokenizer has "
+                            f"{tok.get_vocab_size(with_added_tokens=True)} tokens, expected {vocab_size}")
+    tok.save(str(tmp / "tokenizer.json"), pretty=True)
+    config, special = _tokenizer_config(base, vocab_size)
+    (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                               encoding="utf-8")
+    (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n",
+                                                 encoding="utf-8")
+
+
+def _write_report(tmp: Path, out: ExtendResult, counts: WordCounts, min_frequency: int) -> None:
+    """tokenizer_extension.json: what was added, from what corpus."""
+    report = out.model_dump(mode="json", exclude={"out_dir", "timings_s"})
+    report["corpus"] = counts.stats.model_dump()
+    report["min_frequency"] = min_frequency
+    (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n",
+                                   encoding="utf-8")
 
 
 PROBE_TEXTS = (

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from vinasmol_core.errors import ConfigError, VinaSmolError
+from vinasmol_core.tokenizer.text import bytes_to_unicode
 
 LANGUAGES = ("vi", "en", "code")
 TOKENIZER_FILES = (
@@ -121,27 +122,11 @@ def check_data_matches_checkpoint(
         )
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
-
-
 def token_byte_lengths(tokenizer_dir: Path, size: int) -> np.ndarray:
     """UTF-8 bytes each token id stands for (special tokens: 0), for bits-per-byte."""
     data = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text(encoding="utf-8"))
     lengths = np.zeros(size, dtype=np.int64)
-    byte_chars = set(_bytes_to_unicode().values())
+    byte_chars = set(bytes_to_unicode().values())
     vocab = data.get("model", {}).get("vocab", {})
     if isinstance(vocab, dict):
         for token, idx in vocab.items():
