@@ -6,6 +6,10 @@ at the same sequence length, micro batch and precision; litgpt pretrain runs in 
 stage engine's optimizer step (`vinasmol_core.train.engine.optimizer_step`) under Fabric, with the
 policy's exact freezing. litgpt pretrain has no freezing: it trains everything (compare with 6).
 
+Every measurement runs in a fresh process of its own (ours through `--one STAGE`, litgpt through
+`litgpt pretrain`), the runs alternate (ours, litgpt, ours, litgpt, ...) for `--repeats` rounds, and
+each row keeps its best round: the two sides meet the same process state and the same noise.
+
 Model FLOPs per token = 6 N + 12 n_layer n_embd seq_len (N: parameters, the tied table once), the
 PaLM convention; MFU = tokens/s x FLOPs per token / --peak-tflops.
 
@@ -17,8 +21,10 @@ PaLM convention; MFU = tokens/s x FLOPs per token / --peak-tflops.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -34,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+RESULT = "@@bench-result "
 POLICIES = {"3": "new-embeddings", "4": "embeddings", "6": "all", "7": "transformer"}
 
 
@@ -205,7 +212,23 @@ def measure_litgpt(config: Any, args: argparse.Namespace, work: Path) -> dict[st
     }
 
 
-def main() -> None:
+def measure_ours_isolated(stage: str, argv: list[str]) -> dict[str, Any]:
+    """`measure_ours` for one stage in a fresh process (the same conditions litgpt pretrain gets)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--one", stage]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT):
+            return json.loads(line[len(RESULT) :])
+    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
+    return {"tok_s": None, "error": f"stage {stage} exited {proc.returncode}:\n{tail}"}
+
+
+def best(results: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in results if r.get("tok_s")]
+    return max(ok, key=lambda r: r["tok_s"]) if ok else results[-1]
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -222,6 +245,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="measured optimizer steps per policy")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
     parser.add_argument("--stages", default="3,4,6,7")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating rounds; each row keeps its best")
     parser.add_argument("--precision", default=None, help="default: bf16-mixed on CUDA, 32-true on the CPU")
     parser.add_argument("--accelerator", default=None, choices=["cpu", "cuda"])
     parser.add_argument("--compile", action="store_true")
@@ -232,17 +256,72 @@ def main() -> None:
     )
     parser.add_argument("--no-litgpt", action="store_true", help="skip the litgpt pretrain run")
     parser.add_argument("--litgpt-timeout", type=float, default=1800)
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one stage
     args = parser.parse_args()
     args.accelerator = args.accelerator or ("cuda" if torch.cuda.is_available() else "cpu")
     args.precision = args.precision or ("bf16-mixed" if args.accelerator == "cuda" else "32-true")
-    if args.accelerator == "cpu":
-        os.environ.setdefault("TORCHDYNAMO_DISABLE", "0" if args.compile else "1")
+    return args
 
+
+def bench_config(args: argparse.Namespace) -> Any:
     from vinasmol_core.builtin.fixtures import SMOLLM2_360M_SHAPE, TINY_SHAPE, smollm2_config
 
     shape = dict(SMOLLM2_360M_SHAPE if args.shape == "360m" else TINY_SHAPE)
     shape["block_size"] = max(shape["block_size"], args.seq_len)
-    config = smollm2_config(args.vocab_size, **shape)
+    return smollm2_config(args.vocab_size, **shape)
+
+
+def print_table(
+    rows: list[tuple[str, str, dict[str, Any]]], flops_tok: float, args: argparse.Namespace
+) -> dict[str, str]:
+    print()
+    print(
+        "| run | trainable | trainable params | tokens/s | model TFLOP/s | "
+        f"MFU (peak {args.peak_tflops} TFLOP/s) | peak RSS GiB |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    summary: dict[str, str] = {}
+    for name, policy, res in rows:
+        tok_s = res.get("tok_s")
+        tflops = tok_s * flops_tok / 1e12 if tok_s else None
+        mfu = tflops / args.peak_tflops if tflops and args.peak_tflops else None
+        trainable = f"{res['trainable']:,}" if "trainable" in res else "all"
+        rss = f"{res['rss_gib']:.2f}" if res.get("rss_gib") else "-"
+        print(
+            f"| {name} | {policy} | {trainable} | {tok_s:.1f} | {tflops:.4f} | "
+            f"{f'{100 * mfu:.2f}%' if mfu is not None else 'n/a'} | {rss} |"
+            if tok_s
+            else f"| {name} | {policy} | {trainable} | failed | - | - | - |"
+        )
+        key = "litgpt" if name.startswith("litgpt") else "s" + name.split()[-1]
+        summary[f"{key}_tok_s"] = f"{tok_s:.1f}" if tok_s else "nan"
+        if mfu is not None:
+            summary[f"{key}_mfu"] = f"{mfu:.4f}"
+    return summary
+
+
+def ratios(summary: dict[str, str]) -> dict[str, str]:
+    def value(key: str) -> float:
+        return float(summary.get(key, "nan"))
+
+    out = {}
+    if "s6_tok_s" in summary and "litgpt_tok_s" in summary:
+        out["s6_vs_litgpt"] = f"{value('s6_tok_s') / value('litgpt_tok_s'):.3f}"
+    if "s3_tok_s" in summary and "s6_tok_s" in summary:
+        out["s3_vs_s6"] = f"{value('s3_tok_s') / value('s6_tok_s'):.3f}"
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    if args.accelerator == "cpu":
+        os.environ.setdefault("TORCHDYNAMO_DISABLE", "0" if args.compile else "1")
+    config = bench_config(args)
+    if args.one is not None:
+        res = measure_ours(config, POLICIES[args.one], args)
+        res["rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(RESULT + json.dumps(res), flush=True)
+        return
     from litgpt.model import GPT
 
     with torch.device("meta"):
@@ -252,50 +331,30 @@ def main() -> None:
         f"shape {args.shape}: {config.n_layer} layers x {config.n_embd}, vocab {config.vocab_size}, "
         f"{n_params / 1e6:.1f}M parameters (tied), seq_len {args.seq_len}, micro batch {args.micro_batch}, "
         f"{args.precision} on {args.accelerator} ({torch.get_num_threads()} threads), {args.steps} measured "
-        f"steps after {args.warmup}; model FLOPs/token {flops_tok / 1e9:.3f} G",
+        f"steps after {args.warmup}, best of {args.repeats} alternating rounds; "
+        f"model FLOPs/token {flops_tok / 1e9:.3f} G",
         flush=True,
     )
-
-    rows: list[tuple[str, str, dict[str, Any]]] = []
-    for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
-        policy = POLICIES[stage]
-        res = measure_ours(config, policy, args)
-        rows.append((f"vinasmol stage {stage}", policy, res))
-        print(f"  stage {stage} ({policy}): {res['tok_s']:.1f} tok/s", flush=True)
-    if not args.no_litgpt:
-        with tempfile.TemporaryDirectory(prefix="bench-litgpt-") as tmp:
-            res = measure_litgpt(config, args, Path(tmp))
-        rows.append(("litgpt pretrain", "all (no freezing)", res))
-        if res.get("error"):
-            print(res["error"], flush=True)
-        else:
-            print(
-                f"  litgpt pretrain: {res['tok_s']:.1f} tok/s (process wall {res['wall_s']:.0f} s)",
-                flush=True,
-            )
-
-    print()
-    print(
-        "| run | trainable | trainable params | tokens/s | model TFLOP/s | "
-        f"MFU (peak {args.peak_tflops} TFLOP/s) |"
-    )
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
-    summary: dict[str, str] = {}
-    for name, policy, res in rows:
-        tok_s = res.get("tok_s")
-        tflops = tok_s * flops_tok / 1e12 if tok_s else None
-        mfu = tflops / args.peak_tflops if tflops and args.peak_tflops else None
-        trainable = f"{res['trainable']:,}" if "trainable" in res else "all"
-        print(
-            f"| {name} | {policy} | {trainable} | {tok_s:.1f} | {tflops:.4f} | "
-            f"{f'{100 * mfu:.2f}%' if mfu is not None else 'n/a'} |"
-            if tok_s
-            else f"| {name} | {policy} | {trainable} | failed | - | - |"
-        )
-        key = "litgpt" if name.startswith("litgpt") else "s" + name.split()[-1]
-        summary[f"{key}_tok_s"] = f"{tok_s:.1f}" if tok_s else "nan"
-        if mfu is not None:
-            summary[f"{key}_mfu"] = f"{mfu:.4f}"
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    argv = sys.argv[1:]
+    results: dict[str, list[dict[str, Any]]] = {s: [] for s in [*stages, "litgpt"]}
+    for round_ in range(args.repeats):
+        for stage in stages:
+            res = measure_ours_isolated(stage, argv)
+            results[stage].append(res)
+            got = res.get("tok_s") or res.get("error")
+            print(f"  round {round_ + 1}: stage {stage} ({POLICIES[stage]}): {got}", flush=True)
+        if not args.no_litgpt:
+            with tempfile.TemporaryDirectory(prefix="bench-litgpt-") as tmp:
+                res = measure_litgpt(config, args, Path(tmp))
+            results["litgpt"].append(res)
+            got = res.get("tok_s") or res.get("error")
+            print(f"  round {round_ + 1}: litgpt pretrain: {got}", flush=True)
+    rows = [(f"vinasmol stage {s}", POLICIES[s], best(results[s])) for s in stages]
+    if results["litgpt"]:
+        rows.append(("litgpt pretrain", "all (no freezing)", best(results["litgpt"])))
+    summary = print_table(rows, flops_tok, args)
+    summary.update(ratios(summary))
     print()
     print(
         "train_throughput: "
