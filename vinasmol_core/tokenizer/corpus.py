@@ -172,3 +172,17 @@ def iter_documents(corpus: Corpus, text_field: str = "text") -> Iterator[str]:
                 raise VinaSmolError(f"corpus rows need a string field {text_field!r}")
         else:
             raise VinaSmolError(f"corpus items must be file paths or rows (dicts), not {type(item).__name__}")
+
+
+def batched_by_chars(texts: Iterable[str], batch_chars: int) -> Iterator[list[str]]:
+    """Consecutive texts in lists of about `batch_chars` characters (the last may be shorter)."""
+    batch: list[str] = []
+    size = 0
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if size >= batch_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch

@@ -33,7 +33,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from vinasmol_core.errors import VinaSmolError
-from vinasmol_core.tokenizer.corpus import Corpus, iter_documents
+from vinasmol_core.tokenizer.corpus import Corpus, batched_by_chars, iter_documents
 from vinasmol_core.tokenizer.text import (
     LEADING_SPACE_RE,
     NONSPACE_RE,
@@ -269,20 +269,12 @@ def _count_pieces_plain(texts: list[str], pre_text: str) -> tuple[dict[str, int]
 
 # ---- driver ----
 
-def _batches(docs: Iterator[str], batch_chars: int, stats: CountStats) -> Iterator[list[str]]:
-    batch: list[str] = []
-    size = 0
+def _counted(docs: Iterator[str], stats: CountStats) -> Iterator[str]:
+    """The non-empty documents, every document counted in `stats`."""
     for text in docs:
         stats.documents += 1
-        if not text:
-            continue
-        batch.append(text)
-        size += len(text)
-        if size >= batch_chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
+        if text:
+            yield text
 
 
 def _mp_context() -> multiprocessing.context.BaseContext:
@@ -396,7 +388,7 @@ def count_words(
     if workers is None:
         workers = min(os.cpu_count() or 1, 8)
     stats = CountStats()
-    batches = _batches(iter_documents(corpus, text_field), BATCH_CHARS, stats)
+    batches = batched_by_chars(_counted(iter_documents(corpus, text_field), stats), BATCH_CHARS)
     words: dict[str, int] = {}
     totals: Counter = Counter()
     mode = segment_mode(pre_json)

@@ -172,15 +172,19 @@ def build_tokenizer_json(base: BaseTokenizer, new_tokens: list[str],
     return data
 
 
+def _optional_json(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`, or {} when there is no such file."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise VinaSmolError(f"{path}: not valid JSON ({exc})") from None
+
+
 def _tokenizer_config(base: BaseTokenizer, vocab_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
     folder = base.folder
-    config: dict[str, Any] = {}
-    cfg_file = folder / "tokenizer_config.json"
-    if cfg_file.is_file():
-        try:
-            config = json.loads(cfg_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise VinaSmolError(f"{cfg_file}: not valid JSON ({exc})") from None
+    config = _optional_json(folder / "tokenizer_config.json")
     added = base.data.get("added_tokens") or []
     contents = [t["content"] for t in added]
     default_special = EOT if EOT in contents else (contents[0] if contents else None)
@@ -199,14 +203,9 @@ def _tokenizer_config(base: BaseTokenizer, vocab_size: int) -> tuple[dict[str, A
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     if "vocab_size" in config:
         config["vocab_size"] = vocab_size
-    special: dict[str, Any] = {}
     map_file = folder / "special_tokens_map.json"
-    if map_file.is_file():
-        try:
-            special = json.loads(map_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise VinaSmolError(f"{map_file}: not valid JSON ({exc})") from None
-    else:
+    special = _optional_json(map_file)
+    if not map_file.is_file():
         for key in ("bos_token", "eos_token", "unk_token", "pad_token", "additional_special_tokens"):
             if key in config:
                 special[key] = config[key]

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from vinasmol_core.errors import VinaSmolError
 from vinasmol_core.tokenizer.base import tokenizer_file
-from vinasmol_core.tokenizer.corpus import expand_paths, iter_file
+from vinasmol_core.tokenizer.corpus import batched_by_chars, expand_paths, iter_file
 
 BATCH_CHARS = 1_000_000
 
@@ -110,20 +110,6 @@ def _load(path: Path) -> Any:
         raise VinaSmolError(f"{file}: cannot load tokenizer ({exc})") from None
 
 
-def _batches(paths: list[Path], text_field: str) -> Any:
-    batch: list[str] = []
-    size = 0
-    for path in paths:
-        for text in iter_file(path, text_field):
-            batch.append(text)
-            size += len(text)
-            if size >= BATCH_CHARS:
-                yield batch
-                batch, size = [], 0
-    if batch:
-        yield batch
-
-
 def fertility_report(tokenizers: dict[str, Path], files: dict[str, list[Path]], *,
                      floor: bool = False, text_field: str = "text") -> FertilityReport:
     """Measure every tokenizer (name -> folder or tokenizer.json) on every language's files
@@ -141,7 +127,8 @@ def fertility_report(tokenizers: dict[str, Path], files: dict[str, list[Path]], 
         expanded = expand_paths(paths)
         stats = LanguageStats(files=[str(p) for p in expanded])
         totals = dict.fromkeys(loaded, 0)
-        for batch in _batches(expanded, text_field):
+        texts = (text for path in expanded for text in iter_file(path, text_field))
+        for batch in batched_by_chars(texts, BATCH_CHARS):
             stats.documents += len(batch)
             stats.words += sum(len(t.split()) for t in batch)
             stats.bytes += sum(len(t.encode("utf-8")) for t in batch)
