@@ -373,3 +373,48 @@ def test_fetch_is_atomic_and_repairs_a_damaged_cache(store: ArtifactStore, small
     assert again == path and filecmp.cmp(
         path / "sub" / "b.bin", small_artifact / "sub" / "b.bin", shallow=False
     )
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_publish_during_gc_reusing_an_orphan_blob_keeps_it(store_spec, tmp_path: Path, when: str) -> None:  # noqa: ANN001
+    """A publish that reuses an unreferenced blob runs entirely just before (or after) gc's first
+    removal of that blob: the published artifact must still fetch afterwards."""
+    src = make_artifact(tmp_path / "src", {"w.bin": 10_000}, seed=9)
+    store = store_spec.open()
+    old = store.publish(DatasetManifest(name="old"), src)
+    store.delete_manifest(old.digest)  # its blob is now an orphan, old enough for grace=0
+    backend = store._backend
+    fired: list[str] = []
+
+    def publish_once() -> None:
+        if not fired:
+            other = store_spec.open(cache_dir=tmp_path / "other-cache")
+            fired.append(other.publish(DatasetManifest(name="new"), src, ref="data/new").digest)
+
+    def hooked(name: str):  # noqa: ANN202
+        real = getattr(backend, name, None)
+
+        def op(key: str, *rest: str) -> object:
+            if not key.startswith("blobs/"):
+                return real(key, *rest)
+            if when == "before":
+                publish_once()
+            out = real(key, *rest)
+            if when == "after":
+                publish_once()
+            return out
+
+        return op
+
+    backend.delete = hooked("delete")
+    backend.move = hooked("move")
+    store.gc(grace=timedelta(0))
+    assert fired, "gc never removed the orphan blob"
+    fresh = store_spec.open(cache_dir=tmp_path / "fresh-cache")
+    assert fresh.verify().ok, fresh.verify().problems
+    assert filecmp.cmp(fresh.fetch("data/new") / "w.bin", src / "w.bin", shallow=False)
+    # Nothing references the blob once the new manifest goes too: the next gc reclaims it.
+    fresh.delete_ref("data/new")
+    fresh.delete_manifest(fired[0])
+    assert fresh.gc(grace=timedelta(0)).bytes_deleted == 10_000
+    assert not any(k.startswith(("blobs/", "trash/")) for k in raw_objects(store_spec))

@@ -7,10 +7,15 @@ Layout under the root URL:
     refs/<name>.json                  {"digest": ...}: the current target of a named pointer
     ref-history/<name>/<ns>-<digest>  one empty marker per move of the ref (ns: nanoseconds since epoch)
     tmp/                              staging for file:// writes (renamed into place)
+    trash/<sha256>                    blobs `gc` set aside: put back if a manifest names them, else deleted
 
 Invariants: a blob is written completely (rename, or S3's atomic object creation) before any manifest
 names it; a manifest is written before any ref points at it. A crash at any point therefore leaves no
 manifest that names a missing blob, only unreferenced blobs that `gc` removes after a grace period.
+`gc` moves a doomed blob to trash/ first and reads the manifests again before deleting it; a publish
+checks its blobs after writing its manifest. So a publish that reuses an old unreferenced blob while
+`gc` runs either has its manifest seen by `gc` (which puts the blob back) or sees the blob gone (and
+uploads it again).
 
 Fetching materializes a manifest into `<cache>/<digest>/`, verifying every file's sha256; the cache is
 $VINASMOL_CACHE or ~/.cache/vinasmol/artifacts (or the `cache_dir` argument). Treat fetched folders
@@ -52,6 +57,7 @@ CHUNK = 8 << 20  # read/hash granularity
 PART_SIZE = 8 << 20  # S3 multipart part size (also the ranged-GET size on fetch)
 MULTIPART_THRESHOLD = 16 << 20  # files at least this big are uploaded in parts
 SUPPORTED_SCHEMES = ("file", "s3", "memory")
+TRASH = "trash/"  # where gc sets doomed blobs aside before deleting them
 HTTP_DATA_PATH = True  # S3-compatible endpoints: blob bytes over http.client threads (see _HttpData)
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -272,6 +278,10 @@ class _Backend:
     def delete(self, key: str) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def move(self, src: str, dst: str) -> bool:  # pragma: no cover - interface
+        """Rename an object (replacing `dst`); False when `src` does not exist."""
+        raise NotImplementedError
+
     def upload(self, jobs: Iterable[UploadJob], counters: _Counters) -> None:  # pragma: no cover
         raise NotImplementedError
 
@@ -435,6 +445,15 @@ class _LocalBackend(_ThreadedBackend):
         with contextlib.suppress(FileNotFoundError):
             self._path(key).unlink()
 
+    def move(self, src: str, dst: str) -> bool:
+        dest = self._path(dst)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(self._path(src), dest)
+        except FileNotFoundError:
+            return False
+        return True
+
     def _open_read(self, key: str):  # noqa: ANN202
         return open(self._path(key), "rb")
 
@@ -517,6 +536,13 @@ class _MemoryBackend(_ThreadedBackend):
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self._path(key))
+
+    def move(self, src: str, dst: str) -> bool:
+        try:
+            self.fs.mv(self._path(src), self._path(dst))
+        except FileNotFoundError:
+            return False
+        return True
 
     def _open_read(self, key: str):  # noqa: ANN202
         return self.fs.open(self._path(key), "rb")
@@ -865,6 +891,21 @@ class _S3Backend(_Backend):
             await s3.delete_object(Bucket=self.bucket, Key=self._k(key))
 
         self._run(go, f"delete {key}")
+
+    def move(self, src: str, dst: str) -> bool:
+        """Server-side copy (multipart above 5 GB), then delete the source."""
+        self.ensure_ready()
+
+        async def go() -> bool:
+            try:
+                await self.fs._cp_file(f"{self.bucket}/{self._k(src)}", f"{self.bucket}/{self._k(dst)}")
+            except FileNotFoundError:
+                return False
+            s3 = await self._client()
+            await s3.delete_object(Bucket=self.bucket, Key=self._k(src))
+            return True
+
+        return self._run(go, f"move {src}")
 
     # -- blobs
     async def _upload_one(self, job: UploadJob, counters: _Counters, sem: asyncio.Semaphore) -> None:
@@ -1783,21 +1824,29 @@ class ArtifactStore:
             stored: Manifest = new
         else:
             stored = self._parse_manifest(digest, existing)
-        # A concurrent `gc` may have removed an old unreferenced blob this publish relied on: put it back.
-        if src_dir is not None:
-            missing = self._missing_blobs(new.files)
-            if missing:
-                local = dict(files)
-                self._backend.upload(
-                    [
-                        UploadJob(
-                            _blob_key(e.sha256), local[p], e.size, _stat_sig(local[p]), f"{label}: file {p}"
-                        )
-                        for p, e in new.files.items()
-                        if p in missing
-                    ],
-                    self._counters,
-                )
+        # A concurrent `gc` may have set aside an old unreferenced blob this publish relied on (after the
+        # checks above, before it could see this manifest): put it back, now that the manifest protects it.
+        missing = self._missing_blobs(new.files)
+        if missing and src_dir is None:
+            if existing is None:
+                self._backend.delete(_manifest_key(digest))
+            path = sorted(missing)[0]
+            raise StoreError(
+                f"cannot publish {label}: file {path} (blob {new.files[path].sha256}) vanished from store "
+                f"{self.url} while publishing (a concurrent gc?); publish it with src_dir"
+            )
+        if missing and src_dir is not None:
+            local = dict(files)
+            self._backend.upload(
+                [
+                    UploadJob(
+                        _blob_key(e.sha256), local[p], e.size, _stat_sig(local[p]), f"{label}: file {p}"
+                    )
+                    for p, e in new.files.items()
+                    if p in missing
+                ],
+                self._counters,
+            )
         with self._lock:
             self._manifest_cache[digest] = stored
         if ref is not None and self._read_ref(ref) != digest:
@@ -2019,11 +2068,8 @@ class ArtifactStore:
                 report.problems.append(f"ref {name!r} points at missing manifest {d}")
         return report
 
-    def gc(self, grace: timedelta = timedelta(hours=24), dry_run: bool = False) -> GcReport:
-        """Delete blobs no manifest names that are older than `grace` (and stale partial uploads)."""
-        report = GcReport(dry_run=dry_run)
-        cutoff = time.time() - grace.total_seconds()
-        blobs = self._backend.list("blobs")  # listed before the manifests: newer manifests protect theirs
+    def _referenced_blobs(self) -> set[str]:
+        """sha256 of every blob some manifest names (StoreError while a manifest is unreadable)."""
         referenced: set[str] = set()
         digests = self.list_manifests()
         raw = self._backend.read_many([_manifest_key(d) for d in digests])
@@ -2033,20 +2079,55 @@ class ArtifactStore:
                 continue
             m = self._parse_manifest(d, data)  # refuse to collect anything while a manifest is unreadable
             referenced.update(e.sha256 for e in m.files.values())
+        return referenced
+
+    def gc(self, grace: timedelta = timedelta(hours=24), dry_run: bool = False) -> GcReport:
+        """Delete blobs no manifest names that are older than `grace` (and stale partial uploads).
+
+        Doomed blobs are moved to trash/ first; the manifests are then read again and any blob a manifest
+        now names (a concurrent publish reused it) is put back, the rest deleted."""
+        report = GcReport(dry_run=dry_run)
+        cutoff = time.time() - grace.total_seconds()
+        blobs = self._backend.list("blobs")  # listed before the manifests: newer manifests protect theirs
+        referenced = self._referenced_blobs()
         report.blobs_total = len(blobs)
+        doomed: list[ObjInfo] = []
         for obj in blobs:
-            sha = obj.key.rsplit("/", 1)[-1]
-            if sha in referenced:
+            if obj.key.rsplit("/", 1)[-1] in referenced:
                 continue
             if obj.mtime > cutoff:
                 report.blobs_kept_recent += 1
+            else:
+                doomed.append(obj)
+        if dry_run:
+            report.blobs_deleted = len(doomed)
+            report.bytes_deleted = sum(obj.size for obj in doomed)
+        else:
+            for obj in doomed:
+                self._backend.move(obj.key, f"{TRASH}{obj.key.rsplit('/', 1)[-1]}")
+            self._empty_trash(report)
+        report.stale_uploads_removed = self._backend.cleanup_stale(cutoff, dry_run)
+        return report
+
+    def _empty_trash(self, report: GcReport) -> None:
+        """Put back every blob in trash/ that a manifest names now; delete the others."""
+        trash = self._backend.list(TRASH.rstrip("/"))  # also what an interrupted gc left there
+        if not trash:
+            return
+        referenced = self._referenced_blobs()
+        for obj in trash:
+            sha = obj.key.rsplit("/", 1)[-1]
+            if not _HEX64.match(sha):
+                continue
+            if sha in referenced:
+                if self._backend.stat(_blob_key(sha)) is None:
+                    self._backend.move(obj.key, _blob_key(sha))
+                else:  # the publisher uploaded it again
+                    self._backend.delete(obj.key)
                 continue
             report.blobs_deleted += 1
             report.bytes_deleted += obj.size
-            if not dry_run:
-                self._backend.delete(obj.key)
-        report.stale_uploads_removed = self._backend.cleanup_stale(cutoff, dry_run)
-        return report
+            self._backend.delete(obj.key)
 
     def delete_manifest(self, digest: str) -> None:
         """Remove a manifest no ref points at (its blobs go at the next `gc`)."""
