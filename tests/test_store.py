@@ -418,3 +418,42 @@ def test_publish_during_gc_reusing_an_orphan_blob_keeps_it(store_spec, tmp_path:
     fresh.delete_manifest(fired[0])
     assert fresh.gc(grace=timedelta(0)).bytes_deleted == 10_000
     assert not any(k.startswith(("blobs/", "trash/")) for k in raw_objects(store_spec))
+
+
+def test_pruned_train_states_free_their_bytes_at_gc(store: ArtifactStore, tmp_path: Path) -> None:
+    """The stage runner keeps the newest train-state; gc then frees exactly the other two states' bytes."""
+    from types import SimpleNamespace
+
+    from vinasmol_core.train.engine import StageRunner
+
+    runner = SimpleNamespace(spec=SimpleNamespace(keep_checkpoints=1), store=store, prefix="partial/s/k")
+    sizes = {}
+    for step in (1, 2, 3):
+        sizes_in = {"optimizer.safetensors": 100_000 + step}
+        src = make_artifact(tmp_path / f"st{step}", sizes_in, seed=20 + step)
+        (src / "model.bin").write_bytes(bytes([step]) * 7_000)  # unique per state
+        m = store.publish(
+            CheckpointManifest(name=f"s-step-{step}", format="train-state", step=step),
+            src,
+            ref=f"partial/s/k/step-{step:08d}",
+        )
+        sizes[step] = sum(e.size for e in m.files.values())
+        StageRunner._prune_states(runner, step)
+    assert list(store.list_refs("partial/")) == ["partial/s/k/step-00000003"]
+    report = store.gc(grace=timedelta(0))
+    assert report.bytes_deleted == sizes[1] + sizes[2] == 200_003 + 2 * 7_000
+    assert report.blobs_deleted == 4
+    assert store.verify().ok and store.list_manifests() == [store.resolve("partial/s/k/step-00000003")]
+    assert (store.fetch("partial/s/k/step-00000003") / "model.bin").read_bytes() == bytes([3]) * 7_000
+
+
+def test_pruning_a_ref_keeps_a_manifest_another_ref_names(store: ArtifactStore, tmp_path: Path) -> None:
+    src = make_artifact(tmp_path / "d", {"x.bin": 1000}, seed=10)
+    m = store.publish(DatasetManifest(name="d"), src, ref="a")
+    store.set_ref("b", "a")
+    store.delete_ref("a", prune_manifest=True)
+    assert store.list_manifests() == [m.digest]
+    assert store.gc(grace=timedelta(0)).bytes_deleted == 0
+    store.delete_ref("b", prune_manifest=True)
+    assert store.list_manifests() == []
+    assert store.gc(grace=timedelta(0)).bytes_deleted == 1000

@@ -1729,12 +1729,30 @@ class ArtifactStore:
             body = json.dumps({"digest": digest, "updated": datetime.now(UTC).isoformat()}).encode()
             self._backend.write(_ref_key(ref), body)
 
-    def delete_ref(self, ref: str) -> None:
-        """Remove a ref (its history keeps the deletion); manifests and blobs stay."""
+    def delete_ref(self, ref: str, prune_manifest: bool = False) -> None:
+        """Remove a ref (its history keeps the deletion). With `prune_manifest`, also remove the manifest
+        it named unless another ref names it, so that the next `gc` reclaims its blobs; otherwise
+        manifests and blobs stay."""
         validate_ref(ref)
-        if self._read_ref(ref) is None:
+        digest = self._read_ref(ref)
+        if digest is None:
             raise StoreError(f"no ref named {ref!r} in store {self.url}")
         self._move_ref(ref, None)
+        if prune_manifest:
+            self._prune_manifest(digest)
+
+    def _prune_manifest(self, digest: str) -> None:
+        """Delete a manifest no ref names; put it back if a ref moved onto it meanwhile."""
+        if digest in self.list_refs().values():
+            return
+        data = self._backend.read(_manifest_key(digest))
+        if data is None:
+            return
+        self._backend.delete(_manifest_key(digest))
+        with self._lock:
+            self._manifest_cache.pop(digest, None)
+        if digest in self.list_refs().values():
+            self._backend.write(_manifest_key(digest), data)
 
     def list_refs(self, prefix: str = "") -> dict[str, str]:
         """{ref name: digest} for every ref whose name starts with `prefix`."""

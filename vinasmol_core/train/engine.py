@@ -625,8 +625,8 @@ class StageRunner:
         fabric.barrier()
 
     def _prune_states(self, newest: int) -> None:
-        """Drop the refs of train-states older than the newest `keep_checkpoints` (blobs stay until
-        the store's garbage collection)."""
+        """Drop the refs of train-states older than the newest `keep_checkpoints`, and their manifests
+        (the store's garbage collection then reclaims their blobs)."""
         keep = self.spec.keep_checkpoints
         delete = getattr(self.store, "delete_ref", None)
         if keep is None or delete is None:
@@ -637,7 +637,7 @@ class StageRunner:
             if (m := STEP_REF.search(ref)) and int(m.group(1)) <= newest
         )
         for _, ref in steps[:-keep]:
-            delete(ref)
+            delete(ref, prune_manifest=True)
 
     def _publish_final(
         self,
