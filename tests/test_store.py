@@ -457,3 +457,27 @@ def test_pruning_a_ref_keeps_a_manifest_another_ref_names(store: ArtifactStore, 
     store.delete_ref("b", prune_manifest=True)
     assert store.list_manifests() == []
     assert store.gc(grace=timedelta(0)).bytes_deleted == 1000
+
+
+def test_a_flipped_byte_in_the_cache_is_detected_and_fetched_again(store_spec, small_artifact: Path) -> None:  # noqa: ANN001
+    store = store_spec.open()
+    m = store.publish(DatasetManifest(name="d"), small_artifact, ref="d")
+    path = store.fetch("d")
+    files = [p for p in path.rglob("*") if p.is_file()]
+    assert files and all(p.stat().st_mode & 0o222 == 0 for p in files)  # read-only
+    again = store_spec.open()  # a new process: nothing cached in memory
+    assert again.fetch("d") == path and again.bytes_downloaded == 0
+    target = path / "sub" / "b.bin"
+    before = target.stat()
+    os.chmod(target, 0o644)
+    with open(target, "r+b") as fh:  # same size, one byte flipped, mtime put back
+        fh.seek(100)
+        old = fh.read(1)
+        fh.seek(100)
+        fh.write(bytes([old[0] ^ 0xFF]))
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    third = store_spec.open()
+    assert third.fetch("d") == path
+    assert filecmp.cmp(path / "sub" / "b.bin", small_artifact / "sub" / "b.bin", shallow=False)
+    assert third.bytes_downloaded == sum(e.size for e in m.files.values())
+    assert (path / "sub" / "b.bin").stat().st_mode & 0o222 == 0

@@ -18,8 +18,9 @@ checks its blobs after writing its manifest. So a publish that reuses an old unr
 uploads it again).
 
 Fetching materializes a manifest into `<cache>/<digest>/`, verifying every file's sha256; the cache is
-$VINASMOL_CACHE or ~/.cache/vinasmol/artifacts (or the `cache_dir` argument). Treat fetched folders
-as read-only: copy before modifying.
+$VINASMOL_CACHE or ~/.cache/vinasmol/artifacts (or the `cache_dir` argument). Fetched files are
+read-only: copy before modifying. A cache hit hashes again any file whose size, mtime, ctime or inode
+changed since it was last verified, and fetches the artifact again when one no longer matches.
 """
 
 from __future__ import annotations
@@ -152,6 +153,12 @@ def _hash_file(path: Path, chunk: int, crcs: str | None = None) -> tuple[FileEnt
 def _stat_sig(path: Path) -> tuple[int, int, int]:
     st = os.stat(path)
     return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _file_sig(path: Path) -> tuple[int, int, int, int]:
+    """Size, mtime, ctime and inode: any write or chmod changes it (ctime cannot be set back)."""
+    st = os.stat(path)
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 @dataclass(frozen=True)
@@ -1927,7 +1934,7 @@ class ArtifactStore:
         digest = self._resolve_for_fetch(ref_or_digest)
         final = self.cache_dir / digest
         m = self._cached_manifest(digest)
-        if m is not None and final.is_dir() and self._cache_complete(final, m):
+        if m is not None and final.is_dir() and self._cache_valid(final, digest, m):
             return final
         m = self.get_manifest(digest)
         label = f"artifact {m.name or m.kind} ({digest[:12]})"
@@ -1963,11 +1970,14 @@ class ArtifactStore:
             self._backend.download(list(by_sha.values()), self._counters)
             for src, dst in copies:
                 shutil.copyfile(src.dest, dst.dest)
+            for job in jobs:
+                os.chmod(job.dest, 0o444)
             self._remember_manifest(digest, m)
             try:
                 os.rename(tmp, final)
+                self._write_marks(digest, {p: _file_sig(final / p) for p in m.files})
             except OSError:
-                if final.is_dir() and self._cache_complete(final, m):  # a concurrent fetch won
+                if final.is_dir() and self._cache_valid(final, digest, m):  # a concurrent fetch won
                     shutil.rmtree(tmp, ignore_errors=True)
                 else:
                     raise
@@ -2001,14 +2011,43 @@ class ArtifactStore:
             return None
         return m if m.digest == digest else None
 
-    @staticmethod
-    def _cache_complete(folder: Path, m: Manifest) -> bool:
+    def _marks_path(self, digest: str) -> Path:
+        return self.cache_dir / ".manifests" / f"{digest}.verified"
+
+    def _write_marks(self, digest: str, marks: dict[str, tuple[int, ...]]) -> None:
+        """Remember each cached file's stat signature as of its last sha256 check."""
+        path = self._marks_path(digest)
+        tmp = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_text(json.dumps({p: list(sig) for p, sig in marks.items()}))
+        os.replace(tmp, path)
+
+    def _cache_valid(self, folder: Path, digest: str, m: Manifest) -> bool:
+        """Whether every file of the cached copy still has its manifest's bytes. A file whose stat
+        signature (size, mtime, ctime, inode) changed since its last check is hashed again."""
+        try:
+            marks = json.loads(self._marks_path(digest).read_text())
+        except (OSError, ValueError):
+            marks = {}
+        if not isinstance(marks, dict):
+            marks = {}
+        changed = False
         for path, entry in m.files.items():
+            file = folder / path
             try:
-                if (folder / path).stat().st_size != entry.size:
+                sig = _file_sig(file)
+                if sig[0] != entry.size:
                     return False
+                if marks.get(path) == list(sig):
+                    continue
+                if hash_file(file).sha256 != entry.sha256:
+                    return False
+                os.chmod(file, 0o444)
+                marks[path], changed = list(_file_sig(file)), True
             except OSError:
                 return False
+        if changed:
+            with contextlib.suppress(OSError):
+                self._write_marks(digest, {p: tuple(marks[p]) for p in m.files})
         return True
 
     def _discard(self, folder: Path) -> None:
