@@ -481,3 +481,47 @@ def test_a_flipped_byte_in_the_cache_is_detected_and_fetched_again(store_spec, s
     assert filecmp.cmp(path / "sub" / "b.bin", small_artifact / "sub" / "b.bin", shallow=False)
     assert third.bytes_downloaded == sum(e.size for e in m.files.values())
     assert (path / "sub" / "b.bin").stat().st_mode & 0o222 == 0
+
+
+@pytest.mark.parametrize("pause_after", [1, 2])
+def test_concurrent_ref_moves_leave_history_agreeing_with_ref(
+    store: ArtifactStore, pause_after: int
+) -> None:
+    """Mover A is descheduled after its first (or second) write for the ref; mover B runs to completion;
+    then A finishes. Whatever the ref ends up naming, its newest history entry names the same."""
+    import threading
+
+    a = store.publish(DatasetManifest(name="A"))
+    b = store.publish(DatasetManifest(name="B"))
+    backend = store._backend
+    real_write, real_delete = backend.write, backend.delete
+    paused, resume = threading.Event(), threading.Event()
+    counts: dict[str, int] = {}
+
+    def pause_a(key: str) -> None:
+        if threading.current_thread().name == "mover-a" and key.startswith(("refs/x", "ref-history/x/")):
+            counts["a"] = counts.get("a", 0) + 1
+            if counts["a"] == pause_after:
+                paused.set()
+                assert resume.wait(10)
+
+    def write(key: str, data: bytes) -> None:
+        real_write(key, data)
+        pause_a(key)
+
+    def delete(key: str) -> None:
+        real_delete(key)
+        pause_a(key)
+
+    backend.write, backend.delete = write, delete
+    mover = threading.Thread(target=store.set_ref, args=("x", a.digest), name="mover-a")
+    mover.start()
+    assert paused.wait(10)
+    store.set_ref("x", b.digest)
+    resume.set()
+    mover.join(10)
+    history = store.ref_history("x")
+    assert history and history[-1].digest == store.resolve("x")
+    # A later deletion is recorded the same way.
+    store.delete_ref("x")
+    assert store.ref_history("x")[-1].digest is None

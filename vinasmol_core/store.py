@@ -1728,13 +1728,17 @@ class ArtifactStore:
             self._move_ref(ref, target)
 
     def _move_ref(self, ref: str, digest: str | None) -> None:
-        stamp = f"{time.time_ns():020d}"
-        self._backend.write(f"ref-history/{ref}/{stamp}-{digest or 'deleted'}", b"")
+        """Write (or delete) the ref, then record what it holds now. Of concurrent movers, each stamps its
+        entry after its own write and reads the ref after stamping, so the newest entry names the ref's
+        final target (a mover that lost the race records the winner's target)."""
         if digest is None:
             self._backend.delete(_ref_key(ref))
         else:
             body = json.dumps({"digest": digest, "updated": datetime.now(UTC).isoformat()}).encode()
             self._backend.write(_ref_key(ref), body)
+        stamp = f"{time.time_ns():020d}"
+        now = self._read_ref(ref)
+        self._backend.write(f"ref-history/{ref}/{stamp}-{now or 'deleted'}", b"")
 
     def delete_ref(self, ref: str, prune_manifest: bool = False) -> None:
         """Remove a ref (its history keeps the deletion). With `prune_manifest`, also remove the manifest
