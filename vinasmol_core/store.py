@@ -26,10 +26,8 @@ changed since it was last verified, and fetches the artifact again when one no l
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
-import http.client
 import json
 import os
 import re
@@ -38,14 +36,13 @@ import socket
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
@@ -55,11 +52,10 @@ from vinasmol_core.manifests import FileEntry, Manifest, check_relative_path, ma
 M = TypeVar("M", bound=Manifest)
 
 CHUNK = 8 << 20  # read/hash granularity
-PART_SIZE = 8 << 20  # S3 multipart part size (also the ranged-GET size on fetch)
-MULTIPART_THRESHOLD = 16 << 20  # files at least this big are uploaded in parts
+PART_SIZE = 8 << 20  # default S3 multipart part size (also the ranged-GET size on fetch)
 SUPPORTED_SCHEMES = ("file", "s3", "memory")
 TRASH = "trash/"  # where gc sets doomed blobs aside before deleting them
-HTTP_DATA_PATH = True  # S3-compatible endpoints: blob bytes over http.client threads (see _HttpData)
+DATA_PATHS = ("auto", "obstore", "aiobotocore")  # S3 blob transfers; auto: obstore when there is an endpoint
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HEX_PREFIX = re.compile(r"^[0-9a-f]{6,64}$")
@@ -122,32 +118,15 @@ def _ref_key(name: str) -> str:
 
 def hash_file(path: Path, chunk: int = CHUNK) -> FileEntry:
     """sha256 and size of a file, read in chunks."""
-    return _hash_file(path, chunk)[0]
-
-
-def _hash_file(path: Path, chunk: int, crcs: str | None = None) -> tuple[FileEntry, list[int]]:
-    """sha256 and size, read in `chunk`-sized pieces; with crcs="parts" also the CRC32 of each piece,
-    with crcs="whole" the CRC32 of the whole file (what an S3 upload of those bytes declares)."""
     h = hashlib.sha256()
     size = 0
     buf = bytearray(chunk)
     view = memoryview(buf)
-    out: list[int] = []
-    whole = 0
     with open(path, "rb", buffering=0) as fh:
-        while True:
-            n = fh.readinto(buf)
-            if not n:
-                break
+        while n := fh.readinto(buf):
             h.update(view[:n])
-            if crcs == "parts":
-                out.append(zlib.crc32(view[:n]))
-            elif crcs == "whole":
-                whole = zlib.crc32(view[:n], whole)
             size += n
-    if crcs == "whole":
-        out = [whole]
-    return FileEntry(sha256=h.hexdigest(), size=size), out
+    return FileEntry(sha256=h.hexdigest(), size=size)
 
 
 def _stat_sig(path: Path) -> tuple[int, int, int]:
@@ -177,7 +156,6 @@ class UploadJob:
     size: int
     sig: tuple[int, int, int]
     label: str
-    crcs: list[int] | None = None  # CRC32 per part (or of the whole file), computed while hashing
 
 
 @dataclass
@@ -256,7 +234,6 @@ class _Backend:
     """Object access under one root. Keys are relative, '/'-separated."""
 
     url: str
-    wants_crcs = False  # whether uploads want CRC32s of their parts computed during hashing
 
     def ensure_ready(self, write: bool = False) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -614,6 +591,8 @@ class _S3Backend(_Backend):
         secret: str | None,
         max_workers: int,
         token: str | None = None,
+        data_path: str = "auto",
+        part_size: int = PART_SIZE,
     ) -> None:
         # Region: s3fs/aiobotocore take it from the environment (client_kwargs region breaks some setups).
         os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
@@ -625,6 +604,10 @@ class _S3Backend(_Backend):
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self._secrets = [s for s in (key, secret) if s]
         self.concurrency = max(1, max_workers)
+        if part_size < 5 << 20:
+            raise StoreError(f"S3 part size {part_size} is below the 5 MiB that S3 requires")
+        self.part_size = part_size
+        self.multipart_threshold = 2 * part_size  # files at least this big are uploaded in parts
         config: dict[str, Any] = {
             # The body is covered by a CRC32 checksum; signing it too would hash every byte twice more.
             "s3": {"payload_signing_enabled": False},
@@ -649,18 +632,14 @@ class _S3Backend(_Backend):
         )
         self._ready = False
         self._creds = (key, secret, token) if key and secret else None
-        self._http = (
-            _HttpData(endpoint_url, bucket, os.environ["AWS_DEFAULT_REGION"], timeout=120.0)
-            if endpoint_url and HTTP_DATA_PATH
-            else None
-        )
+        if data_path not in DATA_PATHS:
+            raise StoreError(f"unknown S3 data path {data_path!r}: use one of {', '.join(DATA_PATHS)}")
+        self._obs_args = (endpoint_url, key, secret, token)
+        self._obs: _ObstoreData | None = None
+        self._use_obstore = data_path == "obstore" or (data_path == "auto" and bool(endpoint_url))
 
     def __repr__(self) -> str:
         return f"_S3Backend({self.url!r}, endpoint_url={self.endpoint_url!r})"
-
-    @property
-    def wants_crcs(self) -> bool:  # type: ignore[override]
-        return self._http is not None
 
     # -- plumbing
     @property
@@ -758,21 +737,19 @@ class _S3Backend(_Backend):
         async def go() -> Any:
             s3 = await self._client()
             await s3.head_bucket(Bucket=self.bucket)
-            if self._http is not None and self._creds is None:  # profile, role...: ask the session
+            if self._use_obstore and self._creds is None:  # profile, role...: ask the session
                 creds = await self.fs.session.get_credentials()
                 return None if creds is None else await creds.get_frozen_credentials()
             return None
 
         frozen = self._run(go, "head_bucket")
-        if self._http is not None:
-            from botocore.credentials import Credentials
-
-            if self._creds is not None:
-                self._http.credentials = Credentials(*self._creds)
-            elif frozen is not None:
-                self._http.credentials = Credentials(frozen.access_key, frozen.secret_key, frozen.token)
-            else:
-                self._http = None  # let aiobotocore report the missing credentials
+        if self._use_obstore:
+            endpoint, key, secret, token = self._obs_args
+            if self._creds is None and frozen is not None:
+                key, secret, token = frozen.access_key, frozen.secret_key, frozen.token
+            if key and secret:
+                self._obs = _ObstoreData(self, endpoint, key, secret, token)
+            # else: aiobotocore reports the missing credentials
         self._ready = True
 
     def _probe_endpoint(self) -> None:
@@ -920,7 +897,7 @@ class _S3Backend(_Backend):
         key = self._k(job.key)
         fd = os.open(job.path, os.O_RDONLY)
         try:
-            if job.size < MULTIPART_THRESHOLD:
+            if job.size < self.multipart_threshold:
                 async with sem:
                     data = await asyncio.to_thread(os.pread, fd, job.size, 0)
                     if _stat_sig(job.path) != job.sig or len(data) != job.size:
@@ -934,7 +911,7 @@ class _S3Backend(_Backend):
 
                 async def part(number: int, offset: int) -> dict[str, Any]:
                     async with sem:
-                        length = min(PART_SIZE, job.size - offset)
+                        length = min(self.part_size, job.size - offset)
                         data = await asyncio.to_thread(os.pread, fd, length, offset)
                         if len(data) != length:
                             raise StoreError(f"{job.label}: the file changed while it was being published")
@@ -947,7 +924,7 @@ class _S3Backend(_Backend):
                             entry[ck] = r[ck]
                     return entry
 
-                offsets = range(0, job.size, PART_SIZE)
+                offsets = range(0, job.size, self.part_size)
                 parts = await asyncio.gather(*(part(i + 1, off) for i, off in enumerate(offsets)))
                 if _stat_sig(job.path) != job.sig:
                     raise StoreError(f"{job.label}: the file changed while it was being published")
@@ -967,8 +944,8 @@ class _S3Backend(_Backend):
     def upload(self, jobs: Iterable[UploadJob], counters: _Counters) -> None:
         """Start each job as soon as the iterator yields it (hashing of later files overlaps uploads)."""
         self.ensure_ready()
-        if self._http is not None:
-            return self._upload_http(jobs, counters)
+        if self._obs is not None:
+            return self._obs.upload(jobs, counters)
         sem = asyncio.Semaphore(self.concurrency)  # binds to the loop on first use
         futures: list[Future[None]] = []
         try:
@@ -1035,10 +1012,10 @@ class _S3Backend(_Backend):
                 pending: dict[int, bytes] = {}
                 state = {"next": 0}
                 lock = asyncio.Lock()
-                starts = list(range(0, job.size, PART_SIZE))
+                starts = list(range(0, job.size, self.part_size))
 
                 async def part(index: int, start: int) -> None:
-                    end = min(start + PART_SIZE, job.size)
+                    end = min(start + self.part_size, job.size)
                     # The window bounds parts downloaded but not yet hashed. Parts take it in order, so
                     # the part the hash waits for always holds one. (On error the call's semaphores die.)
                     await window.acquire()
@@ -1065,8 +1042,8 @@ class _S3Backend(_Backend):
 
     def download(self, jobs: list[DownloadJob], counters: _Counters) -> None:
         self.ensure_ready()
-        if self._http is not None:
-            return self._download_http(jobs, counters)
+        if self._obs is not None:
+            return self._obs.download(jobs, counters)
 
         async def go() -> None:
             sem, window = asyncio.Semaphore(self.concurrency), asyncio.Semaphore(2 * self.concurrency)
@@ -1080,180 +1057,6 @@ class _S3Backend(_Backend):
                 raise
 
         self._run(go, "download")
-
-    # -- blobs over the fast data path
-    def _mpu(self, op: str, **kwargs: Any) -> Any:
-        async def go() -> Any:
-            s3 = await self._client()
-            return await getattr(s3, op)(Bucket=self.bucket, **kwargs)
-
-        return self._run(go, op)
-
-    def _put_small_http(self, job: UploadJob) -> None:
-        assert self._http is not None
-        if job.crcs is not None and len(job.crcs) == 1 and self._http.can_sendfile:
-            headers = {"Content-Length": str(job.size), "x-amz-checksum-crc32": _b64crc(job.crcs[0])}
-            self._http.request(
-                "PUT",
-                self._k(job.key),
-                headers=headers,
-                file_body=(job.path, 0, job.size),
-                operation="PutObject",
-            )
-            if _stat_sig(job.path) != job.sig:
-                raise StoreError(f"{job.label}: the file changed while it was being published")
-            return
-        view = memoryview(self._http.buffer(job.size))[: job.size]
-        with open(job.path, "rb", buffering=0) as fh:
-            got = fh.readinto(view) if job.size else 0
-        if got != job.size or _stat_sig(job.path) != job.sig:
-            raise StoreError(f"{job.label}: the file changed while it was being published")
-        headers = {"Content-Length": str(job.size), "x-amz-checksum-crc32": _crc32_b64(view)}
-        self._http.request("PUT", self._k(job.key), headers=headers, body=view, operation="PutObject")
-
-    def _put_part_http(self, job: UploadJob, upload_id: str, number: int) -> dict[str, Any]:
-        assert self._http is not None
-        offset = (number - 1) * PART_SIZE
-        length = min(PART_SIZE, job.size - offset)
-        query = {"partNumber": str(number), "uploadId": upload_id}
-        if job.crcs is not None and len(job.crcs) > number - 1 and self._http.can_sendfile:
-            # Zero-copy: the kernel sends the part from the page cache; the server checks the CRC32
-            # taken while hashing, so bytes changed since then are refused.
-            crc = _b64crc(job.crcs[number - 1])
-            headers = {"Content-Length": str(length), "x-amz-checksum-crc32": crc}
-            _, resp, _ = self._http.request(
-                "PUT",
-                self._k(job.key),
-                query,
-                headers,
-                file_body=(job.path, offset, length),
-                operation="UploadPart",
-            )
-            return {"PartNumber": number, "ETag": resp.get("ETag", ""), "ChecksumCRC32": crc}
-        view = memoryview(self._http.buffer())[:length]
-        fd = os.open(job.path, os.O_RDONLY)
-        try:
-            got = os.preadv(fd, [view], offset)
-        finally:
-            os.close(fd)
-        if got != length:
-            raise StoreError(f"{job.label}: the file changed while it was being published")
-        crc = _crc32_b64(view)
-        headers = {"Content-Length": str(length), "x-amz-checksum-crc32": crc}
-        _, resp, _ = self._http.request(
-            "PUT", self._k(job.key), query, headers, body=view, operation="UploadPart"
-        )
-        return {"PartNumber": number, "ETag": resp.get("ETag", ""), "ChecksumCRC32": crc}
-
-    def _upload_http(self, jobs: Iterable[UploadJob], counters: _Counters) -> None:
-        """Parts of every file go to one pool of worker threads as soon as each file is hashed."""
-        started: list[tuple[UploadJob, str | None, list[Future[Any]]]] = []
-        failure: BaseException | None = None
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="vinasmol-put") as pool:
-            try:
-                for job in jobs:
-                    if job.size < MULTIPART_THRESHOLD:
-                        started.append((job, None, [pool.submit(self._put_small_http, job)]))
-                        continue
-                    mpu = self._mpu(
-                        "create_multipart_upload", Key=self._k(job.key), ChecksumAlgorithm="CRC32"
-                    )
-                    upload_id = mpu["UploadId"]
-                    nparts = (job.size + PART_SIZE - 1) // PART_SIZE
-                    parts = [pool.submit(self._put_part_http, job, upload_id, n + 1) for n in range(nparts)]
-                    started.append((job, upload_id, parts))
-            except BaseException as exc:  # hashing failed, or a call above
-                failure = exc
-            for job, upload_id, futures in started:
-                error: BaseException | None = failure
-                results = []
-                for fut in futures:
-                    try:
-                        results.append(fut.result())
-                    except BaseException as exc:
-                        error = error or exc
-                if error is None and _stat_sig(job.path) != job.sig:
-                    error = StoreError(f"{job.label}: the file changed while it was being published")
-                if upload_id is not None:
-                    if error is None:
-                        try:
-                            self._mpu(
-                                "complete_multipart_upload",
-                                Key=self._k(job.key),
-                                UploadId=upload_id,
-                                MultipartUpload={"Parts": results},
-                            )
-                        except BaseException as exc:
-                            error = exc
-                    if error is not None:
-                        with contextlib.suppress(Exception):
-                            self._mpu("abort_multipart_upload", Key=self._k(job.key), UploadId=upload_id)
-                if error is None:
-                    counters.up(job.size)
-                failure = failure or error
-        self._http.close_all()
-        if failure is not None:
-            raise self._error(failure, "upload")
-
-    def _get_part_http(self, job: DownloadJob, fd: int, progress: _HashProgress, index: int) -> None:
-        assert self._http is not None
-        buf = self._http.buffer()
-        start = index * PART_SIZE
-        length = min(PART_SIZE, job.size - start)
-        view = memoryview(buf)[:length]
-        headers = {"Range": f"bytes={start}-{start + length - 1}"} if job.size > 0 else {}
-        try:
-            _, _, got = self._http.request(
-                "GET", self._k(job.key), headers=headers, into=view, operation="GetObject"
-            )
-        except Exception as exc:
-            code = self._code(exc)
-            if code in ("404", "NoSuchKey", "NotFound"):
-                raise StoreError(f"{job.label}: blob {job.sha256} is missing from store {self.url}") from None
-            if code == "InvalidRange":
-                raise StoreError(_short(job)) from None
-            raise
-        if got != length:
-            raise StoreError(
-                _short(job) if got < length else f"{job.label}: store blob {job.sha256} is too long"
-            )
-        written = 0
-        while written < length:
-            written += os.pwritev(fd, [view[written:]], start + written)
-        progress.part_done(index, view, buf)
-
-    def _download_http(self, jobs: list[DownloadJob], counters: _Counters) -> None:
-        """Ranged GETs of every file in one pool of worker threads; each file hashed in order as it fills."""
-        opened: list[tuple[DownloadJob, int, _HashProgress, list[Future[None]]]] = []
-        failure: BaseException | None = None
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="vinasmol-get") as pool:
-            try:
-                for job in jobs:
-                    fd = os.open(job.dest, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-                    progress = _HashProgress(fd, job.size)
-                    opened.append((job, fd, progress, []))
-                    nparts = max(1, (job.size + PART_SIZE - 1) // PART_SIZE)
-                    opened[-1][3].extend(
-                        pool.submit(self._get_part_http, job, fd, progress, i) for i in range(nparts)
-                    )
-                for job, _fd, progress, futures in opened:
-                    for fut in futures:
-                        fut.result()
-                    if progress.next * PART_SIZE < job.size:
-                        raise StoreError(f"{job.label}: download incomplete")
-                    got = progress.h.hexdigest()
-                    if got != job.sha256:
-                        raise _mismatch(job, got)
-                    counters.down(job.size)
-            except BaseException as exc:
-                failure = exc
-                pool.shutdown(wait=True, cancel_futures=True)
-            finally:
-                for _job, fd, _progress, _futures in opened:
-                    os.close(fd)
-        self._http.close_all()
-        if failure is not None:
-            raise self._error(failure, "download")
 
     def hash_objects(self, keys: list[str]) -> dict[str, str | Exception]:
         self.ensure_ready()
@@ -1307,174 +1110,139 @@ class _S3Backend(_Backend):
         return self._run(go, "cleanup")
 
 
-# ------------------------------------------------------------------------------------------- fast data path
-class _HttpData:
-    """Blob bytes over plain `http.client` connections, one per worker thread, each request signed with
-    SigV4 (UNSIGNED-PAYLOAD, the body covered by a CRC32 header). Data moves between the socket, one
-    reusable buffer per thread and the file: no other copies, no event-loop overhead. Used for
-    S3-compatible endpoints (an endpoint URL); AWS itself goes through aiobotocore."""
+# ------------------------------------------------------------------------------------------ obstore data path
+class _ObstoreData:
+    """Blob bytes through obstore (Rust object_store): multipart puts, ranged gets hashed in order."""
 
-    def __init__(self, endpoint_url: str, bucket: str, region: str, timeout: float) -> None:
-        parts = urlsplit(endpoint_url)
-        self.https = parts.scheme == "https"
-        self.host = parts.hostname or ""
-        self.port = parts.port or (443 if self.https else 80)
-        self.base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
-        self.bucket = bucket
-        self.region = region
-        self.timeout = timeout
-        self.credentials: Any = None
-        self._local = threading.local()
-        self._conns: list[http.client.HTTPConnection] = []
-        self._conns_lock = threading.Lock()
-        self.can_sendfile = not self.https and hasattr(os, "sendfile")
-
-    def buffer(self, size: int = 0) -> bytearray:
-        """This thread's reusable buffer, at least a part (or `size` bytes) long."""
-        buf = getattr(self._local, "buf", None)
-        if buf is None or len(buf) < max(size, PART_SIZE):
-            buf = self._local.buf = bytearray(max(size, PART_SIZE))
-        return buf
-
-    def _conn(self) -> http.client.HTTPConnection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            if self.https:
-                import ssl
-
-                conn = http.client.HTTPSConnection(
-                    self.host, self.port, timeout=self.timeout, context=ssl.create_default_context()
-                )
-            else:
-                conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-            self._local.conn = conn
-            with self._conns_lock:
-                self._conns.append(conn)
-        return conn
-
-    def close_all(self) -> None:
-        """Close every connection (the worker threads that held them are gone)."""
-        with self._conns_lock:
-            conns, self._conns = self._conns, []
-        for conn in conns:
-            with contextlib.suppress(Exception):
-                conn.close()
-
-    def _drop_conn(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
-            self._local.conn = None
-
-    def _sign(
-        self, method: str, key: str, query: dict[str, str], headers: dict[str, str]
-    ) -> tuple[str, dict]:
-        from botocore.auth import S3SigV4Auth
-        from botocore.awsrequest import AWSRequest
-        from botocore.config import Config
-
-        path = f"/{self.bucket}/{quote(key, safe='/-_.~')}"
-        qs = "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(query.items()))
-        url = self.base + path + (f"?{qs}" if qs else "")
-        req = AWSRequest(method=method, url=url, headers=dict(headers))
-        req.context["client_config"] = Config(s3={"payload_signing_enabled": False})
-        S3SigV4Auth(self.credentials, "s3", self.region).add_auth(req)
-        target = urlsplit(url)
-        return target.path + (f"?{target.query}" if target.query else ""), dict(req.headers.items())
-
-    def request(
+    def __init__(
         self,
-        method: str,
-        key: str,
-        query: dict[str, str] | None = None,
-        headers: dict[str, str] | None = None,
-        body: memoryview | None = None,
-        into: memoryview | None = None,
-        operation: str = "request",
-        file_body: tuple[Path, int, int] | None = None,
-    ) -> tuple[int, http.client.HTTPMessage, int]:
-        """Send one request (retrying connection failures and 5xx); read the body into `into`.
-        Returns (status, headers, bytes read). Errors raise botocore ClientError with the S3 code."""
-        from botocore.exceptions import ClientError
+        backend: _S3Backend,
+        endpoint_url: str | None,
+        key: str | None,
+        secret: str | None,
+        token: str | None,
+    ) -> None:
+        from obstore.store import S3Store
 
-        last: BaseException | None = None
-        for attempt in range(4):
-            if attempt:
-                time.sleep(0.2 * attempt)
-            path, signed = self._sign(method, key, query or {}, headers or {})
-            conn = self._conn()
+        opts: dict[str, Any] = {"region": os.environ["AWS_DEFAULT_REGION"], "unsigned_payload": True}
+        if endpoint_url:
+            opts["endpoint"] = endpoint_url
+            opts["virtual_hosted_style_request"] = False
+        if key and secret:
+            opts.update(access_key_id=key, secret_access_key=secret)
+            if token:
+                opts["token"] = token
+        client = {"allow_http": bool(endpoint_url and endpoint_url.startswith("http://")), "timeout": "120s"}
+        self.backend = backend
+        self.store = S3Store(
+            backend.bucket,
+            prefix=backend.prefix or None,
+            client_options=client,
+            **opts,  # type: ignore[arg-type]
+        )
+
+    def _put(self, job: UploadJob, counters: _Counters) -> None:
+        import obstore
+
+        multipart = job.size >= self.backend.multipart_threshold
+        conc = self.backend.concurrency
+        obstore.put(
+            self.store,
+            job.key,
+            job.path,
+            use_multipart=multipart,
+            chunk_size=self.backend.part_size,
+            max_concurrency=conc,
+        )
+        if _stat_sig(job.path) != job.sig:
+            obstore.delete(self.store, job.key)
+            raise StoreError(f"{job.label}: the file changed while it was being published")
+        counters.up(job.size)
+
+    def upload(self, jobs: Iterable[UploadJob], counters: _Counters) -> None:
+        futures: list[Future[None]] = []
+        with ThreadPoolExecutor(
+            max(1, self.backend.concurrency // 2), thread_name_prefix="vinasmol-obs"
+        ) as pool:
             try:
-                conn.putrequest(method, path, skip_host=False, skip_accept_encoding=True)
-                for name, value in signed.items():
-                    conn.putheader(name, value)
-                if body is None and file_body is None and "Content-Length" not in signed:
-                    conn.putheader("Content-Length", "0")
-                conn.endheaders()
-                if body is not None:
-                    conn.send(body)
-                elif file_body is not None:
-                    path, offset, length = file_body
-                    with open(path, "rb") as fh:
-                        sent = conn.sock.sendfile(fh, offset, length) if length else 0
-                    if sent != length:
-                        raise StoreError(f"{path}: sent {sent} of {length} bytes: the file shrank")
-                resp = conn.getresponse()
-                status = resp.status
-                if status >= 300:
-                    payload = resp.read()
-                    if status >= 500:
-                        last = ClientError(_s3_error(payload, status), operation)
-                        self._drop_conn()
-                        continue
-                    raise ClientError(_s3_error(payload, status), operation)
-                got = 0
-                if into is not None:
-                    while got < len(into):
-                        n = resp.readinto(into[got:])
-                        if not n:
-                            break
-                        got += n
-                rest = resp.read()  # drain so that the connection can be reused
-                if rest and into is not None:
-                    got += len(rest)  # more than asked: the caller sees a size mismatch
-                return status, resp.headers, got
-            except (ClientError, StoreError):
+                for job in jobs:
+                    futures.append(pool.submit(self._put, job, counters))
+            finally:
+                for fut in futures:
+                    fut.result()
+
+    def _get_part(
+        self, job: DownloadJob, fd: int, progress: _HashProgress, index: int, bufs: threading.local
+    ) -> None:
+        import obstore
+
+        start = index * self.backend.part_size
+        length = min(self.backend.part_size, job.size - start)
+        try:
+            data = obstore.get_range(self.store, job.key, start=start, length=length)
+        except FileNotFoundError:
+            raise StoreError(
+                f"{job.label}: blob {job.sha256} is missing from store {self.backend.url}"
+            ) from None
+        view = memoryview(data)
+        if len(view) != length:
+            raise StoreError(_short(job))
+        written = 0
+        while written < length:
+            written += os.pwritev(fd, [view[written:]], start + written)
+        buf = getattr(bufs, "buf", None)
+        if buf is None:
+            buf = bufs.buf = bytearray(self.backend.part_size)
+        progress.part_done(index, view, buf)
+
+    def _get_empty(self, job: DownloadJob) -> None:
+        import obstore
+
+        try:
+            data = obstore.get(self.store, job.key).bytes()
+        except FileNotFoundError:
+            raise StoreError(
+                f"{job.label}: blob {job.sha256} is missing from store {self.backend.url}"
+            ) from None
+        if len(data):
+            raise StoreError(f"{job.label}: store blob {job.sha256} is not empty as the manifest says")
+
+    def download(self, jobs: list[DownloadJob], counters: _Counters) -> None:
+        bufs = threading.local()
+        opened: list[tuple[DownloadJob, int, _HashProgress, list[Future[None]]]] = []
+        with ThreadPoolExecutor(self.backend.concurrency, thread_name_prefix="vinasmol-obs") as pool:
+            try:
+                for job in jobs:
+                    fd = os.open(job.dest, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                    progress = _HashProgress(fd, job.size, self.backend.part_size)
+                    if job.size == 0:
+                        futs = [pool.submit(self._get_empty, job)]
+                    else:
+                        n = (job.size + self.backend.part_size - 1) // self.backend.part_size
+                        futs = [pool.submit(self._get_part, job, fd, progress, i, bufs) for i in range(n)]
+                    opened.append((job, fd, progress, futs))
+                for job, _fd, progress, futs in opened:
+                    for fut in futs:
+                        fut.result()
+                    got = progress.h.hexdigest()
+                    if got != job.sha256:
+                        raise _mismatch(job, got)
+                    counters.down(job.size)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
                 raise
-            except (OSError, http.client.HTTPException) as exc:
-                last = exc
-                self._drop_conn()
-        assert last is not None
-        raise last
-
-
-def _s3_error(payload: bytes, status: int) -> dict[str, Any]:
-    text = payload.decode("utf-8", "replace")
-    code = re.search(r"<Code>([^<]*)</Code>", text)
-    message = re.search(r"<Message>([^<]*)</Message>", text)
-    return {
-        "Error": {
-            "Code": code.group(1) if code else str(status),
-            "Message": message.group(1) if message else "",
-        },
-        "ResponseMetadata": {"HTTPStatusCode": status},
-    }
-
-
-def _crc32_b64(data: memoryview) -> str:
-    return _b64crc(zlib.crc32(data))
-
-
-def _b64crc(crc: int) -> str:
-    return base64.b64encode(crc.to_bytes(4, "big")).decode()
+            finally:
+                for _job, fd, _progress, _futs in opened:
+                    os.close(fd)
 
 
 class _HashProgress:
     """Hashes a file being written part by part, in order, as soon as each prefix is complete."""
 
-    def __init__(self, fd: int, size: int) -> None:
+    def __init__(self, fd: int, size: int, part_size: int) -> None:
         self.fd = fd
         self.size = size
+        self.part_size = part_size
         self.h = hashlib.sha256()
         self.next = 0
         self.done: set[int] = set()
@@ -1498,8 +1266,8 @@ class _HashProgress:
             if idx == index and own_valid:
                 self.h.update(data)
             else:  # another thread's part: read it back (from the page cache)
-                start = idx * PART_SIZE
-                length = min(PART_SIZE, self.size - start)
+                start = idx * self.part_size
+                length = min(self.part_size, self.size - start)
                 view = memoryview(buf)[:length]
                 got = os.preadv(self.fd, [view], start)
                 if got != length:
@@ -1534,9 +1302,13 @@ class ArtifactStore:
         secret: str | None = None,
         cache_dir: Path | None = None,
         max_workers: int = 8,
+        data_path: str = "auto",
+        part_size: int = PART_SIZE,
     ) -> None:
         """`url` defaults to $VINASMOL_STORE, else file:// under the user's data folder.
-        S3 credentials default to AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL."""
+        S3 credentials default to AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL.
+        S3 blobs move in `part_size` parts through obstore where there is an endpoint URL (`data_path`
+        "auto"; "obstore" or "aiobotocore" to choose)."""
         raw = (url or "").strip() or default_store_url()
         if "://" not in raw:  # a plain path
             raw = Path(raw).expanduser().resolve().as_uri()
@@ -1575,6 +1347,8 @@ class ArtifactStore:
                 secret if secret is not None else os.environ.get("AWS_SECRET_ACCESS_KEY"),
                 self.max_workers,
                 token=os.environ.get("AWS_SESSION_TOKEN") if key is None else None,
+                data_path=data_path,
+                part_size=part_size,
             )
         elif scheme == "memory":
             self._backend = _MemoryBackend(raw[len("memory://") :], self.max_workers)
@@ -1894,25 +1668,19 @@ class ArtifactStore:
         seen: set[str] = set()
         hashers = min(4, max(1, os.cpu_count() or 1), max(1, len(files)))
 
-        want_crcs = self._backend.wants_crcs
-
-        def hashed(item: tuple[str, Path]) -> tuple[str, Path, FileEntry, tuple[int, int, int], list[int]]:
+        def hashed(item: tuple[str, Path]) -> tuple[str, Path, FileEntry, tuple[int, int, int]]:
             rel, full = item
             sig = _stat_sig(full)
-            if want_crcs:  # chunks aligned on upload parts: the CRCs come free with the hash's read
-                mode = "whole" if sig[0] < MULTIPART_THRESHOLD else "parts"
-                entry, crcs = _hash_file(full, PART_SIZE, mode)
-            else:
-                entry, crcs = _hash_file(full, CHUNK)
+            entry = hash_file(full, CHUNK)
             if _stat_sig(full) != sig:
                 raise StoreError(f"{label}: file {rel} changed while it was being hashed")
-            return rel, full, entry, sig, crcs
+            return rel, full, entry, sig
 
         def jobs(pool: ThreadPoolExecutor) -> Iterator[UploadJob]:
             futures = [pool.submit(hashed, item) for item in files]
             try:
                 for fut in as_completed(futures):
-                    rel, full, entry, sig, crcs = fut.result()
+                    rel, full, entry, sig = fut.result()
                     entries[rel] = entry
                     if entry.sha256 in seen:
                         continue
@@ -1920,9 +1688,7 @@ class ArtifactStore:
                     info = self._backend.stat(_blob_key(entry.sha256))
                     if info is not None and info.size == entry.size:
                         continue
-                    yield UploadJob(
-                        _blob_key(entry.sha256), full, entry.size, sig, f"{label}: file {rel}", crcs or None
-                    )
+                    yield UploadJob(_blob_key(entry.sha256), full, entry.size, sig, f"{label}: file {rel}")
             finally:
                 for fut in futures:
                     fut.cancel()
