@@ -193,13 +193,13 @@ def main() -> int:
     )
     print(f"awscli start-up alone (aws --version): {t_aws_start:.2f} s (included in its times)")
     print(
-        f"| {'operation':<10} | {'tool':<42} | {'seconds':>8} | {'MB/s':>7} "
+        f"| {'operation':<10} | {'tool':<46} | {'seconds':>8} | {'MB/s':>7} "
         f"| {'client CPU s':>12} | {'server CPU s':>12} |"
     )
-    print(f"|{'-' * 12}|{'-' * 44}|{'-' * 10}|{'-' * 9}|{'-' * 14}|{'-' * 14}|")
+    print(f"|{'-' * 12}|{'-' * 48}|{'-' * 10}|{'-' * 9}|{'-' * 14}|{'-' * 14}|")
     for op, tool, t, label in rows:
         cc, sc = CPU[label]
-        print(f"| {op:<10} | {tool:<42} | {t:8.2f} | {mb / t:7.0f} | {cc:12.2f} | {sc:12.2f} |")
+        print(f"| {op:<10} | {tool:<46} | {t:8.2f} | {mb / t:7.0f} | {cc:12.2f} | {sc:12.2f} |")
     print(
         f"store_bench: publish_vs_awscli={t_aws_up / t_pub:.2f} fetch_vs_awscli={t_aws_down / t_fetch:.2f} "
         f"publish_vs_cp={t_cp / t_pub:.2f} fetch_vs_cp={t_cp / t_fetch:.2f} "
