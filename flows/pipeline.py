@@ -12,7 +12,6 @@ partial checkpoint in the store. `force` / `from_stage` re-run a step and everyt
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from tasks import pipeline as steps
 from tasks.common import result_storage_for, store_root
 from vinasmol_core.errors import ConfigError, StoreError
 from vinasmol_core.recipe import Recipe, load_recipe
+from vinasmol_core.store import default_store_url
 
 STAGE_RUNNERS = ("inline", "deployment")
 
@@ -44,17 +44,6 @@ class RunPlan:
     def refresh_evaluation(self, producer: str) -> bool:
         """Re-evaluate a checkpoint when its producer is forced, or when `evaluate` itself is named."""
         return producer in self.forced or "evaluate" in self.explicit
-
-
-def default_store_url() -> str:
-    """$VINASMOL_STORE, else the store's own default location."""
-    env = os.environ.get("VINASMOL_STORE")
-    if env:
-        return env
-    from vinasmol_core.store import ArtifactStore
-
-    store = ArtifactStore(None)
-    return str(getattr(store, "url", None) or getattr(store, "root_url", None))
 
 
 def plan_run(

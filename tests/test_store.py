@@ -373,3 +373,155 @@ def test_fetch_is_atomic_and_repairs_a_damaged_cache(store: ArtifactStore, small
     assert again == path and filecmp.cmp(
         path / "sub" / "b.bin", small_artifact / "sub" / "b.bin", shallow=False
     )
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_publish_during_gc_reusing_an_orphan_blob_keeps_it(store_spec, tmp_path: Path, when: str) -> None:  # noqa: ANN001
+    """A publish that reuses an unreferenced blob runs entirely just before (or after) gc's first
+    removal of that blob: the published artifact must still fetch afterwards."""
+    src = make_artifact(tmp_path / "src", {"w.bin": 10_000}, seed=9)
+    store = store_spec.open()
+    old = store.publish(DatasetManifest(name="old"), src)
+    store.delete_manifest(old.digest)  # its blob is now an orphan, old enough for grace=0
+    backend = store._backend
+    fired: list[str] = []
+
+    def publish_once() -> None:
+        if not fired:
+            other = store_spec.open(cache_dir=tmp_path / "other-cache")
+            fired.append(other.publish(DatasetManifest(name="new"), src, ref="data/new").digest)
+
+    def hooked(name: str):  # noqa: ANN202
+        real = getattr(backend, name, None)
+
+        def op(key: str, *rest: str) -> object:
+            if not key.startswith("blobs/"):
+                return real(key, *rest)
+            if when == "before":
+                publish_once()
+            out = real(key, *rest)
+            if when == "after":
+                publish_once()
+            return out
+
+        return op
+
+    backend.delete = hooked("delete")
+    backend.move = hooked("move")
+    store.gc(grace=timedelta(0))
+    assert fired, "gc never removed the orphan blob"
+    fresh = store_spec.open(cache_dir=tmp_path / "fresh-cache")
+    assert fresh.verify().ok, fresh.verify().problems
+    assert filecmp.cmp(fresh.fetch("data/new") / "w.bin", src / "w.bin", shallow=False)
+    # Nothing references the blob once the new manifest goes too: the next gc reclaims it.
+    fresh.delete_ref("data/new")
+    fresh.delete_manifest(fired[0])
+    assert fresh.gc(grace=timedelta(0)).bytes_deleted == 10_000
+    assert not any(k.startswith(("blobs/", "trash/")) for k in raw_objects(store_spec))
+
+
+def test_pruned_train_states_free_their_bytes_at_gc(store: ArtifactStore, tmp_path: Path) -> None:
+    """The stage runner keeps the newest train-state; gc then frees exactly the other two states' bytes."""
+    from types import SimpleNamespace
+
+    from vinasmol_core.train.checkpoint import Checkpointer
+
+    runner = SimpleNamespace(spec=SimpleNamespace(keep_checkpoints=1), store=store, prefix="partial/s/k")
+    sizes = {}
+    for step in (1, 2, 3):
+        sizes_in = {"optimizer.safetensors": 100_000 + step}
+        src = make_artifact(tmp_path / f"st{step}", sizes_in, seed=20 + step)
+        (src / "model.bin").write_bytes(bytes([step]) * 7_000)  # unique per state
+        m = store.publish(
+            CheckpointManifest(name=f"s-step-{step}", format="train-state", step=step),
+            src,
+            ref=f"partial/s/k/step-{step:08d}",
+        )
+        sizes[step] = sum(e.size for e in m.files.values())
+        Checkpointer.prune(runner, step)
+    assert list(store.list_refs("partial/")) == ["partial/s/k/step-00000003"]
+    report = store.gc(grace=timedelta(0))
+    assert report.bytes_deleted == sizes[1] + sizes[2] == 200_003 + 2 * 7_000
+    assert report.blobs_deleted == 4
+    assert store.verify().ok and store.list_manifests() == [store.resolve("partial/s/k/step-00000003")]
+    assert (store.fetch("partial/s/k/step-00000003") / "model.bin").read_bytes() == bytes([3]) * 7_000
+
+
+def test_pruning_a_ref_keeps_a_manifest_another_ref_names(store: ArtifactStore, tmp_path: Path) -> None:
+    src = make_artifact(tmp_path / "d", {"x.bin": 1000}, seed=10)
+    m = store.publish(DatasetManifest(name="d"), src, ref="a")
+    store.set_ref("b", "a")
+    store.delete_ref("a", prune_manifest=True)
+    assert store.list_manifests() == [m.digest]
+    assert store.gc(grace=timedelta(0)).bytes_deleted == 0
+    store.delete_ref("b", prune_manifest=True)
+    assert store.list_manifests() == []
+    assert store.gc(grace=timedelta(0)).bytes_deleted == 1000
+
+
+def test_a_flipped_byte_in_the_cache_is_detected_and_fetched_again(store_spec, small_artifact: Path) -> None:  # noqa: ANN001
+    store = store_spec.open()
+    m = store.publish(DatasetManifest(name="d"), small_artifact, ref="d")
+    path = store.fetch("d")
+    files = [p for p in path.rglob("*") if p.is_file()]
+    assert files and all(p.stat().st_mode & 0o222 == 0 for p in files)  # read-only
+    again = store_spec.open()  # a new process: nothing cached in memory
+    assert again.fetch("d") == path and again.bytes_downloaded == 0
+    target = path / "sub" / "b.bin"
+    before = target.stat()
+    os.chmod(target, 0o644)
+    with open(target, "r+b") as fh:  # same size, one byte flipped, mtime put back
+        fh.seek(100)
+        old = fh.read(1)
+        fh.seek(100)
+        fh.write(bytes([old[0] ^ 0xFF]))
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    third = store_spec.open()
+    assert third.fetch("d") == path
+    assert filecmp.cmp(path / "sub" / "b.bin", small_artifact / "sub" / "b.bin", shallow=False)
+    assert third.bytes_downloaded == sum(e.size for e in m.files.values())
+    assert (path / "sub" / "b.bin").stat().st_mode & 0o222 == 0
+
+
+@pytest.mark.parametrize("pause_after", [1, 2])
+def test_concurrent_ref_moves_leave_history_agreeing_with_ref(
+    store: ArtifactStore, pause_after: int
+) -> None:
+    """Mover A is descheduled after its first (or second) write for the ref; mover B runs to completion;
+    then A finishes. Whatever the ref ends up naming, its newest history entry names the same."""
+    import threading
+
+    a = store.publish(DatasetManifest(name="A"))
+    b = store.publish(DatasetManifest(name="B"))
+    backend = store._backend
+    real_write, real_delete = backend.write, backend.delete
+    paused, resume = threading.Event(), threading.Event()
+    counts: dict[str, int] = {}
+
+    def pause_a(key: str) -> None:
+        if threading.current_thread().name == "mover-a" and key.startswith(("refs/x", "ref-history/x/")):
+            counts["a"] = counts.get("a", 0) + 1
+            if counts["a"] == pause_after:
+                paused.set()
+                assert resume.wait(10)
+
+    def write(key: str, data: bytes) -> None:
+        real_write(key, data)
+        pause_a(key)
+
+    def delete(key: str) -> None:
+        real_delete(key)
+        pause_a(key)
+
+    backend.write, backend.delete = write, delete
+    mover = threading.Thread(target=store.set_ref, args=("x", a.digest), name="mover-a")
+    mover.start()
+    assert paused.wait(10)
+    store.set_ref("x", b.digest)
+    resume.set()
+    mover.join(10)
+    history = store.ref_history("x")
+    assert history and history[-1].digest == store.resolve("x")
+    # A later deletion is recorded the same way.
+    store.delete_ref("x")
+    assert store.ref_history("x")[-1].digest is None

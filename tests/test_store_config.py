@@ -109,24 +109,26 @@ def test_local_store_that_is_a_file_is_refused(tmp_path: Path) -> None:
         ArtifactStore((tmp_path / "f").as_uri()).check_reachable()
 
 
-def test_aiobotocore_data_path_round_trips(seaweed, s3_bucket: str, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    """Without an endpoint (AWS itself) blobs move through aiobotocore; exercise that path here too."""
+def test_aiobotocore_data_path_round_trips(seaweed, s3_bucket: str, tmp_path: Path) -> None:  # noqa: ANN001
+    """The aiobotocore data path (chosen with data_path="aiobotocore") round-trips and verifies too."""
     import filecmp
     import os
 
-    from vinasmol_core import store as store_mod
-
-    monkeypatch.setattr(store_mod, "HTTP_DATA_PATH", False)
     src = tmp_path / "src"
     src.mkdir()
     (src / "small.txt").write_text("hello")
     with open(src / "big.bin", "wb") as fh:  # multipart: several parts
         for _ in range(3):
             fh.write(os.urandom(6 << 20))
-    opts = {"endpoint_url": seaweed.endpoint_url, "key": seaweed.access_key, "secret": seaweed.secret_key}
+    opts = {
+        "endpoint_url": seaweed.endpoint_url,
+        "key": seaweed.access_key,
+        "secret": seaweed.secret_key,
+        "data_path": "aiobotocore",
+    }
     store = ArtifactStore(f"s3://{s3_bucket}/p", cache_dir=tmp_path / "cache", **opts)
-    assert store._backend._http is None
     m = store.publish(DatasetManifest(name="slow-path"), src, ref="runs/r/x")
+    assert store._backend._obs is None
     out = store.fetch("runs/r/x")
     assert filecmp.cmp(out / "big.bin", src / "big.bin", shallow=False) and store.verify().ok
     entry = m.files["big.bin"]
@@ -138,20 +140,27 @@ def test_aiobotocore_data_path_round_trips(seaweed, s3_bucket: str, tmp_path: Pa
         other.fetch("runs/r/x")
 
 
-def test_http_data_path_without_sendfile(seaweed, s3_bucket: str, tmp_path: Path) -> None:  # noqa: ANN001
-    """The buffered variant of the HTTP data path (used over https): small, mid-size and multipart files."""
+def test_obstore_data_path_with_a_small_part_size(seaweed, s3_bucket: str, tmp_path: Path) -> None:  # noqa: ANN001
+    """Small, single-part and multipart files through obstore with 5 MiB parts; a short blob is refused."""
     import filecmp
     import os
 
     src = tmp_path / "src"
     src.mkdir()
-    for name, size in (("small.txt", 5), ("mid.bin", 12 << 20), ("big.bin", 17 << 20)):
+    for name, size in (("small.txt", 5), ("empty.bin", 0), ("mid.bin", 7 << 20), ("big.bin", 17 << 20)):
         (src / name).write_bytes(os.urandom(size))
     opts = {"endpoint_url": seaweed.endpoint_url, "key": seaweed.access_key, "secret": seaweed.secret_key}
-    store = ArtifactStore(f"s3://{s3_bucket}/p", cache_dir=tmp_path / "cache", **opts)
-    store._backend.ensure_ready()
-    store._backend._http.can_sendfile = False
-    store.publish(DatasetManifest(name="buffered"), src, ref="runs/r/x")
+    store = ArtifactStore(f"s3://{s3_bucket}/p", cache_dir=tmp_path / "cache", part_size=5 << 20, **opts)
+    m = store.publish(DatasetManifest(name="parts"), src, ref="runs/r/x")
+    assert store._backend._obs is not None
     out = store.fetch("runs/r/x")
-    for name in ("small.txt", "mid.bin", "big.bin"):
+    for name in ("small.txt", "empty.bin", "mid.bin", "big.bin"):
         assert filecmp.cmp(out / name, src / name, shallow=False), name
+    entry = m.files["big.bin"]
+    key = f"p/blobs/{entry.sha256[:2]}/{entry.sha256}"
+    seaweed.client().put_object(Bucket=s3_bucket, Key=key, Body=b"x" * (12 << 20))
+    other = ArtifactStore(f"s3://{s3_bucket}/p", cache_dir=tmp_path / "cache2", part_size=5 << 20, **opts)
+    with pytest.raises(StoreError, match=r"parts.*big\.bin.*shorter"):
+        other.fetch("runs/r/x")
+    with pytest.raises(StoreError, match="5 MiB"):
+        ArtifactStore(f"s3://{s3_bucket}/p", part_size=1 << 20, **opts)

@@ -7,23 +7,27 @@ Layout under the root URL:
     refs/<name>.json                  {"digest": ...}: the current target of a named pointer
     ref-history/<name>/<ns>-<digest>  one empty marker per move of the ref (ns: nanoseconds since epoch)
     tmp/                              staging for file:// writes (renamed into place)
+    trash/<sha256>                    blobs `gc` set aside: put back if a manifest names them, else deleted
 
 Invariants: a blob is written completely (rename, or S3's atomic object creation) before any manifest
 names it; a manifest is written before any ref points at it. A crash at any point therefore leaves no
 manifest that names a missing blob, only unreferenced blobs that `gc` removes after a grace period.
+`gc` moves a doomed blob to trash/ first and reads the manifests again before deleting it; a publish
+checks its blobs after writing its manifest. So a publish that reuses an old unreferenced blob while
+`gc` runs either has its manifest seen by `gc` (which puts the blob back) or sees the blob gone (and
+uploads it again).
 
 Fetching materializes a manifest into `<cache>/<digest>/`, verifying every file's sha256; the cache is
-$VINASMOL_CACHE or ~/.cache/vinasmol/artifacts (or the `cache_dir` argument). Treat fetched folders
-as read-only: copy before modifying.
+$VINASMOL_CACHE or ~/.cache/vinasmol/artifacts (or the `cache_dir` argument). Fetched files are
+read-only: copy before modifying. A cache hit hashes again any file whose size, mtime, ctime or inode
+changed since it was last verified, and fetches the artifact again when one no longer matches.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
-import http.client
 import json
 import os
 import re
@@ -32,14 +36,13 @@ import socket
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
@@ -49,10 +52,10 @@ from vinasmol_core.manifests import FileEntry, Manifest, check_relative_path, ma
 M = TypeVar("M", bound=Manifest)
 
 CHUNK = 8 << 20  # read/hash granularity
-PART_SIZE = 8 << 20  # S3 multipart part size (also the ranged-GET size on fetch)
-MULTIPART_THRESHOLD = 16 << 20  # files at least this big are uploaded in parts
+PART_SIZE = 8 << 20  # default S3 multipart part size (also the ranged-GET size on fetch)
 SUPPORTED_SCHEMES = ("file", "s3", "memory")
-HTTP_DATA_PATH = True  # S3-compatible endpoints: blob bytes over http.client threads (see _HttpData)
+TRASH = "trash/"  # where gc sets doomed blobs aside before deleting them
+DATA_PATHS = ("auto", "obstore", "aiobotocore")  # S3 blob transfers; auto: obstore when there is an endpoint
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HEX_PREFIX = re.compile(r"^[0-9a-f]{6,64}$")
@@ -115,37 +118,26 @@ def _ref_key(name: str) -> str:
 
 def hash_file(path: Path, chunk: int = CHUNK) -> FileEntry:
     """sha256 and size of a file, read in chunks."""
-    return _hash_file(path, chunk)[0]
-
-
-def _hash_file(path: Path, chunk: int, crcs: str | None = None) -> tuple[FileEntry, list[int]]:
-    """sha256 and size, read in `chunk`-sized pieces; with crcs="parts" also the CRC32 of each piece,
-    with crcs="whole" the CRC32 of the whole file (what an S3 upload of those bytes declares)."""
     h = hashlib.sha256()
     size = 0
     buf = bytearray(chunk)
     view = memoryview(buf)
-    out: list[int] = []
-    whole = 0
     with open(path, "rb", buffering=0) as fh:
-        while True:
-            n = fh.readinto(buf)
-            if not n:
-                break
+        while n := fh.readinto(buf):
             h.update(view[:n])
-            if crcs == "parts":
-                out.append(zlib.crc32(view[:n]))
-            elif crcs == "whole":
-                whole = zlib.crc32(view[:n], whole)
             size += n
-    if crcs == "whole":
-        out = [whole]
-    return FileEntry(sha256=h.hexdigest(), size=size), out
+    return FileEntry(sha256=h.hexdigest(), size=size)
 
 
 def _stat_sig(path: Path) -> tuple[int, int, int]:
     st = os.stat(path)
     return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _file_sig(path: Path) -> tuple[int, int, int, int]:
+    """Size, mtime, ctime and inode: any write or chmod changes it (ctime cannot be set back)."""
+    st = os.stat(path)
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 @dataclass(frozen=True)
@@ -164,7 +156,6 @@ class UploadJob:
     size: int
     sig: tuple[int, int, int]
     label: str
-    crcs: list[int] | None = None  # CRC32 per part (or of the whole file), computed while hashing
 
 
 @dataclass
@@ -243,7 +234,6 @@ class _Backend:
     """Object access under one root. Keys are relative, '/'-separated."""
 
     url: str
-    wants_crcs = False  # whether uploads want CRC32s of their parts computed during hashing
 
     def ensure_ready(self, write: bool = False) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -270,6 +260,10 @@ class _Backend:
         raise NotImplementedError
 
     def delete(self, key: str) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def move(self, src: str, dst: str) -> bool:  # pragma: no cover - interface
+        """Rename an object (replacing `dst`); False when `src` does not exist."""
         raise NotImplementedError
 
     def upload(self, jobs: Iterable[UploadJob], counters: _Counters) -> None:  # pragma: no cover
@@ -435,6 +429,15 @@ class _LocalBackend(_ThreadedBackend):
         with contextlib.suppress(FileNotFoundError):
             self._path(key).unlink()
 
+    def move(self, src: str, dst: str) -> bool:
+        dest = self._path(dst)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(self._path(src), dest)
+        except FileNotFoundError:
+            return False
+        return True
+
     def _open_read(self, key: str):  # noqa: ANN202
         return open(self._path(key), "rb")
 
@@ -518,6 +521,13 @@ class _MemoryBackend(_ThreadedBackend):
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self._path(key))
 
+    def move(self, src: str, dst: str) -> bool:
+        try:
+            self.fs.mv(self._path(src), self._path(dst))
+        except FileNotFoundError:
+            return False
+        return True
+
     def _open_read(self, key: str):  # noqa: ANN202
         return self.fs.open(self._path(key), "rb")
 
@@ -581,6 +591,8 @@ class _S3Backend(_Backend):
         secret: str | None,
         max_workers: int,
         token: str | None = None,
+        data_path: str = "auto",
+        part_size: int = PART_SIZE,
     ) -> None:
         # Region: s3fs/aiobotocore take it from the environment (client_kwargs region breaks some setups).
         os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
@@ -592,6 +604,10 @@ class _S3Backend(_Backend):
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self._secrets = [s for s in (key, secret) if s]
         self.concurrency = max(1, max_workers)
+        if part_size < 5 << 20:
+            raise StoreError(f"S3 part size {part_size} is below the 5 MiB that S3 requires")
+        self.part_size = part_size
+        self.multipart_threshold = 2 * part_size  # files at least this big are uploaded in parts
         config: dict[str, Any] = {
             # The body is covered by a CRC32 checksum; signing it too would hash every byte twice more.
             "s3": {"payload_signing_enabled": False},
@@ -616,18 +632,14 @@ class _S3Backend(_Backend):
         )
         self._ready = False
         self._creds = (key, secret, token) if key and secret else None
-        self._http = (
-            _HttpData(endpoint_url, bucket, os.environ["AWS_DEFAULT_REGION"], timeout=120.0)
-            if endpoint_url and HTTP_DATA_PATH
-            else None
-        )
+        if data_path not in DATA_PATHS:
+            raise StoreError(f"unknown S3 data path {data_path!r}: use one of {', '.join(DATA_PATHS)}")
+        self._obs_args = (endpoint_url, key, secret, token)
+        self._obs: _ObstoreData | None = None
+        self._use_obstore = data_path == "obstore" or (data_path == "auto" and bool(endpoint_url))
 
     def __repr__(self) -> str:
         return f"_S3Backend({self.url!r}, endpoint_url={self.endpoint_url!r})"
-
-    @property
-    def wants_crcs(self) -> bool:  # type: ignore[override]
-        return self._http is not None
 
     # -- plumbing
     @property
@@ -725,21 +737,19 @@ class _S3Backend(_Backend):
         async def go() -> Any:
             s3 = await self._client()
             await s3.head_bucket(Bucket=self.bucket)
-            if self._http is not None and self._creds is None:  # profile, role...: ask the session
+            if self._use_obstore and self._creds is None:  # profile, role...: ask the session
                 creds = await self.fs.session.get_credentials()
                 return None if creds is None else await creds.get_frozen_credentials()
             return None
 
         frozen = self._run(go, "head_bucket")
-        if self._http is not None:
-            from botocore.credentials import Credentials
-
-            if self._creds is not None:
-                self._http.credentials = Credentials(*self._creds)
-            elif frozen is not None:
-                self._http.credentials = Credentials(frozen.access_key, frozen.secret_key, frozen.token)
-            else:
-                self._http = None  # let aiobotocore report the missing credentials
+        if self._use_obstore:
+            endpoint, key, secret, token = self._obs_args
+            if self._creds is None and frozen is not None:
+                key, secret, token = frozen.access_key, frozen.secret_key, frozen.token
+            if key and secret:
+                self._obs = _ObstoreData(self, endpoint, key, secret, token)
+            # else: aiobotocore reports the missing credentials
         self._ready = True
 
     def _probe_endpoint(self) -> None:
@@ -866,13 +876,28 @@ class _S3Backend(_Backend):
 
         self._run(go, f"delete {key}")
 
+    def move(self, src: str, dst: str) -> bool:
+        """Server-side copy (multipart above 5 GB), then delete the source."""
+        self.ensure_ready()
+
+        async def go() -> bool:
+            try:
+                await self.fs._cp_file(f"{self.bucket}/{self._k(src)}", f"{self.bucket}/{self._k(dst)}")
+            except FileNotFoundError:
+                return False
+            s3 = await self._client()
+            await s3.delete_object(Bucket=self.bucket, Key=self._k(src))
+            return True
+
+        return self._run(go, f"move {src}")
+
     # -- blobs
     async def _upload_one(self, job: UploadJob, counters: _Counters, sem: asyncio.Semaphore) -> None:
         s3 = await self._client()
         key = self._k(job.key)
         fd = os.open(job.path, os.O_RDONLY)
         try:
-            if job.size < MULTIPART_THRESHOLD:
+            if job.size < self.multipart_threshold:
                 async with sem:
                     data = await asyncio.to_thread(os.pread, fd, job.size, 0)
                     if _stat_sig(job.path) != job.sig or len(data) != job.size:
@@ -886,7 +911,7 @@ class _S3Backend(_Backend):
 
                 async def part(number: int, offset: int) -> dict[str, Any]:
                     async with sem:
-                        length = min(PART_SIZE, job.size - offset)
+                        length = min(self.part_size, job.size - offset)
                         data = await asyncio.to_thread(os.pread, fd, length, offset)
                         if len(data) != length:
                             raise StoreError(f"{job.label}: the file changed while it was being published")
@@ -899,7 +924,7 @@ class _S3Backend(_Backend):
                             entry[ck] = r[ck]
                     return entry
 
-                offsets = range(0, job.size, PART_SIZE)
+                offsets = range(0, job.size, self.part_size)
                 parts = await asyncio.gather(*(part(i + 1, off) for i, off in enumerate(offsets)))
                 if _stat_sig(job.path) != job.sig:
                     raise StoreError(f"{job.label}: the file changed while it was being published")
@@ -919,8 +944,8 @@ class _S3Backend(_Backend):
     def upload(self, jobs: Iterable[UploadJob], counters: _Counters) -> None:
         """Start each job as soon as the iterator yields it (hashing of later files overlaps uploads)."""
         self.ensure_ready()
-        if self._http is not None:
-            return self._upload_http(jobs, counters)
+        if self._obs is not None:
+            return self._obs.upload(jobs, counters)
         sem = asyncio.Semaphore(self.concurrency)  # binds to the loop on first use
         futures: list[Future[None]] = []
         try:
@@ -987,10 +1012,10 @@ class _S3Backend(_Backend):
                 pending: dict[int, bytes] = {}
                 state = {"next": 0}
                 lock = asyncio.Lock()
-                starts = list(range(0, job.size, PART_SIZE))
+                starts = list(range(0, job.size, self.part_size))
 
                 async def part(index: int, start: int) -> None:
-                    end = min(start + PART_SIZE, job.size)
+                    end = min(start + self.part_size, job.size)
                     # The window bounds parts downloaded but not yet hashed. Parts take it in order, so
                     # the part the hash waits for always holds one. (On error the call's semaphores die.)
                     await window.acquire()
@@ -1017,8 +1042,8 @@ class _S3Backend(_Backend):
 
     def download(self, jobs: list[DownloadJob], counters: _Counters) -> None:
         self.ensure_ready()
-        if self._http is not None:
-            return self._download_http(jobs, counters)
+        if self._obs is not None:
+            return self._obs.download(jobs, counters)
 
         async def go() -> None:
             sem, window = asyncio.Semaphore(self.concurrency), asyncio.Semaphore(2 * self.concurrency)
@@ -1032,180 +1057,6 @@ class _S3Backend(_Backend):
                 raise
 
         self._run(go, "download")
-
-    # -- blobs over the fast data path
-    def _mpu(self, op: str, **kwargs: Any) -> Any:
-        async def go() -> Any:
-            s3 = await self._client()
-            return await getattr(s3, op)(Bucket=self.bucket, **kwargs)
-
-        return self._run(go, op)
-
-    def _put_small_http(self, job: UploadJob) -> None:
-        assert self._http is not None
-        if job.crcs is not None and len(job.crcs) == 1 and self._http.can_sendfile:
-            headers = {"Content-Length": str(job.size), "x-amz-checksum-crc32": _b64crc(job.crcs[0])}
-            self._http.request(
-                "PUT",
-                self._k(job.key),
-                headers=headers,
-                file_body=(job.path, 0, job.size),
-                operation="PutObject",
-            )
-            if _stat_sig(job.path) != job.sig:
-                raise StoreError(f"{job.label}: the file changed while it was being published")
-            return
-        view = memoryview(self._http.buffer(job.size))[: job.size]
-        with open(job.path, "rb", buffering=0) as fh:
-            got = fh.readinto(view) if job.size else 0
-        if got != job.size or _stat_sig(job.path) != job.sig:
-            raise StoreError(f"{job.label}: the file changed while it was being published")
-        headers = {"Content-Length": str(job.size), "x-amz-checksum-crc32": _crc32_b64(view)}
-        self._http.request("PUT", self._k(job.key), headers=headers, body=view, operation="PutObject")
-
-    def _put_part_http(self, job: UploadJob, upload_id: str, number: int) -> dict[str, Any]:
-        assert self._http is not None
-        offset = (number - 1) * PART_SIZE
-        length = min(PART_SIZE, job.size - offset)
-        query = {"partNumber": str(number), "uploadId": upload_id}
-        if job.crcs is not None and len(job.crcs) > number - 1 and self._http.can_sendfile:
-            # Zero-copy: the kernel sends the part from the page cache; the server checks the CRC32
-            # taken while hashing, so bytes changed since then are refused.
-            crc = _b64crc(job.crcs[number - 1])
-            headers = {"Content-Length": str(length), "x-amz-checksum-crc32": crc}
-            _, resp, _ = self._http.request(
-                "PUT",
-                self._k(job.key),
-                query,
-                headers,
-                file_body=(job.path, offset, length),
-                operation="UploadPart",
-            )
-            return {"PartNumber": number, "ETag": resp.get("ETag", ""), "ChecksumCRC32": crc}
-        view = memoryview(self._http.buffer())[:length]
-        fd = os.open(job.path, os.O_RDONLY)
-        try:
-            got = os.preadv(fd, [view], offset)
-        finally:
-            os.close(fd)
-        if got != length:
-            raise StoreError(f"{job.label}: the file changed while it was being published")
-        crc = _crc32_b64(view)
-        headers = {"Content-Length": str(length), "x-amz-checksum-crc32": crc}
-        _, resp, _ = self._http.request(
-            "PUT", self._k(job.key), query, headers, body=view, operation="UploadPart"
-        )
-        return {"PartNumber": number, "ETag": resp.get("ETag", ""), "ChecksumCRC32": crc}
-
-    def _upload_http(self, jobs: Iterable[UploadJob], counters: _Counters) -> None:
-        """Parts of every file go to one pool of worker threads as soon as each file is hashed."""
-        started: list[tuple[UploadJob, str | None, list[Future[Any]]]] = []
-        failure: BaseException | None = None
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="vinasmol-put") as pool:
-            try:
-                for job in jobs:
-                    if job.size < MULTIPART_THRESHOLD:
-                        started.append((job, None, [pool.submit(self._put_small_http, job)]))
-                        continue
-                    mpu = self._mpu(
-                        "create_multipart_upload", Key=self._k(job.key), ChecksumAlgorithm="CRC32"
-                    )
-                    upload_id = mpu["UploadId"]
-                    nparts = (job.size + PART_SIZE - 1) // PART_SIZE
-                    parts = [pool.submit(self._put_part_http, job, upload_id, n + 1) for n in range(nparts)]
-                    started.append((job, upload_id, parts))
-            except BaseException as exc:  # hashing failed, or a call above
-                failure = exc
-            for job, upload_id, futures in started:
-                error: BaseException | None = failure
-                results = []
-                for fut in futures:
-                    try:
-                        results.append(fut.result())
-                    except BaseException as exc:
-                        error = error or exc
-                if error is None and _stat_sig(job.path) != job.sig:
-                    error = StoreError(f"{job.label}: the file changed while it was being published")
-                if upload_id is not None:
-                    if error is None:
-                        try:
-                            self._mpu(
-                                "complete_multipart_upload",
-                                Key=self._k(job.key),
-                                UploadId=upload_id,
-                                MultipartUpload={"Parts": results},
-                            )
-                        except BaseException as exc:
-                            error = exc
-                    if error is not None:
-                        with contextlib.suppress(Exception):
-                            self._mpu("abort_multipart_upload", Key=self._k(job.key), UploadId=upload_id)
-                if error is None:
-                    counters.up(job.size)
-                failure = failure or error
-        self._http.close_all()
-        if failure is not None:
-            raise self._error(failure, "upload")
-
-    def _get_part_http(self, job: DownloadJob, fd: int, progress: _HashProgress, index: int) -> None:
-        assert self._http is not None
-        buf = self._http.buffer()
-        start = index * PART_SIZE
-        length = min(PART_SIZE, job.size - start)
-        view = memoryview(buf)[:length]
-        headers = {"Range": f"bytes={start}-{start + length - 1}"} if job.size > 0 else {}
-        try:
-            _, _, got = self._http.request(
-                "GET", self._k(job.key), headers=headers, into=view, operation="GetObject"
-            )
-        except Exception as exc:
-            code = self._code(exc)
-            if code in ("404", "NoSuchKey", "NotFound"):
-                raise StoreError(f"{job.label}: blob {job.sha256} is missing from store {self.url}") from None
-            if code == "InvalidRange":
-                raise StoreError(_short(job)) from None
-            raise
-        if got != length:
-            raise StoreError(
-                _short(job) if got < length else f"{job.label}: store blob {job.sha256} is too long"
-            )
-        written = 0
-        while written < length:
-            written += os.pwritev(fd, [view[written:]], start + written)
-        progress.part_done(index, view, buf)
-
-    def _download_http(self, jobs: list[DownloadJob], counters: _Counters) -> None:
-        """Ranged GETs of every file in one pool of worker threads; each file hashed in order as it fills."""
-        opened: list[tuple[DownloadJob, int, _HashProgress, list[Future[None]]]] = []
-        failure: BaseException | None = None
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="vinasmol-get") as pool:
-            try:
-                for job in jobs:
-                    fd = os.open(job.dest, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-                    progress = _HashProgress(fd, job.size)
-                    opened.append((job, fd, progress, []))
-                    nparts = max(1, (job.size + PART_SIZE - 1) // PART_SIZE)
-                    opened[-1][3].extend(
-                        pool.submit(self._get_part_http, job, fd, progress, i) for i in range(nparts)
-                    )
-                for job, _fd, progress, futures in opened:
-                    for fut in futures:
-                        fut.result()
-                    if progress.next * PART_SIZE < job.size:
-                        raise StoreError(f"{job.label}: download incomplete")
-                    got = progress.h.hexdigest()
-                    if got != job.sha256:
-                        raise _mismatch(job, got)
-                    counters.down(job.size)
-            except BaseException as exc:
-                failure = exc
-                pool.shutdown(wait=True, cancel_futures=True)
-            finally:
-                for _job, fd, _progress, _futures in opened:
-                    os.close(fd)
-        self._http.close_all()
-        if failure is not None:
-            raise self._error(failure, "download")
 
     def hash_objects(self, keys: list[str]) -> dict[str, str | Exception]:
         self.ensure_ready()
@@ -1259,174 +1110,139 @@ class _S3Backend(_Backend):
         return self._run(go, "cleanup")
 
 
-# ------------------------------------------------------------------------------------------- fast data path
-class _HttpData:
-    """Blob bytes over plain `http.client` connections, one per worker thread, each request signed with
-    SigV4 (UNSIGNED-PAYLOAD, the body covered by a CRC32 header). Data moves between the socket, one
-    reusable buffer per thread and the file: no other copies, no event-loop overhead. Used for
-    S3-compatible endpoints (an endpoint URL); AWS itself goes through aiobotocore."""
+# ------------------------------------------------------------------------------------------ obstore data path
+class _ObstoreData:
+    """Blob bytes through obstore (Rust object_store): multipart puts, ranged gets hashed in order."""
 
-    def __init__(self, endpoint_url: str, bucket: str, region: str, timeout: float) -> None:
-        parts = urlsplit(endpoint_url)
-        self.https = parts.scheme == "https"
-        self.host = parts.hostname or ""
-        self.port = parts.port or (443 if self.https else 80)
-        self.base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
-        self.bucket = bucket
-        self.region = region
-        self.timeout = timeout
-        self.credentials: Any = None
-        self._local = threading.local()
-        self._conns: list[http.client.HTTPConnection] = []
-        self._conns_lock = threading.Lock()
-        self.can_sendfile = not self.https and hasattr(os, "sendfile")
-
-    def buffer(self, size: int = 0) -> bytearray:
-        """This thread's reusable buffer, at least a part (or `size` bytes) long."""
-        buf = getattr(self._local, "buf", None)
-        if buf is None or len(buf) < max(size, PART_SIZE):
-            buf = self._local.buf = bytearray(max(size, PART_SIZE))
-        return buf
-
-    def _conn(self) -> http.client.HTTPConnection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            if self.https:
-                import ssl
-
-                conn = http.client.HTTPSConnection(
-                    self.host, self.port, timeout=self.timeout, context=ssl.create_default_context()
-                )
-            else:
-                conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-            self._local.conn = conn
-            with self._conns_lock:
-                self._conns.append(conn)
-        return conn
-
-    def close_all(self) -> None:
-        """Close every connection (the worker threads that held them are gone)."""
-        with self._conns_lock:
-            conns, self._conns = self._conns, []
-        for conn in conns:
-            with contextlib.suppress(Exception):
-                conn.close()
-
-    def _drop_conn(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
-            self._local.conn = None
-
-    def _sign(
-        self, method: str, key: str, query: dict[str, str], headers: dict[str, str]
-    ) -> tuple[str, dict]:
-        from botocore.auth import S3SigV4Auth
-        from botocore.awsrequest import AWSRequest
-        from botocore.config import Config
-
-        path = f"/{self.bucket}/{quote(key, safe='/-_.~')}"
-        qs = "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(query.items()))
-        url = self.base + path + (f"?{qs}" if qs else "")
-        req = AWSRequest(method=method, url=url, headers=dict(headers))
-        req.context["client_config"] = Config(s3={"payload_signing_enabled": False})
-        S3SigV4Auth(self.credentials, "s3", self.region).add_auth(req)
-        target = urlsplit(url)
-        return target.path + (f"?{target.query}" if target.query else ""), dict(req.headers.items())
-
-    def request(
+    def __init__(
         self,
-        method: str,
-        key: str,
-        query: dict[str, str] | None = None,
-        headers: dict[str, str] | None = None,
-        body: memoryview | None = None,
-        into: memoryview | None = None,
-        operation: str = "request",
-        file_body: tuple[Path, int, int] | None = None,
-    ) -> tuple[int, http.client.HTTPMessage, int]:
-        """Send one request (retrying connection failures and 5xx); read the body into `into`.
-        Returns (status, headers, bytes read). Errors raise botocore ClientError with the S3 code."""
-        from botocore.exceptions import ClientError
+        backend: _S3Backend,
+        endpoint_url: str | None,
+        key: str | None,
+        secret: str | None,
+        token: str | None,
+    ) -> None:
+        from obstore.store import S3Store
 
-        last: BaseException | None = None
-        for attempt in range(4):
-            if attempt:
-                time.sleep(0.2 * attempt)
-            path, signed = self._sign(method, key, query or {}, headers or {})
-            conn = self._conn()
+        opts: dict[str, Any] = {"region": os.environ["AWS_DEFAULT_REGION"], "unsigned_payload": True}
+        if endpoint_url:
+            opts["endpoint"] = endpoint_url
+            opts["virtual_hosted_style_request"] = False
+        if key and secret:
+            opts.update(access_key_id=key, secret_access_key=secret)
+            if token:
+                opts["token"] = token
+        client = {"allow_http": bool(endpoint_url and endpoint_url.startswith("http://")), "timeout": "120s"}
+        self.backend = backend
+        self.store = S3Store(
+            backend.bucket,
+            prefix=backend.prefix or None,
+            client_options=client,
+            **opts,  # type: ignore[arg-type]
+        )
+
+    def _put(self, job: UploadJob, counters: _Counters) -> None:
+        import obstore
+
+        multipart = job.size >= self.backend.multipart_threshold
+        conc = self.backend.concurrency
+        obstore.put(
+            self.store,
+            job.key,
+            job.path,
+            use_multipart=multipart,
+            chunk_size=self.backend.part_size,
+            max_concurrency=conc,
+        )
+        if _stat_sig(job.path) != job.sig:
+            obstore.delete(self.store, job.key)
+            raise StoreError(f"{job.label}: the file changed while it was being published")
+        counters.up(job.size)
+
+    def upload(self, jobs: Iterable[UploadJob], counters: _Counters) -> None:
+        futures: list[Future[None]] = []
+        with ThreadPoolExecutor(
+            max(1, self.backend.concurrency // 2), thread_name_prefix="vinasmol-obs"
+        ) as pool:
             try:
-                conn.putrequest(method, path, skip_host=False, skip_accept_encoding=True)
-                for name, value in signed.items():
-                    conn.putheader(name, value)
-                if body is None and file_body is None and "Content-Length" not in signed:
-                    conn.putheader("Content-Length", "0")
-                conn.endheaders()
-                if body is not None:
-                    conn.send(body)
-                elif file_body is not None:
-                    path, offset, length = file_body
-                    with open(path, "rb") as fh:
-                        sent = conn.sock.sendfile(fh, offset, length) if length else 0
-                    if sent != length:
-                        raise StoreError(f"{path}: sent {sent} of {length} bytes: the file shrank")
-                resp = conn.getresponse()
-                status = resp.status
-                if status >= 300:
-                    payload = resp.read()
-                    if status >= 500:
-                        last = ClientError(_s3_error(payload, status), operation)
-                        self._drop_conn()
-                        continue
-                    raise ClientError(_s3_error(payload, status), operation)
-                got = 0
-                if into is not None:
-                    while got < len(into):
-                        n = resp.readinto(into[got:])
-                        if not n:
-                            break
-                        got += n
-                rest = resp.read()  # drain so that the connection can be reused
-                if rest and into is not None:
-                    got += len(rest)  # more than asked: the caller sees a size mismatch
-                return status, resp.headers, got
-            except (ClientError, StoreError):
+                for job in jobs:
+                    futures.append(pool.submit(self._put, job, counters))
+            finally:
+                for fut in futures:
+                    fut.result()
+
+    def _get_part(
+        self, job: DownloadJob, fd: int, progress: _HashProgress, index: int, bufs: threading.local
+    ) -> None:
+        import obstore
+
+        start = index * self.backend.part_size
+        length = min(self.backend.part_size, job.size - start)
+        try:
+            data = obstore.get_range(self.store, job.key, start=start, length=length)
+        except FileNotFoundError:
+            raise StoreError(
+                f"{job.label}: blob {job.sha256} is missing from store {self.backend.url}"
+            ) from None
+        view = memoryview(data)
+        if len(view) != length:
+            raise StoreError(_short(job))
+        written = 0
+        while written < length:
+            written += os.pwritev(fd, [view[written:]], start + written)
+        buf = getattr(bufs, "buf", None)
+        if buf is None:
+            buf = bufs.buf = bytearray(self.backend.part_size)
+        progress.part_done(index, view, buf)
+
+    def _get_empty(self, job: DownloadJob) -> None:
+        import obstore
+
+        try:
+            data = obstore.get(self.store, job.key).bytes()
+        except FileNotFoundError:
+            raise StoreError(
+                f"{job.label}: blob {job.sha256} is missing from store {self.backend.url}"
+            ) from None
+        if len(data):
+            raise StoreError(f"{job.label}: store blob {job.sha256} is not empty as the manifest says")
+
+    def download(self, jobs: list[DownloadJob], counters: _Counters) -> None:
+        bufs = threading.local()
+        opened: list[tuple[DownloadJob, int, _HashProgress, list[Future[None]]]] = []
+        with ThreadPoolExecutor(self.backend.concurrency, thread_name_prefix="vinasmol-obs") as pool:
+            try:
+                for job in jobs:
+                    fd = os.open(job.dest, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                    progress = _HashProgress(fd, job.size, self.backend.part_size)
+                    if job.size == 0:
+                        futs = [pool.submit(self._get_empty, job)]
+                    else:
+                        n = (job.size + self.backend.part_size - 1) // self.backend.part_size
+                        futs = [pool.submit(self._get_part, job, fd, progress, i, bufs) for i in range(n)]
+                    opened.append((job, fd, progress, futs))
+                for job, _fd, progress, futs in opened:
+                    for fut in futs:
+                        fut.result()
+                    got = progress.h.hexdigest()
+                    if got != job.sha256:
+                        raise _mismatch(job, got)
+                    counters.down(job.size)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
                 raise
-            except (OSError, http.client.HTTPException) as exc:
-                last = exc
-                self._drop_conn()
-        assert last is not None
-        raise last
-
-
-def _s3_error(payload: bytes, status: int) -> dict[str, Any]:
-    text = payload.decode("utf-8", "replace")
-    code = re.search(r"<Code>([^<]*)</Code>", text)
-    message = re.search(r"<Message>([^<]*)</Message>", text)
-    return {
-        "Error": {
-            "Code": code.group(1) if code else str(status),
-            "Message": message.group(1) if message else "",
-        },
-        "ResponseMetadata": {"HTTPStatusCode": status},
-    }
-
-
-def _crc32_b64(data: memoryview) -> str:
-    return _b64crc(zlib.crc32(data))
-
-
-def _b64crc(crc: int) -> str:
-    return base64.b64encode(crc.to_bytes(4, "big")).decode()
+            finally:
+                for _job, fd, _progress, _futs in opened:
+                    os.close(fd)
 
 
 class _HashProgress:
     """Hashes a file being written part by part, in order, as soon as each prefix is complete."""
 
-    def __init__(self, fd: int, size: int) -> None:
+    def __init__(self, fd: int, size: int, part_size: int) -> None:
         self.fd = fd
         self.size = size
+        self.part_size = part_size
         self.h = hashlib.sha256()
         self.next = 0
         self.done: set[int] = set()
@@ -1450,8 +1266,8 @@ class _HashProgress:
             if idx == index and own_valid:
                 self.h.update(data)
             else:  # another thread's part: read it back (from the page cache)
-                start = idx * PART_SIZE
-                length = min(PART_SIZE, self.size - start)
+                start = idx * self.part_size
+                length = min(self.part_size, self.size - start)
                 view = memoryview(buf)[:length]
                 got = os.preadv(self.fd, [view], start)
                 if got != length:
@@ -1486,9 +1302,13 @@ class ArtifactStore:
         secret: str | None = None,
         cache_dir: Path | None = None,
         max_workers: int = 8,
+        data_path: str = "auto",
+        part_size: int = PART_SIZE,
     ) -> None:
         """`url` defaults to $VINASMOL_STORE, else file:// under the user's data folder.
-        S3 credentials default to AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL."""
+        S3 credentials default to AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL.
+        S3 blobs move in `part_size` parts through obstore where there is an endpoint URL (`data_path`
+        "auto"; "obstore" or "aiobotocore" to choose)."""
         raw = (url or "").strip() or default_store_url()
         if "://" not in raw:  # a plain path
             raw = Path(raw).expanduser().resolve().as_uri()
@@ -1527,6 +1347,8 @@ class ArtifactStore:
                 secret if secret is not None else os.environ.get("AWS_SECRET_ACCESS_KEY"),
                 self.max_workers,
                 token=os.environ.get("AWS_SESSION_TOKEN") if key is None else None,
+                data_path=data_path,
+                part_size=part_size,
             )
         elif scheme == "memory":
             self._backend = _MemoryBackend(raw[len("memory://") :], self.max_workers)
@@ -1680,20 +1502,42 @@ class ArtifactStore:
             self._move_ref(ref, target)
 
     def _move_ref(self, ref: str, digest: str | None) -> None:
-        stamp = f"{time.time_ns():020d}"
-        self._backend.write(f"ref-history/{ref}/{stamp}-{digest or 'deleted'}", b"")
+        """Write (or delete) the ref, then record what it holds now. Of concurrent movers, each stamps its
+        entry after its own write and reads the ref after stamping, so the newest entry names the ref's
+        final target (a mover that lost the race records the winner's target)."""
         if digest is None:
             self._backend.delete(_ref_key(ref))
         else:
             body = json.dumps({"digest": digest, "updated": datetime.now(UTC).isoformat()}).encode()
             self._backend.write(_ref_key(ref), body)
+        stamp = f"{time.time_ns():020d}"
+        now = self._read_ref(ref)
+        self._backend.write(f"ref-history/{ref}/{stamp}-{now or 'deleted'}", b"")
 
-    def delete_ref(self, ref: str) -> None:
-        """Remove a ref (its history keeps the deletion); manifests and blobs stay."""
+    def delete_ref(self, ref: str, prune_manifest: bool = False) -> None:
+        """Remove a ref (its history keeps the deletion). With `prune_manifest`, also remove the manifest
+        it named unless another ref names it, so that the next `gc` reclaims its blobs; otherwise
+        manifests and blobs stay."""
         validate_ref(ref)
-        if self._read_ref(ref) is None:
+        digest = self._read_ref(ref)
+        if digest is None:
             raise StoreError(f"no ref named {ref!r} in store {self.url}")
         self._move_ref(ref, None)
+        if prune_manifest:
+            self._prune_manifest(digest)
+
+    def _prune_manifest(self, digest: str) -> None:
+        """Delete a manifest no ref names; put it back if a ref moved onto it meanwhile."""
+        if digest in self.list_refs().values():
+            return
+        data = self._backend.read(_manifest_key(digest))
+        if data is None:
+            return
+        self._backend.delete(_manifest_key(digest))
+        with self._lock:
+            self._manifest_cache.pop(digest, None)
+        if digest in self.list_refs().values():
+            self._backend.write(_manifest_key(digest), data)
 
     def list_refs(self, prefix: str = "") -> dict[str, str]:
         """{ref name: digest} for every ref whose name starts with `prefix`."""
@@ -1783,21 +1627,29 @@ class ArtifactStore:
             stored: Manifest = new
         else:
             stored = self._parse_manifest(digest, existing)
-        # A concurrent `gc` may have removed an old unreferenced blob this publish relied on: put it back.
-        if src_dir is not None:
-            missing = self._missing_blobs(new.files)
-            if missing:
-                local = dict(files)
-                self._backend.upload(
-                    [
-                        UploadJob(
-                            _blob_key(e.sha256), local[p], e.size, _stat_sig(local[p]), f"{label}: file {p}"
-                        )
-                        for p, e in new.files.items()
-                        if p in missing
-                    ],
-                    self._counters,
-                )
+        # A concurrent `gc` may have set aside an old unreferenced blob this publish relied on (after the
+        # checks above, before it could see this manifest): put it back, now that the manifest protects it.
+        missing = self._missing_blobs(new.files)
+        if missing and src_dir is None:
+            if existing is None:
+                self._backend.delete(_manifest_key(digest))
+            path = sorted(missing)[0]
+            raise StoreError(
+                f"cannot publish {label}: file {path} (blob {new.files[path].sha256}) vanished from store "
+                f"{self.url} while publishing (a concurrent gc?); publish it with src_dir"
+            )
+        if missing and src_dir is not None:
+            local = dict(files)
+            self._backend.upload(
+                [
+                    UploadJob(
+                        _blob_key(e.sha256), local[p], e.size, _stat_sig(local[p]), f"{label}: file {p}"
+                    )
+                    for p, e in new.files.items()
+                    if p in missing
+                ],
+                self._counters,
+            )
         with self._lock:
             self._manifest_cache[digest] = stored
         if ref is not None and self._read_ref(ref) != digest:
@@ -1816,25 +1668,19 @@ class ArtifactStore:
         seen: set[str] = set()
         hashers = min(4, max(1, os.cpu_count() or 1), max(1, len(files)))
 
-        want_crcs = self._backend.wants_crcs
-
-        def hashed(item: tuple[str, Path]) -> tuple[str, Path, FileEntry, tuple[int, int, int], list[int]]:
+        def hashed(item: tuple[str, Path]) -> tuple[str, Path, FileEntry, tuple[int, int, int]]:
             rel, full = item
             sig = _stat_sig(full)
-            if want_crcs:  # chunks aligned on upload parts: the CRCs come free with the hash's read
-                mode = "whole" if sig[0] < MULTIPART_THRESHOLD else "parts"
-                entry, crcs = _hash_file(full, PART_SIZE, mode)
-            else:
-                entry, crcs = _hash_file(full, CHUNK)
+            entry = hash_file(full, CHUNK)
             if _stat_sig(full) != sig:
                 raise StoreError(f"{label}: file {rel} changed while it was being hashed")
-            return rel, full, entry, sig, crcs
+            return rel, full, entry, sig
 
         def jobs(pool: ThreadPoolExecutor) -> Iterator[UploadJob]:
             futures = [pool.submit(hashed, item) for item in files]
             try:
                 for fut in as_completed(futures):
-                    rel, full, entry, sig, crcs = fut.result()
+                    rel, full, entry, sig = fut.result()
                     entries[rel] = entry
                     if entry.sha256 in seen:
                         continue
@@ -1842,9 +1688,7 @@ class ArtifactStore:
                     info = self._backend.stat(_blob_key(entry.sha256))
                     if info is not None and info.size == entry.size:
                         continue
-                    yield UploadJob(
-                        _blob_key(entry.sha256), full, entry.size, sig, f"{label}: file {rel}", crcs or None
-                    )
+                    yield UploadJob(_blob_key(entry.sha256), full, entry.size, sig, f"{label}: file {rel}")
             finally:
                 for fut in futures:
                     fut.cancel()
@@ -1860,7 +1704,7 @@ class ArtifactStore:
         digest = self._resolve_for_fetch(ref_or_digest)
         final = self.cache_dir / digest
         m = self._cached_manifest(digest)
-        if m is not None and final.is_dir() and self._cache_complete(final, m):
+        if m is not None and final.is_dir() and self._cache_valid(final, digest, m):
             return final
         m = self.get_manifest(digest)
         label = f"artifact {m.name or m.kind} ({digest[:12]})"
@@ -1896,11 +1740,14 @@ class ArtifactStore:
             self._backend.download(list(by_sha.values()), self._counters)
             for src, dst in copies:
                 shutil.copyfile(src.dest, dst.dest)
+            for job in jobs:
+                os.chmod(job.dest, 0o444)
             self._remember_manifest(digest, m)
             try:
                 os.rename(tmp, final)
+                self._write_marks(digest, {p: _file_sig(final / p) for p in m.files})
             except OSError:
-                if final.is_dir() and self._cache_complete(final, m):  # a concurrent fetch won
+                if final.is_dir() and self._cache_valid(final, digest, m):  # a concurrent fetch won
                     shutil.rmtree(tmp, ignore_errors=True)
                 else:
                     raise
@@ -1934,14 +1781,43 @@ class ArtifactStore:
             return None
         return m if m.digest == digest else None
 
-    @staticmethod
-    def _cache_complete(folder: Path, m: Manifest) -> bool:
+    def _marks_path(self, digest: str) -> Path:
+        return self.cache_dir / ".manifests" / f"{digest}.verified"
+
+    def _write_marks(self, digest: str, marks: dict[str, tuple[int, ...]]) -> None:
+        """Remember each cached file's stat signature as of its last sha256 check."""
+        path = self._marks_path(digest)
+        tmp = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_text(json.dumps({p: list(sig) for p, sig in marks.items()}))
+        os.replace(tmp, path)
+
+    def _cache_valid(self, folder: Path, digest: str, m: Manifest) -> bool:
+        """Whether every file of the cached copy still has its manifest's bytes. A file whose stat
+        signature (size, mtime, ctime, inode) changed since its last check is hashed again."""
+        try:
+            marks = json.loads(self._marks_path(digest).read_text())
+        except (OSError, ValueError):
+            marks = {}
+        if not isinstance(marks, dict):
+            marks = {}
+        changed = False
         for path, entry in m.files.items():
+            file = folder / path
             try:
-                if (folder / path).stat().st_size != entry.size:
+                sig = _file_sig(file)
+                if sig[0] != entry.size:
                     return False
+                if marks.get(path) == list(sig):
+                    continue
+                if hash_file(file).sha256 != entry.sha256:
+                    return False
+                os.chmod(file, 0o444)
+                marks[path], changed = list(_file_sig(file)), True
             except OSError:
                 return False
+        if changed:
+            with contextlib.suppress(OSError):
+                self._write_marks(digest, {p: tuple(marks[p]) for p in m.files})
         return True
 
     def _discard(self, folder: Path) -> None:
@@ -2019,11 +1895,8 @@ class ArtifactStore:
                 report.problems.append(f"ref {name!r} points at missing manifest {d}")
         return report
 
-    def gc(self, grace: timedelta = timedelta(hours=24), dry_run: bool = False) -> GcReport:
-        """Delete blobs no manifest names that are older than `grace` (and stale partial uploads)."""
-        report = GcReport(dry_run=dry_run)
-        cutoff = time.time() - grace.total_seconds()
-        blobs = self._backend.list("blobs")  # listed before the manifests: newer manifests protect theirs
+    def _referenced_blobs(self) -> set[str]:
+        """sha256 of every blob some manifest names (StoreError while a manifest is unreadable)."""
         referenced: set[str] = set()
         digests = self.list_manifests()
         raw = self._backend.read_many([_manifest_key(d) for d in digests])
@@ -2033,20 +1906,55 @@ class ArtifactStore:
                 continue
             m = self._parse_manifest(d, data)  # refuse to collect anything while a manifest is unreadable
             referenced.update(e.sha256 for e in m.files.values())
+        return referenced
+
+    def gc(self, grace: timedelta = timedelta(hours=24), dry_run: bool = False) -> GcReport:
+        """Delete blobs no manifest names that are older than `grace` (and stale partial uploads).
+
+        Doomed blobs are moved to trash/ first; the manifests are then read again and any blob a manifest
+        now names (a concurrent publish reused it) is put back, the rest deleted."""
+        report = GcReport(dry_run=dry_run)
+        cutoff = time.time() - grace.total_seconds()
+        blobs = self._backend.list("blobs")  # listed before the manifests: newer manifests protect theirs
+        referenced = self._referenced_blobs()
         report.blobs_total = len(blobs)
+        doomed: list[ObjInfo] = []
         for obj in blobs:
-            sha = obj.key.rsplit("/", 1)[-1]
-            if sha in referenced:
+            if obj.key.rsplit("/", 1)[-1] in referenced:
                 continue
             if obj.mtime > cutoff:
                 report.blobs_kept_recent += 1
+            else:
+                doomed.append(obj)
+        if dry_run:
+            report.blobs_deleted = len(doomed)
+            report.bytes_deleted = sum(obj.size for obj in doomed)
+        else:
+            for obj in doomed:
+                self._backend.move(obj.key, f"{TRASH}{obj.key.rsplit('/', 1)[-1]}")
+            self._empty_trash(report)
+        report.stale_uploads_removed = self._backend.cleanup_stale(cutoff, dry_run)
+        return report
+
+    def _empty_trash(self, report: GcReport) -> None:
+        """Put back every blob in trash/ that a manifest names now; delete the others."""
+        trash = self._backend.list(TRASH.rstrip("/"))  # also what an interrupted gc left there
+        if not trash:
+            return
+        referenced = self._referenced_blobs()
+        for obj in trash:
+            sha = obj.key.rsplit("/", 1)[-1]
+            if not _HEX64.match(sha):
+                continue
+            if sha in referenced:
+                if self._backend.stat(_blob_key(sha)) is None:
+                    self._backend.move(obj.key, _blob_key(sha))
+                else:  # the publisher uploaded it again
+                    self._backend.delete(obj.key)
                 continue
             report.blobs_deleted += 1
             report.bytes_deleted += obj.size
-            if not dry_run:
-                self._backend.delete(obj.key)
-        report.stale_uploads_removed = self._backend.cleanup_stale(cutoff, dry_run)
-        return report
+            self._backend.delete(obj.key)
 
     def delete_manifest(self, digest: str) -> None:
         """Remove a manifest no ref points at (its blobs go at the next `gc`)."""

@@ -233,8 +233,8 @@ class Checkpointer:
         )
 
     def prune(self, newest: int) -> None:
-        """Drop the refs of train-states older than the newest `keep_checkpoints` (blobs stay until
-        the store's garbage collection)."""
+        """Drop train-states older than the newest `keep_checkpoints`: their refs and, where no other
+        ref names them, their manifests, so the store's garbage collection frees their blobs."""
         keep = self.spec.keep_checkpoints
         if keep is None:
             return
@@ -244,7 +244,7 @@ class Checkpointer:
             if (m := STEP_REF.search(ref)) and int(m.group(1)) <= newest
         )
         for _, ref in steps[:-keep]:
-            self.store.delete_ref(ref)
+            self.store.delete_ref(ref, prune_manifest=True)
 
     # ------------------------------------------------------------------ the final checkpoint
     def publish_final(
