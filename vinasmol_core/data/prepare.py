@@ -32,7 +32,14 @@ import numpy as np
 
 from vinasmol_core.data.clean import FILTERS
 from vinasmol_core.data.fastbpe import BPETables
-from vinasmol_core.data.readers import ReadCounters, ResolvedFile, iter_batches, resolve_files, source_digest
+from vinasmol_core.data.readers import (
+    ReadCounters,
+    ResolvedFile,
+    auto_workers,
+    iter_batches,
+    resolve_files,
+    source_digest,
+)
 from vinasmol_core.data.shards import ShardWriter, dtype_for_vocab
 from vinasmol_core.data.spec import DatasetInfo, PrepareSettings, SourceSpec, SourceStats
 from vinasmol_core.data.tokcheck import EOS_TOKEN, tokenizer_digest, tokenizer_file
@@ -41,7 +48,6 @@ from vinasmol_core.data.worker import (
     BatchResult,
     WorkerConfig,
     WorkerPool,
-    auto_workers,
     minhash_scheme,
     split_is_val,
 )

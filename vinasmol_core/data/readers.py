@@ -300,3 +300,18 @@ def _record_batches(records: Iterator[tuple[str, str | None]], batch: Batch, new
             batch = new_batch(batch.where)
     if batch.ids:
         yield batch
+
+
+def auto_workers(files: dict[str, list[ResolvedFile]], sources: list[SourceSpec]) -> int:
+    """Worker processes: one per usable core, none for small local inputs (process start-up dominates)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    if cores < 2:
+        return 0
+    if all(s.paths for s in sources) and all(f.local for fs in files.values() for f in fs):
+        size = sum(os.path.getsize(f.url) * (4 if f.compression else 1) for fs in files.values() for f in fs)
+        if size < (16 << 20):
+            return 0
+    return min(cores, 8)

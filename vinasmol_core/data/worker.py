@@ -7,7 +7,7 @@ whole corpus (is this hash new? does LSH know a near-duplicate?) are left to the
 which sees the results in order.
 
 WorkerPool runs the batches, in spawned worker processes or in this process, and gives back their
-results in input order; auto_workers picks how many processes a build gets.
+results in input order.
 """
 
 from __future__ import annotations
@@ -35,8 +35,7 @@ from vinasmol_core.data.spec import CleaningSpec
 from vinasmol_core.errors import VinaSmolError
 
 if TYPE_CHECKING:
-    from vinasmol_core.data.readers import ResolvedFile
-    from vinasmol_core.data.spec import SourceSpec
+    pass
 
 # A sampled document is checked on at most this many leading characters (a prefix is a text like any
 # other; the tokenizer's own encoder runs at about 1.5 MB/s, and whole documents made it 0.5 s of CPU
@@ -287,21 +286,6 @@ def process_in_worker(batch: Batch) -> BatchResult:
 
 
 M = TypeVar("M")
-
-
-def auto_workers(files: dict[str, list[ResolvedFile]], sources: list[SourceSpec]) -> int:
-    """Worker processes: one per usable core, none for small local inputs (process start-up dominates)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    if cores < 2:
-        return 0
-    if all(s.paths for s in sources) and all(f.local for fs in files.values() for f in fs):
-        size = sum(os.path.getsize(f.url) * (4 if f.compression else 1) for fs in files.values() for f in fs)
-        if size < (16 << 20):
-            return 0
-    return min(cores, 8)
 
 
 class WorkerPool:
