@@ -123,7 +123,7 @@ def measure_ours(config: Any, policy: str, args: argparse.Namespace) -> dict[str
     if args.compile:
         model = torch.compile(model)
     model = fabric.setup_module(model)
-    optimizer, _ = make_optimizer(raw, spec, fabric.device.type)
+    optimizer, _ = make_optimizer(raw, spec)
     optimizer = fabric.setup_optimizers(optimizer)
     g = torch.Generator().manual_seed(0)
     times: list[float] = []

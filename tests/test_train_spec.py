@@ -111,7 +111,7 @@ def test_frozen_tensors_and_rows_do_not_move(policy) -> None:
     before = {k: v.detach().clone() for k, v in params.plain_state_dict(model).items()}
     trainable = params.apply_policy(model, policy, base_vocab_size=BASE)
     s = spec(trainable=policy, lr=1e-2, weight_decay=0.1)
-    optimizer, names = make_optimizer(model, s, "cpu")
+    optimizer, names = make_optimizer(model, s)
     opt_params = {names[id(p)] for g in optimizer.param_groups for p in g["params"]}
     assert opt_params == set(trainable)
     g = torch.Generator().manual_seed(0)

@@ -59,6 +59,16 @@ def first_batch_digest(sampler: MixtureSampler, global_batch: int) -> str:
     return h.hexdigest()
 
 
+def gradient_norm(fabric: Fabric, model: Any, optimizer: Any, grad_clip: float | None) -> torch.Tensor:
+    """The gradients' total norm, clipped to `grad_clip` when set. Without clipping only the norm is
+    computed (no pass multiplying every gradient by 1.0); FSDP's sharded norm always goes through
+    Fabric."""
+    if grad_clip is not None or dist.is_fsdp(fabric):
+        max_norm = grad_clip if grad_clip is not None else math.inf  # inf: gradients times exactly 1.0
+        return fabric.clip_gradients(model, optimizer, max_norm=max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+
+
 def optimizer_step(
     fabric: Fabric,
     model: Any,
@@ -80,10 +90,7 @@ def optimizer_step(
             loss = F.cross_entropy(logits[..., :vocab].reshape(-1, vocab).float(), y.reshape(-1))
             fabric.backward(loss / accum)
         loss_sum += loss.detach()
-    # with max_norm=inf the gradients are multiplied by exactly 1.0: the norm is measured, nothing clipped
-    grad_norm = fabric.clip_gradients(
-        model, optimizer, max_norm=grad_clip if grad_clip is not None else math.inf
-    )
+    grad_norm = gradient_norm(fabric, model, optimizer, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return fabric.all_reduce(loss_sum / accum, reduce_op="mean"), grad_norm
@@ -224,7 +231,7 @@ class StageRunner:
         if spec.compile:
             model = torch.compile(model)
         module = fabric.setup_module(model)
-        optimizer, names = runtime.make_optimizer(raw, spec, fabric.device.type)
+        optimizer, names = runtime.make_optimizer(raw, spec)
         wrapped = fabric.setup_optimizers(optimizer)
         raw_optimizer = getattr(wrapped, "optimizer", wrapped)
         return StageModel(module, raw, wrapped, raw_optimizer, names, trainable, init_state)

@@ -105,7 +105,7 @@ class StageSpec(BaseModel):
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     compile: bool = False
     activation_checkpointing: bool = False
-    fused_adamw: bool | None = Field(default=None, description="default: on for CUDA")
+    fused_adamw: bool | None = Field(default=None, description="fused AdamW kernel; default: on")
     deterministic: bool | None = Field(default=None, description="default: on for the CPU")
     cpu_threads: int | None = Field(default=None, gt=0, description="torch threads per process on the CPU")
 
