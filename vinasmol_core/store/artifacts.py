@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -22,6 +21,14 @@ from vinasmol_core.manifests import FileEntry, Manifest, manifest_from_json
 from vinasmol_core.store.backends import open_backend
 from vinasmol_core.store.backends.base import DownloadJob, ObjInfo, UploadJob, _Backend, _Counters
 from vinasmol_core.store.backends.s3 import PART_SIZE
+from vinasmol_core.store.cache import (
+    cache_valid,
+    cached_manifest,
+    clean_cache_tmp,
+    discard,
+    remember_manifest,
+    write_marks,
+)
 from vinasmol_core.store.hashing import CHUNK, _file_sig, _stat_sig, hash_file
 from vinasmol_core.store.layout import (
     _HEX64,
@@ -38,6 +45,7 @@ from vinasmol_core.store.layout import (
 from vinasmol_core.store.reports import GcReport, RefMove, VerifyReport
 
 M = TypeVar("M", bound=Manifest)
+_Needed = dict[str, tuple[int, list[str]]]  # sha256 -> (size, the files that name it)
 
 
 class ArtifactStore:
@@ -310,6 +318,7 @@ class ArtifactStore:
         if ref is not None:
             validate_ref(ref)
         label = f"artifact {manifest.name or manifest.kind}"
+        files: list[tuple[str, Path]] | None = None
         if src_dir is not None:
             src_dir = Path(src_dir)
             files = self._scan(src_dir)
@@ -317,18 +326,38 @@ class ArtifactStore:
             entries = self._hash_and_upload(files, label)
             new = manifest.model_copy(update={"files": dict(sorted(entries.items()))})
         else:
-            for path in manifest.files:
-                _check_path(path, f"cannot publish {label}")
-            self._backend.ensure_ready(write=True)
-            new = manifest.model_copy(deep=True)
-            missing = self._missing_blobs(new.files)
-            if missing:
-                path = sorted(missing)[0]
-                raise StoreError(
-                    f"cannot publish {label}: file {path} (blob {new.files[path].sha256}) is not in store "
-                    f"{self.url}; publish it with src_dir"
-                )
-        # Round-trip through JSON so that what is stored parses back to the same digest.
+            new = self._with_stored_blobs(manifest, label)
+        digest, data = self._manifest_bytes(new, label)
+        existing = self._backend.read(_manifest_key(digest))
+        if existing is None:
+            self._backend.write(_manifest_key(digest), data)
+            stored: Manifest = new
+        else:
+            stored = self._parse_manifest(digest, existing)
+        self._restore_blobs(new, digest, files, existing is None, label)
+        with self._lock:
+            self._manifest_cache[digest] = stored
+        if ref is not None and self._read_ref(ref) != digest:
+            self._move_ref(ref, digest)
+        return stored.model_copy(deep=True)  # type: ignore[return-value]
+
+    def _with_stored_blobs(self, manifest: M, label: str) -> M:
+        """A copy of a manifest published without files: StoreError unless the store has its blobs."""
+        for path in manifest.files:
+            _check_path(path, f"cannot publish {label}")
+        self._backend.ensure_ready(write=True)
+        new = manifest.model_copy(deep=True)
+        missing = self._missing_blobs(new.files)
+        if missing:
+            path = sorted(missing)[0]
+            raise StoreError(
+                f"cannot publish {label}: file {path} (blob {new.files[path].sha256}) is not in store "
+                f"{self.url}; publish it with src_dir"
+            )
+        return new
+
+    def _manifest_bytes(self, new: Manifest, label: str) -> tuple[str, bytes]:
+        """The digest and canonical JSON of a manifest, which must parse back to the same digest."""
         data = new.canonical_json()
         try:
             parsed = manifest_from_json(data)
@@ -337,40 +366,41 @@ class ArtifactStore:
         digest = new.digest
         if parsed.digest != digest:
             raise StoreError(f"cannot publish {label}: manifest does not round-trip through JSON")
-        existing = self._backend.read(_manifest_key(digest))
-        if existing is None:
-            self._backend.write(_manifest_key(digest), data)
-            stored: Manifest = new
-        else:
-            stored = self._parse_manifest(digest, existing)
-        # A concurrent `gc` may have set aside an old unreferenced blob this publish relied on (after the
-        # checks above, before it could see this manifest): put it back, now that the manifest protects it.
+        return digest, data
+
+    def _restore_blobs(
+        self,
+        new: Manifest,
+        digest: str,
+        files: list[tuple[str, Path]] | None,
+        wrote_manifest: bool,
+        label: str,
+    ) -> None:
+        """Check the manifest's blobs once more, now that the stored manifest protects them.
+
+        A concurrent `gc` may have set aside an old unreferenced blob this publish relied on (after the
+        first checks, before it could see this manifest): upload it again from `files`, or, when the
+        publish has no files, take back the manifest this publish wrote and fail."""
         missing = self._missing_blobs(new.files)
-        if missing and src_dir is None:
-            if existing is None:
+        if not missing:
+            return
+        if files is None:
+            if wrote_manifest:
                 self._backend.delete(_manifest_key(digest))
             path = sorted(missing)[0]
             raise StoreError(
                 f"cannot publish {label}: file {path} (blob {new.files[path].sha256}) vanished from store "
                 f"{self.url} while publishing (a concurrent gc?); publish it with src_dir"
             )
-        if missing and src_dir is not None:
-            local = dict(files)
-            self._backend.upload(
-                [
-                    UploadJob(
-                        _blob_key(e.sha256), local[p], e.size, _stat_sig(local[p]), f"{label}: file {p}"
-                    )
-                    for p, e in new.files.items()
-                    if p in missing
-                ],
-                self._counters,
-            )
-        with self._lock:
-            self._manifest_cache[digest] = stored
-        if ref is not None and self._read_ref(ref) != digest:
-            self._move_ref(ref, digest)
-        return stored.model_copy(deep=True)  # type: ignore[return-value]
+        local = dict(files)
+        self._backend.upload(
+            [
+                UploadJob(_blob_key(e.sha256), local[p], e.size, _stat_sig(local[p]), f"{label}: file {p}")
+                for p, e in new.files.items()
+                if p in missing
+            ],
+            self._counters,
+        )
 
     def _missing_blobs(self, files: dict[str, FileEntry]) -> set[str]:
         keys = {_blob_key(e.sha256): e for e in files.values()}
@@ -419,145 +449,88 @@ class ArtifactStore:
         sha256 (StoreError naming the artifact and file on mismatch). A second fetch transfers nothing."""
         digest = self._resolve_for_fetch(ref_or_digest)
         final = self.cache_dir / digest
-        m = self._cached_manifest(digest)
-        if m is not None and final.is_dir() and self._cache_valid(final, digest, m):
+        m = cached_manifest(self.cache_dir, digest)
+        if m is not None and final.is_dir() and cache_valid(self.cache_dir, final, digest, m):
             return final
         m = self.get_manifest(digest)
         label = f"artifact {m.name or m.kind} ({digest[:12]})"
         for path in m.files:
             _check_path(path, f"cannot fetch {label}")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self._clean_cache_tmp()
+        clean_cache_tmp(self.cache_dir)
         if final.exists():  # incomplete or modified copy: replace it
-            self._discard(final)
+            discard(self.cache_dir, final)
         tmp = self.cache_dir / f".tmp-{digest[:16]}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            jobs = []
-            root = tmp.resolve()
-            for path, entry in sorted(m.files.items()):
-                dest = (tmp / path).resolve()
-                if root not in dest.parents:
-                    raise StoreError(f"cannot fetch {label}: file {path} escapes the artifact folder")
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                jobs.append(
-                    DownloadJob(
-                        _blob_key(entry.sha256), dest, entry.size, entry.sha256, f"{label}: file {path}"
-                    )
-                )
-            # Several files with the same content: download once, copy locally.
-            by_sha: dict[str, DownloadJob] = {}
-            copies: list[tuple[DownloadJob, DownloadJob]] = []
-            for job in jobs:
-                if job.sha256 in by_sha:
-                    copies.append((by_sha[job.sha256], job))
-                else:
-                    by_sha[job.sha256] = job
-            self._backend.download(list(by_sha.values()), self._counters)
-            for src, dst in copies:
-                shutil.copyfile(src.dest, dst.dest)
-            for job in jobs:
-                os.chmod(job.dest, 0o444)
-            self._remember_manifest(digest, m)
-            try:
-                os.rename(tmp, final)
-                self._write_marks(digest, {p: _file_sig(final / p) for p in m.files})
-            except OSError:
-                if final.is_dir() and self._cache_valid(final, digest, m):  # a concurrent fetch won
-                    shutil.rmtree(tmp, ignore_errors=True)
-                else:
-                    raise
+            self._download_into(tmp, m, label)
+            remember_manifest(self.cache_dir, digest, m)
+            self._install(tmp, final, digest, m)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return final
 
+    def _download_into(self, tmp: Path, m: Manifest, label: str) -> None:
+        """Download and verify every file of `m` into `tmp`, read-only; equal files are downloaded once."""
+        jobs = []
+        root = tmp.resolve()
+        for path, entry in sorted(m.files.items()):
+            dest = (tmp / path).resolve()
+            if root not in dest.parents:
+                raise StoreError(f"cannot fetch {label}: file {path} escapes the artifact folder")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            jobs.append(
+                DownloadJob(_blob_key(entry.sha256), dest, entry.size, entry.sha256, f"{label}: file {path}")
+            )
+        by_sha: dict[str, DownloadJob] = {}
+        copies: list[tuple[DownloadJob, DownloadJob]] = []
+        for job in jobs:
+            if job.sha256 in by_sha:
+                copies.append((by_sha[job.sha256], job))
+            else:
+                by_sha[job.sha256] = job
+        self._backend.download(list(by_sha.values()), self._counters)
+        for src, dst in copies:
+            shutil.copyfile(src.dest, dst.dest)
+        for job in jobs:
+            os.chmod(job.dest, 0o444)
+
+    def _install(self, tmp: Path, final: Path, digest: str, m: Manifest) -> None:
+        """Rename the downloaded folder into place and mark its files verified; if a concurrent fetch put
+        a valid copy there first, keep that one."""
+        try:
+            os.rename(tmp, final)
+            write_marks(self.cache_dir, digest, {p: _file_sig(final / p) for p in m.files})
+        except OSError:
+            if final.is_dir() and cache_valid(self.cache_dir, final, digest, m):  # a concurrent fetch won
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                raise
+
     def _resolve_for_fetch(self, ref_or_digest: str) -> str:
         name = ref_or_digest.strip() if isinstance(ref_or_digest, str) else ref_or_digest
         if isinstance(name, str) and _HEX64.match(name) and (self.cache_dir / name).is_dir():
-            if self._cached_manifest(name) is not None:
+            if cached_manifest(self.cache_dir, name) is not None:
                 return name  # full digest already cached: no need to ask the store
         return self.resolve(ref_or_digest)
-
-    def _manifest_copy_path(self, digest: str) -> Path:
-        return self.cache_dir / ".manifests" / f"{digest}.json"
-
-    def _remember_manifest(self, digest: str, m: Manifest) -> None:
-        path = self._manifest_copy_path(digest)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_bytes(m.canonical_json())
-        os.replace(tmp, path)
-
-    def _cached_manifest(self, digest: str) -> Manifest | None:
-        path = self._manifest_copy_path(digest)
-        try:
-            m = manifest_from_json(path.read_bytes())
-        except (OSError, ValidationError, ValueError):
-            return None
-        return m if m.digest == digest else None
-
-    def _marks_path(self, digest: str) -> Path:
-        return self.cache_dir / ".manifests" / f"{digest}.verified"
-
-    def _write_marks(self, digest: str, marks: dict[str, tuple[int, ...]]) -> None:
-        """Remember each cached file's stat signature as of its last sha256 check."""
-        path = self._marks_path(digest)
-        tmp = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(json.dumps({p: list(sig) for p, sig in marks.items()}))
-        os.replace(tmp, path)
-
-    def _cache_valid(self, folder: Path, digest: str, m: Manifest) -> bool:
-        """Whether every file of the cached copy still has its manifest's bytes. A file whose stat
-        signature (size, mtime, ctime, inode) changed since its last check is hashed again."""
-        try:
-            marks = json.loads(self._marks_path(digest).read_text())
-        except (OSError, ValueError):
-            marks = {}
-        if not isinstance(marks, dict):
-            marks = {}
-        changed = False
-        for path, entry in m.files.items():
-            file = folder / path
-            try:
-                sig = _file_sig(file)
-                if sig[0] != entry.size:
-                    return False
-                if marks.get(path) == list(sig):
-                    continue
-                if hash_file(file).sha256 != entry.sha256:
-                    return False
-                os.chmod(file, 0o444)
-                marks[path], changed = list(_file_sig(file)), True
-            except OSError:
-                return False
-        if changed:
-            with contextlib.suppress(OSError):
-                self._write_marks(digest, {p: tuple(marks[p]) for p in m.files})
-        return True
-
-    def _discard(self, folder: Path) -> None:
-        trash = self.cache_dir / f".tmp-trash-{uuid.uuid4().hex[:8]}"
-        try:
-            os.rename(folder, trash)
-        except OSError:
-            return
-        shutil.rmtree(trash, ignore_errors=True)
-
-    def _clean_cache_tmp(self, max_age_s: float = 24 * 3600) -> None:
-        now = time.time()
-        with contextlib.suppress(OSError):
-            for entry in os.scandir(self.cache_dir):
-                if entry.name.startswith(".tmp-") and now - entry.stat().st_mtime > max_age_s:
-                    shutil.rmtree(entry.path, ignore_errors=True)
 
     # -- maintenance
     def verify(self, hashes: bool = True) -> VerifyReport:
         """Check every manifest (parses, digest matches) and its blobs (present, size, sha256) and refs."""
         report = VerifyReport()
         digests = self.list_manifests()
+        needed = self._verify_manifests(report, digests)
+        to_hash = self._verify_blobs_present(report, needed)
+        if hashes and to_hash:
+            self._verify_blob_hashes(report, needed, to_hash)
+        self._verify_refs(report, set(digests))
+        return report
+
+    def _verify_manifests(self, report: VerifyReport, digests: list[str]) -> _Needed:
+        """Parse every manifest; {sha256: (size, the files that name it)} of the blobs they need."""
         raw = self._backend.read_many([_manifest_key(d) for d in digests])
-        needed: dict[str, tuple[int, list[str]]] = {}
+        needed: _Needed = {}
         for d in digests:
             data = raw.get(_manifest_key(d))
             if data is None:
@@ -576,6 +549,10 @@ class ArtifactStore:
                     report.problems.append(
                         f"{users[-1]}: size {entry.size} disagrees with another manifest ({size})"
                     )
+        return needed
+
+    def _verify_blobs_present(self, report: VerifyReport, needed: _Needed) -> list[str]:
+        """Check each needed blob is listed with its size; the sha256 of those that are."""
         present = {obj.key: obj for obj in self._backend.list("blobs")}
         to_hash = []
         for sha, (size, users) in sorted(needed.items()):
@@ -587,19 +564,20 @@ class ArtifactStore:
             else:
                 report.blobs += 1
                 to_hash.append(sha)
-        if hashes and to_hash:
-            got = self._backend.hash_objects([_blob_key(s) for s in to_hash])
-            for sha in to_hash:
-                res = got[_blob_key(sha)]
-                if isinstance(res, Exception):
-                    report.problems.append(
-                        f"{needed[sha][1][0]}: blob {sha} unreadable: {type(res).__name__}"
-                    )
-                elif res != sha:
-                    report.problems.append(f"{needed[sha][1][0]}: blob {sha} is corrupt (hashes to {res})")
-                else:
-                    report.bytes_hashed += needed[sha][0]
-        known = set(digests)
+        return to_hash
+
+    def _verify_blob_hashes(self, report: VerifyReport, needed: _Needed, to_hash: list[str]) -> None:
+        got = self._backend.hash_objects([_blob_key(s) for s in to_hash])
+        for sha in to_hash:
+            res = got[_blob_key(sha)]
+            if isinstance(res, Exception):
+                report.problems.append(f"{needed[sha][1][0]}: blob {sha} unreadable: {type(res).__name__}")
+            elif res != sha:
+                report.problems.append(f"{needed[sha][1][0]}: blob {sha} is corrupt (hashes to {res})")
+            else:
+                report.bytes_hashed += needed[sha][0]
+
+    def _verify_refs(self, report: VerifyReport, known: set[str]) -> None:
         try:
             refs = self.list_refs()
         except StoreError as exc:
@@ -609,7 +587,6 @@ class ArtifactStore:
             report.refs += 1
             if d not in known:
                 report.problems.append(f"ref {name!r} points at missing manifest {d}")
-        return report
 
     def _referenced_blobs(self) -> set[str]:
         """sha256 of every blob some manifest names (StoreError while a manifest is unreadable)."""
@@ -631,6 +608,19 @@ class ArtifactStore:
         now names (a concurrent publish reused it) is put back, the rest deleted."""
         report = GcReport(dry_run=dry_run)
         cutoff = time.time() - grace.total_seconds()
+        doomed = self._doomed_blobs(report, cutoff)
+        if dry_run:
+            report.blobs_deleted = len(doomed)
+            report.bytes_deleted = sum(obj.size for obj in doomed)
+        else:
+            for obj in doomed:
+                self._backend.move(obj.key, f"{TRASH}{obj.key.rsplit('/', 1)[-1]}")
+            self._empty_trash(report)
+        report.stale_uploads_removed = self._backend.cleanup_stale(cutoff, dry_run)
+        return report
+
+    def _doomed_blobs(self, report: GcReport, cutoff: float) -> list[ObjInfo]:
+        """The blobs no manifest names, last written before `cutoff`."""
         blobs = self._backend.list("blobs")  # listed before the manifests: newer manifests protect theirs
         referenced = self._referenced_blobs()
         report.blobs_total = len(blobs)
@@ -642,15 +632,7 @@ class ArtifactStore:
                 report.blobs_kept_recent += 1
             else:
                 doomed.append(obj)
-        if dry_run:
-            report.blobs_deleted = len(doomed)
-            report.bytes_deleted = sum(obj.size for obj in doomed)
-        else:
-            for obj in doomed:
-                self._backend.move(obj.key, f"{TRASH}{obj.key.rsplit('/', 1)[-1]}")
-            self._empty_trash(report)
-        report.stale_uploads_removed = self._backend.cleanup_stale(cutoff, dry_run)
-        return report
+        return doomed
 
     def _empty_trash(self, report: GcReport) -> None:
         """Put back every blob in trash/ that a manifest names now; delete the others."""
