@@ -23,8 +23,8 @@ read-only: copy before modifying. A cache hit hashes again any file whose size, 
 changed since it was last verified, and fetches the artifact again when one no longer matches.
 
 Modules: `layout` (keys, ref names, default locations), `hashing` (sha256, stat signatures), `backends`
-(file://, memory://, s3:// and `open_backend`), `cache` (the verified local cache), `reports`, and
-`artifacts` (`ArtifactStore`).
+(file://, memory://, s3:// and `open_backend`), `refs` (refs and their history), `publishing` (scan, hash
+and upload a folder), `cache` (the verified local cache), `reports`, and `artifacts` (`ArtifactStore`).
 """
 
 from vinasmol_core.store.artifacts import ArtifactStore

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 
 from pydantic import ValidationError
 
 from vinasmol_core.errors import StoreError
-from vinasmol_core.manifests import FileEntry, Manifest, manifest_from_json
+from vinasmol_core.manifests import Manifest, manifest_from_json
 from vinasmol_core.store.backends import open_backend
 from vinasmol_core.store.backends.base import DownloadJob, ObjInfo, UploadJob, _Backend, _Counters
 from vinasmol_core.store.backends.s3 import PART_SIZE
@@ -29,19 +26,21 @@ from vinasmol_core.store.cache import (
     remember_manifest,
     write_marks,
 )
-from vinasmol_core.store.hashing import CHUNK, _file_sig, _stat_sig, hash_file
+from vinasmol_core.store.hashing import _file_sig, _stat_sig
 from vinasmol_core.store.layout import (
     _HEX64,
     _HEX_PREFIX,
-    _HISTORY_ENTRY,
     TRASH,
     _blob_key,
     _check_path,
     _manifest_key,
-    _ref_key,
     default_cache_dir,
     validate_ref,
 )
+from vinasmol_core.store.publishing import hash_and_upload, missing_blobs, scan_folder
+from vinasmol_core.store.refs import list_refs as _list_refs
+from vinasmol_core.store.refs import move_ref, read_ref
+from vinasmol_core.store.refs import ref_history as _ref_history
 from vinasmol_core.store.reports import GcReport, RefMove, VerifyReport
 
 M = TypeVar("M", bound=Manifest)
@@ -163,19 +162,7 @@ class ArtifactStore:
 
     # -- refs
     def _read_ref(self, name: str) -> str | None:
-        data = self._backend.read(_ref_key(name))
-        if data is None:
-            return None
-        return self._parse_ref(name, data)
-
-    def _parse_ref(self, name: str, data: bytes) -> str:
-        try:
-            digest = json.loads(data)["digest"]
-        except (ValueError, KeyError, TypeError):
-            raise StoreError(f"ref {name!r} in store {self.url} is unreadable") from None
-        if not isinstance(digest, str) or not _HEX64.match(digest):
-            raise StoreError(f"ref {name!r} in store {self.url} holds no valid digest")
-        return digest
+        return read_ref(self._backend, name)
 
     def resolve(self, ref_or_digest: str) -> str:
         """The manifest digest a ref (or a digest or unique digest prefix) names; StoreError if none."""
@@ -226,17 +213,7 @@ class ArtifactStore:
             self._move_ref(ref, target)
 
     def _move_ref(self, ref: str, digest: str | None) -> None:
-        """Write (or delete) the ref, then record what it holds now. Of concurrent movers, each stamps its
-        entry after its own write and reads the ref after stamping, so the newest entry names the ref's
-        final target (a mover that lost the race records the winner's target)."""
-        if digest is None:
-            self._backend.delete(_ref_key(ref))
-        else:
-            body = json.dumps({"digest": digest, "updated": datetime.now(UTC).isoformat()}).encode()
-            self._backend.write(_ref_key(ref), body)
-        stamp = f"{time.time_ns():020d}"
-        now = self._read_ref(ref)
-        self._backend.write(f"ref-history/{ref}/{stamp}-{now or 'deleted'}", b"")
+        move_ref(self._backend, ref, digest)
 
     def delete_ref(self, ref: str, prune_manifest: bool = False) -> None:
         """Remove a ref (its history keeps the deletion). With `prune_manifest`, also remove the manifest
@@ -265,51 +242,13 @@ class ArtifactStore:
 
     def list_refs(self, prefix: str = "") -> dict[str, str]:
         """{ref name: digest} for every ref whose name starts with `prefix`."""
-        names = []
-        for obj in self._backend.list("refs"):
-            if not obj.key.endswith(".json"):
-                continue
-            name = obj.key[len("refs/") : -len(".json")]
-            if name.startswith(prefix):
-                names.append(name)
-        data = self._backend.read_many([_ref_key(n) for n in names])
-        out: dict[str, str] = {}
-        for n in sorted(names):
-            raw = data.get(_ref_key(n))
-            if raw is not None:
-                out[n] = self._parse_ref(n, raw)
-        return out
+        return _list_refs(self._backend, prefix)
 
     def ref_history(self, ref: str) -> list[RefMove]:
         """Every move of `ref`, oldest first."""
-        validate_ref(ref)
-        moves = []
-        base = f"ref-history/{ref}/"
-        for obj in self._backend.list(f"ref-history/{ref}"):
-            rest = obj.key[len(base) :]
-            m = _HISTORY_ENTRY.match(rest)
-            if m is None:
-                continue  # a deeper ref's history
-            ns, digest = int(m.group(1)), m.group(2)
-            when = datetime.fromtimestamp(ns / 1e9, UTC)
-            moves.append(RefMove(ref, None if digest == "deleted" else digest, when))
-        return sorted(moves, key=lambda mv: mv.time)
+        return _ref_history(self._backend, validate_ref(ref))
 
     # -- publish
-    def _scan(self, src_dir: Path) -> list[tuple[str, Path]]:
-        if not src_dir.is_dir():
-            raise StoreError(f"cannot publish {src_dir}: not a folder")
-        files: list[tuple[str, Path]] = []
-        for dirpath, dirs, names in os.walk(src_dir):
-            dirs.sort()
-            for name in sorted(names):
-                full = Path(dirpath) / name
-                if not full.is_file():
-                    raise StoreError(f"cannot publish {full}: not a regular file")
-                rel = full.relative_to(src_dir).as_posix()
-                files.append((_check_path(rel, f"cannot publish {src_dir}"), full))
-        return files
-
     def publish(self, manifest: M, src_dir: Path | None = None, ref: str | None = None) -> M:
         """Upload every file under src_dir that the store lacks, then the manifest, then move `ref`.
         Returns a copy of `manifest` whose `files` lists src_dir's files; its `.digest` names it.
@@ -321,9 +260,9 @@ class ArtifactStore:
         files: list[tuple[str, Path]] | None = None
         if src_dir is not None:
             src_dir = Path(src_dir)
-            files = self._scan(src_dir)
+            files = scan_folder(src_dir)
             self._backend.ensure_ready(write=True)
-            entries = self._hash_and_upload(files, label)
+            entries = hash_and_upload(self._backend, self._counters, files, label)
             new = manifest.model_copy(update={"files": dict(sorted(entries.items()))})
         else:
             new = self._with_stored_blobs(manifest, label)
@@ -347,7 +286,7 @@ class ArtifactStore:
             _check_path(path, f"cannot publish {label}")
         self._backend.ensure_ready(write=True)
         new = manifest.model_copy(deep=True)
-        missing = self._missing_blobs(new.files)
+        missing = missing_blobs(self._backend, new.files)
         if missing:
             path = sorted(missing)[0]
             raise StoreError(
@@ -381,7 +320,7 @@ class ArtifactStore:
         A concurrent `gc` may have set aside an old unreferenced blob this publish relied on (after the
         first checks, before it could see this manifest): upload it again from `files`, or, when the
         publish has no files, take back the manifest this publish wrote and fail."""
-        missing = self._missing_blobs(new.files)
+        missing = missing_blobs(self._backend, new.files)
         if not missing:
             return
         if files is None:
@@ -401,47 +340,6 @@ class ArtifactStore:
             ],
             self._counters,
         )
-
-    def _missing_blobs(self, files: dict[str, FileEntry]) -> set[str]:
-        keys = {_blob_key(e.sha256): e for e in files.values()}
-        infos = self._backend.stat_many(sorted(keys))
-        bad_shas = {e.sha256 for k, e in keys.items() if infos.get(k) is None or infos[k].size != e.size}
-        return {p for p, e in files.items() if e.sha256 in bad_shas}
-
-    def _hash_and_upload(self, files: list[tuple[str, Path]], label: str) -> dict[str, FileEntry]:
-        """Hash files in parallel; as each is hashed, upload its blob if the store lacks it."""
-        entries: dict[str, FileEntry] = {}
-        seen: set[str] = set()
-        hashers = min(4, max(1, os.cpu_count() or 1), max(1, len(files)))
-
-        def hashed(item: tuple[str, Path]) -> tuple[str, Path, FileEntry, tuple[int, int, int]]:
-            rel, full = item
-            sig = _stat_sig(full)
-            entry = hash_file(full, CHUNK)
-            if _stat_sig(full) != sig:
-                raise StoreError(f"{label}: file {rel} changed while it was being hashed")
-            return rel, full, entry, sig
-
-        def jobs(pool: ThreadPoolExecutor) -> Iterator[UploadJob]:
-            futures = [pool.submit(hashed, item) for item in files]
-            try:
-                for fut in as_completed(futures):
-                    rel, full, entry, sig = fut.result()
-                    entries[rel] = entry
-                    if entry.sha256 in seen:
-                        continue
-                    seen.add(entry.sha256)
-                    info = self._backend.stat(_blob_key(entry.sha256))
-                    if info is not None and info.size == entry.size:
-                        continue
-                    yield UploadJob(_blob_key(entry.sha256), full, entry.size, sig, f"{label}: file {rel}")
-            finally:
-                for fut in futures:
-                    fut.cancel()
-
-        with ThreadPoolExecutor(hashers) as pool:
-            self._backend.upload(jobs(pool), self._counters)
-        return entries
 
     # -- fetch
     def fetch(self, ref_or_digest: str) -> Path:
