@@ -4,6 +4,7 @@ S3 call becomes a StoreError that names the store but never the credentials."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from vinasmol_core.errors import StoreError
 from vinasmol_core.store.layout import _redact_url
@@ -79,7 +80,7 @@ def s3_error(target: S3Target, exc: BaseException, what: str) -> StoreError:
     if isinstance(exc, StoreError):
         return exc
     if isinstance(exc, ClientError):
-        return _client_error(target, exc, what)
+        return _client_error(target, exc.response, what)
     if isinstance(exc, NoCredentialsError | PartialCredentialsError):
         return StoreError(
             f"no S3 credentials for store {target.where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
@@ -97,11 +98,11 @@ def s3_error(target: S3Target, exc: BaseException, what: str) -> StoreError:
     )
 
 
-def _client_error(target: S3Target, exc: BaseException, what: str) -> StoreError:
+def _client_error(target: S3Target, response: dict[str, Any], what: str) -> StoreError:
     """The StoreError for an error response of the S3 server."""
-    err = exc.response.get("Error", {})  # type: ignore[attr-defined]
+    err = response.get("Error", {})
     code = str(err.get("Code", ""))
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")  # type: ignore[attr-defined]
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     if code in ("NoSuchBucket",) or (code in ("404", "NotFound") and what == "head_bucket"):
         return StoreError(f"bucket {target.bucket!r} does not exist (store {target.where})")
     if code in (
