@@ -1,4 +1,4 @@
-"""The `vinasmol` flow: the whole pipeline of a recipe, one cached task per step, in four phases.
+"""The `vinasmol` flow: the whole pipeline of a recipe, one cached task per step, in phases.
 
     tokenizer:  fetch-base-model ─► train-tokenizer ─► merge-vocabulary
     data:       prepare-data (main, annealing), with the merged tokenizer
@@ -190,7 +190,7 @@ class _Run:
         self.result["bpb"][label] = report.metrics.get("bpb", {})
 
 
-def _start(plan: RunPlan) -> _Run:
+def _open_run(plan: RunPlan) -> _Run:
     flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
     recipe = plan.recipe
     result: dict[str, Any] = {
@@ -331,7 +331,7 @@ def run_pipeline(plan: RunPlan) -> dict[str, Any]:
     """The flow's body (inside a flow run): the phases in order, then the run's report artifacts."""
     from flows.report import publish_artifacts, summary_markdown
 
-    ctx = _start(plan)
+    ctx = _open_run(plan)
     if plan.start_ref is None:
         base, tokenizer = _tokenizer_phase(ctx)
         datasets = _data_phase(ctx, tokenizer.digest, _sha(tokenizer))
