@@ -1,8 +1,13 @@
-"""The `vinasmol` flow: the whole pipeline of a recipe, one cached task per step.
+"""The `vinasmol` flow: the whole pipeline of a recipe, one cached task per step, in phases.
 
-    base-model ─┐
-    tokenizer ──┴─► merge-vocabulary ─► data (main, annealing) ─► embeddings ─► convert
-        ─► train <stage> ... (each its own process) ─► evaluate (per checkpoint) ─► export
+    tokenizer:  fetch-base-model ─► train-tokenizer ─► merge-vocabulary
+    data:       prepare-data (main, annealing), with the merged tokenizer
+    model:      init-embeddings ─► convert-to-litgpt ─► evaluate (base, init)
+    training:   train-stage <stage> ─► evaluate <stage>, for each stage (each its own process)
+    then:       export
+
+Step names are those of `vinasmol_core.steps.Step`; each is the task function of the same name in
+`tasks/` (`prepare-data` is `tasks.data.prepare_data`).
 
 Resume contract: every step's result is persisted in the store's result storage under a key made of
 its name, inputs and recipe section (see `tasks.common`). A retry of a failed run (same flow run
@@ -19,11 +24,16 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as runtime_flow_run
 
-from tasks import pipeline as steps
-from tasks.common import result_storage_for, store_root
+from tasks.common import corpus_digest, result_storage_for, store_root
+from tasks.data import prepare_data
+from tasks.model import convert_to_litgpt, evaluate, export, fetch_base_model, init_embeddings
+from tasks.tokenizer import merge_vocabulary, train_tokenizer
+from tasks.train import train_stage
 from vinasmol_core.errors import ConfigError, StoreError
-from vinasmol_core.recipe import Recipe, load_recipe
-from vinasmol_core.store import default_store_url
+from vinasmol_core.manifests import CheckpointManifest, DatasetManifest, TokenizerManifest
+from vinasmol_core.recipe import CorpusSpec, Recipe, load_recipe
+from vinasmol_core.steps import Step
+from vinasmol_core.store import ArtifactStore, default_store_url
 
 STAGE_RUNNERS = ("inline", "deployment")
 
@@ -85,8 +95,6 @@ def plan_run(
     url = store or parsed.store.url or default_store_url()
     url = store_root(url)
     if check_store:
-        from vinasmol_core.store import ArtifactStore
-
         art = ArtifactStore(url)
         art.check_reachable()
         if start_ref and not art.exists(start_ref):
@@ -123,11 +131,11 @@ class _Runner:
         self.storage = result_storage_for(plan.store_url)
         self.done = _done_in_this_run(flow_run_id) if plan.forced else set()
 
-    def __call__(self, task: Any, step_name: str, run_name: str, **kwargs: Any) -> Any:
-        if step_name.startswith("evaluate:"):
-            forced = self.plan.refresh_evaluation(step_name.partition(":")[2])
-        else:
-            forced = step_name in self.plan.forced
+    def __call__(self, task: Any, qualifier: str = "", *, rerun: bool | None = None, **kwargs: Any) -> Any:
+        """Run `task` (a step) as the task run `<step>` or `<step>-<qualifier>`. `rerun`: whether
+        `force` re-runs it (default: whether the step itself is forced)."""
+        run_name = f"{task.name}-{qualifier}" if qualifier else task.name
+        forced = task.name in self.plan.forced if rerun is None else rerun
         refresh = forced and run_name not in self.done
         configured = task.with_options(
             result_storage=self.storage, refresh_cache=refresh, task_run_name=run_name
@@ -140,20 +148,51 @@ def _sha(manifest: Any, path: str = "tokenizer.json") -> str:
     return entry.sha256 if entry is not None else ""
 
 
-def run_pipeline(plan: RunPlan) -> dict[str, Any]:
-    """The flow's body (inside a flow run)."""
-    from vinasmol_core.store import ArtifactStore
+@dataclass
+class _Run:
+    """What the phases of one pipeline run share: the plan, the step runner, the store, the corpora
+    and the result being built."""
 
-    logger = get_run_logger()
-    recipe = plan.recipe
+    plan: RunPlan
+    run: _Runner
+    store: ArtifactStore
+    flow_run_id: str | None
+    digests: dict[str, str]
+    result: dict[str, Any]
+    tokenizer: TokenizerManifest | None = None
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.plan.recipe
+
+    @property
+    def refs(self) -> str:
+        return f"runs/{self.recipe.name}"
+
+    @property
+    def main_corpora(self) -> list[CorpusSpec]:
+        return self.recipe.corpora_with_role("main")
+
+    def digests_of(self, corpora: list[CorpusSpec]) -> dict[str, str]:
+        return {c.name: self.digests[c.name] for c in corpora}
+
+    def evaluate(self, checkpoint: str, label: str, producer: str) -> None:
+        """Evaluate a checkpoint (re-run when its producer is forced) and record its bits per byte."""
+        report = self.run(
+            evaluate,
+            label,
+            rerun=self.plan.refresh_evaluation(producer),
+            checkpoint=checkpoint,
+            label=label,
+            section=self.recipe.eval,
+            eval_corpora=self.main_corpora,
+        )
+        self.result["bpb"][label] = report.metrics.get("bpb", {})
+
+
+def _open_run(plan: RunPlan) -> _Run:
     flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
-    run = _Runner(plan, flow_run_id)
-    store = ArtifactStore(plan.store_url)
-    corpora = recipe.section("corpora")
-    digests = {c["name"]: steps.corpus_digest(c) for c in corpora}
-    main_corpora = [c for c in corpora if c["role"] == "main"]
-    tok_corpora = [c for c in main_corpora if c["lang"] in recipe.tokenizer.train_languages]
-    eval_section = recipe.section("eval")
+    recipe = plan.recipe
     result: dict[str, Any] = {
         "recipe": recipe.name,
         "store": plan.store_url,
@@ -162,142 +201,149 @@ def run_pipeline(plan: RunPlan) -> dict[str, Any]:
         "checkpoints": [],
         "fertility_markdown": "",
     }
-    refs = f"runs/{recipe.name}"
+    return _Run(
+        plan=plan,
+        run=_Runner(plan, flow_run_id),
+        store=ArtifactStore(plan.store_url),
+        flow_run_id=flow_run_id,
+        digests={c.name: corpus_digest(c) for c in recipe.corpora},
+        result=result,
+    )
 
-    tokenizer = None
-    if plan.start_ref is None:
-        base = run(
-            steps.fetch_base_model,
-            "base-model",
-            "base-model",
-            source=recipe.base_model.source.model_dump(mode="json"),
-            name=recipe.base_model.name,
-        )
-        counts = run(
-            steps.train_tokenizer,
-            "tokenizer",
-            "tokenizer",
-            base_model=base.digest,
-            corpora=tok_corpora,
-            corpus_digests={c["name"]: digests[c["name"]] for c in tok_corpora},
-            section=recipe.section("tokenizer"),
-        )
-        tokenizer = run(
-            steps.merge_vocabulary,
-            "merge-vocabulary",
-            "merge-vocabulary",
-            base_model=base.digest,
-            word_counts=counts.digest,
-            section=recipe.section("tokenizer"),
-            eval_corpora=main_corpora,
-        )
-        result["fertility_markdown"] = tokenizer.fertility_markdown
-        store.set_ref(f"{refs}/tokenizer", tokenizer.digest)
-        tok_artifact, tok_sha = tokenizer.digest, _sha(tokenizer)
-    else:
-        start = store.get_manifest(plan.start_ref)
-        tok_artifact, tok_sha = start.digest, _sha(start)
-        if not tok_sha:
-            raise StoreError(f"start_ref {plan.start_ref!r}: the checkpoint carries no tokenizer.json")
 
-    stages = recipe.stages[plan.start_stage :]
-    datasets: dict[str, Any] = {}
+def _tokenizer_phase(ctx: _Run) -> tuple[CheckpointManifest, TokenizerManifest]:
+    """fetch-base-model, train-tokenizer, merge-vocabulary; the base model and the merged tokenizer."""
+    recipe = ctx.recipe
+    base = ctx.run(fetch_base_model, source=recipe.base_model.source, name=recipe.base_model.name)
+    tok_corpora = [c for c in ctx.main_corpora if c.lang in recipe.tokenizer.train_languages]
+    counts = ctx.run(
+        train_tokenizer,
+        base_model=base.digest,
+        corpora=tok_corpora,
+        corpus_digests=ctx.digests_of(tok_corpora),
+        section=recipe.tokenizer,
+    )
+    tokenizer = ctx.run(
+        merge_vocabulary,
+        base_model=base.digest,
+        word_counts=counts.digest,
+        section=recipe.tokenizer,
+        eval_corpora=ctx.main_corpora,
+    )
+    ctx.tokenizer = tokenizer
+    ctx.result["fertility_markdown"] = tokenizer.fertility_markdown
+    ctx.store.set_ref(f"{ctx.refs}/tokenizer", tokenizer.digest)
+    return base, tokenizer
+
+
+def _start_tokenizer(ctx: _Run, start_ref: str) -> tuple[str, str]:
+    """The artifact carrying the tokenizer of a run that starts at `start_ref`, and its sha256."""
+    start = ctx.store.get_manifest(start_ref)
+    sha = _sha(start)
+    if not sha:
+        raise StoreError(f"start_ref {start_ref!r}: the checkpoint carries no tokenizer.json")
+    return start.digest, sha
+
+
+def _data_phase(ctx: _Run, tok_artifact: str, tok_sha: str) -> dict[str, DatasetManifest]:
+    """prepare-data for each dataset the remaining stages read (`main`, `annealing`)."""
+    recipe = ctx.recipe
+    stages = recipe.stages[ctx.plan.start_stage :]
+    datasets: dict[str, DatasetManifest] = {}
     for role in sorted({recipe.stage_dataset(s) for s in stages}):
-        extra = [c for c in corpora if c["role"] == "annealing"] if role == "annealing" else []
-        members = main_corpora + extra
-        datasets[role] = run(
-            steps.prepare_data,
-            "data",
-            f"data-{role}",
+        extra = recipe.corpora_with_role("annealing") if role == "annealing" else []
+        members = ctx.main_corpora + extra
+        datasets[role] = ctx.run(
+            prepare_data,
+            role,
             role=role,
             corpora=members,
-            corpus_digests={c["name"]: digests[c["name"]] for c in members},
-            section=recipe.section("data"),
+            corpus_digests=ctx.digests_of(members),
+            section=recipe.data,
             tokenizer_sha=tok_sha,
             tokenizer_artifact=tok_artifact,
         )
+    ctx.result["datasets"] = {role: manifest.digest for role, manifest in datasets.items()}
+    return datasets
 
-    result["datasets"] = {role: manifest.digest for role, manifest in datasets.items()}
 
-    if plan.start_ref is None:
-        extended = run(
-            steps.init_embeddings,
-            "embeddings",
-            "embeddings",
-            base_model=base.digest,
-            tokenizer=tokenizer.digest,
-            section=recipe.section("embedding_init"),
-        )
-        converted = run(
-            steps.convert_to_litgpt,
-            "convert",
-            "convert",
-            hf_model=extended.digest,
-            litgpt_name=recipe.base_model.litgpt_name,
-        )
-        previous = converted.digest
-        for label, producer, digest in (
-            ("base", "base-model", base.digest),
-            ("init", "convert", converted.digest),
-        ):
-            report = run(
-                steps.evaluate,
-                f"evaluate:{producer}",
-                f"evaluate-{label}",
-                checkpoint=digest,
-                label=label,
-                section=eval_section,
-                eval_corpora=main_corpora,
-            )
-            result["bpb"][label] = report.metrics.get("bpb", {})
-    else:
-        previous = store.resolve(plan.start_ref)
+def _model_phase(ctx: _Run, base: CheckpointManifest, tokenizer: TokenizerManifest) -> str:
+    """init-embeddings, convert-to-litgpt, and the evaluation of the base and initial models;
+    returns the litgpt checkpoint the first stage starts from."""
+    recipe = ctx.recipe
+    extended = ctx.run(
+        init_embeddings, base_model=base.digest, tokenizer=tokenizer.digest, section=recipe.embedding_init
+    )
+    converted = ctx.run(
+        convert_to_litgpt, hf_model=extended.digest, litgpt_name=recipe.base_model.litgpt_name
+    )
+    ctx.evaluate(base.digest, "base", Step.FETCH_BASE_MODEL)
+    ctx.evaluate(converted.digest, "init", Step.CONVERT_TO_LITGPT)
+    return converted.digest
 
+
+def _training_phase(
+    ctx: _Run, previous: str, datasets: dict[str, DatasetManifest]
+) -> tuple[str, list[tuple[str, list[dict[str, Any]]]]]:
+    """train-stage and evaluate for each remaining stage, each from the previous one's checkpoint;
+    returns the last checkpoint and each stage's metrics."""
+    recipe, plan = ctx.recipe, ctx.plan
     stage_events: list[tuple[str, list[dict[str, Any]]]] = []
-    for spec in stages:
-        if spec.trainable == "new-embeddings" and spec.base_vocab_size is None and tokenizer is not None:
-            spec = spec.model_copy(update={"base_vocab_size": tokenizer.base_vocab_size})
+    for spec in recipe.stages[plan.start_stage :]:
+        if spec.trainable == "new-embeddings" and spec.base_vocab_size is None and ctx.tokenizer is not None:
+            spec = spec.model_copy(update={"base_vocab_size": ctx.tokenizer.base_vocab_size})
         forced = spec.name in plan.forced
-        trained = run(
-            steps.train_stage,
+        trained = ctx.run(
+            train_stage,
             spec.name,
-            f"train-{spec.name}",
+            rerun=forced,
             spec=spec,
             init_checkpoint=previous,
             dataset=datasets[recipe.stage_dataset(spec)].digest,
             stage_runner=plan.stage_runner,
-            partial_suffix=f"-{flow_run_id[:8]}" if forced and flow_run_id else "",
+            partial_suffix=f"-{ctx.flow_run_id[:8]}" if forced and ctx.flow_run_id else "",
         )
         checkpoint = trained.checkpoint
         previous = checkpoint.digest
-        store.set_ref(f"{refs}/{spec.name}", previous)
-        result["checkpoints"].append(
-            {"stage": spec.name, "step": checkpoint.step, "ref": f"{refs}/{spec.name}", "digest": previous}
+        ref = f"{ctx.refs}/{spec.name}"
+        ctx.store.set_ref(ref, previous)
+        ctx.result["checkpoints"].append(
+            {"stage": spec.name, "step": checkpoint.step, "ref": ref, "digest": previous}
         )
         stage_events.append((spec.name, trained.events))
-        report = run(
-            steps.evaluate,
-            f"evaluate:{spec.name}",
-            f"evaluate-{spec.name}",
-            checkpoint=previous,
-            label=spec.name,
-            section=eval_section,
-            eval_corpora=main_corpora,
-        )
-        result["bpb"][spec.name] = report.metrics.get("bpb", {})
-        logger.info("stage %s: checkpoint %s (step %s)", spec.name, previous[:12], checkpoint.step)
+        ctx.evaluate(previous, spec.name, spec.name)
+        get_run_logger().info("stage %s: checkpoint %s (step %s)", spec.name, previous[:12], checkpoint.step)
+    return previous, stage_events
 
-    exported = run(steps.export, "export", "export", checkpoint=previous, section=recipe.section("export"))
-    store.set_ref(f"{refs}/export", exported.digest)
-    store.set_ref(f"latest/{recipe.name}/export", exported.digest)
-    result["final_checkpoint"] = {"ref": f"{refs}/{stages[-1].name}" if stages else "", "digest": previous}
-    result["export"] = {"ref": f"{refs}/export", "digest": exported.digest}
 
+def _export_phase(ctx: _Run, final: str) -> None:
+    """export the final checkpoint; move the run's refs."""
+    exported = ctx.run(export, checkpoint=final, section=ctx.recipe.export)
+    ctx.store.set_ref(f"{ctx.refs}/export", exported.digest)
+    ctx.store.set_ref(f"latest/{ctx.recipe.name}/export", exported.digest)
+    stages = ctx.recipe.stages[ctx.plan.start_stage :]
+    final_ref = f"{ctx.refs}/{stages[-1].name}" if stages else ""
+    ctx.result["final_checkpoint"] = {"ref": final_ref, "digest": final}
+    ctx.result["export"] = {"ref": f"{ctx.refs}/export", "digest": exported.digest}
+
+
+def run_pipeline(plan: RunPlan) -> dict[str, Any]:
+    """The flow's body (inside a flow run): the phases in order, then the run's report artifacts."""
     from flows.report import publish_artifacts, summary_markdown
 
-    publish_artifacts(result, stage_events)
-    result["summary_markdown"] = summary_markdown(result)
-    return result
+    ctx = _open_run(plan)
+    if plan.start_ref is None:
+        base, tokenizer = _tokenizer_phase(ctx)
+        datasets = _data_phase(ctx, tokenizer.digest, _sha(tokenizer))
+        previous = _model_phase(ctx, base, tokenizer)
+    else:  # a run that starts at a training stage, from the checkpoint start_ref names
+        datasets = _data_phase(ctx, *_start_tokenizer(ctx, plan.start_ref))
+        previous = ctx.store.resolve(plan.start_ref)
+    final, stage_events = _training_phase(ctx, previous, datasets)
+    _export_phase(ctx, final)
+    publish_artifacts(ctx.result, stage_events)
+    ctx.result["summary_markdown"] = summary_markdown(ctx.result)
+    return ctx.result
 
 
 @flow(name="vinasmol", log_prints=True, persist_result=False)
@@ -313,7 +359,7 @@ def vinasmol(
     checkpoint and of the HF export, the evaluation table and the summary Markdown.
 
     `stage_runner`: "inline" (each stage a local process) or "deployment" (each stage a child run
-    of the training deployment, `flows.remote.run_stage_deployment`); default: the recipe's
+    of the training deployment, `tasks.dispatch.run_stage_deployment`); default: the recipe's
     `compute.stage_runner`, itself "inline" unless set."""
     plan = plan_run(recipe, store, from_stage, force, start_ref, stage_runner)
     return run_pipeline(plan)

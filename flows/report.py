@@ -6,9 +6,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-") or "x"
+from tasks.common import slug
 
 
 def metrics_rows(events: list[dict[str, Any]], limit: int = 200) -> list[dict[str, Any]]:
@@ -90,7 +88,7 @@ def publish_artifacts(result: dict[str, Any], stage_events: list[tuple[str, list
         rows = metrics_rows(events)
         if rows:
             create_table_artifact(
-                table=rows, key=f"metrics-{_slug(name)}", description=f"training metrics of stage {name}"
+                table=rows, key=f"metrics-{slug(name)}", description=f"training metrics of stage {name}"
             )
     svg = loss_curve_svg(stage_events)
     if svg is not None:
@@ -102,6 +100,6 @@ def publish_artifacts(result: dict[str, Any], stage_events: list[tuple[str, list
         )
     create_markdown_artifact(
         markdown=summary_markdown(result),
-        key=f"summary-{_slug(result['recipe'])}",
+        key=f"summary-{slug(result['recipe'])}",
         description="fertility, bits per byte per stage and language, checkpoints, export",
     )

@@ -1,13 +1,13 @@
 """The `vinasmol-stage` flow: one training stage from a StageJob.
 
 This is the flow behind the training-stage deployment (`vinasmol-stage/train-stage`, on the CUDA work
-pool). The pipeline's `train` step builds the StageJob (inputs, output ref, partial-checkpoint
-prefix: the resume key) and, with `stage_runner="deployment"`, hands it to this flow through
-`flows.remote.run_stage_deployment`; with `stage_runner="inline"` the step runs the same
-`run_stage_process` itself. Either way the stage runs in a process of its own
+pool). The pipeline's `train-stage` step (`tasks.train.train_stage`) builds the StageJob (inputs,
+output ref, partial-checkpoint prefix: the resume key) and, with `stage_runner="deployment"`, hands it
+to this flow through `tasks.dispatch.run_stage_deployment`; with `stage_runner="inline"` the step
+runs the same `tasks.train.run_stage_job` itself. Either way the stage runs in a process of its own
 (`python -m vinasmol_core.train`, torchrun when the stage asks for several devices), resumes from its
-newest partial checkpoint in the store, and reports progress as a progress artifact (the
-`train-stage` task of `tasks.train`), which the parent mirrors into its own run.
+newest partial checkpoint in the store, and reports progress as a progress artifact, which the parent
+mirrors into its own run.
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
-from prefect.cache_policies import NO_CACHE
 
-from tasks.train import train_stage
+from tasks.train import run_stage_job
 from vinasmol_core.train import StageJob
 
 
 @flow(name="vinasmol-stage", log_prints=True, persist_result=False)
 def vinasmol_stage(job: StageJob) -> dict[str, Any]:
     """Train one stage; returns the published checkpoint's digest, ref and step."""
-    manifest = train_stage.with_options(cache_policy=NO_CACHE, persist_result=False)(job)
+    manifest, _ = run_stage_job(job)
     return {"digest": manifest.digest, "ref": job.out_ref, "step": manifest.step}

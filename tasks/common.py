@@ -1,6 +1,8 @@
-"""Shared machinery of the pipeline's Prefect tasks: cache keys, result storage, timing.
+"""Shared machinery of the pipeline's Prefect tasks: cache keys, result storage, timing, the recipe's
+corpora as local files.
 
-Every step is declared with `@step("name")`. A step's cache key is a hash of
+Every step is declared with `@step(Step.NAME)` (names in `vinasmol_core.steps`). A step's cache key
+is a hash of
 
 * the step's name,
 * its arguments (input artifact digests and the recipe section it reads), minus the arguments
@@ -34,9 +36,12 @@ from prefect.cache_policies import CachePolicy
 from pydantic import BaseModel
 
 from vinasmol_core import __version__
+from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.recipe import CorpusSpec
 
-# Bump the revision when a step would produce something different from the same inputs.
-STEP_CODE_REVISION = 1
+# Bump the revision when a step would produce something different from the same inputs
+# (2: steps renamed after their task functions, `vinasmol_core.steps`).
+STEP_CODE_REVISION = 2
 CODE_VERSION = f"vinasmol-{__version__}/steps-{STEP_CODE_REVISION}"
 
 # Arguments that never enter a cache key: where things are stored and debugging switches.
@@ -114,10 +119,11 @@ def _record_timing(step_name: str, started: float, duration: float, ok: bool) ->
 def step(name: str, *, exclude: Iterable[str] = (), retries: int = 0) -> Callable[[F], Any]:
     """Declare a pipeline step as a Prefect task with the project's cache and result settings.
 
-    The result storage is chosen per run by `flows` (`with_options(result_storage=...)`), because
+    The task's `.fn` is the plain function (what the tests call, without a Prefect run). The result
+    storage is chosen per run by `flows` (`with_options(result_storage=...)`), because
     it lives inside the run's artifact store.
     """
-    exclude = tuple(exclude)
+    name, exclude = str(name), tuple(exclude)
 
     def decorate(fn: F) -> Any:
         @functools.wraps(fn)
@@ -208,3 +214,60 @@ def scratch_dir(prefix: str) -> Iterator[Path]:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def slug(text: str) -> str:
+    """`text` as an artifact key part: lower case, every other character than a letter or digit a `-`."""
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-") or "x"
+
+
+# ----------------------------------------------------------------------------- corpora
+def materialize_corpus(corpus: CorpusSpec, out_dir: Path) -> tuple[list[Path], list[Path]]:
+    """Local (train, val) JSONL files of one recipe corpus; built-in samples are written to out_dir."""
+    source = corpus.source
+    if source.kind == "files":
+        train = [Path(p) for p in source.train]
+        val = [Path(p) for p in source.val]
+        for path in [*train, *val]:
+            if not path.is_file():
+                raise VinaSmolError(f"corpus {corpus.name}: file {path} does not exist")
+        return train, val
+    from vinasmol_core.builtin.sample_corpus import sample_texts
+
+    texts = sample_texts(corpus.lang, source.docs + source.val_docs, source.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for split, part in (("train", texts[: source.docs]), ("val", texts[source.docs :])):
+        path = out_dir / f"{corpus.name}-{split}.jsonl"
+        with path.open("w", encoding="utf-8") as fh:
+            for i, text in enumerate(part):
+                row = {"id": f"{corpus.name}-{split}-{i}", "text": text, "source": corpus.name}
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        paths.append([path])
+    return paths[0], paths[1]
+
+
+def corpus_digest(corpus: CorpusSpec) -> str:
+    """What a corpus's content depends on: its spec, and for local files their sha256."""
+    h = hashlib.sha256(json.dumps(corpus.model_dump(mode="json"), sort_keys=True).encode())
+    source = corpus.source
+    if source.kind == "files":
+        for p in [*source.train, *source.val]:
+            path = Path(p)
+            if not path.is_file():
+                raise VinaSmolError(f"corpus {corpus.name}: file {path} does not exist")
+            with path.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def val_files(corpora: list[CorpusSpec], out_dir: Path, languages: list[str]) -> dict[str, list[str]]:
+    """Validation files per language, from the main corpora (annealing data never changes evals)."""
+    files: dict[str, list[str]] = {}
+    for corpus in corpora:
+        if corpus.role != "main" or corpus.lang not in languages:
+            continue
+        train, val = materialize_corpus(corpus, out_dir / corpus.name)
+        files.setdefault(corpus.lang, []).extend(str(p) for p in val or train[:1])
+    return files

@@ -1,37 +1,47 @@
-"""The body of the data step: prepare a dataset artifact (a thin wrapper over
-`vinasmol_core.data.prepare_dataset`, logging to the run when there is one).
+"""The data step, one cached Prefect task (recipe section `data`): `prepare_data` ("prepare-data")
+cleans, deduplicates, splits, tokenizes and packs the corpora of one dataset with
+`vinasmol_core.data.prepare_dataset` and publishes it (a `DatasetManifest`), logging per source.
 
-A plain function: the Prefect task is the `data` step in `tasks.pipeline`. `prepare_dataset` also
-keys its output on the *content* of the sources and the tokenizer (not their paths) and returns at
-once, doing no work, when the output folder or the store already holds that build.
+`prepare_dataset` also keys its output on the *content* of the sources and the tokenizer (not their
+paths) and returns at once, doing no work, when the store already holds that build.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger
 from prefect.exceptions import MissingContextError
 
-from vinasmol_core.data import DatasetInfo, PrepareSettings, SourceSpec, SourceStats, prepare_dataset
+from tasks.common import materialize_corpus, open_store, scratch_dir, step
+from vinasmol_core.data import CleaningSpec, PrepareSettings, SourceSpec, SourceStats, prepare_dataset
+from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.manifests import DatasetManifest
+from vinasmol_core.recipe import CorpusSpec, DataSection
+from vinasmol_core.steps import Step
 
 
-def prepare_data(
-    sources: list[SourceSpec],
-    tokenizer_dir: Path,
-    out_dir: Path,
-    settings: PrepareSettings | None = None,
-    store_url: str | None = None,
-    ref: str | None = None,
-) -> DatasetInfo:
-    """Clean, deduplicate, split, tokenize and pack `sources`; publish to `store_url` when given."""
-    logger: Any
+def _logger() -> Any:
     try:
-        logger = get_run_logger()
+        return get_run_logger()
     except MissingContextError:  # outside a Prefect run
-        logger = logging.getLogger(__name__)
+        return logging.getLogger(__name__)
+
+
+@step(Step.PREPARE_DATA, exclude=("tokenizer_artifact",))
+def prepare_data(
+    role: str,
+    corpora: list[CorpusSpec],
+    corpus_digests: dict[str, str],
+    section: DataSection,
+    tokenizer_sha: str,
+    tokenizer_artifact: str,
+    store_url: str,
+) -> DatasetManifest:
+    """Clean, dedup, tokenize and pack the corpora of one dataset (`main`, or `annealing` = main +
+    annealing sources). Keyed on the tokenizer's content, not on the artifact that carries it."""
+    logger = _logger()
 
     def done(name: str, s: SourceStats) -> None:
         logger.info("%s: %d docs read, %d removed %s, %d duplicates, %d train / %d val tokens",
@@ -41,8 +51,27 @@ def prepare_data(
     def progress(name: str, s: SourceStats) -> None:
         logger.info("%s: %.1f MB, %d docs so far", name, s.bytes_read / 1e6, s.docs_read)
 
-    info = prepare_dataset(sources, Path(tokenizer_dir), Path(out_dir), settings, store=store_url, ref=ref,
-                           on_source_done=done, on_progress=progress)
+    store = open_store(store_url)
+    tok_dir = store.fetch(tokenizer_artifact)
+    with scratch_dir(f"data-{role}") as tmp:
+        sources = []
+        for corpus in corpora:
+            train, _ = materialize_corpus(corpus, tmp / "corpora" / corpus.name)
+            sources.append(SourceSpec(name=corpus.name, paths=[str(p) for p in train], lang=corpus.lang,
+                                      role=corpus.role, text_field=corpus.text_field))
+        settings = PrepareSettings(
+            cleaning=CleaningSpec(**section.cleaning), val_fraction=section.val_fraction,
+            dedup=section.dedup, near_dedup=section.near_dedup,
+        )
+        info = prepare_dataset(
+            sources, tok_dir, tmp / "dataset", settings, store=store_url, ref=f"datasets/{role}",
+            on_source_done=done, on_progress=progress,
+        )
     logger.info("dataset %s %s; tokens %s", info.key[:12], "reused" if info.reused else "built",
                 info.token_counts)
-    return info
+    if not info.manifest_digest:
+        raise VinaSmolError(f"data ({role}): the dataset was not published to the store")
+    manifest = store.get_manifest(info.manifest_digest)
+    if not isinstance(manifest, DatasetManifest):
+        raise VinaSmolError(f"data ({role}): {info.manifest_digest} is not a dataset artifact")
+    return manifest

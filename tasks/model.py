@@ -1,149 +1,144 @@
-"""The bodies of the model steps: typed (Pydantic) requests in, manifests out.
+"""The model steps, one cached Prefect task each: artifact digests and a typed recipe section in,
+the published manifest out.
 
-Each function fetches its input artifacts from the store, calls `vinasmol_core.model` in a scratch
-folder, publishes the output artifact and returns its manifest. They are plain functions: the
-Prefect tasks (cache keys, result storage) are the steps in `tasks.pipeline`, which call them.
+- `fetch_base_model` ("fetch-base-model", `base_model.source`): the English base model as an `hf`
+  checkpoint (a tiny random model, the real SmolLM2-135M, an HF folder or hub id, or an artifact).
+- `init_embeddings` ("init-embeddings", `embedding_init`): `vinasmol_core.model.extend_model`.
+- `convert_to_litgpt` ("convert-to-litgpt"): `vinasmol_core.model.hf_to_litgpt`.
+- `evaluate` ("evaluate", `eval`): `vinasmol_core.model.bits_per_byte_report` per language.
+- `export` ("export", `export`): `vinasmol_core.model.export_hf`, logits parity checked.
+
+Each fetches its inputs from the store, works in a scratch folder and publishes its output.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
 
-from pydantic import BaseModel, Field
-
-from tasks.common import open_store, scratch_dir
+from tasks.common import open_store, scratch_dir, step, val_files
+from vinasmol_core.errors import VinaSmolError
 from vinasmol_core.manifests import CheckpointManifest, EvalReportManifest
+from vinasmol_core.recipe import (
+    CorpusSpec,
+    EmbeddingInitSection,
+    EvalSection,
+    ExportSection,
+    HFBase,
+    SmolLM2Base,
+    TinyBase,
+)
+from vinasmol_core.steps import Step
+from vinasmol_core.store import ArtifactStore
 
 
-class StoreRequest(BaseModel):
-    """Where artifacts live, and the ref to move to the output (optional)."""
+def _build_base(source: TinyBase | HFBase | SmolLM2Base, tmp: Path) -> Path:
+    """A local HF folder of the base model `source` names (built, copied or downloaded into tmp)."""
+    if isinstance(source, TinyBase):
+        from vinasmol_core.builtin.tiny import build_tiny_base_model, build_tiny_tokenizer
 
-    store_url: str
-    out_ref: str | None = None
+        tok = build_tiny_tokenizer(tmp / "tokenizer", vocab_size=source.vocab_size)
+        params = source.model_dump(exclude={"kind", "vocab_size"})
+        return build_tiny_base_model(tmp / "model", tok, **params)
+    if isinstance(source, SmolLM2Base):
+        from vinasmol_core.builtin.smollm2 import build_smollm2_135m
 
-
-class FetchBaseRequest(StoreRequest):
-    source: str = Field(description="HF folder or hub id")
-    name: str = ""
-
-
-class InitEmbeddingsRequest(StoreRequest):
-    base_model: str = Field(description="ref or digest of an hf checkpoint artifact")
-    tokenizer: str = Field(description="ref or digest of the extended tokenizer artifact")
-    init: Literal["subword-mean", "translation-blend"] = "subword-mean"
-    translations: str | None = Field(default=None, description="TSV path, seq2seq folder or hub id")
-    blend: float = Field(default=0.5, ge=0.0, le=1.0)
-
-
-class ConvertRequest(StoreRequest):
-    hf_model: str = Field(description="ref or digest of an hf checkpoint artifact")
-    litgpt_name: str | None = None
-    pad_multiple: int = Field(default=1, ge=1)
-
-
-class EvaluateRequest(StoreRequest):
-    checkpoint: str = Field(description="ref or digest of an hf / litgpt / train-state checkpoint")
-    files: dict[str, list[str]] = Field(description="language -> local .jsonl(.gz)/.txt files")
-    label: str = ""
-    max_docs: int | None = None
-    max_bytes: int | None = None
-    seq_len: int = 1024
-    device: str = "cpu"
-
-
-class ExportRequest(StoreRequest):
-    checkpoint: str = Field(description="ref or digest of a litgpt or train-state checkpoint")
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    card: dict[str, Any] = Field(default_factory=dict)
-
-
-def fetch_base_model(req: FetchBaseRequest) -> CheckpointManifest:
-    """Publish the base model (a folder, or a hub download) as an `hf` checkpoint artifact."""
+        return build_smollm2_135m(tmp / "model")
     from vinasmol_core.model import fetch_base_model as fetch
+
+    return fetch(source.path, None if Path(source.path).is_dir() else tmp / "model")
+
+
+def _base_artifact(store: ArtifactStore, path: str) -> CheckpointManifest:
+    manifest = store.get_manifest(path)
+    if not isinstance(manifest, CheckpointManifest) or manifest.format != "hf":
+        raise VinaSmolError(f"base_model.source.path: {path} is not an hf checkpoint artifact")
+    return manifest
+
+
+@step(Step.FETCH_BASE_MODEL)
+def fetch_base_model(
+    source: TinyBase | HFBase | SmolLM2Base, name: str, store_url: str
+) -> CheckpointManifest:
+    """The English base model as an `hf` checkpoint artifact (tokenizer files included)."""
     from vinasmol_core.model import publish_checkpoint
 
+    store = open_store(store_url)
+    if isinstance(source, HFBase) and source.path.startswith("store:"):
+        return _base_artifact(store, source.path[len("store:") :])
     with scratch_dir("base") as tmp:
-        path = fetch(req.source, None if Path(req.source).is_dir() else tmp / "model")
-        return publish_checkpoint(
-            open_store(req.store_url), path, "hf", ref=req.out_ref, name=req.name or req.source, stage="base"
-        )
+        return publish_checkpoint(store, _build_base(source, tmp), "hf", name=name, stage="base")
 
 
-def init_embeddings(req: InitEmbeddingsRequest) -> CheckpointManifest:
-    """Resize the base model to the extended tokenizer and initialise the new rows."""
+@step(Step.INIT_EMBEDDINGS)
+def init_embeddings(
+    base_model: str, tokenizer: str, section: EmbeddingInitSection, store_url: str
+) -> CheckpointManifest:
+    """Resize the base model's tied embedding to the merged vocabulary and initialise the new rows."""
     from vinasmol_core.model import extend_model, publish_checkpoint
 
-    store = open_store(req.store_url)
-    base_dir, tok_dir = store.fetch(req.base_model), store.fetch(req.tokenizer)
-    parents = [store.resolve(req.base_model), store.resolve(req.tokenizer)]
+    store = open_store(store_url)
+    base_dir, tok_dir = store.fetch(base_model), store.fetch(tokenizer)
+    parents = [store.resolve(base_model), store.resolve(tokenizer)]
     with scratch_dir("embeddings") as tmp:
-        out = extend_model(
-            base_dir, tok_dir, tmp / "model", init=req.init, translations=req.translations, blend=req.blend
-        )
-        return publish_checkpoint(
-            store, out, "hf", ref=req.out_ref, name="extended", stage="embeddings", parents=parents
-        )
+        out = extend_model(base_dir, tok_dir, tmp / "model", init=section.method,
+                           translations=section.translations, blend=section.blend)
+        return publish_checkpoint(store, out, "hf", name="extended", stage="embeddings", parents=parents)
 
 
-def convert_to_litgpt(req: ConvertRequest) -> CheckpointManifest:
-    """The HF checkpoint as a litgpt checkpoint (logits parity checked)."""
+@step(Step.CONVERT_TO_LITGPT)
+def convert_to_litgpt(hf_model: str, litgpt_name: str | None, store_url: str) -> CheckpointManifest:
+    """The extended HF model as a litgpt checkpoint (lit_model.pth, model_config.yaml, tokenizer;
+    logits parity checked)."""
     from vinasmol_core.model import hf_to_litgpt, publish_checkpoint
 
-    store = open_store(req.store_url)
-    hf_dir = store.fetch(req.hf_model)
+    store = open_store(store_url)
+    hf_dir = store.fetch(hf_model)
     with scratch_dir("convert") as tmp:
-        out = hf_to_litgpt(hf_dir, tmp / "litgpt", req.litgpt_name, pad_multiple=req.pad_multiple)
-        return publish_checkpoint(
-            store,
-            out,
-            "litgpt",
-            ref=req.out_ref,
-            name="converted",
-            stage="convert",
-            parents=[store.resolve(req.hf_model)],
-        )
+        out = hf_to_litgpt(hf_dir, tmp / "litgpt", litgpt_name)
+        return publish_checkpoint(store, out, "litgpt", name="converted", stage="convert",
+                                  parents=[store.resolve(hf_model)])
 
 
-def evaluate(req: EvaluateRequest) -> EvalReportManifest:
-    """Bits per byte of a checkpoint per language, published as an eval report."""
+@step(Step.EVALUATE)
+def evaluate(
+    checkpoint: str, label: str, section: EvalSection, eval_corpora: list[CorpusSpec], store_url: str
+) -> EvalReportManifest:
+    """Bits per byte of a checkpoint on each language's validation documents (main corpora), published
+    as an eval report."""
     from vinasmol_core.model import bits_per_byte_report
     from vinasmol_core.model.bpb import report_to_json
 
-    store = open_store(req.store_url)
-    model_dir = store.fetch(req.checkpoint)
-    report = bits_per_byte_report(
-        model_dir,
-        {lang: [Path(p) for p in paths] for lang, paths in req.files.items()},
-        max_docs=req.max_docs,
-        max_bytes=req.max_bytes,
-        seq_len=req.seq_len,
-        device=req.device,
-    )
-    digest = store.resolve(req.checkpoint)
+    store = open_store(store_url)
+    model_dir = store.fetch(checkpoint)
+    with scratch_dir("eval") as tmp:
+        files = val_files(eval_corpora, tmp / "val", list(section.languages))
+        report = bits_per_byte_report(
+            model_dir,
+            {lang: [Path(p) for p in paths] for lang, paths in files.items()},
+            max_docs=section.max_docs,
+            seq_len=section.seq_len,
+            device="cpu",
+        )
+    digest = store.resolve(checkpoint)
     manifest = EvalReportManifest(
-        name=f"eval-{req.label}" if req.label else "eval",
+        name=f"eval-{label}" if label else "eval",
         model_digest=digest,
         metrics={"bpb": {k: v.bpb for k, v in report.items()}, "details": report_to_json(report)},
         parents=[digest],
     )
-    return store.publish(manifest, ref=req.out_ref)
+    return store.publish(manifest)
 
 
-def export(req: ExportRequest) -> CheckpointManifest:
-    """The checkpoint as a verified Hugging Face folder, published as an `hf` checkpoint artifact."""
+@step(Step.EXPORT)
+def export(checkpoint: str, section: ExportSection, store_url: str) -> CheckpointManifest:
+    """The final checkpoint as a verified Hugging Face folder (logits parity checked), published as an
+    `hf` checkpoint artifact."""
     from vinasmol_core.model import export_hf, publish_checkpoint
 
-    store = open_store(req.store_url)
-    src = store.fetch(req.checkpoint)
+    store = open_store(store_url)
+    src = store.fetch(checkpoint)
+    card = {"title": section.name, **section.card}
     with scratch_dir("export") as tmp:
-        out = export_hf(src, tmp / "hf", dtype=req.dtype, card=req.card)
-        return publish_checkpoint(
-            store,
-            out,
-            "hf",
-            ref=req.out_ref,
-            name=req.card.get("title", "export"),
-            stage="export",
-            parents=[store.resolve(req.checkpoint)],
-        )
+        out = export_hf(src, tmp / "hf", dtype=section.dtype, card=card)
+        return publish_checkpoint(store, out, "hf", name=card.get("title", "export"), stage="export",
+                                  parents=[store.resolve(checkpoint)])

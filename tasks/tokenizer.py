@@ -1,84 +1,78 @@
-"""The bodies of the tokenizer steps: typed (Pydantic) requests in, manifests out.
+"""The tokenizer steps, one cached Prefect task each (recipe section `tokenizer`).
 
-- `train_tokenizer` ("train tokenizer"): count the pre-tokenized words of the training corpus and
-  publish the counts (a `DatasetManifest` whose `extra.content` is "word-counts").
-- `merge_vocabulary` ("merge vocabulary"): extend the base tokenizer with merges learned on those
-  counts, measure fertility, publish the tokenizer folder (a `TokenizerManifest`).
-
-Plain functions: the Prefect tasks (cache keys, result storage) are the steps in `tasks.pipeline`.
+- `train_tokenizer` ("train-tokenizer"): count the pre-tokenized words of the training corpora
+  (`vinasmol_core.tokenizer.count_words`) and publish the counts (a `DatasetManifest` whose
+  `extra.content` is "word-counts"), the statistics the new merges are learned from.
+- `merge_vocabulary` ("merge-vocabulary"): extend the base tokenizer with merges learned on those
+  counts (`vinasmol_core.tokenizer.extend_tokenizer`), measure fertility of base against extended,
+  publish the tokenizer folder (a `TokenizerManifest`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field
-
-from tasks.common import open_store, scratch_dir
+from tasks.common import materialize_corpus, open_store, scratch_dir, step, val_files
 from vinasmol_core.manifests import DatasetManifest, TokenizerManifest
+from vinasmol_core.recipe import CorpusSpec, TokenizerSection
+from vinasmol_core.steps import Step
 
 
-class TrainTokenizerRequest(BaseModel):
-    store_url: str
-    corpus: list[str] = Field(description="local JSONL(.gz) / Parquet / text files or folders")
-    text_field: str = "text"
-    base: str | None = Field(default=None, description="ref or digest of an artifact holding the base "
-                             "tokenizer.json (its pre-tokenizer); default SmolLM2's")
-    corpus_digests: dict[str, str] = Field(default_factory=dict,
-                                           description="lineage of the corpus files")
-    out_ref: str | None = None
-
-
-class MergeVocabularyRequest(BaseModel):
-    store_url: str
-    base: str = Field(description="ref or digest of an artifact holding the base tokenizer.json")
-    word_counts: str = Field(description="ref or digest of the word-counts artifact")
-    target_vocab_size: int = 55936
-    eval_files: dict[str, list[str]] = Field(default_factory=dict,
-                                             description="language -> local files for the fertility report")
-    out_ref: str | None = None
-
-
-
-
-
-
-def train_tokenizer(request: TrainTokenizerRequest) -> DatasetManifest:
-    """Count the corpus's pre-tokenized words and publish the counts."""
+@step(Step.TRAIN_TOKENIZER)
+def train_tokenizer(
+    base_model: str,
+    corpora: list[CorpusSpec],
+    corpus_digests: dict[str, str],
+    section: TokenizerSection,
+    store_url: str,
+) -> DatasetManifest:
+    """Word counts of the tokenizer's training corpora, split by the pre-tokenizer of the base model's
+    tokenizer.json (`base_model`: ref or digest of an artifact holding it)."""
     from vinasmol_core.tokenizer import count_words
 
-    store = open_store(request.store_url)
-    pre = store.fetch(request.base) if request.base else None
-    counts = count_words([Path(p) for p in request.corpus], request.text_field, pre_tokenizer=pre)
-    with scratch_dir("word-counts") as tmp:
-        counts.save(tmp)
+    store = open_store(store_url)
+    pre = store.fetch(base_model)
+    with scratch_dir("tokenizer") as tmp:
+        files: list[Path] = []
+        for corpus in corpora:
+            train, _ = materialize_corpus(corpus, tmp / "corpora" / corpus.name)
+            files.extend(train)
+        counts = count_words(files, "text", pre_tokenizer=pre)
+        counts.save(tmp / "word-counts")
         manifest = DatasetManifest(
             name="word-counts",
-            source_digests=request.corpus_digests,
+            source_digests=corpus_digests,
             stats=counts.stats.model_dump(),
-            parents=[store.resolve(request.base)] if request.base else [],
+            parents=[store.resolve(base_model)],
             extra={"content": "word-counts"},
         )
-        return store.publish(manifest, tmp, ref=request.out_ref)
+        return store.publish(manifest, tmp / "word-counts")
 
 
-def merge_vocabulary(request: MergeVocabularyRequest) -> TokenizerManifest:
-    """Extend the base tokenizer with merges learned on the word counts; publish it with its
-    fertility report (base against extended)."""
+@step(Step.MERGE_VOCABULARY)
+def merge_vocabulary(
+    base_model: str,
+    word_counts: str,
+    section: TokenizerSection,
+    eval_corpora: list[CorpusSpec],
+    store_url: str,
+) -> TokenizerManifest:
+    """Extend the base tokenizer with the new language's merges; publish it with its fertility report
+    (base against extended, on the validation documents of the main corpora)."""
     from vinasmol_core.tokenizer import WordCounts, extend_tokenizer, fertility_report
     from vinasmol_core.tokenizer.publish import tokenizer_manifest
 
-    store = open_store(request.store_url)
-    base_dir = store.fetch(request.base)
-    counts = WordCounts.load(store.fetch(request.word_counts))
-    with scratch_dir("tokenizer") as tmp:
-        result = extend_tokenizer(base_dir, counts, request.target_vocab_size, tmp / "tokenizer")
+    store = open_store(store_url)
+    base_dir = store.fetch(base_model)
+    counts = WordCounts.load(store.fetch(word_counts))
+    with scratch_dir("merge") as tmp:
+        result = extend_tokenizer(base_dir, counts, section.target_vocab_size, tmp / "tokenizer")
+        files = val_files(eval_corpora, tmp / "val", ["vi", "en", "code"])
         report = None
-        if request.eval_files:
-            files = {lang: [Path(p) for p in paths] for lang, paths in request.eval_files.items()}
-            report = fertility_report({"base": base_dir, "extended": result.out_dir}, files)
+        if files:
+            eval_files = {lang: [Path(p) for p in paths] for lang, paths in files.items()}
+            report = fertility_report({"base": base_dir, "extended": result.out_dir}, eval_files)
         manifest = tokenizer_manifest(
-            result, report,
-            parents=[store.resolve(request.base), store.resolve(request.word_counts)],
+            result, report, parents=[store.resolve(base_model), store.resolve(word_counts)]
         )
-        return store.publish(manifest, Path(result.out_dir), ref=request.out_ref)
+        return store.publish(manifest, Path(result.out_dir))

@@ -1,64 +1,167 @@
-"""Prefect task of one training stage: a thin wrapper over `run_stage_process`.
+"""The training step, one cached Prefect task: `train_stage` ("train-stage") trains one recipe stage
+(a `StageSpec`) in a process of its own (`vinasmol_core.train.run_stage_process`, torchrun for
+several devices), here ("inline") or as a child run of the training-stage deployment
+(`tasks.dispatch.run_stage_deployment`), and resumes from the stage's newest partial checkpoint.
 
-The stage runs in a process of its own (torchrun for several devices); this task streams its
-metrics into a Prefect progress artifact and the run log. Caching and result storage are wired by
-the flows (`train_stage.with_options(...)`).
+`run_stage_job` is what both runners execute: the stage process, its metrics turned into a progress
+artifact and log lines by `StageProgress`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import os
+import threading
+import time
 from typing import Any
 
-from prefect import get_run_logger, task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from pydantic import BaseModel, Field
 
+from tasks.common import slug, step
 from vinasmol_core.manifests import CheckpointManifest
-from vinasmol_core.train import StageJob
+from vinasmol_core.steps import Step
+from vinasmol_core.train.spec import StageJob, StageSpec
+
+FAIL_AT_ENV = "VINASMOL_FAIL_AT"  # "<stage>:<step>": debugging, never part of a cache key
 
 
-def progress_reporter(job: StageJob) -> Callable[[dict[str, Any]], None]:
-    """A metrics callback that moves a progress artifact and logs steps and evaluations."""
-    logger = get_run_logger()
-    total = max(job.spec.total_steps, 1)
-    artifact_id = create_progress_artifact(
-        progress=0.0, key=None, description=f"training stage {job.spec.name}: optimizer steps done"
-    )
-    state = {"last": -1.0}
+class TrainedStage(BaseModel):
+    """A training stage's result: its final checkpoint manifest and the metrics it streamed."""
 
-    def on_metrics(event: dict[str, Any]) -> None:
-        kind = event.get("event")
+    checkpoint: CheckpointManifest
+    events: list[dict[str, Any]] = Field(default_factory=list)
+    duration_s: float = 0.0
+
+
+def _run_logger() -> Any:
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:  # outside a Prefect run
+        return logging.getLogger(__name__)
+
+
+class StageProgress:
+    """A stage's metrics callback: moves the progress artifact `progress-<stage>` (at most once a
+    second, and to 100 at the end), logs steps, evaluations and resumes, and keeps the events."""
+
+    def __init__(self, stage: str, total_steps: int) -> None:
+        from prefect.artifacts import create_progress_artifact
+
+        self.stage = stage
+        self.total = max(total_steps, 1)
+        self.events: list[dict[str, Any]] = []
+        self.last_push = 0.0
+        self.last_value = -1.0
+        self.lock = threading.Lock()
+        self.logger = _run_logger()
+        try:
+            self.artifact_id = create_progress_artifact(
+                progress=0.0, key=f"progress-{slug(stage)}", description=f"training stage {stage}"
+            )
+        except Exception:  # progress is best effort, never the reason a stage fails
+            self.artifact_id = None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        with self.lock:
+            self.events.append(event)
+            self._log(event)
+            step_no = event.get("step")
+            if not isinstance(step_no, int) or self.artifact_id is None:
+                return
+            value = min(100.0, 100.0 * step_no / self.total)
+            now = time.monotonic()
+            if value > self.last_value and (now - self.last_push > 1.0 or value >= 100.0):
+                self._push(value)
+
+    def _log(self, event: dict[str, Any]) -> None:
+        kind, name = event.get("event"), self.stage
         if kind == "step":
-            pct = round(100.0 * event["step"] / total, 1)
-            if pct > state["last"]:
-                update_progress_artifact(artifact_id, progress=pct)
-                state["last"] = pct
-            logger.info(
-                "%s step %d/%d loss %.4f lr %.2e %.0f tok/s",
-                job.spec.name,
-                event["step"],
-                total,
-                event["loss"],
-                event["lr"],
-                event["tokens_per_s"],
-            )
+            self.logger.info("%s step %s/%d loss %s lr %s %s tok/s", name, event.get("step"), self.total,
+                             event.get("loss"), event.get("lr"), event.get("tokens_per_s"))
         elif kind == "eval":
-            logger.info(
-                "%s eval @ %d: loss %s bpb %s",
-                job.spec.name,
-                event["step"],
-                event["val_loss"],
-                event["val_bpb"],
-            )
+            self.logger.info("%s eval @ %s: loss %s bpb %s", name, event.get("step"),
+                             event.get("val_loss"), event.get("val_bpb"))
         elif kind == "start" and event.get("resumed_from"):
-            logger.info("%s resumed from step %s", job.spec.name, event["resumed_from"])
+            self.logger.info("%s resumed from step %s", name, event["resumed_from"])
 
-    return on_metrics
+    def _push(self, value: float) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        try:
+            update_progress_artifact(self.artifact_id, progress=value)
+            self.last_value, self.last_push = value, time.monotonic()
+        except Exception:
+            pass
+
+    def finish(self) -> None:
+        if self.artifact_id is not None and self.last_value < 100.0:
+            self._push(100.0)
 
 
-@task(name="train-stage")
-def train_stage(job: StageJob) -> CheckpointManifest:
-    """Run one stage (resuming from its newest published train-state); return its litgpt checkpoint."""
-    from vinasmol_core.train.process import run_stage_process
+def run_stage_job(job: StageJob) -> tuple[CheckpointManifest, list[dict[str, Any]]]:
+    """Run one stage (resuming from its newest published train-state); its checkpoint and events."""
+    from vinasmol_core.train import run_stage_process
 
-    return run_stage_process(job, progress_reporter(job))
+    progress = StageProgress(job.spec.name, job.spec.total_steps)
+    manifest = run_stage_process(job, on_metrics=progress)
+    progress.finish()
+    return manifest, progress.events
+
+
+def fail_at_step_for(stage: str) -> int | None:
+    """$VINASMOL_FAIL_AT="<stage>:<step>" injects a failure (tests of resume); never cached."""
+    value = os.environ.get(FAIL_AT_ENV, "")
+    if ":" not in value:
+        return None
+    name, _, at = value.rpartition(":")
+    return int(at) if name == stage and at.strip().isdigit() else None
+
+
+@step(Step.TRAIN_STAGE, exclude=("partial_suffix",))
+def train_stage(
+    spec: StageSpec,
+    init_checkpoint: str,
+    dataset: str,
+    store_url: str,
+    stage_runner: str = "inline",
+    partial_suffix: str = "",
+) -> TrainedStage:
+    """One training stage in its own process; resumes from the stage's newest partial checkpoint.
+
+    Partial checkpoints live under a prefix derived from what the stage computes (spec, init, data),
+    so a retry of the same run, or a new run of the same recipe, continues where the stage stopped.
+    A forced stage gets a per-run suffix and so starts over."""
+    t0 = time.perf_counter()
+    job = StageJob(
+        spec=spec,
+        init_checkpoint=init_checkpoint,
+        dataset=dataset,
+        store_url=store_url,
+        fail_at_step=fail_at_step_for(spec.name),
+    )
+    key = job.resume_key()[:16]
+    job.out_ref = f"stages/{spec.name}/{key}"
+    job.partial_ref_prefix = f"partial/{spec.name}/{key}{partial_suffix}"
+    if stage_runner == "deployment":
+        from tasks.dispatch import run_stage_deployment
+
+        manifest, events = run_stage_deployment(job), []
+    else:
+        manifest, events = run_stage_job(job)
+    return TrainedStage(checkpoint=manifest, events=_condense(events), duration_s=time.perf_counter() - t0)
+
+
+def _condense(events: list[dict[str, Any]], limit: int = 2000) -> list[dict[str, Any]]:
+    """Keep the metrics small enough for a task result (every k-th train event, all eval events)."""
+    train = [e for e in events if "loss" in e]
+    other = [e for e in events if "loss" not in e]
+    if len(train) > limit:
+        k = -(-len(train) // limit)
+        train = train[::k] + [train[-1]]
+    keep = []
+    for e in [*train, *other]:
+        keep.append({k: v for k, v in e.items() if isinstance(v, (int, float, str, bool)) or v is None})
+    return keep

@@ -1,4 +1,4 @@
-"""A trivial stage flow and a parent that runs it through `flows.remote.run_stage_deployment`.
+"""A trivial stage flow and a parent that runs it through `tasks.dispatch.run_stage_deployment`.
 
 Deployed by tests/test_deploy_stack.py next to the real deployments, so the remote runner (idempotency
 keys per attempt, retry of failed children, progress mirroring, parent retry) is tested without
@@ -13,7 +13,7 @@ from prefect import flow
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from pydantic import BaseModel
 
-from flows.remote import run_stage_deployment
+from tasks.dispatch import run_stage_deployment
 from vinasmol_core.manifests import CheckpointManifest
 
 

@@ -446,13 +446,22 @@ def test_cli_prepare_inspect_and_errors(tmp_path_factory: pytest.TempPathFactory
     assert isinstance(bad.exception, ConfigError) and "language 'fr'" in str(bad.exception)
 
 
-def test_data_step_body_builds_then_reuses(tmp_path: Path, tok: Path) -> None:
+def test_data_step_builds_then_reuses(tmp_path: Path, tok: Path) -> None:
     from tasks.data import prepare_data
+    from vinasmol_core.manifests import TokenizerManifest
+    from vinasmol_core.recipe import CorpusSpec, DataSection
+    from vinasmol_core.store import ArtifactStore
 
-    srcs = [SourceSpec(name="s-en", lang="en", paths=(str(sample_corpora_small(tmp_path)),))]
-    info = prepare_data(srcs, tok, tmp_path / "ds", PrepareSettings(workers=0))
-    assert info.dir == tmp_path / "ds" and info.token_counts["en"] > 0
-    assert prepare_data(srcs, tok, tmp_path / "ds", PrepareSettings(workers=0)).reused
+    url = (tmp_path / "store").as_uri()
+    carrier = ArtifactStore(url).publish(TokenizerManifest(vocab_size=1, base_vocab_size=1), tok)
+    files = {"kind": "files", "train": [str(sample_corpora_small(tmp_path))]}
+    corpus = CorpusSpec(name="s-en", lang="en", source=files)
+    args = {"role": "main", "corpora": [corpus], "corpus_digests": {}, "section": DataSection(),
+            "tokenizer_sha": "t", "tokenizer_artifact": carrier.digest, "store_url": url}
+    manifest = prepare_data.fn(**args)
+    assert manifest.token_counts["en"] > 0
+    assert prepare_data.fn(**args).digest == manifest.digest
+    assert ArtifactStore(url).resolve("datasets/main") == manifest.digest
 
 
 def test_progress_is_reported_while_a_source_is_read(tmp_path: Path, tok: Path,

@@ -363,8 +363,8 @@ def test_ui_retry_of_a_failed_parent_resumes(stack: Any) -> None:
     )
     assert store.get_manifest("runs/deploy-test/annealing").extra["resumed_from_step"] == 2
     executed = _executed_steps(stack, run.id)
-    assert "train-eeve-6" not in executed and "tokenizer" not in executed, executed
-    assert executed.count("train-annealing") >= 1
+    assert "train-stage-eeve-6" not in executed and "train-tokenizer" not in executed, executed
+    assert executed.count("train-stage-annealing") >= 1
 
 
 @needs_pipeline
@@ -383,15 +383,15 @@ def test_annealing_deployment_is_scheduled_and_caches(stack: Any) -> None:
     second = runs[1]
     assert _children(second.id) == []
     executed = _executed_steps(stack, second.id)
-    assert not [s for s in executed if s.startswith("train")], executed
+    assert not [s for s in executed if s.startswith("train-stage")], executed
 
 
 def test_two_gpu_child_run_renders_through_prefect(stack: Any) -> None:
     """A stage with devices=2 on a Kubernetes pool: its child run's job requests nvidia.com/gpu: 2."""
     from prefect.client.schemas.actions import WorkPoolCreate
 
-    from flows.remote import _job_variables
     from infra.kubernetes import load_template, render_job_manifest
+    from tasks.dispatch import _job_variables
 
     template = load_template()
     with _client() as client:

@@ -12,7 +12,7 @@ SPEC = load_recipe("recipes/tiny-cpu.yaml").stages[2]
 
 def key(**kwargs):
     base = {"spec": SPEC, "init_checkpoint": "a" * 64, "dataset": "b" * 64, "store_url": "file:///x"}
-    return step_cache_key("train", {**base, **kwargs})
+    return step_cache_key("train-stage", {**base, **kwargs})
 
 
 def test_store_and_debugging_switches_stay_out_of_the_key() -> None:
@@ -26,7 +26,7 @@ def test_inputs_recipe_section_and_name_change_the_key() -> None:
     assert key() != key(dataset="d" * 64)
     assert key() != key(spec=StageSpec.model_validate({**SPEC.model_dump(), "lr": SPEC.lr * 2}))
     args = {"spec": SPEC, "init_checkpoint": "a" * 64, "dataset": "b" * 64}
-    assert step_cache_key("train", args) != step_cache_key("evaluate", args)
+    assert step_cache_key("train-stage", args) != step_cache_key("evaluate", args)
 
 
 def test_code_version_changes_the_key(monkeypatch) -> None:
@@ -36,9 +36,19 @@ def test_code_version_changes_the_key(monkeypatch) -> None:
 
 
 def test_key_is_stable_across_processes_and_argument_order() -> None:
-    a = step_cache_key("data", {"role": "main", "section": {"dedup": True, "val_fraction": 0.1}})
-    b = step_cache_key("data", {"section": {"val_fraction": 0.1, "dedup": True}, "role": "main"})
-    assert a == b and a.startswith("data-") and len(a) == len("data-") + 64
+    a = step_cache_key("prepare-data", {"role": "main", "section": {"dedup": True, "val_fraction": 0.1}})
+    b = step_cache_key("prepare-data", {"section": {"val_fraction": 0.1, "dedup": True}, "role": "main"})
+    assert a == b and a.startswith("prepare-data-") and len(a) == len("prepare-data-") + 64
+
+
+def test_a_typed_recipe_section_keys_like_its_json() -> None:
+    """Steps take their recipe section as a Pydantic model; the key is that of its JSON data."""
+    from vinasmol_core.recipe import DataSection
+
+    section = DataSection(val_fraction=0.1)
+    assert step_cache_key("prepare-data", {"section": section}) == step_cache_key(
+        "prepare-data", {"section": section.model_dump(mode="json")}
+    )
 
 
 def test_store_root_normalises_local_paths(tmp_path, monkeypatch) -> None:
@@ -50,11 +60,13 @@ def test_store_root_normalises_local_paths(tmp_path, monkeypatch) -> None:
 
 def test_data_step_is_keyed_on_tokenizer_content_not_its_carrier() -> None:
     """A checkpoint carrying the same tokenizer.json as the tokenizer artifact reuses the dataset."""
-    from tasks.pipeline import prepare_data
+    from tasks.data import prepare_data
+    from vinasmol_core.recipe import DataSection
 
     policy = prepare_data.cache_policy
     args = {
-        "role": "annealing", "corpus_digests": {}, "corpora": [], "section": {}, "tokenizer_sha": "t" * 64
+        "role": "annealing", "corpus_digests": {}, "corpora": [], "section": DataSection(),
+        "tokenizer_sha": "t" * 64,
     }
     a = policy.compute_key(None, {**args, "tokenizer_artifact": "tokenizer-digest"}, {})
     b = policy.compute_key(None, {**args, "tokenizer_artifact": "checkpoint-digest"}, {})

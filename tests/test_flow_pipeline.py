@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tasks.common import read_timing_log
-from tasks.pipeline import FAIL_AT_ENV
+from tasks.train import FAIL_AT_ENV
 from vinasmol_core.errors import ConfigError, VinaSmolError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,15 +175,15 @@ def test_pipeline_end_to_end_every_stage_and_loadable_export(runs) -> None:
     result = runs["resumed"]
     ran = {**runs["first_attempt"], **runs["retry_attempt"]}
     for name in [
-        "base-model",
-        "tokenizer",
+        "fetch-base-model",
+        "train-tokenizer",
         "merge-vocabulary",
-        "data-main",
-        "data-annealing",
-        "embeddings",
-        "convert",
+        "prepare-data-main",
+        "prepare-data-annealing",
+        "init-embeddings",
+        "convert-to-litgpt",
         "export",
-        *(f"train-{s}" for s in STAGES),
+        *(f"train-stage-{s}" for s in STAGES),
         *(f"evaluate-{s}" for s in STAGES),
     ]:
         assert ran.get(name) is True, f"{name} did not run to completion: {ran}"
@@ -233,18 +233,18 @@ def test_prefect_artifacts_of_the_run(runs) -> None:
 
 def test_failure_then_retry_resumes_from_last_checkpoint(runs) -> None:
     first, retry = runs["first_attempt"], runs["retry_attempt"]
-    assert first["train-eeve-6"] is False
-    assert "train-eeve-7" not in first
+    assert first["train-stage-eeve-6"] is False
+    assert "train-stage-eeve-7" not in first
     before = [
-        "base-model",
-        "tokenizer",
+        "fetch-base-model",
+        "train-tokenizer",
         "merge-vocabulary",
-        "data-main",
-        "data-annealing",
-        "embeddings",
-        "convert",
-        "train-eeve-3",
-        "train-eeve-4",
+        "prepare-data-main",
+        "prepare-data-annealing",
+        "init-embeddings",
+        "convert-to-litgpt",
+        "train-stage-eeve-3",
+        "train-stage-eeve-4",
         "evaluate-base",
         "evaluate-init",
         "evaluate-eeve-3",
@@ -252,7 +252,7 @@ def test_failure_then_retry_resumes_from_last_checkpoint(runs) -> None:
     ]
     assert all(first.get(n) is True for n in before)
     assert not set(before) & set(retry), f"re-executed on retry: {set(before) & set(retry)}"
-    assert retry["train-eeve-6"] is True
+    assert retry["train-stage-eeve-6"] is True
     store = _store(runs)
     stage6 = store.get_manifest(runs["resumed"]["checkpoints"][2]["digest"])
     assert stage6.stage == "eeve-6"
@@ -272,7 +272,9 @@ def test_start_ref_and_from_stage_rerun_only_that_stage(runs) -> None:
     """What the scheduled annealing deployment does: annealing from a named checkpoint; unchanged
     inputs hit the cache, and `force` trains it again (to the same weights)."""
     assert runs["weekly_steps"] == {}
-    assert runs["restarted_steps"] == {"train-annealing": True, "evaluate-annealing": True, "export": True}
+    assert runs["restarted_steps"] == {
+        "train-stage-annealing": True, "evaluate-annealing": True, "export": True
+    }
     [annealed] = runs["restarted"]["checkpoints"]
     assert annealed["stage"] == "annealing"
     store = _store(runs)
@@ -301,8 +303,8 @@ def test_unchanged_rerun_executes_nothing(runs) -> None:
 
 def test_new_annealing_data_reruns_only_annealing_eval_export(runs) -> None:
     assert runs["changed_steps"] == {
-        "data-annealing": True,
-        "train-annealing": True,
+        "prepare-data-annealing": True,
+        "train-stage-annealing": True,
         "evaluate-annealing": True,
         "export": True,
     }
@@ -369,9 +371,9 @@ def test_force_and_start_ref_need_known_names(tmp_path: Path) -> None:
     plan = plan_run(recipe, store, force=["eeve-7"])
     assert plan.forced == {"eeve-7", "context-extension", "annealing", "evaluate", "export"}
     assert plan.refresh_evaluation("eeve-7") and not plan.refresh_evaluation("eeve-3")
-    assert not plan.refresh_evaluation("convert")
+    assert not plan.refresh_evaluation("convert-to-litgpt")
     plan = plan_run(recipe, store, force=["evaluate"])
-    assert plan.forced == {"evaluate", "export"} and plan.refresh_evaluation("base-model")
+    assert plan.forced == {"evaluate", "export"} and plan.refresh_evaluation("fetch-base-model")
     with pytest.raises(ConfigError, match="start_ref needs from_stage"):
         plan_run(recipe, store, start_ref="runs/x/eeve-7")
     with pytest.raises(ConfigError, match="stage_runner"):

@@ -1,4 +1,4 @@
-"""Fertility report, the CLI's happy path with publishing, the Prefect task wrappers, and the
+"""Fertility report, the CLI's happy path with publishing, the tokenizer steps, and the
 SmolLM2 tokenizer.json builder (on fake GGUF metadata: no download)."""
 
 from __future__ import annotations
@@ -69,28 +69,25 @@ def test_cli_extend_publishes_manifest_with_fertility(monkeypatch, capsys) -> No
     assert json.loads((folder / "r.json").read_text())["languages"]["vi"]["tokenizers"]["ext"]["tokens"] > 0
 
 
-def test_prefect_tasks_publish_counts_and_tokenizer() -> None:
-    from tasks.tokenizer import (
-        MergeVocabularyRequest,
-        TrainTokenizerRequest,
-        merge_vocabulary,
-        train_tokenizer,
-    )
+def test_tokenizer_steps_publish_counts_and_tokenizer() -> None:
+    from tasks.tokenizer import merge_vocabulary, train_tokenizer
+    from vinasmol_core.recipe import CorpusSpec, TokenizerSection
     from vinasmol_core.store import ArtifactStore
 
     folder = scratch("tasks")
     url = (folder / "store").as_uri()
     store = ArtifactStore(url)
     base = store.publish(_tokenizer_manifest_for_base(), tiny_base(), ref="base/tokenizer")
-    counts = train_tokenizer(TrainTokenizerRequest(store_url=url, corpus=[str(sample_data()["vi"])],
-                                                      base="base/tokenizer", out_ref="counts/vi"))
+    corpus = CorpusSpec(name="vi", lang="vi", source={"kind": "files", "train": [str(sample_data()["vi"])]})
+    section = TokenizerSection(target_vocab_size=EXACT_TARGET)
+    counts = train_tokenizer.fn(base_model="base/tokenizer", corpora=[corpus], corpus_digests={"vi": "d"},
+                                section=section, store_url=url)
     assert counts.extra["content"] == "word-counts" and counts.stats["vietnamese_letters"] > 0
-    tok = merge_vocabulary(MergeVocabularyRequest(
-        store_url=url, base="base/tokenizer", word_counts="counts/vi", target_vocab_size=EXACT_TARGET,
-        eval_files={"vi": [str(sample_data()["vi"])]}, out_ref="tokenizer/vi"))
+    assert counts.source_digests == {"vi": "d"} and counts.parents == [base.digest]
+    tok = merge_vocabulary.fn(base_model="base/tokenizer", word_counts=counts.digest, section=section,
+                              eval_corpora=[corpus], store_url=url)
     assert tok.vocab_size == EXACT_TARGET and tok.fertility["languages"]["vi"]["words"] > 0
     assert tok.parents == [base.digest, counts.digest]
-    assert store.resolve("tokenizer/vi") == tok.digest
 
 
 def _small_copy(path, folder):  # noqa: ANN001, ANN202

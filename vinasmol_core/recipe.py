@@ -19,15 +19,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vinasmol_core.errors import ConfigError
+from vinasmol_core.steps import STEPS_AFTER, STEPS_BEFORE, Step
 from vinasmol_core.train.spec import StageSpec
 
 Lang = Literal["vi", "en", "code"]
 ROLES = ("main", "annealing")
-
-# Pipeline steps before and after the training stages, in order. Stage names come from the recipe.
-STEPS_BEFORE = ("base-model", "tokenizer", "merge-vocabulary", "data", "embeddings", "convert")
-STEPS_AFTER = ("evaluate", "export")
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -210,7 +206,7 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:
         names = [s.name for s in self.stages]
-        reserved = set(STEPS_BEFORE) | set(STEPS_AFTER)
+        reserved = {step.value for step in Step}
         for i, stage in enumerate(self.stages):
             if names.index(stage.name) != i:
                 raise ValueError(f"stages.{i}.name: stage name {stage.name!r} is used twice")
@@ -255,7 +251,8 @@ class Recipe(_Strict):
 
     def step_names(self) -> list[str]:
         """Every pipeline step in order (the names --from-stage and --force accept)."""
-        return [*STEPS_BEFORE, *(s.name for s in self.stages), *STEPS_AFTER]
+        before, after = [s.value for s in STEPS_BEFORE], [s.value for s in STEPS_AFTER]
+        return [*before, *(s.name for s in self.stages), *after]
 
     def steps_from(self, names: list[str]) -> set[str]:
         """The named steps and every step after the earliest of them; ConfigError on unknown names."""
@@ -267,15 +264,6 @@ class Recipe(_Strict):
                 raise ConfigError(f"unknown stage {name!r}; the recipe's stages are: {', '.join(order)}")
         first = min(order.index(n) for n in names)
         return set(order[first:])
-
-    def section(self, name: str) -> Any:
-        """A recipe section as JSON data (what a step reads; part of its cache key)."""
-        value = getattr(self, name)
-        if isinstance(value, BaseModel):
-            return value.model_dump(mode="json")
-        if isinstance(value, list):
-            return [v.model_dump(mode="json") if isinstance(v, BaseModel) else v for v in value]
-        return value
 
 
 def format_validation_error(exc: ValidationError, where: str) -> str:

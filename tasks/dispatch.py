@@ -1,6 +1,8 @@
-"""Run one training stage as a child flow run of the training-stage deployment (on the CUDA pool).
+"""Stage dispatch: one training stage as a child flow run of the training-stage deployment (on the
+CUDA pool), instead of a process of the calling run.
 
-`run_stage_deployment(job)` is what the pipeline calls for each stage when `stage_runner="deployment"`.
+`run_stage_deployment(job)` is what the `train-stage` step (`tasks.train.train_stage`) calls when
+`stage_runner="deployment"`.
 It starts the `vinasmol-stage` deployment with an idempotency key, mirrors the child's progress into
 the calling run, and retries a failed child itself:
 
