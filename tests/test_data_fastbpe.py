@@ -81,15 +81,75 @@ def test_fast_path_equals_tokenizer(tmp_path_factory: pytest.TempPathFactory, to
             assert flat[offsets[i] : offsets[i + 1]].tolist() == ids + [0], repr(texts[i])
 
 
-def test_unsupported_shapes_are_refused() -> None:
-    assert fast_path_shape({"model": {"type": "WordPiece"}})[0] is not None
-    metaspace = {"model": {"type": "BPE"}, "pre_tokenizer": {"type": "Metaspace"}}
-    assert fast_path_shape(metaspace)[0] is not None
-    lower = {"model": {"type": "BPE"}, "normalizer": {"type": "Lowercase"},
-             "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}}
-    assert "normaliser" in (fast_path_shape(lower)[0] or "")
-    prefix = {"model": {"type": "BPE"}, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": True}}
-    assert fast_path_shape(prefix)[0] is not None
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+_DIGITS = {"type": "Digits", "individual_digits": True}
+
+
+def _bpe(model: dict | None = None, **parts: object) -> dict:
+    return {"model": {"type": "BPE", **(model or {})}, "pre_tokenizer": _BYTE_LEVEL, **parts}
+
+
+@pytest.mark.parametrize(
+    ("shape", "reason"),
+    [
+        ({"model": {"type": "WordPiece"}}, "model is not BPE"),
+        ({"pre_tokenizer": _BYTE_LEVEL}, "model is not BPE"),
+        (_bpe({"dropout": 0.1}), "BPE dropout"),
+        (_bpe({"continuing_subword_prefix": "##"}), "subword prefix/suffix"),
+        (_bpe({"end_of_word_suffix": "</w>"}), "subword prefix/suffix"),
+        (_bpe({"ignore_merges": True}), "ignore_merges (whole words looked up before merging)"),
+        (_bpe(normalizer={"type": "Lowercase"}), "normaliser other than NFC"),
+        (_bpe(normalizer={"type": "NFKC"}), "normaliser other than NFC"),
+        (
+            _bpe(normalizer={"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Lowercase"}]}),
+            "normaliser other than NFC",
+        ),
+        (_bpe(pre_tokenizer={"type": "Metaspace"}), "pre-tokenizer is not [Digits(individual)] + ByteLevel"),
+        (_bpe(pre_tokenizer=None), "pre-tokenizer is not [Digits(individual)] + ByteLevel"),
+        (
+            _bpe(pre_tokenizer={"type": "Sequence", "pretokenizers": [{"type": "Whitespace"}, _BYTE_LEVEL]}),
+            "pre-tokenizer is not [Digits(individual)] + ByteLevel",
+        ),
+        (
+            _bpe(pre_tokenizer={"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": False}, _BYTE_LEVEL]}),
+            "pre-tokenizer is not [Digits(individual)] + ByteLevel",
+        ),
+        (
+            _bpe(pre_tokenizer={"type": "ByteLevel", "add_prefix_space": True}),
+            "ByteLevel with prefix space or without regex",
+        ),
+        (
+            _bpe(pre_tokenizer={"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}),
+            "ByteLevel with prefix space or without regex",
+        ),
+    ],
+)
+def test_unsupported_shapes_are_refused(shape: dict, reason: str) -> None:
+    """Each unsupported shape is refused with the reason that names what is unsupported."""
+    assert fast_path_shape(shape) == (reason, False, False)
+
+
+@pytest.mark.parametrize(
+    ("shape", "digits", "nfc"),
+    [
+        (_bpe(), False, False),
+        (_bpe({"dropout": 0.0, "continuing_subword_prefix": "", "ignore_merges": False}), False, False),
+        (_bpe(normalizer={"type": "NFC"}), False, True),
+        (_bpe(normalizer={"type": "Sequence", "normalizers": []}), False, False),
+        (_bpe(pre_tokenizer={"type": "Sequence", "pretokenizers": [_DIGITS, _BYTE_LEVEL]}), True, False),
+        (
+            _bpe(
+                normalizer={"type": "Sequence", "normalizers": [{"type": "NFC"}]},
+                pre_tokenizer={"type": "Sequence", "pretokenizers": [_DIGITS, _BYTE_LEVEL]},
+            ),
+            True,
+            True,
+        ),
+    ],
+)
+def test_supported_shapes_report_digits_and_nfc(shape: dict, digits: bool, nfc: bool) -> None:
+    assert fast_path_shape(shape) == (None, digits, nfc)
 
 
 def test_disagreement_falls_back_to_the_tokenizer(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,

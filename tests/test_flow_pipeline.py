@@ -128,6 +128,9 @@ def runs(prefect_server, tmp_path_factory) -> dict[str, Any]:
         )
         out["restarted"] = restarted.result()
         out["restarted_steps"] = executed(log, restarted.state_details.flow_run_id)
+        out["flow_run_ids"] = [
+            str(state.state_details.flow_run_id) for state in (failed, again, changed, weekly, restarted)
+        ]
     return out
 
 
@@ -380,6 +383,37 @@ def test_force_and_start_ref_need_known_names(tmp_path: Path) -> None:
         plan_run(recipe, store, stage_runner="cluster")
 
 
+# the names given to `@step` in tasks/pipeline.py; a task run is named after its step
+STEP_NAMES = {
+    "base-model", "tokenizer", "merge-vocabulary", "data", "embeddings", "convert", "train", "evaluate",
+    "export",
+}
+
+
 def test_timing_log_is_json_lines(runs) -> None:
-    rows = [json.loads(line) for line in runs["log"].read_text().splitlines()]
-    assert rows and all({"step", "name", "duration_s", "ok", "flow_run_id"} <= set(r) for r in rows)
+    """One line per executed step, in the order the flow ran them, with its real wall-clock time."""
+    lines = runs["log"].read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert rows and len(rows) == len(lines)
+    for r in rows:
+        assert set(r) == {"step", "name", "started", "duration_s", "ok", "flow_run_id", "task_run_id"}, r
+        assert r["step"] in STEP_NAMES, r
+        assert r["name"] == r["step"] or r["name"].startswith(r["step"] + "-"), r
+        assert isinstance(r["duration_s"], float | int) and not isinstance(r["duration_s"], bool), r
+        assert r["duration_s"] >= 0 and isinstance(r["started"], float) and isinstance(r["ok"], bool), r
+        assert r["flow_run_id"] in runs["flow_run_ids"] and r["task_run_id"], r
+    # steps run one after another: each starts after the one before it ended
+    for before, after in zip(rows, rows[1:], strict=False):
+        assert before["started"] + before["duration_s"] <= after["started"] + 0.05, (before, after)
+    assert all(r["duration_s"] > 0 for r in rows if r["step"] == "train")
+    assert [r["name"] for r in rows if not r["ok"]] == ["train-eeve-6"]  # the injected failure only
+
+    first_run = [r["name"] for r in read_timing_log(runs["log"], str(runs["run_id"]))]
+    stages = [n for s in STAGES for n in (f"train-{s}", f"evaluate-{s}")]
+    assert first_run == [
+        "base-model", "tokenizer", "merge-vocabulary", "data-annealing", "data-main", "embeddings", "convert",
+        "evaluate-base", "evaluate-init", *stages[:5],  # ... train-eeve-6 fails, the retry runs it again:
+        *stages[4:], "export",
+    ]
+    changed = [r["name"] for r in read_timing_log(runs["log"], runs["flow_run_ids"][2])]
+    assert changed == ["data-annealing", "train-annealing", "evaluate-annealing", "export"]

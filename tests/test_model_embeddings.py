@@ -192,17 +192,16 @@ def test_extension_of_extension_keeps_previous_rows(tiny, tmp_path):
     assert second.shape[0] == _tok(more).get_vocab_size()
 
 
-def test_seq2seq_translation_source_loads_a_local_model(tiny, tmp_path):
-    """The seq2seq source loads an encoder-decoder from a folder and returns one answer per word."""
+def _tiny_seq2seq(folder: Path, tok_dir: Path, allowed: list[int]) -> Path:
+    """A tiny T5 folder with the tiny tokenizer whose greedy output can only use the `allowed` ids
+    (every other id is suppressed by its generation config), so what it answers is known in advance."""
     import shutil
 
-    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
 
-    from vinasmol_core.model import Seq2SeqTranslations
-
-    folder = tmp_path / "t5"
+    vocab = _tok(tok_dir).get_vocab_size()
     config = T5Config(
-        vocab_size=512,
+        vocab_size=vocab,
         d_model=16,
         d_kv=4,
         d_ff=32,
@@ -214,8 +213,72 @@ def test_seq2seq_translation_source_loads_a_local_model(tiny, tmp_path):
     )
     torch.manual_seed(0)
     T5ForConditionalGeneration(config).save_pretrained(folder)
+    GenerationConfig(
+        decoder_start_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        suppress_tokens=[i for i in range(vocab) if i not in allowed],
+    ).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy2(tiny["tok"] / name, folder / name)
-    source = Seq2SeqTranslations(folder, max_new_tokens=3, batch_size=2)
-    out = source.translate(["sông", "núi", "biển"])
-    assert len(out) == 3 and all(o is None or isinstance(o, str) for o in out)
+        shutil.copy2(tok_dir / name, folder / name)
+    return folder
+
+
+def test_seq2seq_translation_source_loads_a_local_model(tiny, tmp_path):
+    """The seq2seq source loads an encoder-decoder from a folder, decodes one answer per word (across
+    batches, in order), removes the output prefix, and answers None for an empty generation."""
+    from vinasmol_core.model import Seq2SeqTranslations
+
+    base_tok = _tok(tiny["tok"])
+    piece = base_tok.token_to_id("ver")
+    assert piece is not None and piece != 0
+    folder = _tiny_seq2seq(tmp_path / "t5", tiny["tok"], allowed=[piece])
+    words = ["sông", "núi", "biển"]
+
+    source = Seq2SeqTranslations(folder, max_new_tokens=3, batch_size=2, strip_prefix="")
+    assert source.translate(words) == ["ververver"] * 3  # three tokens each, two batches
+    stripped = Seq2SeqTranslations(folder, max_new_tokens=3, batch_size=2, strip_prefix="ver ")
+    assert stripped.translate(words) == ["verver"] * 3
+
+    eos_only = _tiny_seq2seq(tmp_path / "t5-eos", tiny["tok"], allowed=[0])
+    assert Seq2SeqTranslations(eos_only, max_new_tokens=3).translate(words) == [None] * 3
+
+
+def test_seq2seq_translations_blend_the_rows_they_translate(tiny, tmp_path):
+    """translation-blend with a seq2seq source: every new token with letters gets the translation's
+    base rows blended into its subword mean; tokens without letters keep the plain mean."""
+    from vinasmol_core.model import Seq2SeqTranslations
+    from vinasmol_core.model.embeddings import token_text
+
+    base_tok, new_tok = _tok(tiny["tok"]), _tok(tiny["ext_tok"])
+    piece = base_tok.token_to_id("ver")
+    folder = _tiny_seq2seq(tmp_path / "t5", tiny["tok"], allowed=[piece])
+    source = Seq2SeqTranslations(folder, max_new_tokens=2, strip_prefix="")
+    out = extend_model(
+        tiny["base"],
+        tiny["ext_tok"],
+        tmp_path / "blend",
+        init="translation-blend",
+        translator=source,
+        blend=0.5,
+    )
+    blended = load_file(str(out / "model.safetensors"))["model.embed_tokens.weight"]
+    plain = load_file(str(tiny["ext"] / "model.safetensors"))["model.embed_tokens.weight"]
+    base_w = load_file(str(tiny["base"] / "model.safetensors"))["model.embed_tokens.weight"]
+    v_base = base_tok.get_vocab_size()
+    assert torch.equal(blended[:v_base], plain[:v_base])
+
+    translated = []
+    for token_id in range(v_base, new_tok.get_vocab_size()):
+        text = token_text(new_tok, token_id)
+        if text is None or not any(ch.isalpha() for ch in text):
+            assert torch.equal(blended[token_id], plain[token_id])
+            continue
+        translated.append(token_id)
+        lead = text[: len(text) - len(text.lstrip())]
+        trans_ids = base_tok.encode(lead + "verver", add_special_tokens=False).ids
+        expected = 0.5 * plain[token_id].double() + 0.5 * base_w[trans_ids].double().mean(0)
+        assert torch.allclose(blended[token_id].double(), expected, atol=1e-6)
+        assert not torch.allclose(blended[token_id], plain[token_id], atol=1e-6)
+    assert len(translated) > 10
+    assert json.loads((out / "extension.json").read_text())["translated_tokens"] == len(translated)

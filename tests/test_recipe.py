@@ -120,10 +120,102 @@ def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
 
 
 def test_schema_describes_sections() -> None:
+    """The schema types each section, lists what a recipe must give, and keeps the fields' descriptions."""
     schema = recipe_schema()
-    assert {"base_model", "corpora", "tokenizer", "stages", "mixtures", "export", "compute", "store"} <= set(
-        schema["properties"]
-    )
+    defs, props = schema["$defs"], schema["properties"]
+    assert schema["title"] == "Recipe" and schema["type"] == "object"
+    assert schema["additionalProperties"] is False  # an unknown section is an error, not ignored
+    assert set(schema["required"]) == {"name", "base_model", "corpora", "stages"}
+    sections = {
+        "tokenizer": "TokenizerSection",
+        "embedding_init": "EmbeddingInitSection",
+        "data": "DataSection",
+        "eval": "EvalSection",
+        "export": "ExportSection",
+        "compute": "ComputeSection",
+        "store": "StoreSection",
+    }
+    for name, model in sections.items():
+        assert props[name] == {"$ref": f"#/$defs/{model}"}, name
+        section = defs[model]
+        assert section["type"] == "object" and section["additionalProperties"] is False, name
+        assert "required" not in section, name  # every optional section has full defaults
+    assert props["name"]["type"] == "string" and props["name"]["pattern"] == "^[A-Za-z0-9][A-Za-z0-9._-]*$"
+    assert props["corpora"] == {"items": {"$ref": "#/$defs/CorpusSpec"}, "minItems": 1, "title": "Corpora",
+                                "type": "array"}
+    assert props["stages"]["items"] == {"$ref": "#/$defs/StageSpec"} and props["stages"]["minItems"] == 1
+    assert props["mixtures"]["additionalProperties"]["additionalProperties"] == {"type": "number"}
+    assert "stage's `mixture`" in props["mixtures"]["description"]
+
+    corpus = defs["CorpusSpec"]
+    assert set(corpus["required"]) == {"name", "lang", "source"}
+    assert corpus["properties"]["lang"]["enum"] == ["vi", "en", "code"]
+    assert corpus["properties"]["role"] == {"default": "main", "enum": ["main", "annealing"], "title": "Role",
+                                            "type": "string"}
+    assert defs["BaseModelSpec"]["properties"]["source"]["discriminator"] == {
+        "mapping": {
+            "hf": "#/$defs/HFBase",
+            "smollm2-135m": "#/$defs/SmolLM2Base",
+            "tiny": "#/$defs/TinyBase",
+        },
+        "propertyName": "kind",
+    }
+    assert defs["HFBase"]["required"] == ["path"] and "store:" in defs["HFBase"]["properties"]["path"][
+        "description"]
+    tok = defs["TokenizerSection"]["properties"]["target_vocab_size"]
+    assert (tok["type"], tok["default"], tok["exclusiveMinimum"]) == ("integer", 55936, 0)
+    assert defs["EmbeddingInitSection"]["properties"]["blend"] == {
+        "default": 0.5, "maximum": 1, "minimum": 0, "title": "Blend", "type": "number"}
+
+    stage = defs["StageSpec"]
+    assert {"name", "trainable", "lr", "max_tokens"} <= set(stage["required"])
+    sp = stage["properties"]
+    assert (sp["lr"]["type"], sp["lr"]["exclusiveMinimum"]) == ("number", 0)
+    assert (sp["warmup_steps"]["type"], sp["warmup_steps"]["minimum"]) == ("integer", 0)
+    assert sp["trainable"]["anyOf"][0]["enum"] == ["new-embeddings", "embeddings", "all", "transformer"]
+    assert "sequences per optimizer step" in sp["global_batch"]["description"]
+    assert "one device" in sp["micro_batch"]["description"]
+    assert "steps = max_tokens" in sp["max_tokens"]["description"]
+
+
+def _schema_errors(data: object) -> list[tuple[str, str]]:
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(recipe_schema())
+    return sorted((".".join(map(str, e.absolute_path)), e.message) for e in validator.iter_errors(data))
+
+
+def test_schema_validates_a_complete_recipe_and_rejects_bad_fields() -> None:
+    """A recipe with every stage spelled out (what the model itself dumps) passes the schema; each bad
+    field is reported at its own path."""
+    full = load_recipe(TINY).model_dump(mode="json")
+    assert _schema_errors(full) == []
+
+    def broken(mutate) -> list[tuple[str, str]]:  # noqa: ANN001
+        data = json.loads(json.dumps(full))
+        mutate(data)
+        return _schema_errors(data)
+
+    assert broken(lambda d: d.pop("name")) == [("", "'name' is a required property")]
+    assert broken(lambda d: d["corpora"][0].__setitem__("lang", "fr")) == [
+        ("corpora.0.lang", "'fr' is not one of ['vi', 'en', 'code']")]
+    assert broken(lambda d: d["stages"][2].__setitem__("lr", 0)) == [
+        ("stages.2.lr", "0 is less than or equal to the minimum of 0")]
+    assert [path for path, _ in broken(lambda d: d.__setitem__("stagez", []))] == [""]
+    assert "stagez" in broken(lambda d: d.__setitem__("stagez", []))[0][1]
+
+
+_SCHEMA_BUG = (
+    "recipe_schema describes stages after stage_defaults and named mixtures are merged in: it requires "
+    "`mixture` (and lr, max_tokens, trainable) on every stage and types `mixture` as an object, so the "
+    "shipped recipes, which use stage_defaults and `mixture: annealing`, fail the published schema"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=_SCHEMA_BUG)
+@pytest.mark.parametrize("path", [TINY, SEED], ids=["tiny", "seed"])
+def test_schema_accepts_the_shipped_recipes(path: Path) -> None:
+    assert _schema_errors(yaml.safe_load(path.read_text())) == []
 
 
 def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
@@ -141,15 +233,20 @@ def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
 
 def test_cli_recipe_schema_and_check(monkeypatch, capsys, tmp_path: Path) -> None:
     code, out, _ = _cli(monkeypatch, capsys, "recipe", "schema")
-    assert code == 0 and json.loads(out)["title"] == "Recipe"
+    assert code == 0 and json.loads(out) == recipe_schema()
     code, out, _ = _cli(monkeypatch, capsys, "recipe", "check", str(TINY))
-    assert code == 0 and "ok:" in out
+    steps = load_recipe(TINY).step_names()
+    assert steps[:6] == ["base-model", "tokenizer", "merge-vocabulary", "data", "embeddings", "convert"]
+    assert steps[-2:] == ["evaluate", "export"]
+    assert code == 0 and out == f"ok: {TINY}: recipe 'tiny-cpu', steps: {', '.join(steps)}\n"
     data = tiny_data()
     data["stages"][3]["warmup_steps"] = -2
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(data))
-    code, _, err = _cli(monkeypatch, capsys, "recipe", "check", str(bad))
-    assert code == 1 and "error:" in err and "stages.3.warmup_steps" in err
+    code, out, err = _cli(monkeypatch, capsys, "recipe", "check", str(bad))
+    assert code == 1 and out == "" and "Traceback" not in err
+    assert f"invalid recipe {bad}" in err
+    assert "stages.3.warmup_steps: Input should be greater than or equal to 0" in err
 
 
 def test_cli_usage_errors_are_one_message_not_a_traceback(monkeypatch, capsys) -> None:
