@@ -24,6 +24,7 @@ import yaml
 from tasks.common import read_timing_log
 from tasks.train import FAIL_AT_ENV
 from vinasmol_core.errors import ConfigError, VinaSmolError
+from vinasmol_core.steps import Step
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["eeve-3", "eeve-4", "eeve-6", "eeve-7", "context-extension", "annealing"]
@@ -383,11 +384,8 @@ def test_force_and_start_ref_need_known_names(tmp_path: Path) -> None:
         plan_run(recipe, store, stage_runner="cluster")
 
 
-# the names given to `@step` in tasks/pipeline.py; a task run is named after its step
-STEP_NAMES = {
-    "base-model", "tokenizer", "merge-vocabulary", "data", "embeddings", "convert", "train", "evaluate",
-    "export",
-}
+# the names given to `@step`; a task run is named after its step
+STEP_NAMES = {str(s) for s in Step}
 
 
 def test_timing_log_is_json_lines(runs) -> None:
@@ -405,15 +403,16 @@ def test_timing_log_is_json_lines(runs) -> None:
     # steps run one after another: each starts after the one before it ended
     for before, after in zip(rows, rows[1:], strict=False):
         assert before["started"] + before["duration_s"] <= after["started"] + 0.05, (before, after)
-    assert all(r["duration_s"] > 0 for r in rows if r["step"] == "train")
-    assert [r["name"] for r in rows if not r["ok"]] == ["train-eeve-6"]  # the injected failure only
+    assert all(r["duration_s"] > 0 for r in rows if r["step"] == Step.TRAIN_STAGE)
+    assert [r["name"] for r in rows if not r["ok"]] == ["train-stage-eeve-6"]  # the injected failure only
 
     first_run = [r["name"] for r in read_timing_log(runs["log"], str(runs["run_id"]))]
-    stages = [n for s in STAGES for n in (f"train-{s}", f"evaluate-{s}")]
+    stages = [n for s in STAGES for n in (f"train-stage-{s}", f"evaluate-{s}")]
     assert first_run == [
-        "base-model", "tokenizer", "merge-vocabulary", "data-annealing", "data-main", "embeddings", "convert",
-        "evaluate-base", "evaluate-init", *stages[:5],  # ... train-eeve-6 fails, the retry runs it again:
+        "fetch-base-model", "train-tokenizer", "merge-vocabulary", "prepare-data-annealing",
+        "prepare-data-main", "init-embeddings", "convert-to-litgpt",
+        "evaluate-base", "evaluate-init", *stages[:5],  # ... train-stage-eeve-6 fails, its retry:
         *stages[4:], "export",
     ]
     changed = [r["name"] for r in read_timing_log(runs["log"], runs["flow_run_ids"][2])]
-    assert changed == ["data-annealing", "train-annealing", "evaluate-annealing", "export"]
+    assert changed == ["prepare-data-annealing", "train-stage-annealing", "evaluate-annealing", "export"]

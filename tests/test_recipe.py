@@ -11,6 +11,7 @@ import yaml
 
 from vinasmol_core.errors import ConfigError
 from vinasmol_core.recipe import load_recipe, parse_recipe, recipe_schema
+from vinasmol_core.steps import STEPS_BEFORE
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes" / "tiny-cpu.yaml"
@@ -236,7 +237,7 @@ def test_cli_recipe_schema_and_check(monkeypatch, capsys, tmp_path: Path) -> Non
     assert code == 0 and json.loads(out) == recipe_schema()
     code, out, _ = _cli(monkeypatch, capsys, "recipe", "check", str(TINY))
     steps = load_recipe(TINY).step_names()
-    assert steps[:6] == ["base-model", "tokenizer", "merge-vocabulary", "data", "embeddings", "convert"]
+    assert steps[:6] == list(STEPS_BEFORE)
     assert steps[-2:] == ["evaluate", "export"]
     assert code == 0 and out == f"ok: {TINY}: recipe 'tiny-cpu', steps: {', '.join(steps)}\n"
     data = tiny_data()
