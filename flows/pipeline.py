@@ -308,7 +308,9 @@ def _training_phase(
         ref = f"{ctx.refs}/{spec.name}"
         ctx.store.set_ref(ref, previous)
         ctx.result["checkpoints"].append(
-            {"stage": spec.name, "step": checkpoint.step, "ref": ref, "digest": previous}
+            {"stage": spec.name, "step": checkpoint.step, "ref": ref, "digest": previous,
+             "mixture": checkpoint.extra.get("mixture", {}),
+             "mixture_warnings": checkpoint.extra.get("mixture_warnings", [])}
         )
         stage_events.append((spec.name, trained.events))
         ctx.evaluate(previous, spec.name, spec.name)

@@ -54,6 +54,20 @@ def bpb_markdown(bpb: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def mixture_markdown(checkpoints: list[dict[str, Any]]) -> str:
+    """Per stage and source, the share asked for and the share drawn; a stage's warnings below."""
+    lines = ["| stage | source | requested | effective |", "| --- | --- | ---: | ---: |"]
+    warnings = []
+    for row in checkpoints:
+        for source, share in row.get("mixture", {}).items():
+            cells = f"{share['requested']:.4f} | {share['effective']:.4f}"
+            lines.append(f"| {row['stage']} | {source} | {cells} |")
+        warnings += [f"- **warning**, stage {row['stage']}: {w}" for w in row.get("mixture_warnings", [])]
+    if len(lines) == 2:
+        return "_no stage recorded its mixture_"
+    return "\n".join(lines + ([""] + warnings if warnings else []))
+
+
 def summary_markdown(result: dict[str, Any]) -> str:
     """The run summary: fertility, bits per byte per stage and language, checkpoints and export."""
     parts = [f"# VinaSmol run: {result['recipe']}", ""]
@@ -73,6 +87,8 @@ def summary_markdown(result: dict[str, Any]) -> str:
     ]
     for row in result["checkpoints"]:
         parts.append(f"| {row['stage']} | {row.get('step', '')} | `{row['ref']}` | `{row['digest']}` |")
+    parts += ["", "## Data mixture per stage (requested and effective share of sequences)", ""]
+    parts.append(mixture_markdown(result["checkpoints"]))
     exp = result["export"]
     parts += ["", "## Hugging Face export", "", f"ref `{exp['ref']}`, manifest `{exp['digest']}`"]
     if exp.get("path"):

@@ -1,6 +1,6 @@
 """A trivial stage flow and a parent that runs it through `tasks.dispatch.run_stage_deployment`.
 
-Deployed by tests/test_deploy_stack.py next to the real deployments, so the remote runner (idempotency
+Deployed by tests/test_infra_stack.py next to the real deployments, so the remote runner (idempotency
 keys per attempt, retry of failed children, progress mirroring, parent retry) is tested without
 training anything.
 """

@@ -156,6 +156,12 @@ def test_spec_rules_name_the_fields() -> None:
         parse_spec({"name": "s", "trainable": "everything", "lr": 1, "max_tokens": 10, "mixture": {"vi": 1}})
 
 
+def test_fsdp_with_a_frozen_tied_table_is_refused() -> None:
+    with pytest.raises(ConfigError, match="strategy=fsdp is not supported with trainable=transformer.*ddp"):
+        spec(trainable="transformer", strategy="fsdp", accelerator="cuda").check()
+    spec(trainable="all", strategy="fsdp", accelerator="cuda").check()
+
+
 def test_fp16_mixed_precision_is_refused_with_the_alternatives() -> None:
     """fp16 needs a gradient scaler that skips overflowing steps; the engine has none, so the spec
     refuses it up front and names what works instead."""

@@ -303,5 +303,14 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def recipe_schema() -> dict[str, Any]:
-    """The JSON schema of a recipe document."""
-    return Recipe.model_json_schema()
+    """The JSON schema of a recipe document, as written: a stage may leave any field but its name to
+    `stage_defaults` (or `compute`), and may name one of the recipe's `mixtures` instead of giving one."""
+    schema = Recipe.model_json_schema()
+    stage = schema["$defs"]["StageSpec"]
+    stage["required"] = ["name"]
+    mixture = stage["properties"]["mixture"]
+    stage["properties"]["mixture"] = {
+        "anyOf": [{k: v for k, v in mixture.items() if k != "description"}, {"type": "string"}],
+        "description": f"{mixture.get('description', '')}, or the name of one of the recipe's mixtures",
+    }
+    return schema

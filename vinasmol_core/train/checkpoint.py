@@ -254,6 +254,7 @@ class Checkpointer:
         first_batch_sha256: str,
         resumed: tuple[int, str] | None,
         mixture: dict[str, dict[str, float]],
+        mixture_warnings: list[str],
     ) -> CheckpointManifest:
         """Write and publish the stage's plain litgpt checkpoint (rank 0 only)."""
         spec, inputs = self.spec, self.inputs
@@ -282,6 +283,7 @@ class Checkpointer:
             "trainable": sorted(self.trainable),
             "resumed_from_step": resumed[0] if resumed else None,
             "mixture": mixture,
+            "mixture_warnings": mixture_warnings,
         }
         if inputs.base_vocab_size is not None:
             extra["base_vocab_size"] = inputs.base_vocab_size

@@ -48,6 +48,13 @@ def full_module_state(fabric: Any, model: Any, raw_model: Any) -> dict[str, torc
     return {params.clean_name(k): v for k, v in state.items() if params.clean_name(k) in names}
 
 
+def _canonical(fqn: str, known: set[str]) -> str:
+    """The canonical name of an FSDP parameter name (`known`: the model's canonical names). FSDP names a
+    shared parameter after its first use, `lm_head.weight` in litgpt's GPT; tied, it is the table."""
+    name = params.clean_name(fqn)
+    return params.EMBED if name == params.HEAD and name not in known else name
+
+
 def _full_state_dicts(root: Any, rank0_only: bool) -> Any:
     """FSDP's context for full (unsharded, CPU-offloaded) model and optimizer state dicts."""
     from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
@@ -74,11 +81,12 @@ def full_optimizer_state(
     root = _fsdp_root(model)
     with _full_state_dicts(root, rank0_only=True):
         osd = FSDP.optim_state_dict(root, optimizer)
+    known = set(params.named_parameters(root))
     out: dict[str, torch.Tensor] = {}
     for fqn, fields in osd.get("state", {}).items():
         for key, value in fields.items():
             value = value if torch.is_tensor(value) else torch.tensor(float(value), dtype=torch.float32)
-            out[f"{params.clean_name(fqn)}/{key}"] = value
+            out[f"{_canonical(fqn, known)}/{key}"] = value
     return out
 
 
@@ -96,10 +104,11 @@ def load_full_optimizer_state(
     root = _fsdp_root(model)
     with _full_state_dicts(root, rank0_only=False):
         template = FSDP.optim_state_dict(root, optimizer)
+        known = set(params.named_parameters(root))
         by_fqn: dict[str, str] = {}
         for group in template["param_groups"]:
             for fqn in group["params"]:
-                by_fqn[params.clean_name(fqn)] = fqn
+                by_fqn[_canonical(fqn, known)] = fqn
         state: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
             name, _, field = key.rpartition("/")

@@ -168,7 +168,7 @@ class StageRunner:
         result = None
         if self.fabric.global_rank == 0:
             result = checkpoints.publish_final(
-                final_state, m.init_state, data.first_batch_sha256, resumed, data.mixture
+                final_state, m.init_state, data.first_batch_sha256, resumed, data.mixture, data.warnings
             )
         self.fabric.barrier()
         return result

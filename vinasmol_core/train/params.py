@@ -39,7 +39,12 @@ class SplitTiedEmbedding(nn.Module):
         return torch.cat([self.weight[: self.base_vocab_size], self.new_rows], dim=0)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return F.embedding(idx, self.table())
+        # two gathers instead of one over the composed table: no copy of the whole table per step, and
+        # backward makes a gradient of the new rows only
+        base = self.base_vocab_size
+        old = F.embedding(idx.clamp(max=base - 1), self.weight[:base])
+        new = F.embedding((idx - base).clamp(min=0), self.new_rows)
+        return torch.where((idx >= base).unsqueeze(-1), new, old)
 
 
 class SplitTiedHead(nn.Module):
@@ -50,7 +55,11 @@ class SplitTiedHead(nn.Module):
         object.__setattr__(self, "_embedding", embedding)  # not a submodule: no duplicate parameters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._embedding.table())
+        # logits of the frozen rows and of the new rows: backward computes no gradient for the frozen
+        # table, only for the new rows (and the input)
+        table = self._embedding
+        base = F.linear(x, table.weight[: table.base_vocab_size])
+        return torch.cat([base, F.linear(x, table.new_rows)], dim=-1)
 
 
 def tie_embeddings(model: nn.Module) -> None:

@@ -168,6 +168,22 @@ def test_ddp_evaluation_with_fewer_windows_than_ranks(env) -> None:
             assert abs(a[lang] - b[lang]) < 1e-5, (lang, a[lang], b[lang])
 
 
+def test_a_tiny_mixture_weight_still_draws_and_is_reported(env) -> None:
+    """0.0001 of 4,096 slots rounds to none: the source still gets one slot per block, and the stage's
+    start event and manifest show the effective share next to the requested one, with a warning."""
+    from vinasmol_core.train.engine import run_stage
+
+    spec = stage_spec("eeve-3", "new-embeddings", mixture={"vi": 0.9999, "en": 0.0001}, max_tokens=4 * 32,
+                      eval_sequences=0)
+    manifest = run_stage(make_job(env, spec, "tiny-weight"))
+    en = manifest.extra["mixture"]["sample-en"]
+    assert en["effective"] == 1 / 4096 and abs(en["requested"] - 0.0001) < 1e-12
+    [warning] = manifest.extra["mixture_warnings"]
+    assert "sample-en" in warning
+    [start] = [e for e in events_of(env, manifest.digest) if e["event"] == "start"]
+    assert start["mixture"] == manifest.extra["mixture"] and start["warnings"] == [warning]
+
+
 def _check_litgpt_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
     """The folder is a plain litgpt checkpoint: strict load into GPT, one tied tensor, files present."""
     from litgpt import Config

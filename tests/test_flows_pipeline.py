@@ -231,6 +231,7 @@ def test_prefect_artifacts_of_the_run(runs) -> None:
     assert {k: float(a.data) for k, a in latest.items()} == {f"progress-{s}": 100.0 for s in STAGES}
     summary = next(a for a in arts if a.key == "summary-tiny-test")
     assert "Bits per byte" in summary.data and "fertility" in summary.data.lower()
+    assert "| eeve-3 | sample-vi |" in summary.data  # the effective mixture of every stage
     curve = next(a for a in arts if a.key == "loss-curve")
     assert "data:image/svg+xml;base64," in curve.data
 
