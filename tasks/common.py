@@ -216,6 +216,19 @@ def scratch_dir(prefix: str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def run_logger() -> Any:
+    """The Prefect run's logger; a plain logger outside a Prefect run (a step's body called directly)."""
+    import logging
+
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("vinasmol.tasks")
+
+
 def slug(text: str) -> str:
     """`text` as an artifact key part: lower case, every other character than a letter or digit a `-`."""
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-") or "x"

@@ -8,25 +8,12 @@ paths) and returns at once, doing no work, when the store already holds that bui
 
 from __future__ import annotations
 
-import logging
-from typing import Any
-
-from prefect import get_run_logger
-from prefect.exceptions import MissingContextError
-
-from tasks.common import materialize_corpus, open_store, scratch_dir, step
+from tasks.common import materialize_corpus, open_store, run_logger, scratch_dir, step
 from vinasmol_core.data import CleaningSpec, PrepareSettings, SourceSpec, SourceStats, prepare_dataset
 from vinasmol_core.errors import VinaSmolError
 from vinasmol_core.manifests import DatasetManifest
 from vinasmol_core.recipe import CorpusSpec, DataSection
 from vinasmol_core.steps import Step
-
-
-def _logger() -> Any:
-    try:
-        return get_run_logger()
-    except MissingContextError:  # outside a Prefect run
-        return logging.getLogger(__name__)
 
 
 @step(Step.PREPARE_DATA, exclude=("tokenizer_artifact",))
@@ -41,7 +28,7 @@ def prepare_data(
 ) -> DatasetManifest:
     """Clean, dedup, tokenize and pack the corpora of one dataset (`main`, or `annealing` = main +
     annealing sources). Keyed on the tokenizer's content, not on the artifact that carries it."""
-    logger = _logger()
+    logger = run_logger()
 
     def done(name: str, s: SourceStats) -> None:
         logger.info("%s: %d docs read, %d removed %s, %d duplicates, %d train / %d val tokens",

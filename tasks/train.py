@@ -9,7 +9,6 @@ artifact and log lines by `StageProgress`.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
@@ -17,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from tasks.common import slug, step
+from tasks.common import run_logger, slug, step
 from vinasmol_core.manifests import CheckpointManifest
 from vinasmol_core.steps import Step
 from vinasmol_core.train.spec import StageJob, StageSpec
@@ -33,16 +32,6 @@ class TrainedStage(BaseModel):
     duration_s: float = 0.0
 
 
-def _run_logger() -> Any:
-    from prefect import get_run_logger
-    from prefect.exceptions import MissingContextError
-
-    try:
-        return get_run_logger()
-    except MissingContextError:  # outside a Prefect run
-        return logging.getLogger(__name__)
-
-
 class StageProgress:
     """A stage's metrics callback: moves the progress artifact `progress-<stage>` (at most once a
     second, and to 100 at the end), logs steps, evaluations and resumes, and keeps the events."""
@@ -56,7 +45,7 @@ class StageProgress:
         self.last_push = 0.0
         self.last_value = -1.0
         self.lock = threading.Lock()
-        self.logger = _run_logger()
+        self.logger = run_logger()
         try:
             self.artifact_id = create_progress_artifact(
                 progress=0.0, key=f"progress-{slug(stage)}", description=f"training stage {stage}"
