@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import yaml
 
 from tasks.common import read_timing_log
 from tasks.train import FAIL_AT_ENV
+from tests.cli_helpers import run_vinasmol
 from vinasmol_core.errors import ConfigError, VinaSmolError
 from vinasmol_core.steps import Step
 
@@ -320,15 +320,8 @@ def test_new_annealing_data_reruns_only_annealing_eval_export(runs) -> None:
 
 # ----------------------------------------------------------------------------- bad input
 def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    from flows.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["vinasmol", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    return code, capsys.readouterr().err
+    code, _, err = run_vinasmol(monkeypatch, capsys, *args)
+    return code, err
 
 
 def test_bad_input_fails_before_any_work(tmp_path: Path, monkeypatch, capsys) -> None:

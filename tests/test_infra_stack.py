@@ -263,6 +263,19 @@ def test_parent_retry_skips_failed_children_and_resumes(stack: Any) -> None:
     assert children[1].state.is_completed()
 
 
+def _s3_store(stack: Any) -> Any:
+    """The stack's S3 store, opened with the credentials its workers get."""
+    from vinasmol_core.store import ArtifactStore
+
+    env = stack.store_env()
+    return ArtifactStore(
+        env["VINASMOL_STORE"],
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        key=env["AWS_ACCESS_KEY_ID"],
+        secret=env["AWS_SECRET_ACCESS_KEY"],
+    )
+
+
 def _cli_retry(stack: Any, run_id: Any) -> None:
     """What the UI's Retry does: `prefect flow-run retry` schedules the run again for a worker."""
     cli_env = {**os.environ, "PREFECT_API_URL": stack.api_url}
@@ -311,20 +324,13 @@ def test_full_cpt_runs_through_workers_and_retries_a_failed_child(stack: Any) ->
     assert links
 
     # the export is in the S3 store
-    from vinasmol_core.store import ArtifactStore
-
-    env = stack.store_env()
-    store = ArtifactStore(
-        env["VINASMOL_STORE"],
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        key=env["AWS_ACCESS_KEY_ID"],
-        secret=env["AWS_SECRET_ACCESS_KEY"],
-    )
+    store = _s3_store(stack)
     assert store.get_manifest("runs/deploy-test/eeve-6").extra["resumed_from_step"] == 2
     export = store.get_manifest("latest/deploy-test/export")
     assert export.format == "hf" and "config.json" in export.files
     import s3fs
 
+    env = stack.store_env()
     fs = s3fs.S3FileSystem(
         key=env["AWS_ACCESS_KEY_ID"],
         secret=env["AWS_SECRET_ACCESS_KEY"],
@@ -352,15 +358,7 @@ def test_ui_retry_of_a_failed_parent_resumes(stack: Any) -> None:
     assert [c.name for c in children] == ["annealing-attempt-1", "annealing-attempt-2"]
     assert children[1].state.is_completed()
     assert any("resumed from step 2" in m for m in _logs(children[1].id))
-    from vinasmol_core.store import ArtifactStore
-
-    env = stack.store_env()
-    store = ArtifactStore(
-        env["VINASMOL_STORE"],
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        key=env["AWS_ACCESS_KEY_ID"],
-        secret=env["AWS_SECRET_ACCESS_KEY"],
-    )
+    store = _s3_store(stack)
     assert store.get_manifest("runs/deploy-test/annealing").extra["resumed_from_step"] == 2
     executed = _executed_steps(stack, run.id)
     assert "train-stage-eeve-6" not in executed and "train-tokenizer" not in executed, executed

@@ -23,6 +23,11 @@ def tiny(tmp_path_factory):
     return shared_tiny(tmp_path_factory)
 
 
+def _embedding(folder: Path) -> torch.Tensor:
+    """The input embedding table of an HF model folder."""
+    return load_file(str(folder / "model.safetensors"))["model.embed_tokens.weight"]
+
+
 def _tok(path: Path) -> Tokenizer:
     return Tokenizer.from_file(str(path / "tokenizer.json"))
 
@@ -130,9 +135,7 @@ def test_translation_blend(tiny, tmp_path):
         translations=tsv,
         blend=0.25,
     )
-    blended = load_file(str(out / "model.safetensors"))["model.embed_tokens.weight"]
-    plain = load_file(str(tiny["ext"] / "model.safetensors"))["model.embed_tokens.weight"]
-    base_w = load_file(str(tiny["base"] / "model.safetensors"))["model.embed_tokens.weight"]
+    blended, plain, base_w = (_embedding(folder) for folder in (out, tiny["ext"], tiny["base"]))
     trans_ids = base_tok.encode(" the river", add_special_tokens=False).ids
     expected = 0.75 * base_w[_reference_segment(base_tok, new_tok, token_id)].double().mean(0)
     expected += 0.25 * base_w[trans_ids].double().mean(0)
@@ -262,9 +265,7 @@ def test_seq2seq_translations_blend_the_rows_they_translate(tiny, tmp_path):
         translator=source,
         blend=0.5,
     )
-    blended = load_file(str(out / "model.safetensors"))["model.embed_tokens.weight"]
-    plain = load_file(str(tiny["ext"] / "model.safetensors"))["model.embed_tokens.weight"]
-    base_w = load_file(str(tiny["base"] / "model.safetensors"))["model.embed_tokens.weight"]
+    blended, plain, base_w = (_embedding(folder) for folder in (out, tiny["ext"], tiny["base"]))
     v_base = base_tok.get_vocab_size()
     assert torch.equal(blended[:v_base], plain[:v_base])
 

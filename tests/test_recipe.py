@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.cli_helpers import run_vinasmol
 from vinasmol_core.errors import ConfigError
 from vinasmol_core.recipe import load_recipe, parse_recipe, recipe_schema
 from vinasmol_core.steps import STEPS_BEFORE
@@ -213,23 +214,10 @@ def test_schema_accepts_the_shipped_recipes(path: Path) -> None:
     assert _schema_errors(yaml.safe_load(path.read_text())) == []
 
 
-def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from flows.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["vinasmol", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_cli_recipe_schema_and_check(monkeypatch, capsys, tmp_path: Path) -> None:
-    code, out, _ = _cli(monkeypatch, capsys, "recipe", "schema")
+    code, out, _ = run_vinasmol(monkeypatch, capsys, "recipe", "schema")
     assert code == 0 and json.loads(out) == recipe_schema()
-    code, out, _ = _cli(monkeypatch, capsys, "recipe", "check", str(TINY))
+    code, out, _ = run_vinasmol(monkeypatch, capsys, "recipe", "check", str(TINY))
     steps = load_recipe(TINY).step_names()
     assert steps[:6] == list(STEPS_BEFORE)
     assert steps[-2:] == ["evaluate", "export"]
@@ -238,23 +226,22 @@ def test_cli_recipe_schema_and_check(monkeypatch, capsys, tmp_path: Path) -> Non
     data["stages"][3]["warmup_steps"] = -2
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(data))
-    code, out, err = _cli(monkeypatch, capsys, "recipe", "check", str(bad))
+    code, out, err = run_vinasmol(monkeypatch, capsys, "recipe", "check", str(bad))
     assert code == 1 and out == "" and "Traceback" not in err
     assert f"invalid recipe {bad}" in err
     assert "stages.3.warmup_steps: Input should be greater than or equal to 0" in err
 
 
 def test_cli_usage_errors_are_one_message_not_a_traceback(monkeypatch, capsys) -> None:
-    code, _, err = _cli(monkeypatch, capsys, "no-such-command")
+    code, _, err = run_vinasmol(monkeypatch, capsys, "no-such-command")
     assert code == 2 and "No such command" in err and "Traceback" not in err
-    code, _, err = _cli(monkeypatch, capsys, "recipe", "check")
+    code, _, err = run_vinasmol(monkeypatch, capsys, "recipe", "check")
     assert code == 2 and "Missing argument" in err
 
 
 def test_console_script_exits_with_the_command_status(tmp_path: Path) -> None:
     """The console entry point skips interpreter teardown; its exit status and output must survive."""
     import subprocess
-    import sys
 
     ok = subprocess.run([sys.executable, "-c", "from flows.cli import console; console()", "recipe", "check",
                          str(TINY)], capture_output=True, text=True)

@@ -339,12 +339,6 @@ class MixtureSampler:
                next_index: int | None = None) -> SequenceStream:
         return SequenceStream(self, micro_batch, rank=rank, world_size=world_size, next_index=next_index)
 
-    def describe(self) -> dict[str, Any]:
-        """Per-source weight, windows and long-window counts (for logs and reports)."""
-        return {s.name: {"lang": s.lang, "role": s.role, "probability": float(p), "windows": s.n_windows,
-                         "long_windows": int(s.long_windows.size), "extra_draws": s.n_extra}
-                for s, p in zip(self.sources, self.probabilities, strict=True)}
-
 
 class SequenceStream:
     """One data-parallel rank's iterator of micro-batches; its whole state is the next global index."""

@@ -99,7 +99,3 @@ def byte_level_to_text(token: str) -> str:
     """The text a byte-level token stands for (invalid UTF-8 fragments shown with U+FFFD)."""
     table = unicode_to_bytes()
     return bytes(table[c] for c in token).decode("utf-8", errors="replace")
-
-
-def count_vietnamese_letters(text: str) -> int:
-    return sum(1 for ch in text if ch in VIETNAMESE_LETTERS)

@@ -74,10 +74,6 @@ def is_tied(model: nn.Module) -> bool:
     return model.lm_head.weight is wte.weight
 
 
-def is_split(model: nn.Module) -> bool:
-    return isinstance(model.transformer.wte, SplitTiedEmbedding)
-
-
 _WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
