@@ -57,11 +57,13 @@ def _run_flow(
     start_ref: str | None,
     stage_runner: str | None,
     before_flow: Callable[[], None] | None = None,
+    overrides: list[str] | None = None,
+    smoke: bool = False,
 ) -> dict:
     from flows.pipeline import plan_run, vinasmol
 
     # Every input is checked before a flow run exists, so bad input costs nothing.
-    plan_run(recipe, store, from_stage, force, start_ref, stage_runner)
+    plan_run(recipe, store, from_stage, force, start_ref, stage_runner, overrides=overrides, smoke=smoke)
     if before_flow is not None:
         before_flow()
     state = vinasmol(
@@ -71,6 +73,8 @@ def _run_flow(
         force=force or None,
         start_ref=start_ref,
         stage_runner=stage_runner,
+        overrides=overrides or None,
+        smoke=smoke,
         return_state=True,
     )
     if not state.is_completed():
@@ -96,9 +100,16 @@ def run_cmd(
     force: list[str] = typer.Option([], "--force", help="step to re-run (with everything after); repeatable"),
     start_ref: str | None = typer.Option(None, "--start-ref", help="start --from-stage from this checkpoint"),
     stage_runner: str | None = typer.Option(None, "--stage-runner", help="inline | deployment"),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="PATH=VALUE recipe override, e.g. stages.eeve-6.lr=2e-4; repeatable"
+    ),
+    smoke: bool = typer.Option(
+        False, "--smoke", help="every step on a small slice (store namespace smoke/); projects the full run"
+    ),
 ) -> None:
     """Run the pipeline of a recipe as a Prefect flow; print the final checkpoint and HF export refs."""
-    result = _run_flow(recipe, store, from_stage, force, start_ref, stage_runner)
+    result = _run_flow(recipe, store, from_stage, force, start_ref, stage_runner, overrides=overrides,
+                       smoke=smoke)
     _print_result(result)
 
 

@@ -17,6 +17,7 @@ partial checkpoint in the store. `force` / `from_stage` re-run a step and everyt
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,9 @@ from tasks.tokenizer import merge_vocabulary, train_tokenizer
 from tasks.train import train_stage
 from vinasmol_core.errors import ConfigError, StoreError
 from vinasmol_core.manifests import CheckpointManifest, DatasetManifest, TokenizerManifest
+from vinasmol_core.memory import PeakMemory
 from vinasmol_core.recipe import CorpusSpec, Recipe, load_recipe
+from vinasmol_core.smoke import SMOKE_NAMESPACE, projection_rows, smoke_recipe
 from vinasmol_core.steps import Step
 from vinasmol_core.store import ArtifactStore, default_store_url
 
@@ -50,6 +53,8 @@ class RunPlan:
     start_stage: int = 0
     stage_runner: str = "inline"
     explicit: set[str] = field(default_factory=set)
+    full_recipe: Recipe | None = None
+    """For a smoke run, the recipe before it was cut down (what the projection is for)."""
 
     def refresh_evaluation(self, producer: str) -> bool:
         """Re-evaluate a checkpoint when its producer is forced, or when `evaluate` itself is named."""
@@ -64,6 +69,8 @@ def plan_run(
     start_ref: str | None = None,
     stage_runner: str | None = None,
     check_store: bool = True,
+    overrides: list[str] | None = None,
+    smoke: bool = False,
 ) -> RunPlan:
     """Validate the recipe, the stage names, the runner and the store; raise a VinaSmolError naming
     the problem. Nothing is written except the store's own reachability probe.
@@ -71,8 +78,14 @@ def plan_run(
     `force`: re-run each named step and everything after it. `from_stage` alone: the same as
     forcing that step. `from_stage` with `start_ref`: start at that training stage from the
     checkpoint `start_ref` names, skipping the steps before it; nothing is forced, so unchanged
-    inputs load from cache (the scheduled annealing run)."""
-    parsed = load_recipe(recipe)
+    inputs load from cache (the scheduled annealing run).
+
+    `overrides`: `--set PATH=VALUE` lines applied to the recipe before validation. `smoke`: run the
+    recipe cut down by `vinasmol_core.smoke.smoke_recipe`, in the store's `smoke/` namespace."""
+    parsed = load_recipe(recipe, overrides)
+    full = None
+    if smoke:
+        full, parsed = parsed, smoke_recipe(parsed)
     runner = stage_runner or parsed.compute.stage_runner
     if runner not in STAGE_RUNNERS:
         raise ConfigError(f"stage_runner: {runner!r} is not one of {', '.join(STAGE_RUNNERS)}")
@@ -94,6 +107,8 @@ def plan_run(
         start_index = stage_names.index(from_stage)
     url = store or parsed.store.url or default_store_url()
     url = store_root(url)
+    if smoke:
+        url = f"{url}/{SMOKE_NAMESPACE}"
     if check_store:
         art = ArtifactStore(url)
         art.check_reachable()
@@ -108,6 +123,7 @@ def plan_run(
         start_stage=start_index,
         stage_runner=runner,
         explicit=set(force or []) | ({from_stage} if from_stage else set()),
+        full_recipe=full,
     )
 
 
@@ -130,6 +146,8 @@ class _Runner:
         self.plan = plan
         self.storage = result_storage_for(plan.store_url)
         self.done = _done_in_this_run(flow_run_id) if plan.forced else set()
+        self.measured: list[dict[str, Any]] = []
+        """One row per step called: wall seconds, peak host memory of this process tree, cached."""
 
     def __call__(self, task: Any, qualifier: str = "", *, rerun: bool | None = None, **kwargs: Any) -> Any:
         """Run `task` (a step) as the task run `<step>` or `<step>-<qualifier>`. `rerun`: whether
@@ -140,7 +158,12 @@ class _Runner:
         configured = task.with_options(
             result_storage=self.storage, refresh_cache=refresh, task_run_name=run_name
         )
-        return configured(store_url=self.plan.store_url, **kwargs)
+        t0 = time.perf_counter()
+        with PeakMemory() as peak:
+            state = configured(store_url=self.plan.store_url, return_state=True, **kwargs)
+        self.measured.append({"step": run_name, "seconds": time.perf_counter() - t0,
+                              "peak_host_mb": peak.bytes / 2**20, "cached": state.name == "Cached"})
+        return state.result()
 
 
 def _sha(manifest: Any, path: str = "tokenizer.json") -> str:
@@ -309,6 +332,7 @@ def _training_phase(
         ctx.store.set_ref(ref, previous)
         ctx.result["checkpoints"].append(
             {"stage": spec.name, "step": checkpoint.step, "ref": ref, "digest": previous,
+             "metrics": {k: v for k, v in checkpoint.metrics.items() if isinstance(v, (int, float, str))},
              "mixture": checkpoint.extra.get("mixture", {}),
              "mixture_warnings": checkpoint.extra.get("mixture_warnings", [])}
         )
@@ -343,6 +367,10 @@ def run_pipeline(plan: RunPlan) -> dict[str, Any]:
         previous = ctx.store.resolve(plan.start_ref)
     final, stage_events = _training_phase(ctx, previous, datasets)
     _export_phase(ctx, final)
+    ctx.result["steps"] = ctx.run.measured
+    if plan.full_recipe is not None:
+        measured = {row["stage"]: row["metrics"] for row in ctx.result["checkpoints"]}
+        ctx.result["projection"] = projection_rows(plan.full_recipe, measured)
     publish_artifacts(ctx.result, stage_events)
     ctx.result["summary_markdown"] = summary_markdown(ctx.result)
     return ctx.result
@@ -356,14 +384,20 @@ def vinasmol(
     force: list[str] | None = None,
     start_ref: str | None = None,
     stage_runner: str | None = None,
+    overrides: list[str] | None = None,
+    smoke: bool = False,
 ) -> dict[str, Any]:
     """Run a recipe end to end (see the module docstring). Returns refs and digests of the final
     checkpoint and of the HF export, the evaluation table and the summary Markdown.
 
+    `overrides`: `--set PATH=VALUE` lines for the recipe. `smoke`: every step on a small slice, in
+    the store's `smoke/` namespace, with a projection of the full run (`vinasmol_core.smoke`).
+
     `stage_runner`: "inline" (each stage a local process) or "deployment" (each stage a child run
     of the training deployment, `tasks.dispatch.run_stage_deployment`); default: the recipe's
     `compute.stage_runner`, itself "inline" unless set."""
-    plan = plan_run(recipe, store, from_stage, force, start_ref, stage_runner)
+    plan = plan_run(recipe, store, from_stage, force, start_ref, stage_runner,
+                    overrides=overrides, smoke=smoke)
     return run_pipeline(plan)
 
 

@@ -68,6 +68,51 @@ def mixture_markdown(checkpoints: list[dict[str, Any]]) -> str:
     return "\n".join(lines + ([""] + warnings if warnings else []))
 
 
+def _cell(value: Any, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def _hours(value: float | None) -> str:
+    """Hours to three significant digits (a tiny recipe's smoke projects fractions of an hour)."""
+    if value is None:
+        return ""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def steps_markdown(result: dict[str, Any]) -> str:
+    """One row per step of the run: wall time, peak host memory (the flow's process tree; for a
+    training stage, the larger of that and its training process's own peak), and for a training
+    stage its tokens/s and peak GPU memory."""
+    stages = {row["stage"]: row.get("metrics", {}) for row in result.get("checkpoints", [])}
+    lines = ["| step | wall s | peak host MB | train tokens/s | peak GPU MB | cached |",
+             "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for row in result.get("steps", []):
+        name = row["step"]
+        metrics = stages.get(name.removeprefix("train-stage-"), {}) if name.startswith("train-stage-") else {}
+        host = max(row["peak_host_mb"], metrics.get("peak_host_mb", 0.0))
+        lines.append(
+            f"| {name} | {row['seconds']:.1f} | {host:,.0f} | {_cell(metrics.get('tokens_per_s'), ',.0f')} "
+            f"| {_cell(metrics.get('peak_gpu_mb'), ',.0f')} | {'yes' if row['cached'] else ''} |"
+        )
+    return "\n".join(lines)
+
+
+def projection_markdown(result: dict[str, Any]) -> str:
+    """The full run projected from a smoke run's tokens/s, on the device the stages ran on."""
+    devices = sorted({str(r.get("metrics", {}).get("device")) for r in result.get("checkpoints", [])
+                      if r.get("metrics", {}).get("device")})
+    lines = [f"Device: {', '.join(devices) or 'unknown'}. Tokens/s measured at the smoke sequence "
+             "length; longer sequences cost more per token, so the hours are a lower bound.", "",
+             "| stage | tokens | steps | seq len | smoke tokens/s | projected hours |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for row in result["projection"]:
+        lines.append(
+            f"| {row['stage']} | {row['tokens']:,} | {row['steps']:,} | {_cell(row['seq_len'], ',')} "
+            f"| {_cell(row['tokens_per_s'], ',.0f')} | {_hours(row['hours'])} |"
+        )
+    return "\n".join(lines)
+
+
 def summary_markdown(result: dict[str, Any]) -> str:
     """The run summary: fertility, bits per byte per stage and language, checkpoints and export."""
     parts = [f"# VinaSmol run: {result['recipe']}", ""]
@@ -93,6 +138,10 @@ def summary_markdown(result: dict[str, Any]) -> str:
     parts += ["", "## Hugging Face export", "", f"ref `{exp['ref']}`, manifest `{exp['digest']}`"]
     if exp.get("path"):
         parts.append(f"\nfolder: `{exp['path']}`")
+    if result.get("steps"):
+        parts += ["", "## Steps of this run", "", steps_markdown(result)]
+    if result.get("projection"):
+        parts += ["", "## Projection of the full run from this smoke run", "", projection_markdown(result)]
     return "\n".join(parts) + "\n"
 
 

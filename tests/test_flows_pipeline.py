@@ -410,3 +410,39 @@ def test_timing_log_is_json_lines(runs) -> None:
     ]
     changed = [r["name"] for r in read_timing_log(runs["log"], runs["flow_run_ids"][2])]
     assert changed == ["prepare-data-annealing", "train-stage-annealing", "evaluate-annealing", "export"]
+
+
+# ----------------------------------------------------------------------------- smoke run
+def test_smoke_run_with_overrides_trains_two_steps_per_stage_in_its_own_namespace(
+    prefect_server, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """`run --smoke --set ...`: every step runs, each stage makes two optimizer steps, the store's
+    `smoke/` namespace holds everything, and the summary projects the full recipe's hours."""
+    from vinasmol_core.store import ArtifactStore
+
+    recipe = write_test_recipe(tmp_path / "recipe.yaml")
+    store_dir = tmp_path / "store"
+    monkeypatch.setenv("VINASMOL_WORK_DIR", str(tmp_path / "work"))
+    code, out, err = run_vinasmol(monkeypatch, capsys, "run", str(recipe), "--store", str(store_dir),
+                                  "--smoke", "--set", "stages.eeve-4.lr=0.004")
+    assert code == 0, err
+    assert sorted(p.name for p in store_dir.iterdir()) == ["smoke"], "the smoke run wrote outside smoke/"
+    smoke_store = ArtifactStore("file://" + str(store_dir / "smoke"))
+    for name in STAGES:
+        manifest = smoke_store.get_manifest(f"runs/tiny-test/{name}")
+        assert manifest.step == 2 and manifest.metrics["steps"] == 2, name
+        assert manifest.metrics["tokens_per_s"] > 0 and manifest.metrics["peak_host_mb"] > 0
+        assert manifest.metrics["device"].startswith("cpu")
+    assert smoke_store.get_manifest("runs/tiny-test/eeve-4").extra["spec"]["lr"] == 0.004
+
+    steps = out.split("## Steps of this run")[1].split("##")[0]
+    for name in ["fetch-base-model", "prepare-data-main", "export", *(f"train-stage-{s}" for s in STAGES)]:
+        assert f"| {name} |" in steps, name
+    projection = out.split("## Projection of the full run from this smoke run")[1]
+    full = {s["name"]: s for s in yaml.safe_load(recipe.read_text())["stages"]}
+    for name in STAGES:
+        row = next(line for line in projection.splitlines() if line.startswith(f"| {name} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert int(cells[1].replace(",", "")) == full[name]["max_tokens"], row
+        assert float(cells[-1].replace(",", "")) > 0, row
+    assert "| all stages |" in projection

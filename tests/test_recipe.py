@@ -249,3 +249,41 @@ def test_console_script_exits_with_the_command_status(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-c", "from flows.cli import console; console()", "recipe", "check",
                           str(tmp_path / "missing.yaml")], capture_output=True, text=True)
     assert bad.returncode == 1 and "error:" in bad.stderr
+
+
+# ----------------------------------------------------------------------------- --set overrides
+
+def test_overrides_by_index_by_name_and_as_yaml_values() -> None:
+    recipe = load_recipe(TINY, ["stages.eeve-6.lr=3.5e-4", "stages.0.seq_len=96", "data.dedup=false",
+                                "eval.languages=[vi, en]", "stage_defaults.eval_sequences=3"])
+    by_name = {s.name: s for s in recipe.stages}
+    assert by_name["eeve-6"].lr == 3.5e-4 and recipe.stages[0].seq_len == 96
+    assert recipe.data.dedup is False and recipe.eval.languages == ["vi", "en"]
+    assert all(s.eval_sequences == 3 for s in recipe.stages)
+    assert load_recipe(TINY).stages[2].lr != 3.5e-4  # the file itself is untouched
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("stages.eeve-6.lrr=1e-4", r"stages\.2\.lrr: unknown field"),
+        ("data.curation_level=3", r"data\.curation_level: unknown field"),
+        ("stages.eeve-9.lr=1e-4", r"--set stages\.eeve-9: no element 'eeve-9'"),
+        ("stages.eeve-6.lr=-1", r"stages\.2\.lr: Input should be greater than 0"),
+        ("data.dedup.x=1", r"--set data\.dedup\.x: 'dedup' is a value"),
+        ("eval.seq_len", r"--set 'eval\.seq_len': expected PATH=VALUE"),
+        ("eval.languages=[vi", r"the value is not valid YAML"),
+    ],
+)
+def test_override_errors_name_the_field(line: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(TINY, [line])
+
+
+def test_cli_run_with_an_unknown_override_fails_before_any_step(monkeypatch, capsys, tmp_path: Path) -> None:
+    log = tmp_path / "timing.jsonl"
+    monkeypatch.setenv("VINASMOL_TIMING_LOG", str(log))
+    code, _, err = run_vinasmol(monkeypatch, capsys, "run", str(TINY), "--store", str(tmp_path / "store"),
+                                "--set", "stages.eeve-3.learning_rate=1e-3")
+    assert code == 1 and "stages.0.learning_rate: unknown field" in err and "Traceback" not in err
+    assert not log.exists()

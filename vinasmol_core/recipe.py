@@ -7,11 +7,13 @@ mixture), `tokenizer` (target vocabulary), `embedding_init`, `data` (cleaning an
 may name a mixture instead of spelling the weights), `eval`, `export`, `compute` and `store`.
 
 `load_recipe(path)` raises ConfigError whose message names the file and the field
-(`stages.2.lr: Input should be greater than 0`).
+(`stages.2.lr: Input should be greater than 0`). `load_recipe(path, overrides)` first applies
+`--set` lines (`stages.eeve-6.lr=2e-4`, see `apply_overrides`).
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -272,6 +274,8 @@ def format_validation_error(exc: ValidationError, where: str) -> str:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
         msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         parts.append(f"{loc}: {msg}" if loc else msg)
@@ -288,8 +292,52 @@ def parse_recipe(data: Any, where: str = "") -> Recipe:
         raise ConfigError(format_validation_error(exc, where)) from None
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe YAML file."""
+def _override_target(node: Any, key: str, where: str) -> Any:
+    """The child of a mapping or list that one segment of a `--set` path names (a list element by
+    index or by its `name`)."""
+    if isinstance(node, dict):
+        return node.setdefault(key, {})
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            if str(i) == key or (isinstance(item, dict) and item.get("name") == key):
+                return item
+        raise ConfigError(f"{where}: no element {key!r} (give an index or a name)")
+    raise ConfigError(f"{where}: {key!r} is below a value that is not a section")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Recipe data with `--set PATH=VALUE` lines applied, in order. PATH is dotted (`data.dedup`,
+    `stages.eeve-6.lr`, `corpora.0.source.budget.bytes`); VALUE is read as YAML (`2e-4`, `false`,
+    `[vi, en]`, `null`). Validation happens afterwards, so an unknown field is named there."""
+    data = copy.deepcopy(data)
+    for line in overrides:
+        path, sep, raw = line.partition("=")
+        keys = path.strip().split(".")
+        if not sep or not all(keys):
+            raise ConfigError(f"--set {line!r}: expected PATH=VALUE, for example stages.eeve-6.lr=2e-4")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {line!r}: the value is not valid YAML ({exc})") from None
+        node: Any = data
+        for depth, key in enumerate(keys[:-1]):
+            node = _override_target(node, key, f"--set {'.'.join(keys[: depth + 1])}")
+        last = keys[-1]
+        if isinstance(node, list):
+            index = next((i for i, item in enumerate(node) if str(i) == last
+                          or (isinstance(item, dict) and item.get("name") == last)), None)
+            if index is None:
+                raise ConfigError(f"--set {path}: no element {last!r} (give an index or a name)")
+            node[index] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError(f"--set {path}: {keys[-2]!r} is a value, not a section")
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read and validate a recipe YAML file, after applying `overrides` (`--set` lines)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -299,6 +347,10 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from None
+    if overrides:
+        if not isinstance(data, dict):
+            raise ConfigError(f"invalid recipe {path}: the document must be a mapping of sections")
+        return parse_recipe(apply_overrides(data, overrides), f"{path} (with --set)")
     return parse_recipe(data, str(path))
 
 

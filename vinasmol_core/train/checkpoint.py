@@ -20,6 +20,7 @@ import torch
 
 from vinasmol_core.errors import VinaSmolError
 from vinasmol_core.manifests import CheckpointManifest
+from vinasmol_core.memory import training_process_peaks
 from vinasmol_core.train import dist, params, state
 from vinasmol_core.train.data import TOKENIZER_FILES, tokenizer_digest
 from vinasmol_core.train.inputs import Inputs
@@ -266,7 +267,7 @@ class Checkpointer:
         self.sink.emit({"event": "done", "stage": spec.name, "step": total})
         shutil.copyfile(self.sink.path, out / "metrics.jsonl")
         plot_loss_curve(read_events(self.sink.path), out / "loss_curve.svg", f"{spec.name}: loss")
-        summary = stage_summary(events, total * spec.tokens_per_step, total)
+        summary = {**stage_summary(events, total * spec.tokens_per_step, total), **training_process_peaks()}
         (out / "stage.json").write_text(
             json.dumps(
                 {"spec": spec.model_dump(mode="json"), "summary": summary,

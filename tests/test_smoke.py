@@ -1,0 +1,45 @@
+"""The smoke run's recipe transformation and its projection of the full run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vinasmol_core.recipe import load_recipe
+from vinasmol_core.smoke import SMOKE_SEQ_LEN, SMOKE_STEPS, projection_rows, smoke_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED = ROOT / "recipes" / "smollm2-360m-vi.yaml"
+
+
+def test_smoke_recipe_makes_two_short_steps_per_stage_and_keeps_the_rest() -> None:
+    full = load_recipe(SEED)
+    smoke = smoke_recipe(full)
+    assert [s.name for s in smoke.stages] == [s.name for s in full.stages]
+    for small, big in zip(smoke.stages, full.stages, strict=True):
+        assert small.total_steps == SMOKE_STEPS and small.grad_accum == 1
+        assert small.seq_len == min(big.seq_len, SMOKE_SEQ_LEN) and small.micro_batch == big.micro_batch
+        assert small.checkpoint_interval == 1  # a train-state is written and published
+        # what the stage trains, on which data, with which model geometry, is the real recipe's
+        for field in ("trainable", "lr", "mixture", "block_size", "rope_base", "precision", "accelerator",
+                      "long_context", "schedule"):
+            assert getattr(small, field) == getattr(big, field), field
+    assert smoke.tokenizer == full.tokenizer and smoke.export == full.export
+    assert smoke.base_model == full.base_model and smoke.corpora == full.corpora
+    assert smoke.eval.max_docs <= 8 and smoke.eval.seq_len <= SMOKE_SEQ_LEN
+
+
+def test_projection_is_tokens_over_measured_throughput() -> None:
+    full = load_recipe(SEED)
+    measured = {s.name: {"tokens_per_s": 1000.0 * (i + 1)} for i, s in enumerate(full.stages)}
+    rows = projection_rows(full, measured)
+    assert [r["stage"] for r in rows] == [s.name for s in full.stages] + ["all stages"]
+    eeve6 = next(r for r in rows if r["stage"] == "eeve-6")
+    assert eeve6["hours"] == pytest.approx(1_200_000_000 / 3000.0 / 3600)
+    assert rows[-1]["hours"] == pytest.approx(sum(r["hours"] for r in rows[:-1]))
+    assert rows[-1]["tokens"] == sum(s.max_tokens for s in full.stages)
+    # a stage without a measurement leaves the total unknown rather than too small
+    del measured["annealing"]
+    rows = projection_rows(full, measured)
+    assert rows[-2]["hours"] is None and rows[-1]["hours"] is None
