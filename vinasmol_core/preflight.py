@@ -95,7 +95,8 @@ def require_inputs(recipe: Recipe, mirror: Path | None, network: bool = True) ->
     checks = check_inputs(recipe, mirror, network)
     bad = [c for c in checks if c.status != "ok"]
     if bad:
-        lines = [f"{c.line}; {_fix(recipe, c)}" if c.status != "unknown" else c.line for c in bad]
+        lines = [c.line.replace("not checked: offline", "unreachable: offline")
+                 + (f"; {_fix(recipe, c)}" if c.status != "unknown" else "") for c in bad]
         raise VinaSmolError("the recipe's inputs are not all readable (nothing was run):\n  "
                             + "\n  ".join(lines))
     return checks
