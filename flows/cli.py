@@ -32,12 +32,30 @@ def recipe_schema_cmd() -> None:
     print(json.dumps(recipe_schema(), indent=2))
 
 
+HUB_MIRROR_HELP = "folder in the hub's layout (<owner>/<name>/) to read hub ids from ($VINASMOL_HUB_MIRROR)"
+
+
 @recipe_app.command("check")
-def recipe_check_cmd(file: Path = typer.Argument(..., help="recipe YAML")) -> None:
-    """Validate a recipe; errors name the field."""
+def recipe_check_cmd(
+    file: Path = typer.Argument(..., help="recipe YAML"),
+    hub_mirror: str | None = typer.Option(None, "--hub-mirror", help=HUB_MIRROR_HELP),
+    offline: bool = typer.Option(False, "--offline", help="do not ask the hub (hub sources: not checked)"),
+) -> None:
+    """Validate a recipe (errors name the field), check that every local file exists and every hub
+    source resolves (on the hub when online, in the mirror when given), and print the planned
+    training tokens per stage and per source. Exit 1 on a missing file or an unknown hub id."""
+    from vinasmol_core.hub import mirror_root
+    from vinasmol_core.preflight import FAILED, check_inputs, format_plan, plan_tokens
     from vinasmol_core.recipe import load_recipe
 
     recipe = load_recipe(file)
+    checks = check_inputs(recipe, mirror_root(hub_mirror), network=not offline)
+    for check in checks:
+        print(f"{'ok' if check.status == 'ok' else check.status}: {check.line}")
+    print("\n".join(format_plan(recipe, plan_tokens(recipe))))
+    failed = [c for c in checks if c.status in FAILED]
+    if failed:
+        raise VinaSmolError(f"{file}: {len(failed)} input(s) missing or unknown (listed above)")
     print(f"ok: {file}: recipe {recipe.name!r}, steps: {', '.join(recipe.step_names())}")
 
 
@@ -59,11 +77,13 @@ def _run_flow(
     before_flow: Callable[[], None] | None = None,
     overrides: list[str] | None = None,
     smoke: bool = False,
+    hub_mirror: str | None = None,
 ) -> dict:
     from flows.pipeline import plan_run, vinasmol
 
     # Every input is checked before a flow run exists, so bad input costs nothing.
-    plan_run(recipe, store, from_stage, force, start_ref, stage_runner, overrides=overrides, smoke=smoke)
+    plan = plan_run(recipe, store, from_stage, force, start_ref, stage_runner, hub_mirror=hub_mirror,
+                    overrides=overrides, smoke=smoke)
     if before_flow is not None:
         before_flow()
     state = vinasmol(
@@ -75,6 +95,7 @@ def _run_flow(
         stage_runner=stage_runner,
         overrides=overrides or None,
         smoke=smoke,
+        hub_mirror=plan.hub_mirror,
         return_state=True,
     )
     if not state.is_completed():
@@ -100,6 +121,7 @@ def run_cmd(
     force: list[str] = typer.Option([], "--force", help="step to re-run (with everything after); repeatable"),
     start_ref: str | None = typer.Option(None, "--start-ref", help="start --from-stage from this checkpoint"),
     stage_runner: str | None = typer.Option(None, "--stage-runner", help="inline | deployment"),
+    hub_mirror: str | None = typer.Option(None, "--hub-mirror", help=HUB_MIRROR_HELP),
     overrides: list[str] = typer.Option(
         [], "--set", help="PATH=VALUE recipe override, e.g. stages.eeve-6.lr=2e-4; repeatable"
     ),
@@ -107,9 +129,10 @@ def run_cmd(
         False, "--smoke", help="every step on a small slice (store namespace smoke/); projects the full run"
     ),
 ) -> None:
-    """Run the pipeline of a recipe as a Prefect flow; print the final checkpoint and HF export refs."""
-    result = _run_flow(recipe, store, from_stage, force, start_ref, stage_runner, overrides=overrides,
-                       smoke=smoke)
+    """Run the pipeline of a recipe as a Prefect flow; print the final checkpoint and HF export refs.
+    Every input is checked first: a missing file or an unreachable hub source stops it before any step."""
+    result = _run_flow(recipe, store, from_stage, force, start_ref, stage_runner, hub_mirror=hub_mirror,
+                       overrides=overrides, smoke=smoke)
     _print_result(result)
 
 

@@ -31,14 +31,21 @@ from tasks.model import convert_to_litgpt, evaluate, export, fetch_base_model, i
 from tasks.tokenizer import merge_vocabulary, train_tokenizer
 from tasks.train import train_stage
 from vinasmol_core.errors import ConfigError, StoreError
+from vinasmol_core.hub import folder_digest, mirror_dir, mirror_root
 from vinasmol_core.manifests import CheckpointManifest, DatasetManifest, TokenizerManifest
 from vinasmol_core.memory import PeakMemory
-from vinasmol_core.recipe import CorpusSpec, Recipe, load_recipe
+from vinasmol_core.preflight import require_inputs
+from vinasmol_core.recipe import CorpusSpec, HubBase, Recipe, load_recipe
 from vinasmol_core.smoke import SMOKE_NAMESPACE, projection_rows, smoke_recipe
 from vinasmol_core.steps import Step
 from vinasmol_core.store import ArtifactStore, default_store_url
 
 STAGE_RUNNERS = ("inline", "deployment")
+# The steps that read hub datasets or models (and so take the run's `hub_mirror`).
+HUB_READERS = frozenset(
+    str(s) for s in (Step.FETCH_BASE_MODEL, Step.TRAIN_TOKENIZER, Step.MERGE_VOCABULARY, Step.PREPARE_DATA,
+                     Step.EVALUATE)
+)
 
 
 @dataclass
@@ -53,6 +60,7 @@ class RunPlan:
     start_stage: int = 0
     stage_runner: str = "inline"
     explicit: set[str] = field(default_factory=set)
+    hub_mirror: str | None = None
     full_recipe: Recipe | None = None
     """For a smoke run, the recipe before it was cut down (what the projection is for)."""
 
@@ -69,11 +77,18 @@ def plan_run(
     start_ref: str | None = None,
     stage_runner: str | None = None,
     check_store: bool = True,
+    hub_mirror: str | None = None,
+    check_inputs: bool = True,
     overrides: list[str] | None = None,
     smoke: bool = False,
 ) -> RunPlan:
-    """Validate the recipe, the stage names, the runner and the store; raise a VinaSmolError naming
-    the problem. Nothing is written except the store's own reachability probe.
+    """Validate the recipe, the stage names, the runner, the store and the recipe's inputs (every
+    local file, every hub dataset and model readable: `vinasmol_core.preflight.require_inputs`);
+    raise a VinaSmolError naming the problem. Nothing is written except the store's own
+    reachability probe.
+
+    `hub_mirror`: a folder in the hub's layout that hub ids are read from (default
+    $VINASMOL_HUB_MIRROR; none: the hub itself, or the HF cache under HF_HUB_OFFLINE).
 
     `force`: re-run each named step and everything after it. `from_stage` alone: the same as
     forcing that step. `from_stage` with `start_ref`: start at that training stage from the
@@ -105,6 +120,9 @@ def plan_run(
                 f"(one of: {', '.join(stage_names)})"
             )
         start_index = stage_names.index(from_stage)
+    mirror = mirror_root(hub_mirror)
+    if check_inputs:
+        require_inputs(parsed, mirror)
     url = store or parsed.store.url or default_store_url()
     url = store_root(url)
     if smoke:
@@ -123,6 +141,7 @@ def plan_run(
         start_stage=start_index,
         stage_runner=runner,
         explicit=set(force or []) | ({from_stage} if from_stage else set()),
+        hub_mirror=str(mirror) if mirror is not None else None,
         full_recipe=full,
     )
 
@@ -158,6 +177,8 @@ class _Runner:
         configured = task.with_options(
             result_storage=self.storage, refresh_cache=refresh, task_run_name=run_name
         )
+        if task.name in HUB_READERS:
+            kwargs["hub_mirror"] = self.plan.hub_mirror
         t0 = time.perf_counter()
         with PeakMemory() as peak:
             state = configured(store_url=self.plan.store_url, return_state=True, **kwargs)
@@ -209,6 +230,7 @@ class _Run:
             label=label,
             section=self.recipe.eval,
             eval_corpora=self.main_corpora,
+            val_fraction=self.recipe.data.val_fraction,
         )
         self.result["bpb"][label] = report.metrics.get("bpb", {})
 
@@ -229,15 +251,24 @@ def _open_run(plan: RunPlan) -> _Run:
         run=_Runner(plan, flow_run_id),
         store=ArtifactStore(plan.store_url),
         flow_run_id=flow_run_id,
-        digests={c.name: corpus_digest(c) for c in recipe.corpora},
+        digests={c.name: corpus_digest(c, plan.hub_mirror) for c in recipe.corpora},
         result=result,
     )
+
+
+def _base_digest(recipe: Recipe, hub_mirror: str | None) -> str:
+    """What a hub base model read from a mirror depends on: the mirror folder's content."""
+    source = recipe.base_model.source
+    if isinstance(source, HubBase) and hub_mirror:
+        return folder_digest(mirror_dir(Path(hub_mirror), source.repo))
+    return ""
 
 
 def _tokenizer_phase(ctx: _Run) -> tuple[CheckpointManifest, TokenizerManifest]:
     """fetch-base-model, train-tokenizer, merge-vocabulary; the base model and the merged tokenizer."""
     recipe = ctx.recipe
-    base = ctx.run(fetch_base_model, source=recipe.base_model.source, name=recipe.base_model.name)
+    base = ctx.run(fetch_base_model, source=recipe.base_model.source, name=recipe.base_model.name,
+                   source_digest=_base_digest(recipe, ctx.plan.hub_mirror))
     tok_corpora = [c for c in ctx.main_corpora if c.lang in recipe.tokenizer.train_languages]
     counts = ctx.run(
         train_tokenizer,
@@ -252,6 +283,7 @@ def _tokenizer_phase(ctx: _Run) -> tuple[CheckpointManifest, TokenizerManifest]:
         word_counts=counts.digest,
         section=recipe.tokenizer,
         eval_corpora=ctx.main_corpora,
+        val_fraction=recipe.data.val_fraction,
     )
     ctx.tokenizer = tokenizer
     ctx.result["fertility_markdown"] = tokenizer.fertility_markdown
@@ -384,6 +416,7 @@ def vinasmol(
     force: list[str] | None = None,
     start_ref: str | None = None,
     stage_runner: str | None = None,
+    hub_mirror: str | None = None,
     overrides: list[str] | None = None,
     smoke: bool = False,
 ) -> dict[str, Any]:
@@ -395,8 +428,12 @@ def vinasmol(
 
     `stage_runner`: "inline" (each stage a local process) or "deployment" (each stage a child run
     of the training deployment, `tasks.dispatch.run_stage_deployment`); default: the recipe's
-    `compute.stage_runner`, itself "inline" unless set."""
-    plan = plan_run(recipe, store, from_stage, force, start_ref, stage_runner,
+    `compute.stage_runner`, itself "inline" unless set. `hub_mirror`: a folder in the hub's layout
+    that hub datasets and models are read from (default $VINASMOL_HUB_MIRROR).
+
+    Every input is checked before the first step: a missing file or an unreachable hub source ends
+    the run with one message saying how to fix it."""
+    plan = plan_run(recipe, store, from_stage, force, start_ref, stage_runner, hub_mirror=hub_mirror,
                     overrides=overrides, smoke=smoke)
     return run_pipeline(plan)
 

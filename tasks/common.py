@@ -36,8 +36,9 @@ from prefect.cache_policies import CachePolicy
 from pydantic import BaseModel
 
 from vinasmol_core import __version__
+from vinasmol_core.data.spec import SourceSpec
 from vinasmol_core.errors import VinaSmolError
-from vinasmol_core.recipe import CorpusSpec
+from vinasmol_core.recipe import CorpusSpec, HubSource
 
 # Bump the revision when a step would produce something different from the same inputs
 # (2: steps renamed after their task functions, `vinasmol_core.steps`).
@@ -45,7 +46,8 @@ STEP_CODE_REVISION = 2
 CODE_VERSION = f"vinasmol-{__version__}/steps-{STEP_CODE_REVISION}"
 
 # Arguments that never enter a cache key: where things are stored and debugging switches.
-EXCLUDED_ARGS = frozenset({"store_url", "fail_at_step", "stage_runner", "work_dir", "progress"})
+# (`hub_mirror` is where hub data is read from: its content enters the keys through the digests.)
+EXCLUDED_ARGS = frozenset({"store_url", "fail_at_step", "stage_runner", "work_dir", "progress", "hub_mirror"})
 
 TIMING_LOG_ENV = "VINASMOL_TIMING_LOG"
 
@@ -235,9 +237,56 @@ def slug(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------- corpora
+def _mirror(hub_mirror: str | None) -> Path | None:
+    return Path(hub_mirror) if hub_mirror else None
+
+
+def hub_source_spec(corpus: CorpusSpec, hub_mirror: str | None = None) -> SourceSpec:
+    """The data reader's view of a hub corpus: streamed from the hub (or its mirror folder) up to
+    its budget."""
+    from vinasmol_core.hub import mirror_dir
+
+    source = corpus.source
+    if not isinstance(source, HubSource):
+        raise VinaSmolError(f"corpus {corpus.name}: not a hub corpus")
+    mirror = _mirror(hub_mirror)
+    return SourceSpec(
+        name=corpus.name, lang=corpus.lang, role=corpus.role, text_field=corpus.text_field,
+        id_field=source.id_field, hf_dataset=source.dataset, hf_config=source.config, hf_split=source.split,
+        hf_revision=source.revision, hf_data_files=tuple(source.data_files),
+        hf_path=str(mirror_dir(mirror, source.dataset)) if mirror is not None else None,
+        max_docs=source.budget.documents, max_bytes=source.budget.max_bytes(corpus.lang),
+    )
+
+
+def corpus_source_spec(corpus: CorpusSpec, out_dir: Path, hub_mirror: str | None = None) -> SourceSpec:
+    """The data step's source for one recipe corpus (local files, written samples, or a hub stream)."""
+    if isinstance(corpus.source, HubSource):
+        return hub_source_spec(corpus, hub_mirror)
+    train, _ = materialize_corpus(corpus, out_dir)
+    return SourceSpec(name=corpus.name, paths=tuple(str(p) for p in train), lang=corpus.lang,
+                      role=corpus.role, text_field=corpus.text_field)
+
+
+def corpus_rows(corpus: CorpusSpec, out_dir: Path, hub_mirror: str | None = None,
+                max_docs: int | None = None) -> list[Any]:
+    """A corpus as `count_words` takes it: its local train files, or a stream of rows of a hub
+    corpus (up to its budget, and to `max_docs` when given)."""
+    if not isinstance(corpus.source, HubSource):
+        return list(materialize_corpus(corpus, out_dir)[0])
+    from vinasmol_core.data.readers import iter_hf_records
+
+    spec = hub_source_spec(corpus, hub_mirror)
+    if max_docs is not None:
+        spec = spec.model_copy(update={"max_docs": min(max_docs, spec.max_docs or max_docs)})
+    return [{"text": text} for _, text in iter_hf_records(spec) if text]
+
+
 def materialize_corpus(corpus: CorpusSpec, out_dir: Path) -> tuple[list[Path], list[Path]]:
     """Local (train, val) JSONL files of one recipe corpus; built-in samples are written to out_dir."""
     source = corpus.source
+    if isinstance(source, HubSource):
+        raise VinaSmolError(f"corpus {corpus.name}: a hub corpus is streamed, not materialized")
     if source.kind == "files":
         train = [Path(p) for p in source.train]
         val = [Path(p) for p in source.val]
@@ -260,11 +309,16 @@ def materialize_corpus(corpus: CorpusSpec, out_dir: Path) -> tuple[list[Path], l
     return paths[0], paths[1]
 
 
-def corpus_digest(corpus: CorpusSpec) -> str:
-    """What a corpus's content depends on: its spec, and for local files their sha256."""
+def corpus_digest(corpus: CorpusSpec, hub_mirror: str | None = None) -> str:
+    """What a corpus's content depends on: its spec, and for local files (and hub mirror folders)
+    their sha256."""
     h = hashlib.sha256(json.dumps(corpus.model_dump(mode="json"), sort_keys=True).encode())
     source = corpus.source
-    if source.kind == "files":
+    if isinstance(source, HubSource):
+        from vinasmol_core.data.readers import source_digest
+
+        h.update(source_digest(hub_source_spec(corpus, hub_mirror), []).encode())
+    elif source.kind == "files":
         for p in [*source.train, *source.val]:
             path = Path(p)
             if not path.is_file():
@@ -275,11 +329,54 @@ def corpus_digest(corpus: CorpusSpec) -> str:
     return h.hexdigest()
 
 
-def val_files(corpora: list[CorpusSpec], out_dir: Path, languages: list[str]) -> dict[str, list[str]]:
+def hub_val_file(corpus: CorpusSpec, val_fraction: float, hub_mirror: str | None = None) -> Path:
+    """The validation documents of a hub corpus as a JSONL file, written once into the local cache:
+    the first `val_documents` rows of `val_split`, or else the first `val_documents` documents of
+    the train stream that the data step holds out (the same stable hash, `val_fraction`)."""
+    from vinasmol_core.data.readers import iter_hf_records
+    from vinasmol_core.data.worker import split_is_val
+    from vinasmol_core.store.layout import default_cache_dir
+
+    source = corpus.source
+    assert isinstance(source, HubSource)
+    spec = hub_source_spec(corpus, hub_mirror)
+    key = hashlib.sha256(json.dumps([corpus_digest(corpus, hub_mirror), val_fraction]).encode()).hexdigest()
+    path = default_cache_dir().parent / "hub-val" / f"{corpus.name}-{key[:16]}.jsonl"
+    if path.is_file():
+        return path
+    if source.val_split:
+        spec = spec.model_copy(update={"max_docs": source.val_documents, "max_bytes": None})
+        rows = iter_hf_records(spec, source.val_split)
+    else:
+        rows = ((i, t) for i, t in iter_hf_records(spec) if split_is_val(corpus.name, i, val_fraction))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    n = 0
+    with tmp.open("w", encoding="utf-8") as fh:
+        for doc_id, text in rows:
+            if not text:
+                continue
+            fh.write(json.dumps({"id": doc_id, "text": text}, ensure_ascii=False) + "\n")
+            n += 1
+            if n >= source.val_documents:
+                break
+    if n == 0:
+        tmp.unlink()
+        raise VinaSmolError(f"corpus {corpus.name}: no validation documents (set source.val_split, or read "
+                            "more of the dataset: its held-out share of the budget is empty)")
+    tmp.replace(path)
+    return path
+
+
+def val_files(corpora: list[CorpusSpec], out_dir: Path, languages: list[str], val_fraction: float = 0.0,
+              hub_mirror: str | None = None) -> dict[str, list[str]]:
     """Validation files per language, from the main corpora (annealing data never changes evals)."""
     files: dict[str, list[str]] = {}
     for corpus in corpora:
         if corpus.role != "main" or corpus.lang not in languages:
+            continue
+        if isinstance(corpus.source, HubSource):
+            files.setdefault(corpus.lang, []).append(str(hub_val_file(corpus, val_fraction, hub_mirror)))
             continue
         train, val = materialize_corpus(corpus, out_dir / corpus.name)
         files.setdefault(corpus.lang, []).extend(str(p) for p in val or train[:1])

@@ -8,8 +8,8 @@ paths) and returns at once, doing no work, when the store already holds that bui
 
 from __future__ import annotations
 
-from tasks.common import materialize_corpus, open_store, run_logger, scratch_dir, step
-from vinasmol_core.data import CleaningSpec, PrepareSettings, SourceSpec, SourceStats, prepare_dataset
+from tasks.common import corpus_source_spec, open_store, run_logger, scratch_dir, step
+from vinasmol_core.data import CleaningSpec, PrepareSettings, SourceStats, prepare_dataset
 from vinasmol_core.errors import VinaSmolError
 from vinasmol_core.manifests import DatasetManifest
 from vinasmol_core.recipe import CorpusSpec, DataSection
@@ -25,6 +25,7 @@ def prepare_data(
     tokenizer_sha: str,
     tokenizer_artifact: str,
     store_url: str,
+    hub_mirror: str | None = None,
 ) -> DatasetManifest:
     """Clean, dedup, tokenize and pack the corpora of one dataset (`main`, or `annealing` = main +
     annealing sources). Keyed on the tokenizer's content, not on the artifact that carries it."""
@@ -41,11 +42,7 @@ def prepare_data(
     store = open_store(store_url)
     tok_dir = store.fetch(tokenizer_artifact)
     with scratch_dir(f"data-{role}") as tmp:
-        sources = []
-        for corpus in corpora:
-            train, _ = materialize_corpus(corpus, tmp / "corpora" / corpus.name)
-            sources.append(SourceSpec(name=corpus.name, paths=[str(p) for p in train], lang=corpus.lang,
-                                      role=corpus.role, text_field=corpus.text_field))
+        sources = [corpus_source_spec(c, tmp / "corpora" / c.name, hub_mirror) for c in corpora]
         settings = PrepareSettings(
             cleaning=CleaningSpec(**section.cleaning), val_fraction=section.val_fraction,
             dedup=section.dedup, near_dedup=section.near_dedup,

@@ -19,11 +19,13 @@ from tasks.common import open_store, scratch_dir, step, val_files
 from vinasmol_core.errors import VinaSmolError
 from vinasmol_core.manifests import CheckpointManifest, EvalReportManifest
 from vinasmol_core.recipe import (
+    BaseSource,
     CorpusSpec,
     EmbeddingInitSection,
     EvalSection,
     ExportSection,
     HFBase,
+    HubBase,
     SmolLM2Base,
     TinyBase,
 )
@@ -31,7 +33,7 @@ from vinasmol_core.steps import Step
 from vinasmol_core.store import ArtifactStore
 
 
-def _build_base(source: TinyBase | HFBase | SmolLM2Base, tmp: Path) -> Path:
+def _build_base(source: BaseSource, tmp: Path, hub_mirror: str | None = None) -> Path:
     """A local HF folder of the base model `source` names (built, copied or downloaded into tmp)."""
     if isinstance(source, TinyBase):
         from vinasmol_core.builtin.tiny import build_tiny_base_model, build_tiny_tokenizer
@@ -45,6 +47,11 @@ def _build_base(source: TinyBase | HFBase | SmolLM2Base, tmp: Path) -> Path:
         return build_smollm2_135m(tmp / "model")
     from vinasmol_core.model import fetch_base_model as fetch
 
+    if isinstance(source, HubBase):
+        from vinasmol_core.hub import fetch_model
+
+        mirror = Path(hub_mirror) if hub_mirror else None
+        return fetch(fetch_model(source.repo, source.revision, source.allow_patterns, mirror))
     return fetch(source.path, None if Path(source.path).is_dir() else tmp / "model")
 
 
@@ -57,16 +64,18 @@ def _base_artifact(store: ArtifactStore, path: str) -> CheckpointManifest:
 
 @step(Step.FETCH_BASE_MODEL)
 def fetch_base_model(
-    source: TinyBase | HFBase | SmolLM2Base, name: str, store_url: str
+    source: BaseSource, name: str, store_url: str, source_digest: str = "", hub_mirror: str | None = None
 ) -> CheckpointManifest:
-    """The English base model as an `hf` checkpoint artifact (tokenizer files included)."""
+    """The English base model as an `hf` checkpoint artifact (tokenizer files included). A hub model
+    comes from the hub mirror when one is given (`source_digest`, keyed, is then its folder's
+    digest), else from its snapshot in the HF cache."""
     from vinasmol_core.model import publish_checkpoint
 
     store = open_store(store_url)
     if isinstance(source, HFBase) and source.path.startswith("store:"):
         return _base_artifact(store, source.path[len("store:") :])
     with scratch_dir("base") as tmp:
-        return publish_checkpoint(store, _build_base(source, tmp), "hf", name=name, stage="base")
+        return publish_checkpoint(store, _build_base(source, tmp, hub_mirror), "hf", name=name, stage="base")
 
 
 @step(Step.INIT_EMBEDDINGS)
@@ -101,7 +110,8 @@ def convert_to_litgpt(hf_model: str, litgpt_name: str | None, store_url: str) ->
 
 @step(Step.EVALUATE)
 def evaluate(
-    checkpoint: str, label: str, section: EvalSection, eval_corpora: list[CorpusSpec], store_url: str
+    checkpoint: str, label: str, section: EvalSection, eval_corpora: list[CorpusSpec], store_url: str,
+    val_fraction: float = 0.0, hub_mirror: str | None = None,
 ) -> EvalReportManifest:
     """Bits per byte of a checkpoint on each language's validation documents (main corpora), published
     as an eval report."""
@@ -111,7 +121,7 @@ def evaluate(
     store = open_store(store_url)
     model_dir = store.fetch(checkpoint)
     with scratch_dir("eval") as tmp:
-        files = val_files(eval_corpora, tmp / "val", list(section.languages))
+        files = val_files(eval_corpora, tmp / "val", list(section.languages), val_fraction, hub_mirror)
         report = bits_per_byte_report(
             model_dir,
             {lang: [Path(p) for p in paths] for lang, paths in files.items()},

@@ -11,8 +11,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from tasks.common import materialize_corpus, open_store, scratch_dir, step, val_files
+from tasks.common import corpus_rows, open_store, scratch_dir, step, val_files
 from vinasmol_core.manifests import DatasetManifest, TokenizerManifest
 from vinasmol_core.recipe import CorpusSpec, TokenizerSection
 from vinasmol_core.steps import Step
@@ -25,19 +26,20 @@ def train_tokenizer(
     corpus_digests: dict[str, str],
     section: TokenizerSection,
     store_url: str,
+    hub_mirror: str | None = None,
 ) -> DatasetManifest:
     """Word counts of the tokenizer's training corpora, split by the pre-tokenizer of the base model's
-    tokenizer.json (`base_model`: ref or digest of an artifact holding it)."""
+    tokenizer.json (`base_model`: ref or digest of an artifact holding it). A hub corpus is streamed
+    up to its budget (and to `section.max_docs` documents when set)."""
     from vinasmol_core.tokenizer import count_words
 
     store = open_store(store_url)
     pre = store.fetch(base_model)
     with scratch_dir("tokenizer") as tmp:
-        files: list[Path] = []
+        items: list[Any] = []
         for corpus in corpora:
-            train, _ = materialize_corpus(corpus, tmp / "corpora" / corpus.name)
-            files.extend(train)
-        counts = count_words(files, "text", pre_tokenizer=pre)
+            items.extend(corpus_rows(corpus, tmp / "corpora" / corpus.name, hub_mirror, section.max_docs))
+        counts = count_words(items, "text", pre_tokenizer=pre)
         counts.save(tmp / "word-counts")
         manifest = DatasetManifest(
             name="word-counts",
@@ -56,6 +58,8 @@ def merge_vocabulary(
     section: TokenizerSection,
     eval_corpora: list[CorpusSpec],
     store_url: str,
+    val_fraction: float = 0.0,
+    hub_mirror: str | None = None,
 ) -> TokenizerManifest:
     """Extend the base tokenizer with the new language's merges; publish it with its fertility report
     (base against extended, on the validation documents of the main corpora)."""
@@ -67,7 +71,7 @@ def merge_vocabulary(
     counts = WordCounts.load(store.fetch(word_counts))
     with scratch_dir("merge") as tmp:
         result = extend_tokenizer(base_dir, counts, section.target_vocab_size, tmp / "tokenizer")
-        files = val_files(eval_corpora, tmp / "val", ["vi", "en", "code"])
+        files = val_files(eval_corpora, tmp / "val", ["vi", "en", "code"], val_fraction, hub_mirror)
         report = None
         if files:
             eval_files = {lang: [Path(p) for p in paths] for lang, paths in files.items()}

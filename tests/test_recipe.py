@@ -157,6 +157,7 @@ def test_schema_describes_sections() -> None:
     assert defs["BaseModelSpec"]["properties"]["source"]["discriminator"] == {
         "mapping": {
             "hf": "#/$defs/HFBase",
+            "hub": "#/$defs/HubBase",
             "smollm2-135m": "#/$defs/SmolLM2Base",
             "tiny": "#/$defs/TinyBase",
         },
@@ -164,6 +165,10 @@ def test_schema_describes_sections() -> None:
     }
     assert defs["HFBase"]["required"] == ["path"] and "store:" in defs["HFBase"]["properties"]["path"][
         "description"]
+    assert defs["HubBase"]["required"] == ["repo"]
+    assert defs["HubBase"]["properties"]["revision"]["default"] == "main"
+    assert set(defs["HubSource"]["required"]) == {"dataset", "budget"}
+    assert set(corpus["properties"]["source"]["discriminator"]["mapping"]) == {"sample", "files", "hub"}
     tok = defs["TokenizerSection"]["properties"]["target_vocab_size"]
     assert (tok["type"], tok["default"], tok["exclusiveMinimum"]) == ("integer", 55936, 0)
     assert defs["EmbeddingInitSection"]["properties"]["blend"] == {
@@ -221,7 +226,8 @@ def test_cli_recipe_schema_and_check(monkeypatch, capsys, tmp_path: Path) -> Non
     steps = load_recipe(TINY).step_names()
     assert steps[:6] == list(STEPS_BEFORE)
     assert steps[-2:] == ["evaluate", "export"]
-    assert code == 0 and out == f"ok: {TINY}: recipe 'tiny-cpu', steps: {', '.join(steps)}\n"
+    assert code == 0 and out.endswith(f"ok: {TINY}: recipe 'tiny-cpu', steps: {', '.join(steps)}\n")
+    assert "ok: corpus sample-vi: built-in sample corpus" in out and "  eeve-3: 4,096 (vi 2,252," in out
     data = tiny_data()
     data["stages"][3]["warmup_steps"] = -2
     bad = tmp_path / "bad.yaml"
@@ -245,7 +251,7 @@ def test_console_script_exits_with_the_command_status(tmp_path: Path) -> None:
 
     ok = subprocess.run([sys.executable, "-c", "from flows.cli import console; console()", "recipe", "check",
                          str(TINY)], capture_output=True, text=True)
-    assert ok.returncode == 0 and ok.stdout.startswith("ok:")
+    assert ok.returncode == 0 and ok.stdout.splitlines()[-1].startswith("ok:")
     bad = subprocess.run([sys.executable, "-c", "from flows.cli import console; console()", "recipe", "check",
                           str(tmp_path / "missing.yaml")], capture_output=True, text=True)
     assert bad.returncode == 1 and "error:" in bad.stderr

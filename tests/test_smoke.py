@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from vinasmol_core.recipe import load_recipe
-from vinasmol_core.smoke import SMOKE_SEQ_LEN, SMOKE_STEPS, projection_rows, smoke_recipe
+from vinasmol_core.smoke import SMOKE_CORPUS_BYTES, SMOKE_SEQ_LEN, SMOKE_STEPS, projection_rows, smoke_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "recipes" / "smollm2-360m-vi.yaml"
@@ -26,7 +26,12 @@ def test_smoke_recipe_makes_two_short_steps_per_stage_and_keeps_the_rest() -> No
                       "long_context", "schedule"):
             assert getattr(small, field) == getattr(big, field), field
     assert smoke.tokenizer == full.tokenizer and smoke.export == full.export
-    assert smoke.base_model == full.base_model and smoke.corpora == full.corpora
+    assert smoke.base_model == full.base_model
+    for small, big in zip(smoke.corpora, full.corpora, strict=True):
+        assert (small.name, small.lang, small.role, small.source.dataset) == (
+            big.name, big.lang, big.role, big.source.dataset)
+        cap = small.source.budget.max_bytes(small.lang)
+        assert cap == SMOKE_CORPUS_BYTES < big.source.budget.max_bytes(big.lang)
     assert smoke.eval.max_docs <= 8 and smoke.eval.seq_len <= SMOKE_SEQ_LEN
 
 

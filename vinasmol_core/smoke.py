@@ -2,8 +2,9 @@
 
 `smoke_recipe` shrinks a recipe: each stage makes two optimizer steps, each one micro-batch (the
 recipe's) per device at a short sequence length, with a train-state written after the first so
-that checkpointing is exercised too; evaluation reads a few documents; each corpus is capped to a
-few MB.
+that checkpointing is exercised too; evaluation reads a few documents; each hub corpus is read up
+to a few MB (local files are read whole).
+
 `projection_rows` turns the stages' measured tokens/s into hours for the recipe's token budgets.
 Tokens/s is measured at the smoke sequence length; attention costs more per token at the recipe's
 longer sequences, so the projected hours are a lower bound.
@@ -13,12 +14,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from vinasmol_core.recipe import Recipe
+from vinasmol_core.recipe import HubSource, Recipe
 
 SMOKE_STEPS = 2
 SMOKE_SEQ_LEN = 256
 SMOKE_EVAL_DOCS = 8
 SMOKE_CORPUS_BYTES = 4 << 20
+SMOKE_VAL_DOCS = 32
 SMOKE_NAMESPACE = "smoke"
 
 
@@ -46,6 +48,12 @@ def smoke_recipe(recipe: Recipe) -> Recipe:
     data = recipe.model_dump(mode="json", by_alias=True, exclude_unset=False)
     for stage, spec in zip(data["stages"], recipe.stages, strict=True):
         stage.update(smoke_stage_fields(spec))
+    for corpus, spec in zip(data["corpora"], recipe.corpora, strict=True):
+        if isinstance(spec.source, HubSource):
+            limit = spec.source.budget.max_bytes(spec.lang)
+            if limit is None or limit > SMOKE_CORPUS_BYTES:
+                corpus["source"]["budget"] = {"bytes": SMOKE_CORPUS_BYTES}
+            corpus["source"]["val_documents"] = min(spec.source.val_documents, SMOKE_VAL_DOCS)
     data["eval"]["max_docs"] = min(recipe.eval.max_docs or SMOKE_EVAL_DOCS, SMOKE_EVAL_DOCS)
     data["eval"]["seq_len"] = min(recipe.eval.seq_len, SMOKE_SEQ_LEN)
     data["stage_defaults"] = {}

@@ -72,6 +72,16 @@ def split_of(source: str, doc_id: str, val_fraction: float) -> str:
     return "val" if split_is_val(source, doc_id, val_fraction) else "train"
 
 
+def _keyed_source(spec: SourceSpec) -> dict[str, Any]:
+    """A source as it enters the dataset key: not where its files are (their digest is keyed), and
+    its budget only when it has one (so that the keys of unbudgeted sources stay as they were)."""
+    out = spec.model_dump(mode="json", exclude={"paths", "hf_data_files", "hf_path"})
+    for key in ("max_docs", "max_bytes"):
+        if out[key] is None:
+            del out[key]
+    return out
+
+
 def dataset_key(sources: list[SourceSpec], source_digests: dict[str, str], settings: PrepareSettings,
                 tokenizer_digest_: str) -> str:
     """A deterministic key for a build: same inputs and settings, same key."""
@@ -79,8 +89,7 @@ def dataset_key(sources: list[SourceSpec], source_digests: dict[str, str], setti
         "format": FORMAT,
         "version": FORMAT_VERSION,
         # where the files are is not part of the key: their content (the digest) is
-        "sources": [s.model_dump(mode="json", exclude={"paths", "hf_data_files"})
-                    | {"digest": source_digests[s.name]} for s in sources],
+        "sources": [_keyed_source(s) | {"digest": source_digests[s.name]} for s in sources],
         "cleaning": settings.cleaning.model_dump(mode="json"),
         "val_fraction": settings.val_fraction,
         "dedup": settings.dedup,

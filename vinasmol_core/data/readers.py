@@ -126,11 +126,16 @@ def _open_binary(rf: ResolvedFile) -> Any:
 def source_digest(spec: SourceSpec, files: list[ResolvedFile]) -> str:
     """A digest of the source's content: sha256 of every local file's bytes; for remote files the
     store's ETag/checksum and size when it has one (else the bytes); for a `datasets` dataset its
-    name, config, split and revision (pin a revision to make that meaningful)."""
+    name, config, split and revision (pin a revision to make that meaningful), and when it is read
+    from a local folder (a hub mirror), that folder's files."""
     h = hashlib.sha256()
     if spec.hf_dataset:
         ident = ["hf", spec.hf_dataset, spec.hf_config, spec.hf_split, spec.hf_revision]
         h.update(json.dumps(ident).encode())
+        if spec.hf_path and os.path.isdir(spec.hf_path):
+            from vinasmol_core.hub import folder_digest
+
+            h.update(folder_digest(Path(spec.hf_path)).encode())
         for name in spec.hf_data_files:  # local data files (e.g. the `json` builder): their bytes
             if os.path.isfile(name):
                 with open(name, "rb") as f:
@@ -229,20 +234,48 @@ def _iter_text(rf: ResolvedFile, spec: SourceSpec, skip_bad_lines: bool,
     yield os.path.basename(rf.url) if rf.local else rf.url, text.removeprefix("\ufeff")
 
 
-def _iter_hf(spec: SourceSpec) -> Iterator[tuple[str, str | None]]:
+def open_hf_dataset(spec: SourceSpec, split: str | None = None) -> Any:
+    """`datasets.load_dataset` of the source (from `hf_path` when set, else the hub), streamed."""
     try:
         import datasets
     except ImportError as exc:  # pragma: no cover
         raise VinaSmolError("reading a hub dataset needs the `datasets` package") from exc
+    where = spec.hf_path or spec.hf_dataset
     try:
         extra = {"data_files": list(spec.hf_data_files)} if spec.hf_data_files else {}
-        ds = datasets.load_dataset(spec.hf_dataset, spec.hf_config, split=spec.hf_split,
-                                   streaming=spec.hf_streaming, revision=spec.hf_revision, **extra)
+        return datasets.load_dataset(where, spec.hf_config, split=split or spec.hf_split,
+                                     streaming=spec.hf_streaming, revision=spec.hf_revision, **extra)
     except Exception as exc:  # network, missing dataset, bad config...
-        raise VinaSmolError(f"source {spec.name!r}: cannot open dataset {spec.hf_dataset!r}: {exc}") from exc
-    for row, record in enumerate(ds, start=1):
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise VinaSmolError(f"source {spec.name!r}: cannot open dataset {where!r}: {first}") from exc
+
+
+def iter_hf_records(spec: SourceSpec, split: str | None = None) -> Iterator[tuple[str, str | None]]:
+    """(id, text) of a `datasets` source in order, up to its budget (`max_docs`, `max_bytes`): the
+    stream is left as soon as the budget is reached, so nothing past it is downloaded."""
+    ds = open_hf_dataset(spec, split)
+    docs = size = 0
+    records = iter(ds)
+    row = 0
+    while True:
+        if (spec.max_docs and docs >= spec.max_docs) or (spec.max_bytes and size >= spec.max_bytes):
+            return
+        try:
+            record = next(records)
+        except StopIteration:
+            return
+        except Exception as exc:  # the stream broke (network, a corrupt shard)
+            raise VinaSmolError(f"source {spec.name!r}: reading {spec.hf_path or spec.hf_dataset} "
+                                f"failed after {row} rows: {exc}") from exc
+        row += 1
         text = _text_of(record, spec, f"{spec.hf_dataset} row {row}")
+        docs += 1
+        size += len(text.encode("utf-8")) if text else 0
         yield _id_of(record, spec, f"{spec.hf_dataset}:{row}"), text
+
+
+def _iter_hf(spec: SourceSpec) -> Iterator[tuple[str, str | None]]:
+    yield from iter_hf_records(spec)
 
 
 def iter_batches(

@@ -39,6 +39,12 @@ class SourceSpec(BaseModel):
     hf_revision: str | None = None
     hf_data_files: tuple[str, ...] = ()
     hf_streaming: bool = True
+    hf_path: str | None = None
+    """Where `load_dataset` reads `hf_dataset` from when not the hub (a hub mirror folder)."""
+    max_docs: int | None = Field(None, gt=0)
+    """Budget of a `datasets` source: stop after this many documents."""
+    max_bytes: int | None = Field(None, gt=0)
+    """Budget of a `datasets` source: stop once this many UTF-8 bytes of text were read."""
     text_field: str = "text"
     id_field: str | None = "id"
     format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
@@ -57,6 +63,8 @@ class SourceSpec(BaseModel):
     def _one_origin(self) -> SourceSpec:
         if bool(self.paths) == bool(self.hf_dataset):
             raise ValueError(f"source {self.name!r}: give either paths or hf_dataset (exactly one)")
+        if self.paths and (self.max_docs or self.max_bytes or self.hf_path):
+            raise ValueError(f"source {self.name!r}: max_docs, max_bytes and hf_path need hf_dataset")
         return self
 
     @classmethod

@@ -1,0 +1,113 @@
+"""Hub corpora read from a hub mirror (a folder in the hub's layout that the tests write) through the
+same code path as the hub: `datasets.load_dataset(folder, config, split=..., streaming=True)`, up to
+the corpus budget; validation documents; digests; a prepared dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tasks.common import corpus_digest, corpus_rows, hub_source_spec, hub_val_file
+from tests.data_fixtures import tiny_tokenizer
+from vinasmol_core.data import PrepareSettings, prepare_dataset
+from vinasmol_core.data.readers import ReadCounters, iter_batches, open_hf_dataset
+from vinasmol_core.data.worker import split_is_val
+from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.hub_mirror import write_dataset_config
+from vinasmol_core.recipe import CorpusSpec
+
+pytestmark = pytest.mark.slow  # imports `datasets` (several seconds)
+
+VI = [f"Bài viết số {i} về lịch sử và văn hóa Việt Nam, với nhiều câu dài hơn một chút." for i in range(300)]
+EN = [f"Article number {i} about the history of science, in plain English sentences." for i in range(200)]
+
+
+@pytest.fixture(scope="module")
+def mirror(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("mirror")
+    folder = root / "org" / "web"
+    write_dataset_config(folder, "vie_Latn", {
+        "train": ({"id": f"vi-{i}", "text": t} for i, t in enumerate(VI)),
+        "test": ({"id": f"vt-{i}", "text": f"Câu kiểm tra số {i}."} for i in range(20)),
+    }, shard_rows=128)
+    en = ({"id": f"en-{i}", "text": t} for i, t in enumerate(EN))
+    write_dataset_config(folder, "eng_Latn", {"train": en})
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VINASMOL_CACHE", str(tmp_path / "cache" / "artifacts"))
+
+
+def corpus(config: str = "vie_Latn", lang: str = "vi", **source: object) -> CorpusSpec:
+    fields = {"kind": "hub", "dataset": "org/web", "config": config, "budget": {"documents": 10_000},
+              **source}
+    return CorpusSpec(name=f"web-{lang}", lang=lang, source=fields)
+
+
+def texts(c: CorpusSpec, mirror: Path) -> list[str]:
+    spec = hub_source_spec(c, str(mirror))
+    return [t for b in iter_batches(spec, [], skip_bad_lines=False, counters=ReadCounters()) for t in b.texts]
+
+
+def test_a_mirror_is_read_by_the_hub_code_path_config_by_config(mirror: Path) -> None:
+    spec = hub_source_spec(corpus(), str(mirror))
+    where = (spec.hf_dataset, spec.hf_path, spec.hf_config)
+    assert where == ("org/web", str(mirror / "org" / "web"), "vie_Latn")
+    assert type(open_hf_dataset(spec)).__name__ == "IterableDataset"  # streamed, never loaded whole
+    assert texts(corpus(), mirror) == VI  # three shards, in order
+    assert texts(corpus("eng_Latn", "en"), mirror) == EN
+    batches = list(iter_batches(spec, [], skip_bad_lines=False, counters=ReadCounters()))
+    assert batches[0].ids[:2] == ["vi-0", "vi-1"]  # the id field, not the location
+
+
+def test_the_reader_stops_at_the_budget(mirror: Path) -> None:
+    assert texts(corpus(budget={"documents": 7}), mirror) == VI[:7]
+    size = len(VI[0].encode())
+    # a byte budget stops at the first document that reaches it
+    assert texts(corpus(budget={"bytes": 3 * size - 1}), mirror) == VI[:3]
+    # a token budget is read as bytes at the language's (or the budget's own) bytes per token
+    assert texts(corpus(budget={"tokens": 10, "bytes_per_token": size / 10}), mirror) == VI[:1]
+    rows = corpus_rows(corpus(budget={"documents": 50}), Path("unused"), str(mirror), max_docs=5)
+    assert rows == [{"text": t} for t in VI[:5]]
+
+
+def test_unknown_config_and_missing_mirror_folder_are_named(mirror: Path, tmp_path: Path) -> None:
+    with pytest.raises(VinaSmolError, match=r"'web-vi': cannot open dataset .*org/web.*'zzz_Latn' not found"):
+        texts(corpus("zzz_Latn"), mirror)
+    with pytest.raises(VinaSmolError, match="source 'web-vi': cannot open dataset"):
+        texts(corpus(), tmp_path)
+
+
+def test_validation_documents_come_from_the_val_split_or_the_held_out_share(mirror: Path) -> None:
+    path = hub_val_file(corpus(val_split="test", val_documents=5), 0.01, str(mirror))
+    assert path.read_text(encoding="utf-8").count("\n") == 5 and "Câu kiểm tra số 4." in path.read_text()
+    held = hub_val_file(corpus(val_documents=1000), 0.2, str(mirror))
+    ids = [line.split('"id": "')[1].split('"')[0] for line in held.read_text().splitlines()]
+    expected = [f"vi-{i}" for i in range(len(VI)) if split_is_val("web-vi", f"vi-{i}", 0.2)]
+    assert ids == expected and 30 < len(ids) < 100  # exactly the documents the data step holds out
+    assert hub_val_file(corpus(val_documents=1000), 0.2, str(mirror)) == held  # cached
+
+
+def test_the_digest_follows_the_mirror_content(mirror: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(mirror, copy)
+    c = corpus()
+    assert corpus_digest(c, str(mirror)) == corpus_digest(c, str(copy))  # location is not content
+    write_dataset_config(copy / "org" / "web", "vie_Latn", {"train": [{"id": "x", "text": "khác"}]})
+    assert corpus_digest(c, str(mirror)) != corpus_digest(c, str(copy))
+    assert corpus_digest(corpus(budget={"documents": 5}), str(mirror)) != corpus_digest(c, str(mirror))
+
+
+def test_a_mirror_corpus_prepares_into_a_dataset(mirror: Path, tmp_path_factory: pytest.TempPathFactory,
+                                                 tmp_path: Path) -> None:
+    tok = tiny_tokenizer(tmp_path_factory)
+    sources = [hub_source_spec(corpus(budget={"documents": 100}), str(mirror)),
+               hub_source_spec(corpus("eng_Latn", "en"), str(mirror))]
+    info = prepare_dataset(sources, tok, tmp_path / "ds", PrepareSettings(val_fraction=0.0, workers=0))
+    assert info.sources["web-vi"].docs_read == 100 and info.sources["web-en"].docs_read == len(EN)
+    assert info.token_counts["vi"] > 0 and info.token_counts["en"] > 0

@@ -1,0 +1,176 @@
+"""What a recipe needs before any step runs: every local file, every hub dataset and model reachable
+(on the hub, in a hub mirror or in the HF cache), and the tokens it plans per stage and per source.
+
+`check_inputs` reports each input; `require_inputs` raises one VinaSmolError listing every input a
+run cannot read, with how to fix it (the pipeline calls it before its first step). `plan_tokens`
+spreads each stage's `max_tokens` over the mixture's keys and, inside a key, over its sources in
+proportion to their budgets, as the sampler does with their prepared tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.hub import (
+    HubCheck,
+    check_dataset_mirror,
+    check_dataset_online,
+    check_model,
+    dataset_help,
+    describe_dataset,
+    mirror_dir,
+    model_help,
+)
+from vinasmol_core.recipe import CorpusSpec, FilesSource, HFBase, HubBase, HubSource, Recipe
+
+FAILED = ("missing", "unknown")
+
+
+def _file_check(label: str, path: str, folder: bool = False) -> HubCheck:
+    p = Path(path)
+    ok = p.is_dir() if folder else p.is_file()
+    kind = "folder" if folder else "file"
+    return HubCheck(label, "ok" if ok else "missing", f"{kind} {path}" + ("" if ok else " does not exist"))
+
+
+def _corpus_checks(corpus: CorpusSpec, mirror: Path | None, network: bool) -> list[HubCheck]:
+    label = f"corpus {corpus.name}"
+    source = corpus.source
+    if isinstance(source, FilesSource):
+        return [_file_check(label, p) for p in [*source.train, *source.val]]
+    if not isinstance(source, HubSource):
+        return [HubCheck(label, "ok", f"built-in {source.kind} corpus")]
+    splits = [source.split]
+    if source.val_split and source.val_split != source.split:
+        splits.append(source.val_split)
+    checks = []
+    for split in splits:
+        if mirror is not None:
+            check = check_dataset_mirror(label, mirror_dir(mirror, source.dataset), source.config, split)
+        elif network:
+            check = check_dataset_online(label, source.dataset, source.config, split, source.revision)
+        else:
+            check = HubCheck(label, "offline", "not checked: offline")
+        what = describe_dataset(source.dataset, source.config, split, source.revision)
+        checks.append(HubCheck(label, check.status, f"hub dataset {what}: {check.detail}"))
+    return checks
+
+
+def check_inputs(recipe: Recipe, mirror: Path | None, network: bool = True) -> list[HubCheck]:
+    """One check per input of the recipe: local files and folders, hub datasets and the hub model."""
+    checks: list[HubCheck] = []
+    base = recipe.base_model.source
+    if isinstance(base, HFBase) and not base.path.startswith("store:"):
+        checks.append(_file_check("base model", base.path, folder=True))
+    elif isinstance(base, HubBase):
+        check = check_model("base model", base.repo, base.revision, mirror, network)
+        detail = f"hub model {base.repo} @ {base.revision}: {check.detail}"
+        checks.append(HubCheck(check.label, check.status, detail))
+    else:
+        checks.append(HubCheck("base model", "ok", f"built-in {base.kind} model"))
+    for corpus in recipe.corpora:
+        checks.extend(_corpus_checks(corpus, mirror, network))
+    if recipe.embedding_init.translations:
+        checks.append(_file_check("embedding_init.translations", recipe.embedding_init.translations))
+    return checks
+
+
+def _fix(recipe: Recipe, check: HubCheck) -> str:
+    """How to make the input of a failed check readable."""
+    if check.label == "base model" and isinstance(recipe.base_model.source, HubBase):
+        src = recipe.base_model.source
+        return model_help(src.repo, src.revision)
+    name = check.label.removeprefix("corpus ")
+    for corpus in recipe.corpora:
+        if corpus.name == name and isinstance(corpus.source, HubSource):
+            return dataset_help(corpus.source.dataset, corpus.source.config, corpus.source.revision)
+    return "fix the path in the recipe"
+
+
+def require_inputs(recipe: Recipe, mirror: Path | None, network: bool = True) -> list[HubCheck]:
+    """Every input readable, or one VinaSmolError naming each that is not (offline counts: a run
+    needs the hub) and how to pre-download it or point at a local copy."""
+    checks = check_inputs(recipe, mirror, network)
+    bad = [c for c in checks if c.status != "ok"]
+    if bad:
+        lines = [c.line.replace("not checked: offline", "unreachable: offline")
+                 + (f"; {_fix(recipe, c)}" if c.status != "unknown" else "") for c in bad]
+        raise VinaSmolError("the recipe's inputs are not all readable (nothing was run):\n  "
+                            + "\n  ".join(lines))
+    return checks
+
+
+# ----------------------------------------------------------------------------- token plan
+@dataclass(frozen=True)
+class StagePlan:
+    """Planned training tokens of one stage: per mixture key, and per source where budgets say."""
+
+    stage: str
+    tokens: int
+    keys: dict[str, int]
+    sources: dict[str, int | None]
+
+
+def _budget_tokens(corpus: CorpusSpec) -> int | None:
+    source = corpus.source
+    return source.budget.planned_tokens(corpus.lang) if isinstance(source, HubSource) else None
+
+
+def plan_tokens(recipe: Recipe) -> list[StagePlan]:
+    """Each stage's max_tokens spread over its mixture keys (normalised weights) and over each key's
+    sources in proportion to their token budgets (None where a member has no token budget)."""
+    from vinasmol_core.data.sampler import resolve_weight_keys
+
+    plans = []
+    for stage in recipe.stages:
+        main = recipe.stage_dataset(stage) == "main"
+        members = recipe.corpora_with_role("main") if main else recipe.corpora
+        metas = [{"name": c.name, "lang": c.lang, "role": c.role} for c in members]
+        weights = {k: w for k, w in stage.mixture.items() if w > 0}
+        groups = resolve_weight_keys(weights, metas)
+        total_w = sum(weights.values())
+        by_name = {c.name: c for c in members}
+        keys: dict[str, int] = {}
+        sources: dict[str, int | None] = {}
+        for key, w in weights.items():
+            key_tokens = int(stage.max_tokens * w / total_w) if stage.max_tokens else 0
+            keys[key] = key_tokens
+            budgets = {n: _budget_tokens(by_name[n]) for n in groups[key]}
+            known = [b for b in budgets.values() if b is not None]
+            for n, b in budgets.items():
+                if len(budgets) == 1:
+                    sources[n] = key_tokens
+                elif b is None or len(known) != len(budgets):
+                    sources[n] = None
+                else:
+                    sources[n] = int(key_tokens * b / sum(known))
+        plans.append(StagePlan(stage.name, int(stage.max_tokens or 0), keys, sources))
+    return plans
+
+
+def format_plan(recipe: Recipe, plans: list[StagePlan]) -> list[str]:
+    """The token plan as text lines: one per stage, then one per source (total against its budget)."""
+    def m(n: int | None) -> str:
+        if n is None:
+            return "?"
+        return f"{n / 1e6:,.1f}M" if n >= 1_000_000 else f"{n:,}"
+
+    lines = ["planned training tokens per stage:"]
+    for p in plans:
+        parts = ", ".join(f"{k} {m(v)}" for k, v in p.keys.items())
+        lines.append(f"  {p.stage}: {m(p.tokens)} ({parts})")
+    lines.append("planned training tokens per source (all stages) / budget:")
+    for corpus in recipe.corpora:
+        seen = [p.sources[corpus.name] for p in plans if corpus.name in p.sources]
+        total = None if any(v is None for v in seen) else sum(v or 0 for v in seen)
+        budget = _budget_tokens(corpus)
+        source = corpus.source
+        if isinstance(source, HubSource) and budget is None:
+            budget_text = f"{source.budget.documents:,} documents"
+        else:
+            budget_text = m(budget) if budget is not None else "all of it"
+        lines.append(f"  {corpus.name} ({corpus.lang}, {corpus.role}): {m(total) if seen else 'unused'} "
+                     f"/ {budget_text}")
+    return lines
