@@ -126,6 +126,7 @@ def evaluate(
             model_dir,
             {lang: [Path(p) for p in paths] for lang, paths in files.items()},
             max_docs=section.max_docs,
+            max_bytes=section.max_bytes,
             seq_len=section.seq_len,
             device="cpu",
         )

@@ -200,6 +200,9 @@ class DataSection(_Strict):
 
 class EvalSection(_Strict):
     max_docs: int | None = Field(default=64, gt=0, description="validation documents per language")
+    max_bytes: int | None = Field(
+        default=None, gt=0, description="UTF-8 bytes of validation text per language, in all (None: no cap)"
+    )
     seq_len: int = Field(default=1024, gt=0)
     languages: list[Lang] = Field(default_factory=lambda: ["vi", "en", "code"], min_length=1)
 

@@ -19,6 +19,7 @@ from vinasmol_core.recipe import HubSource, Recipe
 SMOKE_STEPS = 2
 SMOKE_SEQ_LEN = 256
 SMOKE_EVAL_DOCS = 8
+SMOKE_EVAL_BYTES = 64 << 10
 SMOKE_CORPUS_BYTES = 4 << 20
 SMOKE_VAL_DOCS = 32
 SMOKE_NAMESPACE = "smoke"
@@ -56,6 +57,7 @@ def smoke_recipe(recipe: Recipe) -> Recipe:
             corpus["source"]["val_documents"] = min(spec.source.val_documents, SMOKE_VAL_DOCS)
     data["eval"]["max_docs"] = min(recipe.eval.max_docs or SMOKE_EVAL_DOCS, SMOKE_EVAL_DOCS)
     data["eval"]["seq_len"] = min(recipe.eval.seq_len, SMOKE_SEQ_LEN)
+    data["eval"]["max_bytes"] = min(recipe.eval.max_bytes or SMOKE_EVAL_BYTES, SMOKE_EVAL_BYTES)
     data["stage_defaults"] = {}
     data["mixtures"] = recipe.mixtures
     return Recipe.model_validate(data)
