@@ -178,7 +178,8 @@ def test_code_skips_prose_rules() -> None:
 def _recipe(data: dict) -> dict:
     return {"name": "r", "base_model": {"source": {"kind": "tiny"}},
             "corpora": [{"name": "v", "lang": "vi", "source": {"kind": "sample"}}],
-            "stages": [{"name": "s", "trainable": "all", "lr": 1e-3, "max_tokens": 1_000_000, "mixture": {"vi": 1.0}}],
+            "stages": [{"name": "s", "trainable": "all", "lr": 1e-3, "max_tokens": 1_000_000,
+                        "mixture": {"vi": 1.0}}],
             "data": data}
 
 
