@@ -15,6 +15,7 @@ datatrove's filters it says so:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import unicodedata
@@ -174,6 +175,11 @@ class _Doc:
             prefix = np.concatenate((np.zeros(1, np.uint64), np.cumsum(terms, dtype=np.uint64)))
             self._hashes = (prefix[self.ends] - prefix[self.starts]) * inv[self.starts]
         return self._hashes
+
+
+@functools.lru_cache(maxsize=16)
+def _stop_hashes(words: tuple[str, ...]) -> np.ndarray:
+    return np.array([word_hash(w) for w in words], dtype=np.uint64)
 
 
 def word_hash(word: str) -> int:
@@ -343,7 +349,7 @@ def gopher_quality(doc: _Doc, r: GopherQualityRules, stop_hashes: np.ndarray | N
             return f"words with a letter {alpha:.2f} < {r.min_alpha_words}"
     if r.min_stop_words is not None:
         if stop_hashes is None:
-            stop_hashes = np.array([word_hash(w) for w in r.stop_words], dtype=np.uint64)
+            stop_hashes = _stop_hashes(r.stop_words)
         found = int(np.count_nonzero((doc.hashes[:, None] == stop_hashes[None, :]).any(axis=0))) \
             if stop_hashes.size else 0
         if found < r.min_stop_words:
