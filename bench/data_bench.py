@@ -1,10 +1,11 @@
 """Data preparation throughput and memory: all corpora end to end, then the same corpora 4 times.
 
-    python bench/data_bench.py [--data ../shared/data] [--tokenizer DIR] [--workers N]
+    python bench/data_bench.py [--data ../shared/data] [--tokenizer DIR] [--workers N] [--no-curation]
 
 Each prepare runs in a child process of its own. Throughput is text bytes read (the UTF-8 size of
 every document's text field) divided by the wall time of `prepare_dataset` (source hashing, reading,
-parsing, cleaning, dedup, split, tokenization and shard writing). Peak RSS is the larger of the
+parsing, cleaning, curation (the recipe's defaults; --no-curation for none), dedup, split, tokenization
+and shard writing). Peak RSS is the larger of the
 process tree's summed RSS (sampled every 50 ms: the main process plus its worker processes) and
 the largest single process's ru_maxrss. The 4x run lists every training file four times as
 separate sources with exact dedup off (it would drop the copies), to show memory stays flat.
@@ -35,12 +36,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _child(spec_path: str) -> None:
     """Run one prepare_dataset (in this process) and print its numbers as JSON."""
-    from vinasmol_core.data import PrepareSettings, SourceSpec, prepare_dataset
+    from vinasmol_core.data import CurationSpec, PrepareSettings, SourceSpec, prepare_dataset
 
     spec = json.loads(Path(spec_path).read_text())
     sources = [SourceSpec(**s) for s in spec["sources"]]
     t0 = time.perf_counter()
-    settings = PrepareSettings(val_fraction=0.01, dedup=spec["dedup"], workers=spec["workers"])
+    curation = CurationSpec() if spec.get("curation", True) else None
+    settings = PrepareSettings(val_fraction=0.01, dedup=spec["dedup"], workers=spec["workers"],
+                               curation=curation)
     info = prepare_dataset(sources, Path(spec["tokenizer"]), Path(spec["out"]), settings)
     wall = time.perf_counter() - t0
     stats = list(info.sources.values())
@@ -51,6 +54,9 @@ def _child(spec_path: str) -> None:
         "docs": sum(s.docs_read for s in stats),
         "dups": sum(s.exact_duplicates for s in stats),
         "removed": sum(sum(s.removed.values()) for s in stats),
+        "sources": {name: {"docs_read": s.docs_read, "bytes_read": s.bytes_read,
+                           "filters": {k: f.model_dump() for k, f in s.filters.items()}}
+                    for name, s in info.sources.items()},
     }))
 
 
@@ -72,10 +78,10 @@ def _tree_rss(pid: int) -> int:
 
 
 def _run(sources: list[dict], tokenizer: Path, out: Path, dedup: bool, workers: int | None,
-         tmp: Path) -> dict:
+         tmp: Path, curation: bool = True) -> dict:
     spec_path = tmp / f"spec-{out.name}.json"
     spec_path.write_text(json.dumps({"sources": sources, "tokenizer": str(tokenizer), "out": str(out),
-                                     "dedup": dedup, "workers": workers}))
+                                     "dedup": dedup, "workers": workers, "curation": curation}))
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
                             stdout=subprocess.PIPE, cwd=REPO)
     peak_tree = 0
@@ -137,6 +143,7 @@ def main() -> None:
     parser.add_argument("--target-vocab-size", type=int, default=55936)
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
     parser.add_argument("--repeat", type=int, default=4)
+    parser.add_argument("--no-curation", action="store_true", help="prepare without the curation filters")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -161,14 +168,15 @@ def main() -> None:
         many = [{"name": f"{lang}-copy{k}", "lang": lang, "paths": [str(p) for p in ps]}
                 for k in range(args.repeat) for lang, ps in files.items()]
         for label, sources, dedup in (("1x", one, True), (f"{args.repeat}x", many, False)):
-            r = _run(sources, tokenizer, tmp / f"out-{label}", dedup, args.workers, tmp)
+            r = _run(sources, tokenizer, tmp / f"out-{label}", dedup, args.workers, tmp,
+                     curation=not args.no_curation)
             r["peak_rss_mb"] = max(r["peak_tree_mb"], r["maxrss_mb"])
             r["label"], r["dedup"] = label, dedup
             runs.append(r)
             shutil.rmtree(tmp / f"out-{label}", ignore_errors=True)
         cores = len(os.sched_getaffinity(0))
         print(f"cores: {cores}, load average: {' '.join(f'{x:.1f}' for x in os.getloadavg())}, "
-              f"tokenizer: {tokenizer}")
+              f"tokenizer: {tokenizer}, curation: {'off' if args.no_curation else 'on'}")
         header = (f"{'run':<5} {'dedup':<6} {'text MB':>8} {'docs':>7} {'tokens':>11} {'wall s':>7} "
                   f"{'MB/s':>6} {'CPU s':>7} {'MB/CPU-s':>8} {'tree RSS MB':>11} {'max proc MB':>11}")
         print(header)

@@ -8,8 +8,9 @@ paths) and returns at once, doing no work, when the store already holds that bui
 
 from __future__ import annotations
 
-from tasks.common import corpus_source_spec, open_store, run_logger, scratch_dir, step
-from vinasmol_core.data import CleaningSpec, PrepareSettings, SourceStats, prepare_dataset
+from tasks.common import corpus_source_spec, open_store, run_logger, scratch_dir, slug, step
+from vinasmol_core.data import PrepareSettings, SourceStats, prepare_dataset
+from vinasmol_core.data.curate import filter_table
 from vinasmol_core.errors import VinaSmolError
 from vinasmol_core.manifests import DatasetManifest
 from vinasmol_core.recipe import CorpusSpec, DataSection
@@ -44,7 +45,7 @@ def prepare_data(
     with scratch_dir(f"data-{role}") as tmp:
         sources = [corpus_source_spec(c, tmp / "corpora" / c.name, hub_mirror) for c in corpora]
         settings = PrepareSettings(
-            cleaning=CleaningSpec(**section.cleaning), val_fraction=section.val_fraction,
+            cleaning=section.cleaning, curation=section.curation, val_fraction=section.val_fraction,
             dedup=section.dedup, near_dedup=section.near_dedup,
         )
         info = prepare_dataset(
@@ -53,9 +54,24 @@ def prepare_data(
         )
     logger.info("dataset %s %s; tokens %s", info.key[:12], "reused" if info.reused else "built",
                 info.token_counts)
+    _publish_filter_table(role, [(c.name, c.lang, info.sources[c.name]) for c in corpora
+                                 if c.name in info.sources])
     if not info.manifest_digest:
         raise VinaSmolError(f"data ({role}): the dataset was not published to the store")
     manifest = store.get_manifest(info.manifest_digest)
     if not isinstance(manifest, DatasetManifest):
         raise VinaSmolError(f"data ({role}): {info.manifest_digest} is not a dataset artifact")
     return manifest
+
+
+def _publish_filter_table(role: str, sources: list[tuple[str, str, SourceStats]]) -> None:
+    """A Prefect table artifact of what each filter removed and edited, per source (outside a run: none)."""
+    from prefect.artifacts import create_table_artifact
+    from prefect.context import TaskRunContext
+
+    if TaskRunContext.get() is None:
+        return
+    rows = filter_table(sources)
+    create_table_artifact(table=rows or [{"source": "-", "filter": "nothing removed or edited"}],
+                          key=f"data-filters-{slug(role)}",
+                          description=f"documents and MB removed or edited per filter and source ({role})")

@@ -2,7 +2,7 @@
 
 Sections: `base_model` (where the English model comes from), `corpora` (each with a language and a
 role: `main` data feeds the tokenizer and the EEVE stages, `annealing` data only the annealing
-mixture), `tokenizer` (target vocabulary), `embedding_init`, `data` (cleaning and dedup), `mixtures`
+mixture), `tokenizer` (target vocabulary), `embedding_init`, `data` (cleaning, curation and dedup), `mixtures`
 (named sampling weights), `stage_defaults` and `stages` (each a `StageSpec` of the trainer; a stage
 may name a mixture instead of spelling the weights), `eval`, `export`, `compute` and `store`.
 
@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from vinasmol_core.data.curation import CurationSpec
+from vinasmol_core.data.spec import CleaningSpec
 from vinasmol_core.errors import ConfigError
 from vinasmol_core.steps import STEPS_AFTER, STEPS_BEFORE, Step
 from vinasmol_core.train.spec import StageSpec
@@ -195,7 +197,10 @@ class DataSection(_Strict):
     val_fraction: float = Field(default=0.01, ge=0, lt=1)
     dedup: bool = True
     near_dedup: bool = False
-    cleaning: dict[str, Any] = Field(default_factory=dict, description="CleaningSpec fields of the data step")
+    cleaning: CleaningSpec = Field(default_factory=CleaningSpec, description="light cleaning")
+    curation: CurationSpec = Field(
+        default_factory=CurationSpec,
+        description="encoding repair, C4/Gopher/FineWeb/flagged-word filters per language, PII redaction")
 
 
 class EvalSection(_Strict):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -60,6 +61,11 @@ def prepare(
     text_field: str = typer.Option("text", "--text-field"),
     id_field: str = typer.Option("id", "--id-field", help="record field naming a document ('' for none)"),
     min_chars: int = typer.Option(32, "--min-chars"),
+    curate: bool = typer.Option(False, "--curate/--no-curate",
+                                help="curation before dedup (encoding, quality filters, PII)"),
+    curation: Path | None = typer.Option(None, "--curation",
+                                         help="YAML file of curation settings (the recipe's data.curation; "
+                                              "implies --curate)"),
     workers: int | None = typer.Option(None, "--workers", help="worker processes (default: one per core)"),
 ) -> None:
     """Clean, deduplicate, split, tokenize and pack sources into a dataset folder."""
@@ -76,6 +82,7 @@ def prepare(
         typer.echo(f"  {name}: {s.bytes_read / 1e6:,.1f} MB, {s.docs_read:,} docs so far", err=True)
 
     settings = PrepareSettings(cleaning=CleaningSpec(min_chars=min_chars), val_fraction=val_fraction,
+                               curation=_curation_spec(curation) if curation or curate else None,
                                dedup=dedup, near_dedup=near_dedup, near_dedup_threshold=near_dedup_threshold,
                                skip_bad_lines=skip_bad_lines, workers=workers)
     info = prepare_dataset(sources, tokenizer, out, settings, store=store, ref=ref, on_source_done=done,
@@ -87,6 +94,28 @@ def prepare(
     typer.echo(f"tokens: {counts}")
     if info.manifest_digest:
         typer.echo(f"published: {info.manifest_digest}")
+
+
+def _curation_spec(path: Path | None) -> Any:
+    """The CurationSpec of a YAML file (defaults without one); ConfigError naming the file and field."""
+    import yaml
+    from pydantic import ValidationError
+
+    from vinasmol_core.data import CurationSpec
+
+    if path is None:
+        return CurationSpec()
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--curation {path}: cannot read it ({exc})") from None
+    try:
+        return CurationSpec.model_validate(data)
+    except ValidationError as exc:
+        from vinasmol_core.recipe import format_validation_error
+
+        raise ConfigError(format_validation_error(exc, f"--curation {path}").replace("invalid recipe ", "")
+                          ) from None
 
 
 @app.command()
@@ -123,9 +152,29 @@ def inspect(
                       f"{st['train_docs']:,}", f"{st['train_tokens']:,}", f"{st['val_docs']:,}",
                       f"{st['val_tokens']:,}", str(shards))
     console.print(table)
+    _print_filters(console, meta)
     totals = Table("tokens", *meta["token_counts"].keys())
     totals.add_row("", *(f"{v:,}" for v in meta["token_counts"].values()))
     console.print(totals)
+
+
+def _print_filters(console: Any, meta: dict[str, Any]) -> None:
+    """What each filter removed and edited, per source, with its first examples."""
+    from rich.table import Table
+
+    from vinasmol_core.data import SourceStats
+    from vinasmol_core.data.curate import filter_table
+
+    rows = filter_table((s["name"], s["lang"], SourceStats(**s["stats"])) for s in meta["sources"])
+    if not rows:
+        return
+    cur = meta.get("curation")
+    console.print(f"filters (curation {'on' if cur and cur.get('enabled') else 'off'})")
+    table = Table("source", "filter", "docs removed", "MB removed", "docs edited", "MB cut", "examples")
+    for r in rows:
+        table.add_row(r["source"], r["filter"], f"{r['docs removed']:,}", f"{r['MB removed']:.3f}",
+                      f"{r['docs edited']:,}", f"{r['MB cut']:.3f}", r["examples"].replace(" | ", "\n"))
+    console.print(table)
 
 
 @app.command()

@@ -4,6 +4,8 @@ The pieces (see each module):
     spec       SourceSpec, CleaningSpec, PrepareSettings, LongContextSpec, DatasetInfo
     readers    JSONL(.gz) / Parquet / text files, globs, fsspec URLs, `datasets` by name
     clean      normalisation and light filters
+    curation   CurationSpec: the curation filters' settings, per language
+    curate     Curator: encoding repair, C4/Gopher/FineWeb/flagged-word filters, PII redaction
     prepare    prepare_dataset: the whole build, streamed, into a reusable dataset folder
     shards     the on-disk token format (.npy, no pickle) and its memory-mapped reader
     sampler    MixtureSampler: deterministic, resumable, rank-disjoint fixed-length sequences
@@ -16,6 +18,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from vinasmol_core.data.curation import CurationSpec
     from vinasmol_core.data.prepare import (
         DATASET_FILE,
         dataset_manifest,
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
     from vinasmol_core.data.spec import (
         CleaningSpec,
         DatasetInfo,
+        FilterStats,
         LongContextSpec,
         PrepareSettings,
         SourceSpec,
@@ -46,7 +50,7 @@ _MODULE_OF = {
     "MixtureSampler": "sampler", "SequenceStream": "sampler", "resolve_weight_keys": "sampler",
     "validation_sequences": "sampler",
     "CleaningSpec": "spec", "DatasetInfo": "spec", "LongContextSpec": "spec", "PrepareSettings": "spec",
-    "SourceSpec": "spec", "SourceStats": "spec",
+    "SourceSpec": "spec", "SourceStats": "spec", "FilterStats": "spec", "CurationSpec": "curation",
     "check_tokenizer": "tokcheck", "dataset_tokenizer_digest": "tokcheck", "tokenizer_digest": "tokcheck",
 }
 
@@ -61,7 +65,9 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "DATASET_FILE",
     "CleaningSpec",
+    "CurationSpec",
     "DatasetInfo",
+    "FilterStats",
     "LongContextSpec",
     "MixtureSampler",
     "PrepareSettings",

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vinasmol_core.data.clean import FILTERS
+from vinasmol_core.data.curate import QUALITY_FILTERS, load_flagged_words
 from vinasmol_core.data.fastbpe import BPETables
 from vinasmol_core.data.readers import (
     ReadCounters,
@@ -41,7 +42,7 @@ from vinasmol_core.data.readers import (
     source_digest,
 )
 from vinasmol_core.data.shards import ShardWriter, dtype_for_vocab
-from vinasmol_core.data.spec import DatasetInfo, PrepareSettings, SourceSpec, SourceStats
+from vinasmol_core.data.spec import DatasetInfo, FilterStats, PrepareSettings, SourceSpec, SourceStats
 from vinasmol_core.data.tokcheck import EOS_TOKEN, tokenizer_digest, tokenizer_file
 from vinasmol_core.data.worker import (
     Batch,
@@ -83,9 +84,10 @@ def _keyed_source(spec: SourceSpec) -> dict[str, Any]:
 
 
 def dataset_key(sources: list[SourceSpec], source_digests: dict[str, str], settings: PrepareSettings,
-                tokenizer_digest_: str) -> str:
-    """A deterministic key for a build: same inputs and settings, same key."""
-    payload = {
+                tokenizer_digest_: str, flagged_words: dict[str, frozenset[str]] | None = None) -> str:
+    """A deterministic key for a build: same inputs and settings, same key. The curation settings are
+    part of it, with the flagged-word lists by content (not by file name)."""
+    payload: dict[str, Any] = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         # where the files are is not part of the key: their content (the digest) is
@@ -98,6 +100,10 @@ def dataset_key(sources: list[SourceSpec], source_digests: dict[str, str], setti
         "tokenizer": tokenizer_digest_,
         "shard_tokens": settings.shard_tokens,
     }
+    if settings.curation is not None and settings.curation.enabled:
+        payload["curation"] = settings.curation.model_dump(mode="json", exclude=_FLAGGED_PATHS)
+        payload["flagged_words"] = {lang: hashlib.sha256("\n".join(sorted(words)).encode()).hexdigest()
+                                    for lang, words in sorted((flagged_words or {}).items())}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -188,6 +194,18 @@ def _validate_inputs(sources: list[SourceSpec], settings: PrepareSettings) -> No
         raise ConfigError(f"shard_tokens must be at least 1024, got {settings.shard_tokens}")
 
 
+_FLAGGED_PATHS: Any = {lang: {"flagged_words": {"path"}} for lang in ("vi", "en", "code", "any")}
+
+
+def flagged_word_lists(settings: PrepareSettings) -> dict[str, frozenset[str]]:
+    """The flagged-word list of each language whose flagged_words filter is on (ConfigError if unreadable)."""
+    cur = settings.curation
+    if cur is None or not cur.enabled:
+        return {}
+    return {lang: load_flagged_words(cur.for_lang(lang).flagged_words, f"curation.{lang}.flagged_words")
+            for lang in ("vi", "en", "code", "any") if cur.for_lang(lang).flagged_words.enabled}
+
+
 @dataclass(frozen=True)
 class _Job:
     """One build's resolved inputs, settings and callbacks."""
@@ -199,6 +217,7 @@ class _Job:
     tok_digest: str
     key: str
     settings: PrepareSettings
+    flagged_words: dict[str, frozenset[str]]
     on_source_done: Callable[[str, SourceStats], None] | None
     on_progress: Callable[[str, SourceStats], None] | None
 
@@ -241,10 +260,12 @@ def _resolve(sources: list[SourceSpec], tokenizer_dir: Path, settings: PrepareSe
     tok_path = tokenizer_file(tokenizer_dir)
     tok_digest = tokenizer_digest(tokenizer_dir)
     files = {s.name: resolve_files(s) if s.paths else [] for s in sources}
+    flagged = flagged_word_lists(settings)
     digests = {s.name: source_digest(s, files[s.name]) for s in sources}
-    key = dataset_key(sources, digests, settings, tok_digest)
+    key = dataset_key(sources, digests, settings, tok_digest, flagged)
     return _Job(sources=sources, files=files, digests=digests, tok_path=tok_path, tok_digest=tok_digest,
-                key=key, settings=settings, on_source_done=on_source_done, on_progress=on_progress)
+                key=key, settings=settings, flagged_words=flagged, on_source_done=on_source_done,
+                on_progress=on_progress)
 
 
 def _existing_build(key: str, out_dir: Path, st: ArtifactStore | None, ref: str | None,
@@ -355,7 +376,8 @@ def _build(job: _Job, root: Path, pool: WorkerPool, *, fast: bool) -> dict[str, 
     tables = BPETables.build(tokenizer, job.tok_path) if fast else None
     cfg = WorkerConfig(tokenizer_path=str(job.tok_path), eos_id=int(eos), dtype=dtype.name,
                        cleaning=settings.cleaning, val_fraction=settings.val_fraction, dedup=settings.dedup,
-                       near_dedup=settings.near_dedup, fast_tables=tables)
+                       near_dedup=settings.near_dedup, fast_tables=tables, curation=settings.curation,
+                       flagged_words=job.flagged_words)
     pool.configure(cfg)
     entries = _write_sources(job, root, pool, tokenizer, dtype, _Dedup(settings, cfg.num_perm))
     meta = {
@@ -371,6 +393,7 @@ def _build(job: _Job, root: Path, pool: WorkerPool, *, fast: bool) -> dict[str, 
         "near_dedup": settings.near_dedup,
         "near_dedup_threshold": settings.near_dedup_threshold if settings.near_dedup else None,
         "cleaning": settings.cleaning.model_dump(mode="json"),
+        "curation": settings.curation.model_dump(mode="json") if settings.curation else None,
         "token_counts": _token_counts(entries),
         "shards": [s["path"] for e in entries for sp in SPLITS for s in e["splits"][sp]["shards"]],
         "sources": entries,
@@ -385,7 +408,8 @@ def _write_sources(job: _Job, root: Path, pool: WorkerPool, tokenizer: Any, dtyp
     shards; returns the sources' dataset.json entries."""
     sources, shard_tokens = job.sources, job.settings.shard_tokens
     entries: list[dict[str, Any]] = []
-    out = _SourceOut(root, sources[0], dtype, shard_tokens)
+    curated = job.settings.curation is not None and job.settings.curation.enabled
+    out = _SourceOut(root, sources[0], dtype, shard_tokens, curated)
     next_progress = time.monotonic() + PROGRESS_SECONDS
     for item in pool.results(_batches(sources, job.files, job.settings.skip_bad_lines,
                                       job.settings.batch_chars)):
@@ -395,7 +419,7 @@ def _write_sources(job: _Job, root: Path, pool: WorkerPool, tokenizer: Any, dtyp
             if job.on_source_done is not None:
                 job.on_source_done(name, out.stats)
             if item.index + 1 < len(sources):
-                out = _SourceOut(root, sources[item.index + 1], dtype, shard_tokens)
+                out = _SourceOut(root, sources[item.index + 1], dtype, shard_tokens, curated)
             continue
         mismatch = _sample_mismatch(tokenizer, item)
         if mismatch is not None:
@@ -453,10 +477,11 @@ class _Dedup:
 class _SourceOut:
     """One source's shard writers (train and val), running stats and bad-line examples."""
 
-    def __init__(self, root: Path, spec: SourceSpec, dtype: np.dtype[Any], shard_tokens: int) -> None:
+    def __init__(self, root: Path, spec: SourceSpec, dtype: np.dtype[Any], shard_tokens: int,
+                 curated: bool) -> None:
         self.spec = spec
         self.writers = {sp: ShardWriter(root, f"{sp}/{spec.name}", dtype, shard_tokens) for sp in SPLITS}
-        self.stats = SourceStats(removed=dict.fromkeys(FILTERS, 0))
+        self.stats = SourceStats(removed=dict.fromkeys(FILTERS + (QUALITY_FILTERS if curated else ()), 0))
         self.bad_examples: list[str] = []
 
     def add(self, item: BatchResult, dedup: _Dedup) -> None:
@@ -466,6 +491,8 @@ class _SourceOut:
         self.bad_examples.extend(item.bad_examples)
         for k, v in item.removed.items():
             stats.removed[k] = stats.removed.get(k, 0) + v
+        for k, f in item.filters.items():
+            stats.filters.setdefault(k, FilterStats()).merge(f)
         if item.lengths.size == 0:
             return
         keep = dedup.keep(item, stats)

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from vinasmol_core.data.curation import CurationSpec
 from vinasmol_core.errors import ConfigError
 
 Lang = Literal["vi", "en", "code", "any"]
@@ -142,6 +143,8 @@ class PrepareSettings:
 
     cleaning: CleaningSpec = field(default_factory=CleaningSpec)
     """Normalisation and filters applied to every document."""
+    curation: CurationSpec | None = None
+    """Encoding repair, quality filters per language and PII redaction, before dedup (None: none)."""
     val_fraction: float = 0.01
     """Share of documents sent to the validation split, in [0, 1), by a stable hash of (source, id)."""
     dedup: bool = True
@@ -175,13 +178,33 @@ class LongContextSpec(BaseModel):
     min_doc_tokens: int | None = Field(None, ge=1)
 
 
+class FilterStats(BaseModel):
+    """What one filter did to a source: documents it removed and their UTF-8 bytes, documents it edited
+    (and the bytes it cut from them), and up to three short examples (`id`, `rule`, `text`)."""
+
+    docs: int = 0
+    bytes: int = 0
+    edited: int = 0
+    edited_bytes: int = 0
+    examples: list[dict[str, str]] = Field(default_factory=list)
+
+    def merge(self, other: FilterStats, max_examples: int = 3) -> None:
+        self.docs += other.docs
+        self.bytes += other.bytes
+        self.edited += other.edited
+        self.edited_bytes += other.edited_bytes
+        self.examples.extend(other.examples[: max(0, max_examples - len(self.examples))])
+
+
 class SourceStats(BaseModel):
-    """What happened to one source's documents."""
+    """What happened to one source's documents (`removed`: documents per filter; `filters`: the same
+    with bytes, edits and examples, for every filter that removed or changed something)."""
 
     docs_read: int = 0
     bytes_read: int = 0
     bad_lines_skipped: int = 0
     removed: dict[str, int] = Field(default_factory=dict)
+    filters: dict[str, FilterStats] = Field(default_factory=dict)
     exact_duplicates: int = 0
     near_duplicates: int = 0
     train_docs: int = 0

@@ -19,7 +19,7 @@ import os
 import pickle
 import tempfile
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -30,8 +30,10 @@ import numpy as np
 import orjson
 
 from vinasmol_core.data.clean import FILTERS, clean_document, dedup_hash
+from vinasmol_core.data.curate import QUALITY_FILTERS, Curator
+from vinasmol_core.data.curation import CurationSpec
 from vinasmol_core.data.fastbpe import BPETables, FastByteLevelBPE
-from vinasmol_core.data.spec import CleaningSpec
+from vinasmol_core.data.spec import CleaningSpec, FilterStats
 from vinasmol_core.errors import VinaSmolError
 
 if TYPE_CHECKING:
@@ -53,6 +55,8 @@ class WorkerConfig:
     dedup: bool
     near_dedup: bool
     fast_tables: BPETables | None = None  # None: the tokenizer's own encoder
+    curation: CurationSpec | None = None
+    flagged_words: dict[str, frozenset[str]] = field(default_factory=dict)  # by language
     num_perm: int = 128
     ngram: int = 5
 
@@ -83,6 +87,7 @@ class BatchResult:
     bad_lines: int
     bad_examples: list[str]
     removed: dict[str, int]
+    filters: dict[str, FilterStats]  # by filter: removals and edits with bytes and examples
     hashes: np.ndarray  # uint64 per kept document (0 when dedup is off)
     is_val: np.ndarray  # bool per kept document
     lengths: np.ndarray  # int64 tokens per kept document, eos included
@@ -105,6 +110,8 @@ class _State:
         self.dtype = np.dtype(cfg.dtype)
         self.fast = FastByteLevelBPE(cfg.fast_tables, self.dtype) if cfg.fast_tables is not None else None
         self._tokenizer: Any = None
+        cur = cfg.curation
+        self.curator = Curator(cur, cfg.flagged_words) if cur is not None and cur.enabled else None
         self._minhash: Any = None
         self._perms: Any = None
         if cfg.near_dedup:
@@ -235,19 +242,20 @@ def process_batch(batch: Batch, state: _State | None = None) -> BatchResult:
     if batch.lines:
         ids, texts = [], []
         bad, examples = _parse_lines(batch, ids, texts)
-    removed = dict.fromkeys(FILTERS, 0)
+    removed = dict.fromkeys(FILTERS + (QUALITY_FILTERS if st.curator is not None else ()), 0)
+    tally = _Tally(removed, st.curator.redact if st.curator is not None else None)
     kept_texts: list[str] = []
     hashes: list[int] = []
     is_val: list[bool] = []
     bytes_read = 0
     for doc_id, raw in zip(ids, texts, strict=True):
         if raw is None:
-            removed["empty"] += 1
+            tally.remove("empty", doc_id, 0, "no text", "")
             continue
-        bytes_read += len(raw) if raw.isascii() else len(raw.encode("utf-8"))
-        text, reason = clean_document(raw, batch.lang, cfg.cleaning)
+        n_bytes = _utf8_len(raw)
+        bytes_read += n_bytes
+        text = _curate(st.curator, raw, doc_id, batch.lang, cfg.cleaning, tally, n_bytes)
         if text is None:
-            removed[reason or "empty"] += 1
             continue
         kept_texts.append(text)
         if cfg.dedup:
@@ -271,6 +279,7 @@ def process_batch(batch: Batch, state: _State | None = None) -> BatchResult:
         bad_lines=bad,
         bad_examples=examples,
         removed=removed,
+        filters=tally.filters,
         hashes=np.array(hashes, dtype=np.uint64) if cfg.dedup else np.zeros(len(kept_texts), np.uint64),
         is_val=np.array(is_val, dtype=bool),
         lengths=lengths,
@@ -278,6 +287,81 @@ def process_batch(batch: Batch, state: _State | None = None) -> BatchResult:
         minhashes=minhashes,
         samples=samples,
     )
+
+
+EXAMPLE_CHARS = 160
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+class _Tally:
+    """A batch's removals and edits per filter, with the first three examples of each."""
+
+    def __init__(self, removed: dict[str, int], redact: Callable[[str], str] | None = None) -> None:
+        self.removed = removed
+        self.filters: dict[str, FilterStats] = {}
+        self.redact = redact  # examples of removed documents keep no email or IP address either
+
+    def _get(self, name: str) -> FilterStats:
+        if name not in self.filters:
+            self.filters[name] = FilterStats()
+        return self.filters[name]
+
+    def remove(self, name: str, doc_id: str, n_bytes: int, rule: str, text: str) -> None:
+        self.removed[name] = self.removed.get(name, 0) + 1
+        f = self._get(name)
+        f.docs += 1
+        f.bytes += n_bytes
+        if len(f.examples) < 3:
+            snippet = text[: EXAMPLE_CHARS * 2]
+            snippet = self.redact(snippet) if self.redact is not None else snippet
+            f.examples.append({"id": doc_id, "rule": rule, "text": snippet[:EXAMPLE_CHARS]})
+
+    def edit(self, name: str, doc_id: str, cut: int, rule: str, text: str) -> None:
+        f = self._get(name)
+        f.edited += 1
+        f.edited_bytes += cut
+        if len(f.examples) < 3:
+            f.examples.append({"id": doc_id, "rule": rule, "text": text[:EXAMPLE_CHARS]})
+
+
+def _around(text: str, marker: str) -> str:
+    """A short piece of `text` around the first `marker` (the whole start when it is absent)."""
+    at = text.find(marker)
+    return text[max(0, at - EXAMPLE_CHARS // 2):] if at >= 0 else text
+
+
+def _curate(curator: Curator | None, raw: str, doc_id: str, lang: str, cleaning: CleaningSpec,
+            tally: _Tally, n_bytes: int) -> str | None:
+    """Encoding repair, cleaning, quality filters and PII redaction of one document (None: removed)."""
+    text = raw
+    if curator is not None:
+        text = curator.repair(raw)
+        if text != raw:
+            at = next((i for i, (a, b) in enumerate(zip(raw, text, strict=False)) if a != b), 0)
+            tally.edit("encoding", doc_id, n_bytes - _utf8_len(text), "mojibake repaired",
+                       curator.redact(text[max(0, at - 40) : at + 2 * EXAMPLE_CHARS]))
+    cleaned, reason = clean_document(text, lang, cleaning)
+    if cleaned is None:
+        tally.remove(reason or "empty", doc_id, n_bytes, reason or "empty", text)
+        return None
+    if curator is None:
+        return cleaned
+    out = curator.filter(cleaned, lang)
+    if out.text is None:
+        tally.remove(out.filter or "curation", doc_id, n_bytes, out.rule, cleaned)
+        return None
+    for name, cut in (out.edits or {}).items():
+        tally.edit(name, doc_id, cut, "lines cut", curator.redact(out.text[: 2 * EXAMPLE_CHARS]))
+    redacted = curator.redact(out.text)
+    if redacted != out.text:
+        spec = curator.spec.pii
+        marker = spec.email_placeholder if spec.email_placeholder in redacted else spec.ip_placeholder
+        tally.edit("pii", doc_id, _utf8_len(out.text) - _utf8_len(redacted), "redacted",
+                   _around(redacted, marker))
+    return redacted
 
 
 def process_in_worker(batch: Batch) -> BatchResult:
