@@ -36,7 +36,7 @@ class TrainedStage(BaseModel):
 class StageProgress:
     """A stage's metrics callback: moves the progress artifact `progress-<stage>` (at most once a
     second, and to 100 at the end), publishes a new version of the curves artifact `curves-<stage>`
-    every `curves_interval` logged optimizer steps and at the end, logs steps, evaluations and
+    at each multiple of `curves_interval` optimizer steps and at the end, logs steps, evaluations and
     resumes, and keeps the events (a resumed stage's replayed history first)."""
 
     def __init__(self, stage: str, total_steps: int, curves_interval: int = 25) -> None:
@@ -62,13 +62,15 @@ class StageProgress:
         with self.lock:
             if event.get("event") == "history":
                 self.events.extend(event.get("events", []))
+                self.curves_step = max((e.get("step", 0) for e in event.get("events", [])), default=0)
                 self.logger.info("%s: %d earlier events restored", self.stage, len(event.get("events", [])))
             else:
                 self.events.append(event)
             self._log(event)
             step_no = event.get("step")
+            every = self.curves_interval
             if event.get("event") == "step" and isinstance(step_no, int) and (
-                step_no - self.curves_step >= self.curves_interval
+                step_no // every > self.curves_step // every  # passed a multiple of the interval
             ):
                 self.publish_curves(final=False)
             if not isinstance(step_no, int) or self.artifact_id is None:
