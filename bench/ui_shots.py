@@ -153,9 +153,12 @@ def main() -> int:
             parent = run_parent(recipe_path, args.timeout)
             t_run = time.perf_counter() - t1
             child = stage_child(parent.id, args.stage)
+            # the V2 UI (under /v2/) opens a flow run on the tab that `?tab=` names; the default UI
+            # shows the run's graph with its artifacts marked, and renders an artifact by its id
             pages = [
-                ("parent-artifacts", f"{ui}/runs/flow-run/{parent.id}?tab=Artifacts", 1400),
-                ("stage-artifacts", f"{ui}/runs/flow-run/{child.id}?tab=Artifacts", 1400),
+                ("parent-artifacts", f"{ui}/v2/runs/flow-run/{parent.id}?tab=Artifacts", 1400),
+                ("stage-artifacts", f"{ui}/v2/runs/flow-run/{child.id}?tab=Artifacts", 1400),
+                ("stage-run", f"{ui}/runs/flow-run/{child.id}", 900),
             ]
             summary = artifact_id(parent.id, f"summary-{recipe['name']}")
             curves = artifact_id(child.id, f"curves-{args.stage}")

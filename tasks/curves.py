@@ -80,12 +80,14 @@ def _eval_table(evals: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def stage_curves_markdown(stage: str, events: list[dict[str, Any]], total_steps: int, final: bool) -> str:
-    """The document for the events so far (`step`, `eval` and `start` events; others are ignored)."""
+def stage_curves_markdown(
+    stage: str, events: list[dict[str, Any]], total_steps: int, state: str = "running"
+) -> str:
+    """The document for the events so far (`step`, `eval` and `start` events; others are ignored);
+    `state` (running, finished, stopped) goes into its title."""
     steps = [e for e in events if e.get("event") == "step" and isinstance(e.get("step"), int)]
     evals = [e for e in events if e.get("event") == "eval" and isinstance(e.get("val_bpb"), dict)]
     start = next((e for e in events if e.get("event") == "start"), {})
-    state = "finished" if final else "running"
     parts = [f"# Training stage `{stage}` ({state})", ""]
     if start.get("resumed_from"):
         parts += [f"Resumed from the train-state of step {start['resumed_from']}.", ""]
@@ -93,6 +95,6 @@ def stage_curves_markdown(stage: str, events: list[dict[str, Any]], total_steps:
     parts += ["## Curves", "", *(f"{img}\n" for img in _charts(stage, steps, evals))]
     parts += ["## Evaluations (validation loss in nats/token, bits per byte)", "", *_eval_table(evals), ""]
     if start.get("log_dir"):
-        parts += [f"CSV and TensorBoard logs: `{start['log_dir']}` on the training machine "
-                  "(`logs/` in the final checkpoint).", ""]
+        parts += [f"CSV and TensorBoard logs: `{start['log_dir']}` on the training machine while the "
+                  "stage runs, and `logs/` in the final checkpoint.", ""]
     return "\n".join(parts)

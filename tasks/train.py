@@ -72,7 +72,7 @@ class StageProgress:
             if event.get("event") == "step" and isinstance(step_no, int) and (
                 step_no // every > self.curves_step // every  # passed a multiple of the interval
             ):
-                self.publish_curves(final=False)
+                self.publish_curves("running")
             if not isinstance(step_no, int) or self.artifact_id is None:
                 return
             value = min(100.0, 100.0 * step_no / self.total)
@@ -94,7 +94,7 @@ class StageProgress:
             self.logger.info("%s: CSV and TensorBoard logs in %s (tensorboard --logdir %s)",
                              name, event["log_dir"], event["log_dir"])
 
-    def publish_curves(self, final: bool) -> None:
+    def publish_curves(self, state: str) -> None:
         """A new version of `curves-<stage>`: charts, latest metrics, evaluations (best effort)."""
         from prefect.artifacts import create_markdown_artifact
 
@@ -104,7 +104,7 @@ class StageProgress:
         self.curves_step = max((n for n in steps if isinstance(n, int)), default=0)
         try:
             create_markdown_artifact(
-                markdown=stage_curves_markdown(self.stage, self.events, self.total, final),
+                markdown=stage_curves_markdown(self.stage, self.events, self.total, state),
                 key=curves_key(self.stage),
                 description=f"training stage {self.stage}: loss, learning rate, tokens/s, evaluations",
             )
@@ -121,7 +121,7 @@ class StageProgress:
             pass
 
     def finish(self) -> None:
-        self.publish_curves(final=True)
+        self.publish_curves("finished")
         if self.artifact_id is not None and self.last_value < 100.0:
             self._push(100.0)
 
@@ -134,7 +134,7 @@ def run_stage_job(job: StageJob) -> tuple[CheckpointManifest, list[dict[str, Any
     try:
         manifest = run_stage_process(job, on_metrics=progress)
     except BaseException:
-        progress.publish_curves(final=False)  # the curves up to the failure
+        progress.publish_curves("stopped")  # the curves up to the failure
         raise
     progress.finish()
     return manifest, progress.events

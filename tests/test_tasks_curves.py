@@ -35,7 +35,7 @@ def events(n: int) -> list[dict]:
 
 
 def test_three_charts_with_every_logged_step_and_the_tables() -> None:
-    md = stage_curves_markdown("eeve-6", events(7), total_steps=10, final=False)
+    md = stage_curves_markdown("eeve-6", events(7), total_steps=10)
     loss, lr, tps = (polylines(s) for s in svgs(md))
     assert loss == {"train loss": 7, "val loss en": 2, "val loss vi": 2}
     assert lr == {"learning rate": 7} and tps == {"tokens/s": 7}
@@ -47,14 +47,14 @@ def test_three_charts_with_every_logged_step_and_the_tables() -> None:
 
 
 def test_before_any_step_and_when_finished() -> None:
-    md = stage_curves_markdown("eeve-3", [{"event": "start"}], total_steps=4, final=True)
+    md = stage_curves_markdown("eeve-3", [{"event": "start"}], total_steps=4, state="finished")
     assert "(finished)" in md and "_no evaluation yet_" in md and "| step | 0 / 4 |" in md
     assert len(svgs(md)) == 3
 
 
 def test_a_long_stage_is_thinned_to_the_bound_and_keeps_the_last_step() -> None:
     n = 3 * MAX_POINTS + 1
-    md = stage_curves_markdown("eeve-6", events(n), total_steps=n, final=True)
+    md = stage_curves_markdown("eeve-6", events(n), total_steps=n, state="finished")
     loss = svgs(md)[0]
     [train] = [p for p in loss.iter(f"{NS}polyline") if p.get("data-label") == "train loss"]
     points = train.get("points").split()

@@ -97,4 +97,5 @@ def test_a_resumed_stage_shows_the_steps_before_the_resume(prefect_server, env) 
     # first process: the version at step 2 and the one at the failure (3 steps);
     # the resumed one: the version at step 4 (history 1..2 and steps 3, 4) and the final one
     assert [len(train_points(a.data)) for a in arts] == [2, 3, 4, 5]
+    assert "(stopped)" in arts[1].data and "(finished)" in arts[-1].data
     assert "Resumed from the train-state of step 2." in arts[-1].data
