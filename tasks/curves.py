@@ -10,7 +10,7 @@ from typing import Any
 
 from tasks.common import slug
 
-MAX_POINTS = 4000  # per series; a longer series keeps every k-th point and the last
+MAX_POINTS = 2000  # per series (more than a chart has pixels); longer: every k-th point and the last
 
 
 def curves_key(stage: str) -> str:

@@ -39,7 +39,7 @@ class StageProgress:
     at each multiple of `curves_interval` optimizer steps and at the end, logs steps, evaluations and
     resumes, and keeps the events (a resumed stage's replayed history first)."""
 
-    def __init__(self, stage: str, total_steps: int, curves_interval: int = 25) -> None:
+    def __init__(self, stage: str, total_steps: int, curves_interval: int = 50) -> None:
         from prefect.artifacts import create_progress_artifact
 
         self.stage = stage

@@ -209,7 +209,7 @@ class StageLogging(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     artifact_interval: int = Field(
-        default=25, gt=0, description="optimizer steps between versions of the stage's curves artifact"
+        default=50, gt=0, description="optimizer steps between versions of the stage's curves artifact"
     )
     csv: bool = Field(default=True, description="Fabric's CSVLogger: logs/csv/metrics.csv")
     tensorboard: bool = Field(default=True, description="Fabric's TensorBoardLogger: logs/tensorboard/")
