@@ -39,6 +39,7 @@ from vinasmol_core.recipe import CorpusSpec, HubBase, Recipe, load_recipe
 from vinasmol_core.smoke import SMOKE_NAMESPACE, projection_rows, smoke_recipe
 from vinasmol_core.steps import Step
 from vinasmol_core.store import ArtifactStore, default_store_url
+from vinasmol_core.train.loggers import check_logging
 
 STAGE_RUNNERS = ("inline", "deployment")
 # The steps that read hub datasets or models (and so take the run's `hub_mirror`).
@@ -104,6 +105,8 @@ def plan_run(
     runner = stage_runner or parsed.compute.stage_runner
     if runner not in STAGE_RUNNERS:
         raise ConfigError(f"stage_runner: {runner!r} is not one of {', '.join(STAGE_RUNNERS)}")
+    if runner == "inline":  # a deployment's stages check it on the training machine
+        check_logging(parsed.logging)
     forced: set[str] = set()
     if from_stage and not start_ref:
         # With start_ref, from_stage only says where the run starts (scheduled annealing): an
@@ -357,6 +360,7 @@ def _training_phase(
             dataset=datasets[recipe.stage_dataset(spec)].digest,
             stage_runner=plan.stage_runner,
             partial_suffix=f"-{ctx.flow_run_id[:8]}" if forced and ctx.flow_run_id else "",
+            logging=recipe.logging,
         )
         checkpoint = trained.checkpoint
         previous = checkpoint.digest

@@ -1,12 +1,13 @@
-"""The run's report: per-stage metrics tables, a loss-curve image and a Markdown summary, as Prefect
-artifacts (and as plain text for the CLI)."""
+"""The run's report: per-stage metrics tables, a loss-curve image and a Markdown summary (with a chart
+of bits per byte per checkpoint and language under its table), as Prefect artifacts (and as plain
+text for the CLI)."""
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 
 from tasks.common import slug
+from tasks.curves import svg_image
 
 
 def metrics_rows(events: list[dict[str, Any]], limit: int = 200) -> list[dict[str, Any]]:
@@ -52,6 +53,23 @@ def bpb_markdown(bpb: dict[str, dict[str, float]]) -> str:
         cells = [f"{row[lang]:.4f}" if lang in row else "" for lang in langs]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def bpb_chart_svg(bpb: dict[str, dict[str, float]]) -> str | None:
+    """Bits per byte per language (one line each) over the checkpoints in pipeline order."""
+    from vinasmol_core.chart import Series, line_chart_svg
+
+    labels = list(bpb)
+    langs = sorted({lang for row in bpb.values() for lang in row})
+    series = [
+        Series(lang, [(i, bpb[label][lang]) for i, label in enumerate(labels) if lang in bpb[label]],
+               markers=True)
+        for lang in langs
+    ]
+    if not any(s.points for s in series):
+        return None
+    return line_chart_svg(series, title="bits per byte on validation text (lower is better)",
+                          x_label="checkpoint", y_label="bits per byte", x_names=labels)
 
 
 def mixture_markdown(checkpoints: list[dict[str, Any]]) -> str:
@@ -113,8 +131,9 @@ def projection_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def summary_markdown(result: dict[str, Any]) -> str:
-    """The run summary: fertility, bits per byte per stage and language, checkpoints and export."""
+def summary_markdown(result: dict[str, Any], charts: bool = False) -> str:
+    """The run summary: fertility, bits per byte per stage and language, checkpoints and export.
+    `charts`: the bits-per-byte chart under its table (an inline SVG image, for the Prefect UI)."""
     parts = [f"# VinaSmol run: {result['recipe']}", ""]
     parts += [f"Store: `{result['store']}`", ""]
     parts += [
@@ -124,6 +143,9 @@ def summary_markdown(result: dict[str, Any]) -> str:
         "",
     ]
     parts += ["## Bits per byte on validation text (lower is better)", "", bpb_markdown(result["bpb"]), ""]
+    chart = bpb_chart_svg(result["bpb"]) if charts else None
+    if chart is not None:
+        parts += [svg_image(chart, "bits per byte per checkpoint and language"), ""]
     parts += [
         "## Checkpoints",
         "",
@@ -157,14 +179,13 @@ def publish_artifacts(result: dict[str, Any], stage_events: list[tuple[str, list
             )
     svg = loss_curve_svg(stage_events)
     if svg is not None:
-        uri = "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode()
         create_markdown_artifact(
-            markdown=f"## Training loss\n\n![loss curve]({uri})\n",
+            markdown=f"## Training loss\n\n{svg_image(svg, 'loss curve')}\n",
             key="loss-curve",
             description="training loss over all stages",
         )
     create_markdown_artifact(
-        markdown=summary_markdown(result),
+        markdown=summary_markdown(result, charts=True),
         key=f"summary-{slug(result['recipe'])}",
         description="fertility, bits per byte per stage and language, checkpoints, export",
     )

@@ -3,8 +3,8 @@ CUDA pool), instead of a process of the calling run.
 
 `run_stage_deployment(job)` is what the `train-stage` step (`tasks.train.train_stage`) calls when
 `stage_runner="deployment"`.
-It starts the `vinasmol-stage` deployment with an idempotency key, mirrors the child's progress into
-the calling run, and retries a failed child itself:
+It starts the `vinasmol-stage` deployment with an idempotency key, mirrors the child's progress and
+its curves artifact (`curves-<stage>`) into the calling run, and retries a failed child itself:
 
 * A parent retry (the UI's "Retry") re-enters the pipeline under the same run id, so the same keys are
   asked for again. `run_deployment` with a key it has seen returns that same child, even a failed one.
@@ -30,7 +30,12 @@ from typing import Any
 from uuid import UUID
 
 from prefect import get_run_logger
-from prefect.artifacts import create_link_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -121,6 +126,7 @@ class _ProgressMirror:
         self.enabled = enabled
         self.artifact_id: UUID | None = None
         self.last: float | None = None
+        self.curves_id: UUID | None = None  # the child's newest curves version copied here
 
     def start(self, child: FlowRun) -> None:
         if not self.enabled:
@@ -144,6 +150,7 @@ class _ProgressMirror:
             arts = client.read_artifacts(
                 artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[child_id]))
             )
+        self._copy_curves(arts)
         progress = [a for a in arts if a.type == "progress" and isinstance(a.data, int | float)]
         if not progress:
             return
@@ -153,6 +160,18 @@ class _ProgressMirror:
             update_progress_artifact(self.artifact_id, value)
             self.last = value
 
+    def _copy_curves(self, arts: list[Any]) -> None:
+        """The child's newest version of its curves artifact, as a new version in the calling run."""
+        curves = [a for a in arts if a.type == "markdown" and (a.key or "").startswith("curves-")]
+        if not curves:
+            return
+        newest = max(curves, key=lambda a: a.created)
+        if newest.id != self.curves_id:
+            create_markdown_artifact(
+                markdown=str(newest.data), key=newest.key, description=f"{newest.description or ''} "
+                "(from the training child run)".strip(),
+            )
+            self.curves_id = newest.id
 
     def finish(self, child_id: UUID) -> None:
         """Copy the child's metrics tables into the calling run (keys prefixed with `child-`)."""
@@ -164,6 +183,7 @@ class _ProgressMirror:
             arts = client.read_artifacts(
                 artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[child_id]))
             )
+        self._copy_curves(arts)
         for art in arts:
             if art.type == "table" and art.data:
                 data = json.loads(art.data) if isinstance(art.data, str) else art.data

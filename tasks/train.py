@@ -4,7 +4,8 @@ several devices), here ("inline") or as a child run of the training-stage deploy
 (`tasks.dispatch.run_stage_deployment`), and resumes from the stage's newest partial checkpoint.
 
 `run_stage_job` is what both runners execute: the stage process, its metrics turned into a progress
-artifact and log lines by `StageProgress`.
+artifact, the keyed curves artifact (`tasks.curves`) and log lines by `StageProgress`. `logging` (the
+recipe's section: artifact interval, CSV, TensorBoard, W&B) is in no cache key.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pydantic import BaseModel, Field
 from tasks.common import run_logger, slug, step
 from vinasmol_core.manifests import CheckpointManifest
 from vinasmol_core.steps import Step
-from vinasmol_core.train.spec import StageJob, StageSpec
+from vinasmol_core.train.spec import StageJob, StageLogging, StageSpec
 
 FAIL_AT_ENV = "VINASMOL_FAIL_AT"  # "<stage>:<step>": debugging, never part of a cache key
 
@@ -34,13 +35,17 @@ class TrainedStage(BaseModel):
 
 class StageProgress:
     """A stage's metrics callback: moves the progress artifact `progress-<stage>` (at most once a
-    second, and to 100 at the end), logs steps, evaluations and resumes, and keeps the events."""
+    second, and to 100 at the end), publishes a new version of the curves artifact `curves-<stage>`
+    at each multiple of `curves_interval` optimizer steps and at the end, logs steps, evaluations and
+    resumes, and keeps the events (a resumed stage's replayed history first)."""
 
-    def __init__(self, stage: str, total_steps: int) -> None:
+    def __init__(self, stage: str, total_steps: int, curves_interval: int = 50) -> None:
         from prefect.artifacts import create_progress_artifact
 
         self.stage = stage
         self.total = max(total_steps, 1)
+        self.curves_interval = max(curves_interval, 1)
+        self.curves_step = 0  # the step of the newest curves version
         self.events: list[dict[str, Any]] = []
         self.last_push = 0.0
         self.last_value = -1.0
@@ -55,9 +60,19 @@ class StageProgress:
 
     def __call__(self, event: dict[str, Any]) -> None:
         with self.lock:
-            self.events.append(event)
+            if event.get("event") == "history":
+                self.events.extend(event.get("events", []))
+                self.curves_step = max((e.get("step", 0) for e in event.get("events", [])), default=0)
+                self.logger.info("%s: %d earlier events restored", self.stage, len(event.get("events", [])))
+            else:
+                self.events.append(event)
             self._log(event)
             step_no = event.get("step")
+            every = self.curves_interval
+            if event.get("event") == "step" and isinstance(step_no, int) and (
+                step_no // every > self.curves_step // every  # passed a multiple of the interval
+            ):
+                self.publish_curves("running")
             if not isinstance(step_no, int) or self.artifact_id is None:
                 return
             value = min(100.0, 100.0 * step_no / self.total)
@@ -75,6 +90,26 @@ class StageProgress:
                              event.get("val_loss"), event.get("val_bpb"))
         elif kind == "start" and event.get("resumed_from"):
             self.logger.info("%s resumed from step %s", name, event["resumed_from"])
+        if kind == "start" and event.get("log_dir"):
+            self.logger.info("%s: CSV and TensorBoard logs in %s (tensorboard --logdir %s)",
+                             name, event["log_dir"], event["log_dir"])
+
+    def publish_curves(self, state: str) -> None:
+        """A new version of `curves-<stage>`: charts, latest metrics, evaluations (best effort)."""
+        from prefect.artifacts import create_markdown_artifact
+
+        from tasks.curves import curves_key, stage_curves_markdown
+
+        steps = [e.get("step") for e in self.events if e.get("event") == "step"]
+        self.curves_step = max((n for n in steps if isinstance(n, int)), default=0)
+        try:
+            create_markdown_artifact(
+                markdown=stage_curves_markdown(self.stage, self.events, self.total, state),
+                key=curves_key(self.stage),
+                description=f"training stage {self.stage}: loss, learning rate, tokens/s, evaluations",
+            )
+        except Exception as exc:  # noqa: BLE001 - the artifact is never the reason a stage fails
+            self.logger.warning("%s: curves artifact not published: %s", self.stage, exc)
 
     def _push(self, value: float) -> None:
         from prefect.artifacts import update_progress_artifact
@@ -86,6 +121,7 @@ class StageProgress:
             pass
 
     def finish(self) -> None:
+        self.publish_curves("finished")
         if self.artifact_id is not None and self.last_value < 100.0:
             self._push(100.0)
 
@@ -94,8 +130,12 @@ def run_stage_job(job: StageJob) -> tuple[CheckpointManifest, list[dict[str, Any
     """Run one stage (resuming from its newest published train-state); its checkpoint and events."""
     from vinasmol_core.train import run_stage_process
 
-    progress = StageProgress(job.spec.name, job.spec.total_steps)
-    manifest = run_stage_process(job, on_metrics=progress)
+    progress = StageProgress(job.spec.name, job.spec.total_steps, job.logging.artifact_interval)
+    try:
+        manifest = run_stage_process(job, on_metrics=progress)
+    except BaseException:
+        progress.publish_curves("stopped")  # the curves up to the failure
+        raise
     progress.finish()
     return manifest, progress.events
 
@@ -109,7 +149,7 @@ def fail_at_step_for(stage: str) -> int | None:
     return int(at) if name == stage and at.strip().isdigit() else None
 
 
-@step(Step.TRAIN_STAGE, exclude=("partial_suffix",))
+@step(Step.TRAIN_STAGE, exclude=("partial_suffix", "logging"))
 def train_stage(
     spec: StageSpec,
     init_checkpoint: str,
@@ -117,6 +157,7 @@ def train_stage(
     store_url: str,
     stage_runner: str = "inline",
     partial_suffix: str = "",
+    logging: StageLogging | None = None,
 ) -> TrainedStage:
     """One training stage in its own process; resumes from the stage's newest partial checkpoint.
 
@@ -130,6 +171,7 @@ def train_stage(
         dataset=dataset,
         store_url=store_url,
         fail_at_step=fail_at_step_for(spec.name),
+        logging=logging or StageLogging(),
     )
     key = job.resume_key()[:16]
     job.out_ref = f"stages/{spec.name}/{key}"

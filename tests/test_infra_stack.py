@@ -102,7 +102,10 @@ RECIPE: dict[str, Any] = {
     "eval": {"max_docs": 4, "seq_len": 64, "languages": ["vi", "en"]},
     "export": {"name": "deploy-test", "dtype": "float32"},
     "compute": {"accelerator": "cpu", "devices": 1},
+    "logging": {"artifact_interval": 2},
 }
+# In the workers' environment only (never in a parameter or job variable): it must show up nowhere.
+WANDB_KEY = "wandb-key-" + os.urandom(8).hex()
 
 
 STUB_DEPLOYMENTS = [
@@ -140,7 +143,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         worker_poll_seconds=1,
         annealing_cron=CRON,
         prefect_file=prefect_file,
-        extra_env={"VINASMOL_WORK_DIR": str(root / "work")},
+        extra_env={"VINASMOL_WORK_DIR": str(root / "work"), "WANDB_API_KEY": WANDB_KEY},
     )
     st.recipe = root / "deploy-test.yaml"  # type: ignore[attr-defined]
     st.recipe.write_text(yaml.safe_dump(RECIPE, sort_keys=False))  # type: ignore[attr-defined]
@@ -340,6 +343,53 @@ def test_full_cpt_runs_through_workers_and_retries_a_failed_child(stack: Any) ->
     assert fs.exists(f"vinasmol/store/blobs/{sha[:2]}/{sha}")
 
 
+def _train_loss_points(markdown: str) -> int:
+    """The points of the training-loss line in a curves artifact's first chart (its SVG read back)."""
+    import base64
+    import re
+    import xml.etree.ElementTree as ET
+
+    blob = re.search(r"data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)\)", markdown)
+    assert blob, markdown[:400]
+    svg = ET.fromstring(base64.b64decode(blob.group(1)))
+    lines = svg.iter("{http://www.w3.org/2000/svg}polyline")
+    [line] = [p for p in lines if p.get("data-label") == "train loss"]
+    return len(line.get("points").split())
+
+
+@needs_pipeline
+def test_stage_child_runs_keep_their_curves_and_csv_logs(stack: Any) -> None:
+    """Each training child run has the keyed curves artifact, a version every 2 steps and at the end,
+    the last with a point for every logged step (the resumed child's too); the parent has copies;
+    the final checkpoint's CSV log has one row per logged step."""
+    import csv
+    import io
+
+    by_name = {c.name: c for c in _children(stack.first_run)}
+    steps = 768 // (4 * 32)
+    for name, stage, expected in (
+        ("eeve-6-attempt-2", "eeve-6", [4, 6, 6]),  # resumed at step 2: versions at 4, 6 and the end
+        ("annealing-attempt-1", "annealing", [2, 4, 6, 6]),
+    ):
+        arts = sorted(
+            (a for a in _artifacts(by_name[name].id) if a.key == f"curves-{stage}"), key=lambda a: a.created
+        )
+        assert [_train_loss_points(a.data) for a in arts] == expected, name
+        assert "(finished)" in arts[-1].data and f"| step | {steps} / {steps} |" in arts[-1].data
+    parent = {a.key for a in _artifacts(stack.first_run) if a.type == "markdown"}
+    assert {"curves-eeve-6", "curves-annealing"} <= parent
+
+    store = _s3_store(stack)
+    for stage in ("eeve-6", "annealing"):
+        manifest = store.get_manifest(f"runs/deploy-test/{stage}")
+        assert "logs/csv/metrics.csv" in manifest.files
+        assert any(p.startswith("logs/tensorboard/events.out.tfevents") for p in manifest.files)
+        text = (store.fetch(manifest.digest) / "logs" / "csv" / "metrics.csv").read_text()
+        rows = list(csv.DictReader(io.StringIO(text)))
+        assert [int(r["step"]) for r in rows] == list(range(1, steps + 1)), stage
+        assert all(r["loss"] and r["lr"] and r["tokens_per_s"] for r in rows)
+
+
 @needs_pipeline
 def test_ui_retry_of_a_failed_parent_resumes(stack: Any) -> None:
     env = _env(stack, VINASMOL_FAIL_AT="annealing:3", VINASMOL_STAGE_ATTEMPTS="1")
@@ -436,7 +486,7 @@ def test_heartbeat_automation_is_registered(stack: Any) -> None:
 def test_no_credential_leaks(stack: Any) -> None:
     """Scan logs, parameters, job variables, artifacts, results, blocks and the stack's log files."""
     creds = stack.credentials()
-    secrets = [creds["access_key"], creds["secret_key"]]
+    secrets = [creds["access_key"], creds["secret_key"], WANDB_KEY]
     seen: list[tuple[str, str]] = []
     with _client() as client:
         runs = client.read_flow_runs(limit=200)

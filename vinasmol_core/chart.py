@@ -16,6 +16,7 @@ class Series:
     label: str
     points: Sequence[tuple[float, float]]
     dashed: bool = False  # dashed with a dot at each point: sparse measurements such as evaluations
+    markers: bool = False  # a dot at each point of a solid line
 
 
 def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
@@ -35,14 +36,19 @@ def _fmt(value: float) -> str:
 
 
 def line_chart_svg(
-    series: Sequence[Series], *, title: str, x_label: str, y_label: str, width: int = 720, height: int = 360
+    series: Sequence[Series], *, title: str, x_label: str, y_label: str, width: int = 720, height: int = 360,
+    x_names: Sequence[str] | None = None,
 ) -> str:
     """An SVG document: each series a polyline in data coordinates mapped to the plot area, grid
-    lines at round values, axis labels and a legend. Non-finite points are left out."""
+    lines at round values, axis labels and a legend. Non-finite points are left out.
+
+    `x_names`: categories at x = 0, 1, ... (e.g. checkpoints in pipeline order), named on the x axis."""
     clean = [(s, [(float(x), float(y)) for x, y in s.points if math.isfinite(x) and math.isfinite(y)])
              for s in series]
     xs = [x for _, pts in clean for x, _ in pts] or [0.0, 1.0]
     ys = [y for _, pts in clean for _, y in pts] or [0.0, 1.0]
+    if x_names:
+        xs += [0.0, float(len(x_names) - 1)]
     x_lo, x_hi = min(xs), max(xs)
     y_lo, y_hi = min(ys), max(ys)
     if x_hi == x_lo:
@@ -64,9 +70,12 @@ def line_chart_svg(
         f'<rect width="{width}" height="{height}" fill="white"/>',
         f'<text x="{width / 2:.1f}" y="18" text-anchor="middle" font-size="13">{escape(title)}</text>',
     ]
-    for t in nice_ticks(x_lo, x_hi):
+    x_ticks = [(float(i), name) for i, name in enumerate(x_names)] if x_names else [
+        (t, _fmt(t)) for t in nice_ticks(x_lo, x_hi)
+    ]
+    for t, text in x_ticks:
         out.append(f'<line x1="{sx(t):.1f}" y1="{top}" x2="{sx(t):.1f}" y2="{top + ph}" stroke="#e5e5e5"/>')
-        out.append(f'<text x="{sx(t):.1f}" y="{top + ph + 14}" text-anchor="middle">{_fmt(t)}</text>')
+        out.append(f'<text x="{sx(t):.1f}" y="{top + ph + 14}" text-anchor="middle">{escape(text)}</text>')
     for t in nice_ticks(y_lo, y_hi):
         out.append(f'<line x1="{left}" y1="{sy(t):.1f}" x2="{left + pw}" y2="{sy(t):.1f}" stroke="#e5e5e5"/>')
         out.append(f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end">{_fmt(t)}</text>')
@@ -85,7 +94,7 @@ def line_chart_svg(
         dash = ' stroke-dasharray="5,3"' if s.dashed else ""
         out.append(f'<polyline data-label="{escape(s.label)}" points="{coords}" fill="none" '
                    f'stroke="{color}" stroke-width="1.5"{dash}/>')
-        if s.dashed:
+        if s.dashed or s.markers:
             out.extend(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"/>' for x, y in pts)
     # The legend, top right, over a light backdrop so that lines under it stay readable.
     lx = left + pw - 150

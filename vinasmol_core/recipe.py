@@ -4,7 +4,8 @@ Sections: `base_model` (where the English model comes from), `corpora` (each wit
 role: `main` data feeds the tokenizer and the EEVE stages, `annealing` data only the annealing
 mixture), `tokenizer` (target vocabulary), `embedding_init`, `data` (cleaning, curation and dedup), `mixtures`
 (named sampling weights), `stage_defaults` and `stages` (each a `StageSpec` of the trainer; a stage
-may name a mixture instead of spelling the weights), `eval`, `export`, `compute` and `store`.
+may name a mixture instead of spelling the weights), `eval`, `export`, `compute`, `store` and
+`logging` (where stage metrics go besides metrics.jsonl: curves artifact, CSV, TensorBoard, W&B).
 
 `load_recipe(path)` raises ConfigError whose message names the file and the field
 (`stages.2.lr: Input should be greater than 0`). `load_recipe(path, overrides)` first applies
@@ -24,7 +25,7 @@ from vinasmol_core.data.curation import CurationSpec
 from vinasmol_core.data.spec import CleaningSpec
 from vinasmol_core.errors import ConfigError
 from vinasmol_core.steps import STEPS_AFTER, STEPS_BEFORE, Step
-from vinasmol_core.train.spec import StageSpec
+from vinasmol_core.train.spec import StageLogging, StageSpec
 
 Lang = Literal["vi", "en", "code"]
 ROLES = ("main", "annealing")
@@ -253,6 +254,9 @@ class Recipe(_Strict):
     export: ExportSection = Field(default_factory=ExportSection)
     compute: ComputeSection = Field(default_factory=ComputeSection)
     store: StoreSection = Field(default_factory=StoreSection)
+    logging: StageLogging = Field(
+        default_factory=StageLogging, description="curves artifact, CSV, TensorBoard and W&B of the stages"
+    )
 
     @model_validator(mode="before")
     @classmethod

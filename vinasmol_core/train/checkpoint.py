@@ -266,6 +266,9 @@ class Checkpointer:
         events = read_events(self.sink.path)
         self.sink.emit({"event": "done", "stage": spec.name, "step": total})
         shutil.copyfile(self.sink.path, out / "metrics.jsonl")
+        if self.sink.loggers is not None:  # CSV and TensorBoard logs travel with the checkpoint
+            self.sink.loggers.close()
+            self.sink.loggers.copy_into(out / "logs")
         plot_loss_curve(read_events(self.sink.path), out / "loss_curve.svg", f"{spec.name}: loss")
         summary = {**stage_summary(events, total * spec.tokens_per_step, total), **training_process_peaks()}
         (out / "stage.json").write_text(

@@ -35,7 +35,8 @@ from vinasmol_core.train.data import (
     token_byte_lengths,
 )
 from vinasmol_core.train.inputs import Inputs, prepare_inputs
-from vinasmol_core.train.metrics import MetricsSink
+from vinasmol_core.train.loggers import StageLoggers, check_logging, log_root
+from vinasmol_core.train.metrics import MetricsSink, read_events
 from vinasmol_core.train.schedule import learning_rate
 from vinasmol_core.train.spec import StageJob
 
@@ -146,6 +147,9 @@ class StageRunner:
     def run(self) -> CheckpointManifest | None:
         """Train the stage; returns the published final checkpoint on rank 0 (None elsewhere)."""
         spec = self.spec
+        if self.fabric.global_rank == 0:
+            key = self.job.resume_key(self.inputs.init_digest, self.inputs.dataset_digest)
+            self.sink.loggers = StageLoggers(self.job, log_root(self.job, self.work, key))
         data = self._open_data()
         model, init_state, trainable = self._load_model()
         checkpoints = Checkpointer(
@@ -160,6 +164,8 @@ class StageRunner:
         if state_dir is not None and resumed is not None:
             start_step = checkpoints.restore_training(state_dir, resumed, m.module, m.raw_optimizer, m.names)
         self._emit_start(data, m, start_step, resumed)
+        if start_step > 0:  # the restored metrics.jsonl: curves and logs show the steps before the resume
+            self.sink.replay(read_events(self.sink.path))
         if start_step == 0 and spec.eval_at_start and data.val_sets:
             self._evaluate(m.module, data.val_sets, 0)
         self._train(data, m, checkpoints, start_step)
@@ -253,6 +259,7 @@ class StageRunner:
                 "first_batch_sha256": data.first_batch_sha256,
                 "mixture": data.mixture,
                 "warnings": data.warnings,
+                "log_dir": str(self.sink.loggers.root) if self.sink.loggers is not None else None,
             }
         )
 
@@ -344,6 +351,7 @@ def run_stage(
 
     spec = job.spec
     spec.check()
+    check_logging(job.logging)
     fabric = runtime.make_fabric(spec, runtime.configure_runtime(spec))
     fabric.launch()
     store = store if store is not None else ArtifactStore(job.store_url)

@@ -23,12 +23,16 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsSink:
-    """Appends events to `path` (and an optional copy) and prints them with METRICS_PREFIX."""
+    """Appends events to `path` (and an optional copy), prints them with METRICS_PREFIX and hands them
+    to `loggers` (an object with `on_event`, e.g. `loggers.StageLoggers`)."""
 
-    def __init__(self, path: Path, copy_to: Path | None = None, enabled: bool = True) -> None:
+    def __init__(
+        self, path: Path, copy_to: Path | None = None, enabled: bool = True, loggers: Any = None
+    ) -> None:
         self.path = path
         self.copy_to = copy_to
         self.enabled = enabled
+        self.loggers = loggers
 
     def emit(self, event: dict[str, Any]) -> None:
         if not self.enabled:
@@ -38,8 +42,22 @@ class MetricsSink:
             if target is not None:
                 with open(target, "a", encoding="utf-8") as f:
                     f.write(line + "\n")
+        self._announce(line, event)
+
+    def replay(self, events: list[dict[str, Any]]) -> None:
+        """A resumed stage's restored `step` and `eval` events, as one `history` event on stdout and to
+        the loggers (not appended to the file, which already holds them)."""
+        past = [e for e in events if e.get("event") in ("step", "eval")]
+        if not self.enabled or not past:
+            return
+        event = {"event": "history", "events": past}
+        self._announce(json.dumps(_clean(event), sort_keys=True, ensure_ascii=False), event)
+
+    def _announce(self, line: str, event: dict[str, Any]) -> None:
         sys.stdout.write(METRICS_PREFIX + line + "\n")
         sys.stdout.flush()
+        if self.loggers is not None:
+            self.loggers.on_event(event)
 
 
 def parse_line(line: str, on_metrics: Callable[[dict[str, Any]], None] | None) -> tuple[str, Any] | None:

@@ -200,6 +200,30 @@ class StageSpec(BaseModel):
         return self.model_dump(mode="json", exclude=set(OPERATIONAL_FIELDS))
 
 
+class StageLogging(BaseModel):
+    """Where a stage's metrics go besides metrics.jsonl (the recipe's `logging` section).
+
+    None of these change what a stage computes: they are in no cache or resume key. The W&B API key
+    is never a field: wandb reads `WANDB_API_KEY` from the environment of the training process."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    artifact_interval: int = Field(
+        default=50, gt=0, description="optimizer steps between versions of the stage's curves artifact"
+    )
+    csv: bool = Field(default=True, description="Fabric's CSVLogger: logs/csv/metrics.csv")
+    tensorboard: bool = Field(default=True, description="Fabric's TensorBoardLogger: logs/tensorboard/")
+    dir: str | None = Field(
+        default=None,
+        description="live log folder, one subfolder per stage and resume key; default $VINASMOL_LOG_DIR, "
+        "else the stage's temporary work folder. The logs are copied into the final checkpoint either way",
+    )
+    wandb: bool = Field(default=False, description="Weights & Biases (needs `pip install wandb`)")
+    wandb_project: str = Field(default="vinasmol", min_length=1)
+    wandb_entity: str | None = None
+    wandb_mode: Literal["online", "offline"] = "online"
+
+
 class StageJob(BaseModel):
     """A stage bound to its inputs and outputs in the artifact store."""
 
@@ -215,6 +239,7 @@ class StageJob(BaseModel):
         description="refs of train-state checkpoints (the resume key); default derived from the job",
     )
     fail_at_step: int | None = Field(default=None, description="debugging: SIGKILL itself after this step")
+    logging: StageLogging = Field(default_factory=StageLogging)
 
     def resume_key(self, init_digest: str | None = None, dataset_digest: str | None = None) -> str:
         """sha256 over what the stage computes: its math fields and the digests of its inputs."""
