@@ -198,11 +198,11 @@ def test_recipe_tunes_and_switches_off_filters() -> None:
 
 
 def test_recipe_names_an_unknown_curation_field() -> None:
-    with pytest.raises(ConfigError, match=r"data\.curation\.vi\.gopher_quality\.min_wordz: Extra inputs"):
+    with pytest.raises(ConfigError, match=r"data\.curation\.vi\.gopher_quality\.min_wordz: unknown field"):
         parse_recipe(_recipe({"curation": {"vi": {"gopher_quality": {"min_wordz": 3}}}}))
     with pytest.raises(ConfigError, match=r"data\.curation\.en\.fineweb\.min_line_punct"):
         parse_recipe(_recipe({"curation": {"en": {"fineweb": {"min_line_punct": 2}}}}))
-    with pytest.raises(ConfigError, match=r"data\.cleaning\.min_char: Extra inputs"):
+    with pytest.raises(ConfigError, match=r"data\.cleaning\.min_char: unknown field"):
         parse_recipe(_recipe({"cleaning": {"min_char": 3}}))
 
 
