@@ -19,7 +19,7 @@ from vinasmol_core.recipe import HubSource, Recipe
 SMOKE_STEPS = 2
 SMOKE_SEQ_LEN = 256
 SMOKE_EVAL_DOCS = 8
-SMOKE_EVAL_BYTES = 64 << 10
+SMOKE_EVAL_BYTES = 16 << 10
 SMOKE_CORPUS_BYTES = 4 << 20
 SMOKE_VAL_DOCS = 32
 SMOKE_NAMESPACE = "smoke"
@@ -38,7 +38,7 @@ def smoke_stage_fields(stage: Any) -> dict[str, Any]:
         "warmup_steps": min(stage.warmup_steps, 1),
         "checkpoint_interval": 1,
         "eval_interval": SMOKE_STEPS,
-        "eval_sequences": min(stage.eval_sequences, 2),
+        "eval_sequences": min(stage.eval_sequences, 1),
         "eval_at_start": False,
         "log_interval": 1,
     }
