@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import shutil
-import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -34,6 +32,7 @@ from vinasmol_core.train.data import (
     open_sampler,
     token_byte_lengths,
 )
+from vinasmol_core.train.group import lose_node
 from vinasmol_core.train.inputs import Inputs, prepare_inputs
 from vinasmol_core.train.metrics import MetricsSink
 from vinasmol_core.train.schedule import learning_rate
@@ -298,8 +297,7 @@ class StageRunner:
             if done % spec.checkpoint_interval == 0 or done == total:
                 checkpoints.publish_state(m.module, m.raw, m.raw_optimizer, m.names, done, loss)
             if self.job.fail_at_step is not None and done == self.job.fail_at_step:
-                self.fabric.print(f"fail_at_step={done}: killing this process", flush=True)
-                os.kill(os.getpid(), signal.SIGKILL)
+                lose_node(spec.nodes, done)
 
     @torch.no_grad()
     def _evaluate(self, model: Any, val_sets: dict[str, np.ndarray], step: int) -> None:
