@@ -171,14 +171,16 @@ def _raise_failure(job: StageJob, stream: _Stream, rcs: list[int], attempts: int
 def main(argv: list[str] | None = None) -> int:
     """Entry point of one stage process (each torchrun rank runs it too)."""
     parser = argparse.ArgumentParser(prog="python -m vinasmol_core.train", description=__doc__)
-    parser.add_argument("--job", type=Path, required=True, help="StageJob JSON")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--job", type=Path, help="StageJob JSON")
+    source.add_argument("--job-env", metavar="NAME", help="read the StageJob JSON from this variable")
     parser.add_argument("--metrics", type=Path, default=None, help="also append metrics JSONL here")
     args = parser.parse_args(argv)
     from vinasmol_core.train.group import die_with_parent
 
     die_with_parent()
     try:
-        job = load_job(args.job)
+        job = load_job(args.job) if args.job is not None else _job_from_env(args.job_env)
         from vinasmol_core.train.engine import run_stage
 
         run_stage(job, metrics_copy=args.metrics)
@@ -190,6 +192,23 @@ def main(argv: list[str] | None = None) -> int:
         _report_error("Exception", f"{type(exc).__name__}: {exc}")
         return 1
     return 0
+
+
+def _job_from_env(name: str) -> StageJob:
+    """The StageJob in environment variable `name` (a JobSet pod's), validated like a job file."""
+    from pydantic import ValidationError
+
+    text = os.environ.get(name)
+    if not text:
+        raise ConfigError(f"--job-env {name}: the environment variable is not set")
+    try:
+        job = StageJob.model_validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"invalid job in ${name}: {where}: {first['msg']}") from None
+    job.spec.check()
+    return job
 
 
 def _report_error(kind: str, message: str) -> None:
