@@ -266,3 +266,25 @@ def run_stage_jobset(
 def settings_from_env(environ: dict[str, str]) -> GroupSettings:
     raw = environ.get("VINASMOL_JOBSET_SETTINGS", "")
     return GroupSettings.model_validate(json.loads(raw)) if raw else GroupSettings()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tasks.jobset --job job.json [--settings settings.json]`: print the stage's JobSet
+    (pipe it to `kubectl apply --dry-run=server -f -` to check it against the cluster's CRD)."""
+    import argparse
+
+    from vinasmol_core.train.spec import load_job
+
+    parser = argparse.ArgumentParser(prog="python -m tasks.jobset", description=main.__doc__)
+    parser.add_argument("--job", type=Path, required=True, help="StageJob JSON")
+    parser.add_argument("--settings", type=Path, default=None, help="GroupSettings JSON")
+    args = parser.parse_args(argv)
+    settings = GroupSettings()
+    if args.settings is not None:
+        settings = GroupSettings.model_validate_json(args.settings.read_text(encoding="utf-8"))
+    print(json.dumps(jobset_manifest(load_job(args.job), settings), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
