@@ -64,7 +64,7 @@ def gradient_norm(fabric: Fabric, model: Any, optimizer: Any, grad_clip: float |
     Fabric."""
     if grad_clip is not None or dist.is_fsdp(fabric):
         max_norm = grad_clip if grad_clip is not None else math.inf  # inf: gradients times exactly 1.0
-        return fabric.clip_gradients(model, optimizer, max_norm=max_norm)
+        return dist.full(fabric.clip_gradients(model, optimizer, max_norm=max_norm))
     return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
@@ -224,7 +224,7 @@ class StageRunner:
     def _setup(self, model: Any, init_state: dict[str, torch.Tensor], trainable: list[str]) -> StageModel:
         """Activation checkpointing, compile, Fabric wrapping and the optimizer."""
         spec, fabric = self.spec, self.fabric
-        if spec.activation_checkpointing and spec.strategy != "fsdp":
+        if spec.activation_checkpointing:
             runtime.enable_activation_checkpointing(model)
         raw = model
         if spec.compile:
@@ -249,6 +249,7 @@ class StageRunner:
                 "trainable": m.trainable,
                 "trainable_params": n_trainable,
                 "world_size": self.fabric.world_size,
+                "strategy": "fsdp" if dist.is_fsdp(self.fabric) else "ddp" if self.fabric.world_size > 1 else "single",
                 "first_batch_sha256": data.first_batch_sha256,
                 "mixture": data.mixture,
                 "warnings": data.warnings,
@@ -342,9 +343,12 @@ def run_stage(
 
     spec = job.spec
     spec.check()
-    fabric = runtime.make_fabric(spec, runtime.configure_runtime(spec))
-    fabric.launch()
     store = store if store is not None else ArtifactStore(job.store_url)
+    n_params = None
+    if spec.strategy == "auto" and spec.world_size > 1:  # FSDP or DDP by model size
+        n_params = runtime.count_params(store.get_manifest(job.init_checkpoint).model_config)
+    fabric = runtime.make_fabric(spec, runtime.configure_runtime(spec), n_params)
+    fabric.launch()
     with runtime.local_rank_zero_first(fabric):
         inputs = prepare_inputs(job, store)
     work = Path(tempfile.mkdtemp(prefix=f"vinasmol-{spec.name}-"))
