@@ -18,7 +18,9 @@ def test_auto_shards_large_models_only_and_an_explicit_choice_wins() -> None:
 
     smollm2 = count_params(asdict(Config.from_name("SmolLM2-360M")))
     assert 300e6 < smollm2 < 400e6  # the tied table counted once
-    assert count_params(asdict(smollm2_config(1088, block_size=64))) < 10e6
+    tiny = asdict(smollm2_config(1088, block_size=64))
+    assert count_params({**tiny, "extra": {"ignored": 1}}) == count_params(tiny) < 10e6
+    assert count_params({}) is None
     assert resolve_strategy(_spec(devices=8), smollm2) == "ddp"
     assert resolve_strategy(_spec(devices=8, nodes=2), FSDP_MIN_PARAMS) == "fsdp"
     assert resolve_strategy(_spec(devices=1), 10 * FSDP_MIN_PARAMS) == "single"

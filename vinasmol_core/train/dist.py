@@ -19,6 +19,11 @@ def is_fsdp(fabric: Any) -> bool:
     return isinstance(fabric.strategy, ModelParallelStrategy)
 
 
+def strategy_name(fabric: Any) -> str:
+    """'fsdp', 'ddp' or 'single' (for the stage's start event)."""
+    return "fsdp" if is_fsdp(fabric) else "ddp" if fabric.world_size > 1 else "single"
+
+
 def shard_model(module: Any, mesh: Any) -> Any:
     """FSDP2 over the data-parallel mesh: each transformer block its own unit, the root holding the
     tied table (embedding and head in one unit, so the shared parameter stays one)."""

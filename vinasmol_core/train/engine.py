@@ -249,7 +249,7 @@ class StageRunner:
                 "trainable": m.trainable,
                 "trainable_params": n_trainable,
                 "world_size": self.fabric.world_size,
-                "strategy": "fsdp" if dist.is_fsdp(self.fabric) else "ddp" if self.fabric.world_size > 1 else "single",
+                "strategy": dist.strategy_name(self.fabric),
                 "first_batch_sha256": data.first_batch_sha256,
                 "mixture": data.mixture,
                 "warnings": data.warnings,

@@ -50,13 +50,19 @@ def resolve_strategy(spec: StageSpec, n_params: int | None = None) -> str:
     return "fsdp" if n_params is not None and n_params >= FSDP_MIN_PARAMS else "ddp"
 
 
-def count_params(model_config: dict[str, Any]) -> int:
-    """Parameters of litgpt's GPT for a checkpoint's config (built on the meta device, tied)."""
+def count_params(model_config: dict[str, Any]) -> int | None:
+    """Parameters of litgpt's GPT for a checkpoint's config (built on the meta device, tied); None
+    when the manifest has no config (the strategy then falls back to DDP)."""
+    from dataclasses import fields
+
     from litgpt import Config
     from litgpt.model import GPT
 
+    known = {f.name for f in fields(Config) if f.init}
+    if not model_config:
+        return None
     with torch.device("meta"):
-        model = GPT(Config(**model_config))
+        model = GPT(Config(**{k: v for k, v in model_config.items() if k in known}))
     return sum(p.numel() for p in params.named_parameters(model).values()) - model.lm_head.weight.numel()
 
 
