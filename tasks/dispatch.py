@@ -76,7 +76,11 @@ def _job_payload(job: Any, attempt: int) -> dict[str, Any]:
 
 
 def _devices(job: Any) -> int:
+    """GPUs for the child run's pod: the stage's devices; none for a stage on several nodes, whose run
+    only creates and watches its JobSet (the JobSet's pods ask for the GPUs)."""
     spec = getattr(job, "spec", None)
+    if isinstance(getattr(spec, "nodes", 1), int) and spec.nodes > 1:
+        return 0
     for attr in ("devices", "num_devices", "gpus"):
         value = getattr(spec, attr, None)
         if isinstance(value, int) and value > 0:

@@ -23,6 +23,7 @@ from vinasmol_core.steps import Step
 from vinasmol_core.train.spec import StageJob, StageLogging, StageSpec
 
 FAIL_AT_ENV = "VINASMOL_FAIL_AT"  # "<stage>:<step>": debugging, never part of a cache key
+MULTINODE_ENV = "VINASMOL_MULTINODE"  # "local" (torchrun agents on this machine) or "jobset"
 
 
 class TrainedStage(BaseModel):
@@ -127,12 +128,22 @@ class StageProgress:
 
 
 def run_stage_job(job: StageJob) -> tuple[CheckpointManifest, list[dict[str, Any]]]:
-    """Run one stage (resuming from its newest published train-state); its checkpoint and events."""
+    """Run one stage (resuming from its newest published train-state); its checkpoint and events.
+
+    A stage on several nodes runs as a JobSet when $VINASMOL_MULTINODE is `jobset` (the stage's run
+    inside a cluster), otherwise as a group of torchrun agents on this machine."""
     from vinasmol_core.train import run_stage_process
 
     progress = StageProgress(job.spec.name, job.spec.total_steps, job.logging.artifact_interval)
     try:
-        manifest = run_stage_process(job, on_metrics=progress)
+        if job.spec.nodes > 1 and os.environ.get(MULTINODE_ENV, "local") == "jobset":
+            from tasks.jobset import KubernetesGroupApi, run_stage_jobset, settings_from_env
+
+            settings = settings_from_env(dict(os.environ))
+            api = KubernetesGroupApi(settings.resolved_namespace())
+            manifest = run_stage_jobset(job, api, settings, on_metrics=progress)
+        else:
+            manifest = run_stage_process(job, on_metrics=progress)
     except BaseException:
         progress.publish_curves("stopped")  # the curves up to the failure
         raise

@@ -106,3 +106,51 @@ def test_prefect_yaml_declares_the_three_deployments() -> None:
     assert annealing["parameters"]["from_stage"] == "annealing" and annealing["parameters"]["start_ref"]
     assert annealing["schedules"][0]["cron"] == "{{ $VINASMOL_ANNEALING_CRON }}"
     assert deps["train-stage"]["work_pool"]["name"] == "{{ $VINASMOL_CUDA_POOL }}"
+
+
+MULTINODE = REPO / "infra/kubernetes/multinode"
+
+
+def _round_trip(obj: dict, kind: str) -> None:
+    """The object is exactly what the Kubernetes client's typed model `kind` reads and writes back."""
+    from kubernetes.client import ApiClient
+
+    class _Response:
+        data = json.dumps(obj)
+
+    api = ApiClient()
+    assert api.sanitize_for_serialization(api.deserialize(_Response(), kind)) == obj, kind
+
+
+def test_multinode_rbac_grants_what_the_stage_run_calls() -> None:
+    from tasks.jobset import GroupSettings
+
+    docs = list(yaml.safe_load_all((MULTINODE / "rbac.yaml").read_text()))
+    by_kind: dict[str, list[dict]] = {}
+    for doc in docs:
+        by_kind.setdefault(doc["kind"], []).append(doc)
+        _round_trip(doc, {"ServiceAccount": "V1ServiceAccount", "Role": "V1Role",
+                          "RoleBinding": "V1RoleBinding"}[doc["kind"]])
+    accounts = {d["metadata"]["name"] for d in by_kind["ServiceAccount"]}
+    assert GroupSettings().service_account in accounts and "vinasmol-orchestrator" in accounts
+    (role,) = by_kind["Role"]
+    granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+               for v in rule["verbs"]}
+    # KubernetesGroupApi: create/get/delete a JobSet, list pods by label, follow a pod's log
+    needed = {("jobset.x-k8s.io", "jobsets", v) for v in ("create", "get", "delete")}
+    needed |= {("", "pods", "list"), ("", "pods/log", "get")}
+    assert needed <= granted, needed - granted
+    (binding,) = by_kind["RoleBinding"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "vinasmol-orchestrator"}]
+
+
+def test_multinode_store_secret_and_settings_match_the_manifest() -> None:
+    from tasks.jobset import GroupSettings
+
+    secret = yaml.safe_load((MULTINODE / "store-secret.yaml").read_text())
+    _round_trip(secret, "V1Secret")
+    assert secret["metadata"]["name"] == GroupSettings().store_secret
+    assert "VINASMOL_STORE" in secret["stringData"]
+    settings = GroupSettings.model_validate_json((MULTINODE / "settings.json").read_text())
+    assert settings.restarts >= 1 and settings.store_secret == secret["metadata"]["name"]

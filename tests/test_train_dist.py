@@ -1,15 +1,13 @@
-"""Whole-model and optimizer state across strategies, on the CPU in one process.
+"""Whole-model and optimizer state across strategies, on the CPU.
 
-Tested here: the plain path through a real single-device Fabric (full module state, optimizer state
-round trip that resumes identically), and the FSDP path of the same functions on torch's own FSDP
-(gloo, world size 1, so NO_SHARD) with the state taken under one strategy resumed under the other:
-for an untied model and the tied table trained; with the tied table frozen it is a known failure of
-torch's FSDP (see the xfail reason), which the stage spec refuses.
+In one process: the plain path through a real single-device Fabric (full module state, optimizer
+state round trip that resumes identically), and the FSDP2 path of the same functions (`fully_shard`
+on a one-rank gloo mesh) with the state taken under one strategy resumed under the other, for an
+untied model, the tied table trained and the tied table frozen.
 
-CUDA-only, NOT tested here: FSDP through Fabric's FSDPStrategy (Lightning accepts it only on GPUs; the
-FSDP tests below hand the functions a stand-in holding a real FSDPStrategy and the rank instead of a
-Fabric), a truly sharded gather across several ranks (rank0_only: other ranks get an empty dict),
-CPU offload of sharded tensors, and fused AdamW state placed on the device.
+As stages (two gloo ranks, really sharded, through Fabric's ModelParallelStrategy): FSDP against
+DDP at the same global batch, frozen rows bit-identical, and an FSDP group that loses a node and
+resumes bit-identical. NOT tested here: NCCL, bf16 on GPUs, fused AdamW state placed on a GPU.
 """
 
 from __future__ import annotations
@@ -133,50 +131,34 @@ class _FsdpRun:
 @pytest.fixture
 def fsdp(tmp_path: Path) -> Iterator[_FsdpRun]:
     import torch.distributed as dist
-    from lightning.fabric.strategies import FSDPStrategy
+    from lightning.fabric.strategies import ModelParallelStrategy
 
     if dist.is_initialized():
         pytest.skip("a process group already exists in this process")
     dist.init_process_group("gloo", init_method=(tmp_path / "pg").as_uri(), rank=0, world_size=1)
     try:
-        yield _FsdpRun(FSDPStrategy())
+        yield _FsdpRun(ModelParallelStrategy(parallelize_fn=D.shard_model))
     finally:
         dist.destroy_process_group()
 
 
 def _wrap(raw: Any) -> Any:
-    from litgpt.model import Block
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from torch.distributed.device_mesh import init_device_mesh
 
-    return FSDP(raw, auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=True,
-                device_id=torch.device("cpu"))
+    return D.shard_model(raw, init_device_mesh("cpu", (1,)))
 
 
-_NO_SHARD = pytest.mark.filterwarnings(
-    "ignore:FSDP is switching to use `NO_SHARD`", "ignore:When using ``NO_SHARD``", "ignore::FutureWarning"
-)
-_FROZEN_TIED = (
-    "with the tied table frozen (EEVE stage 7's policy), torch's FSDP (use_orig_params, here one CPU rank, "
-    "NO_SHARD) loses the shared parameter after one forward and backward: the next forward or "
-    "full_module_state stops in an FSDP assertion"
-)
-_POLICIES = [
-    pytest.param("untied", id="untied"),
-    pytest.param("all", id="tied-all"),
-    pytest.param("transformer", id="tied-transformer",
-                 marks=pytest.mark.xfail(strict=True, reason=_FROZEN_TIED)),
-]
+_POLICIES = ["untied", "all", "transformer", "new-embeddings"]
 
 
-@_NO_SHARD
-def test_fsdp_root_is_found_inside_wrappers(fsdp: _FsdpRun) -> None:
-    raw = _model()
+def test_fsdp2_shards_every_parameter(fsdp: _FsdpRun) -> None:
+    from torch.distributed.tensor import DTensor
+
+    raw = _model(policy="transformer")
     model = _wrap(raw)
     assert D.is_fsdp(fsdp) and not D.is_fsdp(_fabric())
-    assert D._fsdp_root(model) is model and D._fsdp_root(torch.compile(model)) is model
-    with pytest.raises(TypeError, match="expected an FSDP module, got GPT"):
-        D._fsdp_root(raw)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    assert model.lm_head.weight is model.transformer.wte.weight  # still one tied table
 
 
 def _plain_reference(policy: str, steps: int) -> dict[str, torch.Tensor]:
@@ -194,7 +176,6 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
-@_NO_SHARD
 @pytest.mark.parametrize("policy", _POLICIES)
 def test_fsdp_state_has_canonical_names_and_resumes_a_plain_run(fsdp: _FsdpRun, policy: str) -> None:
     """State saved under FSDP (wrapper segments stripped from every name) resumes under the plain
@@ -204,7 +185,7 @@ def test_fsdp_state_has_canonical_names_and_resumes_a_plain_run(fsdp: _FsdpRun, 
     optimizer = _adamw(model.parameters())
     _step(model, optimizer, 0)
     weights = {k: v.clone() for k, v in D.full_module_state(fsdp, model, raw).items()}
-    saved = {k: v.clone() for k, v in D.full_optimizer_state(fsdp, model, optimizer, {}).items()}
+    saved = {k: v.clone() for k, v in D.full_optimizer_state(fsdp, model, optimizer, _names(raw)).items()}
     reference = _model(policy=policy)
     assert set(weights) == set(P.named_parameters(reference))
     assert {k.rpartition("/")[0] for k in saved} == set(P.trainable_names(reference))
@@ -219,7 +200,6 @@ def test_fsdp_state_has_canonical_names_and_resumes_a_plain_run(fsdp: _FsdpRun, 
     _close(P.module_state(plain), _plain_reference(policy, 2))
 
 
-@_NO_SHARD
 @pytest.mark.parametrize("policy", _POLICIES)
 def test_plain_state_resumes_under_fsdp(fsdp: _FsdpRun, policy: str) -> None:
     """The other direction: weights and optimizer state of a plain run, put into an FSDP run by canonical
@@ -235,10 +215,76 @@ def test_plain_state_resumes_under_fsdp(fsdp: _FsdpRun, policy: str) -> None:
     P.load_module_state(raw, weights)
     model = _wrap(raw)
     optimizer = _adamw(model.parameters())
-    D.load_full_optimizer_state(fsdp, model, optimizer, {}, saved)
-    reloaded = D.full_optimizer_state(fsdp, model, optimizer, {})
+    D.load_full_optimizer_state(fsdp, model, optimizer, _names(raw), saved)
+    reloaded = D.full_optimizer_state(fsdp, model, optimizer, _names(raw))
     assert reloaded.keys() == saved.keys()
     for key, value in saved.items():
         torch.testing.assert_close(reloaded[key], value, msg=key)
     _step(model, optimizer, 1)
     _close(D.full_module_state(fsdp, model, raw), _plain_reference(policy, 2))
+
+
+# ----------------------------------------------------------------------------- FSDP stages (two gloo ranks)
+@pytest.fixture(scope="module")
+def stage_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from vinasmol_core.builtin.fixtures import build_tiny_inputs
+
+    root = tmp_path_factory.mktemp("fsdp-stages")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VINASMOL_CACHE", str(root / "cache"))
+        mp.setenv("TORCHDYNAMO_DISABLE", "1")
+        yield build_tiny_inputs(root / "inputs", (root / "store").as_uri(), block_size=64)
+
+
+def _stage(env: Any, tag: str, **kw: Any) -> Any:
+    from vinasmol_core.train.spec import StageJob, StageSpec
+
+    spec = StageSpec(
+        name="eeve-3", trainable="new-embeddings", lr=5e-3, min_lr=1e-4, warmup_steps=1,
+        max_tokens=6 * 4 * 32, seq_len=32, global_batch=4, micro_batch=2, precision="32-true",
+        accelerator="cpu", mixture={"vi": 0.6, "en": 0.3, "code": 0.1}, checkpoint_interval=2,
+        eval_interval=3, eval_sequences=2, cpu_threads=1, **kw,
+    )
+    return StageJob(spec=spec, init_checkpoint=env.init_ref, dataset=env.dataset_ref, store_url=env.store_url,
+                    out_ref=f"test/{tag}", partial_ref_prefix=f"test-partial/{tag}")
+
+
+def _published(env: Any, digest: str) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    from vinasmol_core.store import ArtifactStore
+    from vinasmol_core.train.metrics import read_events
+
+    folder = Path(ArtifactStore(env.store_url).fetch(digest))
+    return torch.load(folder / "lit_model.pth", weights_only=True), read_events(folder / "metrics.jsonl")
+
+
+@pytest.mark.timeout(600)
+def test_fsdp_stage_matches_ddp_keeps_frozen_rows_and_resumes_bit_identical(stage_env: Any) -> None:
+    """EEVE stage 3 (the tied table frozen but for its new rows) sharded over two gloo ranks: the
+    gathered checkpoint equals the DDP run's within 1e-5 with the frozen rows bit-identical to the
+    input; the same stage on two nodes that loses one after step 5 resumes from step 4 and ends
+    bit-identical to the uninterrupted FSDP run."""
+    from vinasmol_core.train.process import run_stage_process
+
+    env = stage_env
+    fsdp = run_stage_process(_stage(env, "fsdp", devices=2, strategy="fsdp"), echo=False)
+    ddp = run_stage_process(_stage(env, "ddp", devices=2, strategy="ddp"), echo=False)
+    (w_fsdp, ev_fsdp), (w_ddp, ev_ddp) = _published(env, fsdp.digest), _published(env, ddp.digest)
+    assert [e["strategy"] for e in ev_fsdp if e["event"] == "start"] == ["fsdp"]
+    assert [e["strategy"] for e in ev_ddp if e["event"] == "start"] == ["ddp"]
+    init, _ = _published(env, env.init_ref)
+    base = env.base_vocab_size
+    assert torch.equal(w_fsdp[P.EMBED][:base], init[P.EMBED][:base])
+    assert not torch.equal(w_fsdp[P.EMBED][base:], init[P.EMBED][base:])
+    for name in w_ddp:
+        torch.testing.assert_close(w_fsdp[name], w_ddp[name], rtol=0, atol=1e-5, msg=name)
+        if name not in (P.EMBED, P.HEAD):
+            assert torch.equal(w_fsdp[name], init[name]), name  # frozen
+
+    lost = _stage(env, "fsdp-lost", nodes=2, strategy="fsdp")
+    lost.fail_at_step = 5
+    seen: list[dict] = []
+    resumed = run_stage_process(lost, seen.append, echo=False, restarts=1)
+    assert [e["resumed_from"] for e in seen if e["event"] == "start"] == [None, 4]
+    w_resumed, _ = _published(env, resumed.digest)
+    for name in w_fsdp:
+        assert torch.equal(w_resumed[name], w_fsdp[name]), name

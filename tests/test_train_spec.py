@@ -156,10 +156,11 @@ def test_spec_rules_name_the_fields() -> None:
         parse_spec({"name": "s", "trainable": "everything", "lr": 1, "max_tokens": 10, "mixture": {"vi": 1}})
 
 
-def test_fsdp_with_a_frozen_tied_table_is_refused() -> None:
-    with pytest.raises(ConfigError, match="strategy=fsdp is not supported with trainable=transformer.*ddp"):
-        spec(trainable="transformer", strategy="fsdp", accelerator="cuda").check()
-    spec(trainable="all", strategy="fsdp", accelerator="cuda").check()
+def test_fsdp_is_accepted_for_every_policy_on_both_devices() -> None:
+    """FSDP2 keeps the frozen tied table and the split new rows (tested as stages in test_train_dist)."""
+    for policy in ("new-embeddings", "embeddings", "all", "transformer"):
+        for accelerator in ("cpu", "cuda"):
+            spec(trainable=policy, strategy="fsdp", accelerator=accelerator, devices=2).check()
 
 
 def test_fp16_mixed_precision_is_refused_with_the_alternatives() -> None:

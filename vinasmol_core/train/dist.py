@@ -1,7 +1,8 @@
 """Whole-model and optimizer state across strategies: plain / DDP (every rank holds everything) and
-FSDP (sharded: gathered to full tensors on rank 0). Names are always the canonical parameter names
-(`transformer.h.0.attn.qkv.weight`, ...), so a train-state saved under one strategy or world size
-loads under another."""
+FSDP (torch's FSDP2 `fully_shard` through Fabric's ModelParallelStrategy: every parameter and its
+AdamW moments are DTensors sharded on dim 0, gathered to full tensors here). Names are always the
+canonical parameter names (`transformer.h.0.attn.qkv.weight`, ...), so a train-state saved under one
+strategy or world size loads under another. FSDP2 runs on the CPU with gloo as well as on CUDA."""
 
 from __future__ import annotations
 
@@ -13,106 +14,72 @@ from vinasmol_core.train import params
 
 
 def is_fsdp(fabric: Any) -> bool:
-    from lightning.fabric.strategies import FSDPStrategy
+    from lightning.fabric.strategies import ModelParallelStrategy
 
-    return isinstance(fabric.strategy, FSDPStrategy)
+    return isinstance(fabric.strategy, ModelParallelStrategy)
 
 
-def _fsdp_root(model: Any) -> Any:
-    """The FSDP root module inside Fabric's wrapper (and torch.compile's, if any)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+def strategy_name(fabric: Any) -> str:
+    """'fsdp', 'ddp' or 'single' (for the stage's start event)."""
+    return "fsdp" if is_fsdp(fabric) else "ddp" if fabric.world_size > 1 else "single"
 
-    module = getattr(model, "_forward_module", model)
-    module = getattr(module, "_orig_mod", module)
-    if not isinstance(module, FSDP):
-        raise TypeError(f"expected an FSDP module, got {type(module).__name__}")
+
+def shard_model(module: Any, mesh: Any) -> Any:
+    """FSDP2 over the data-parallel mesh: each transformer block its own unit, the root holding the
+    tied table (embedding and head in one unit, so the shared parameter stays one)."""
+    from torch.distributed.fsdp import fully_shard
+
+    dp_mesh = mesh["data_parallel"] if mesh.ndim > 1 else mesh
+    for block in module.transformer.h:
+        fully_shard(block, mesh=dp_mesh)
+    fully_shard(module, mesh=dp_mesh)
     return module
 
 
+def full(tensor: Any) -> torch.Tensor:
+    """The whole tensor of a DTensor (a collective: every rank calls it, in the same order)."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def full_module_state(fabric: Any, model: Any, raw_model: Any) -> dict[str, torch.Tensor]:
-    """Canonical parameter tensors (the `module_state` layout). Collective under FSDP; the result is
-    complete on rank 0 (other ranks may get an empty dict)."""
+    """Canonical parameter tensors (the `module_state` layout), whole on every rank. Collective
+    under FSDP."""
+    state = params.module_state(raw_model)
     if not is_fsdp(fabric):
-        return params.module_state(raw_model)
-    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    root = _fsdp_root(model)
-    with FSDP.state_dict_type(
-        root, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-    ):
-        state = root.state_dict()
-    if fabric.global_rank != 0:
-        return {}
-    names = set(params.named_parameters(raw_model))
-    return {params.clean_name(k): v for k, v in state.items() if params.clean_name(k) in names}
-
-
-def _canonical(fqn: str, known: set[str]) -> str:
-    """The canonical name of an FSDP parameter name (`known`: the model's canonical names). FSDP names a
-    shared parameter after its first use, `lm_head.weight` in litgpt's GPT; tied, it is the table."""
-    name = params.clean_name(fqn)
-    return params.EMBED if name == params.HEAD and name not in known else name
-
-
-def _full_state_dicts(root: Any, rank0_only: bool) -> Any:
-    """FSDP's context for full (unsharded, CPU-offloaded) model and optimizer state dicts."""
-    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    return FSDP.state_dict_type(
-        root,
-        StateDictType.FULL_STATE_DICT,
-        FullStateDictConfig(offload_to_cpu=True, rank0_only=rank0_only),
-        FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=rank0_only),
-    )
+        return state
+    return {name: full(value).cpu() for name, value in state.items()}
 
 
 def full_optimizer_state(
     fabric: Any, model: Any, optimizer: Any, names: dict[int, str]
 ) -> dict[str, torch.Tensor]:
-    """AdamW state as `<param name>/<field>` tensors. Collective under FSDP (complete on rank 0)."""
+    """AdamW state as `<param name>/<field>` tensors, whole on every rank. Collective under FSDP."""
     from vinasmol_core.train.state import optimizer_tensors
 
+    tensors = optimizer_tensors(optimizer, names)
     if not is_fsdp(fabric):
-        return optimizer_tensors(optimizer, names)
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    root = _fsdp_root(model)
-    with _full_state_dicts(root, rank0_only=True):
-        osd = FSDP.optim_state_dict(root, optimizer)
-    known = set(params.named_parameters(root))
-    out: dict[str, torch.Tensor] = {}
-    for fqn, fields in osd.get("state", {}).items():
-        for key, value in fields.items():
-            value = value if torch.is_tensor(value) else torch.tensor(float(value), dtype=torch.float32)
-            out[f"{_canonical(fqn, known)}/{key}"] = value
-    return out
+        return tensors
+    return {key: full(value).cpu() for key, value in tensors.items()}
 
 
 def load_full_optimizer_state(
     fabric: Any, model: Any, optimizer: Any, names: dict[int, str], tensors: dict[str, torch.Tensor]
 ) -> None:
-    """Inverse of `full_optimizer_state` (every rank passes the full tensors)."""
+    """Inverse of `full_optimizer_state` (every rank passes the full tensors); under FSDP each rank
+    keeps its shard of every moment, laid out like its parameter."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     from vinasmol_core.train.state import load_optimizer_tensors
 
-    if not is_fsdp(fabric):
-        load_optimizer_tensors(optimizer, names, tensors)
-        return
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    root = _fsdp_root(model)
-    with _full_state_dicts(root, rank0_only=False):
-        template = FSDP.optim_state_dict(root, optimizer)
-        known = set(params.named_parameters(root))
-        by_fqn: dict[str, str] = {}
-        for group in template["param_groups"]:
-            for fqn in group["params"]:
-                by_fqn[_canonical(fqn, known)] = fqn
-        state: dict[str, dict[str, torch.Tensor]] = {}
+    if is_fsdp(fabric):
+        by_name = {names[id(p)]: p for group in optimizer.param_groups for p in group["params"]}
+        sharded: dict[str, torch.Tensor] = {}
         for key, value in tensors.items():
-            name, _, field = key.rpartition("/")
-            state.setdefault(by_fqn[name], {})[field] = value
-        osd = {"state": state, "param_groups": template["param_groups"]}
-        flat = FSDP.optim_state_dict_to_load(root, optimizer, osd)
-    optimizer.load_state_dict(flat)
+            param = by_name.get(key.rpartition("/")[0])
+            if isinstance(param, DTensor) and value.shape == param.shape:
+                value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+            sharded[key] = value
+        tensors = sharded
+    load_optimizer_tensors(optimizer, names, tensors)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import shutil
-import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -34,6 +32,7 @@ from vinasmol_core.train.data import (
     open_sampler,
     token_byte_lengths,
 )
+from vinasmol_core.train.group import lose_node
 from vinasmol_core.train.inputs import Inputs, prepare_inputs
 from vinasmol_core.train.loggers import StageLoggers, check_logging, log_root
 from vinasmol_core.train.metrics import MetricsSink, read_events
@@ -66,7 +65,7 @@ def gradient_norm(fabric: Fabric, model: Any, optimizer: Any, grad_clip: float |
     Fabric."""
     if grad_clip is not None or dist.is_fsdp(fabric):
         max_norm = grad_clip if grad_clip is not None else math.inf  # inf: gradients times exactly 1.0
-        return fabric.clip_gradients(model, optimizer, max_norm=max_norm)
+        return dist.full(fabric.clip_gradients(model, optimizer, max_norm=max_norm))
     return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
@@ -231,7 +230,7 @@ class StageRunner:
     def _setup(self, model: Any, init_state: dict[str, torch.Tensor], trainable: list[str]) -> StageModel:
         """Activation checkpointing, compile, Fabric wrapping and the optimizer."""
         spec, fabric = self.spec, self.fabric
-        if spec.activation_checkpointing and spec.strategy != "fsdp":
+        if spec.activation_checkpointing:
             runtime.enable_activation_checkpointing(model)
         raw = model
         if spec.compile:
@@ -256,6 +255,7 @@ class StageRunner:
                 "trainable": m.trainable,
                 "trainable_params": n_trainable,
                 "world_size": self.fabric.world_size,
+                "strategy": dist.strategy_name(self.fabric),
                 "first_batch_sha256": data.first_batch_sha256,
                 "mixture": data.mixture,
                 "warnings": data.warnings,
@@ -305,8 +305,7 @@ class StageRunner:
             if done % spec.checkpoint_interval == 0 or done == total:
                 checkpoints.publish_state(m.module, m.raw, m.raw_optimizer, m.names, done, loss)
             if self.job.fail_at_step is not None and done == self.job.fail_at_step:
-                self.fabric.print(f"fail_at_step={done}: killing this process", flush=True)
-                os.kill(os.getpid(), signal.SIGKILL)
+                lose_node(spec.nodes, done)
 
     @torch.no_grad()
     def _evaluate(self, model: Any, val_sets: dict[str, np.ndarray], step: int) -> None:
@@ -352,9 +351,12 @@ def run_stage(
     spec = job.spec
     spec.check()
     check_logging(job.logging)
-    fabric = runtime.make_fabric(spec, runtime.configure_runtime(spec))
-    fabric.launch()
     store = store if store is not None else ArtifactStore(job.store_url)
+    n_params = None
+    if spec.strategy == "auto" and spec.world_size > 1:  # FSDP or DDP by model size
+        n_params = runtime.count_params(store.get_manifest(job.init_checkpoint).model_config)
+    fabric = runtime.make_fabric(spec, runtime.configure_runtime(spec), n_params)
+    fabric.launch()
     with runtime.local_rank_zero_first(fabric):
         inputs = prepare_inputs(job, store)
     work = Path(tempfile.mkdtemp(prefix=f"vinasmol-{spec.name}-"))

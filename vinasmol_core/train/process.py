@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import traceback
@@ -35,9 +34,8 @@ def stage_command(job_path: Path, job: StageJob, metrics_path: Path | None = Non
         tail += ["--metrics", str(metrics_path)]
     if spec.nodes > 1:
         raise ConfigError(
-            f"stage {spec.name}: nodes={spec.nodes}: start `torchrun --nnodes {spec.nodes} --nproc-per-node "
-            f"{spec.devices} ... -m vinasmol_core.train --job JOB` on every node "
-            "(run_stage_process runs one node)"
+            f"stage {spec.name}: nodes={spec.nodes}: one command runs one node; run_stage_process starts "
+            "the group (local_group_commands), a JobSet runs it on Kubernetes"
         )
     if spec.devices > 1:
         return [
@@ -73,6 +71,27 @@ def _cuda_visible() -> bool:
         return False
 
 
+class _Stream:
+    """What one attempt printed: metrics go to the callback, the result and the first error are kept."""
+
+    def __init__(self, on_metrics: Callable[[dict[str, Any]], None] | None, echo: bool) -> None:
+        self.on_metrics, self.echo = on_metrics, echo
+        self.tail: deque[str] = deque(maxlen=40)
+        self.result: dict[str, Any] | None = None
+        self.error: dict[str, Any] | None = None
+
+    def __call__(self, line: str) -> None:
+        parsed = parse_line(line, self.on_metrics)
+        if parsed is None:
+            self.tail.append(line)
+            if self.echo:
+                print(line, flush=True)
+        elif parsed[0] == "result":
+            self.result = parsed[1]
+        elif parsed[0] == "error" and self.error is None:
+            self.error = parsed[1]
+
+
 def run_stage_process(
     job: StageJob,
     on_metrics: Callable[[dict[str, Any]], None] | None = None,
@@ -80,73 +99,88 @@ def run_stage_process(
     metrics_path: Path | None = None,
     echo: bool = True,
     timeout: float | None = None,
+    restarts: int | None = None,
+    on_launch: Callable[[list[int], list[list[str]]], None] | None = None,
 ) -> CheckpointManifest:
-    """Run a stage in its own process; call `on_metrics` for each metrics event as it arrives.
+    """Run a stage in its own process, or with `nodes > 1` as a group of torchrun agents on this
+    machine; call `on_metrics` for each metrics event as it arrives.
 
-    Returns the published final checkpoint manifest; raises VinaSmolError (or the child's
-    ConfigError/StoreError) when the stage fails, with the child's last output lines.
+    A group that loses a node (an agent dies) starts again, at most `restarts` times (default
+    group.DEFAULT_RESTARTS; `fail_at_step` applies to the first attempt only), and resumes from the
+    newest partial checkpoint. Returns the published final checkpoint manifest; raises VinaSmolError
+    (or the child's ConfigError/StoreError) when the stage fails, with the child's last output lines.
+    `on_launch` gets the pids and command lines of the processes started for each attempt.
     """
     from vinasmol_core.store import ArtifactStore
+    from vinasmol_core.train import group
 
     job.spec.check()
+    bound = group.DEFAULT_RESTARTS if restarts is None else restarts
+    attempts = 1 if job.spec.nodes == 1 else bound + 1
     with tempfile.TemporaryDirectory(prefix="vinasmol-job-") as tmp:
         job_path = Path(tmp) / "job.json"
-        job_path.write_text(job.model_dump_json(indent=2), encoding="utf-8")
-        cmd = stage_command(job_path, job, metrics_path)
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=stage_env(job),
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-            bufsize=1,
+        for attempt in range(attempts):
+            this = job if attempt == 0 else job.model_copy(update={"fail_at_step": None})
+            job_path.write_text(this.model_dump_json(indent=2), encoding="utf-8")
+            env = stage_env(job)
+            if job.spec.nodes == 1:
+                cmds = [stage_command(job_path, job, metrics_path)]
+            else:
+                cmds = group.local_group_commands(job_path, job, bound, metrics_path)
+                env = group.local_group_env(env)
+            stream = _Stream(on_metrics, echo)
+            rcs = group.run_processes(cmds, env, stream, timeout=timeout, on_launch=on_launch)
+            if stream.result is not None and not any(rcs):
+                break
+            if stream.error is not None and stream.error.get("type") == "ConfigError":
+                break  # a bad spec or input does not get better in a new attempt
+            if attempt + 1 < attempts:
+                print(f"stage {job.spec.name}: group attempt {attempt + 1} failed (exit codes {rcs}); "
+                      f"starting it again ({attempts - attempt - 1} left)", flush=True)
+    if stream.result is None or any(rcs):
+        _raise_failure(job, stream, rcs, attempts)
+    assert stream.result is not None
+    manifest = ArtifactStore(job.store_url).get_manifest(stream.result["digest"])
+    if not isinstance(manifest, CheckpointManifest):
+        raise VinaSmolError(
+            f"stage {job.spec.name} published {stream.result['digest']}, which is not a checkpoint"
         )
-        tail: deque[str] = deque(maxlen=40)
-        result: dict[str, Any] | None = None
-        error: dict[str, Any] | None = None
-        assert proc.stdout is not None
-        try:
-            for line in proc.stdout:
-                line = line.rstrip("\n")
-                parsed = parse_line(line, on_metrics)
-                if parsed is None:
-                    tail.append(line)
-                    if echo:
-                        print(line, flush=True)
-                elif parsed[0] == "result":
-                    result = parsed[1]
-                elif parsed[0] == "error" and error is None:
-                    error = parsed[1]
-            rc = proc.wait(timeout=timeout)
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
+    return manifest
+
+
+def _raise_failure(job: StageJob, stream: _Stream, rcs: list[int], attempts: int) -> None:
+    error = stream.error
+    if error is not None and attempts > 1 and error.get("type") != "ConfigError":
+        raise VinaSmolError(
+            f"stage {job.spec.name} failed in each of {attempts} group attempts (a node lost each time?); "
+            f"the last one: {error.get('message', '')}"
+        )
     if error is not None:
         cls = _ERRORS.get(error.get("type", ""))
         if cls is None:
             raise VinaSmolError(f"stage {job.spec.name} failed: {error.get('message', '')}")
         raise cls(error.get("message", "stage failed"))
-    if rc != 0 or result is None:
-        how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
-        last = "\n".join(list(tail)[-15:])
-        raise VinaSmolError(f"stage {job.spec.name} {how}; last output:\n{last}")
-    manifest = ArtifactStore(job.store_url).get_manifest(result["digest"])
-    if not isinstance(manifest, CheckpointManifest):
-        raise VinaSmolError(f"stage {job.spec.name} published {result['digest']}, which is not a checkpoint")
-    return manifest
+    rc = next((r for r in rcs if r), 0)
+    how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
+    if attempts > 1:
+        how = f"lost a node in each of {attempts} group attempts; the last one {how}"
+    last = "\n".join(list(stream.tail)[-15:])
+    raise VinaSmolError(f"stage {job.spec.name} {how}; last output:\n{last}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of one stage process (each torchrun rank runs it too)."""
     parser = argparse.ArgumentParser(prog="python -m vinasmol_core.train", description=__doc__)
-    parser.add_argument("--job", type=Path, required=True, help="StageJob JSON")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--job", type=Path, help="StageJob JSON")
+    source.add_argument("--job-env", metavar="NAME", help="read the StageJob JSON from this variable")
     parser.add_argument("--metrics", type=Path, default=None, help="also append metrics JSONL here")
     args = parser.parse_args(argv)
+    from vinasmol_core.train.group import die_with_parent
+
+    die_with_parent()
     try:
-        job = load_job(args.job)
+        job = load_job(args.job) if args.job is not None else _job_from_env(args.job_env)
         from vinasmol_core.train.engine import run_stage
 
         run_stage(job, metrics_copy=args.metrics)
@@ -158,6 +192,23 @@ def main(argv: list[str] | None = None) -> int:
         _report_error("Exception", f"{type(exc).__name__}: {exc}")
         return 1
     return 0
+
+
+def _job_from_env(name: str) -> StageJob:
+    """The StageJob in environment variable `name` (a JobSet pod's), validated like a job file."""
+    from pydantic import ValidationError
+
+    text = os.environ.get(name)
+    if not text:
+        raise ConfigError(f"--job-env {name}: the environment variable is not set")
+    try:
+        job = StageJob.model_validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"invalid job in ${name}: {where}: {first['msg']}") from None
+    job.spec.check()
+    return job
 
 
 def _report_error(kind: str, message: str) -> None:

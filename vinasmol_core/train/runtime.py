@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vinasmol_core.errors import ConfigError
 from vinasmol_core.train import params
 from vinasmol_core.train.spec import StageSpec
 
@@ -35,27 +34,54 @@ def configure_runtime(spec: StageSpec) -> str:
     return accelerator
 
 
-def make_fabric(spec: StageSpec, accelerator: str) -> Fabric:
+FSDP_MIN_PARAMS = 3_000_000_000  # `strategy: auto` on several devices shards models from this size on
+
+
+def resolve_strategy(spec: StageSpec, n_params: int | None = None) -> str:
+    """'fsdp', 'ddp' or 'single'. `auto`: FSDP for a model of FSDP_MIN_PARAMS parameters or more on
+    several devices (a 7B model's weights and fp32 AdamW moments, 16 bytes a parameter, outgrow one
+    80 GB GPU; SmolLM2-360M's 6 GB do not), DDP below that."""
+    if spec.strategy == "fsdp":
+        return "fsdp"
+    if spec.strategy == "ddp":
+        return "ddp"
+    if spec.world_size == 1:
+        return "single"
+    return "fsdp" if n_params is not None and n_params >= FSDP_MIN_PARAMS else "ddp"
+
+
+def count_params(model_config: dict[str, Any]) -> int | None:
+    """Parameters of litgpt's GPT for a checkpoint's config (built on the meta device, tied); None
+    when the manifest has no config (the strategy then falls back to DDP)."""
+    from dataclasses import fields
+
+    from litgpt import Config
+    from litgpt.model import GPT
+
+    known = {f.name for f in fields(Config) if f.init}
+    if not model_config:
+        return None
+    with torch.device("meta"):
+        model = GPT(Config(**{k: v for k, v in model_config.items() if k in known}))
+    return sum(p.numel() for p in params.named_parameters(model).values()) - model.lm_head.weight.numel()
+
+
+def make_fabric(spec: StageSpec, accelerator: str, n_params: int | None = None) -> Fabric:
+    """The Fabric of a stage: plain, DDP (gloo on the CPU, NCCL on CUDA) or FSDP2 (both devices)."""
+    from functools import partial
+
     from lightning.fabric import Fabric
-    from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
+    from lightning.fabric.strategies import DDPStrategy, ModelParallelStrategy
+
+    from vinasmol_core.train.dist import shard_model
 
     strategy: Any = "auto"
-    if spec.strategy == "fsdp" and accelerator != "cuda":
-        raise ConfigError(
-            f"stage {spec.name}: strategy=fsdp needs CUDA devices (Lightning Fabric has no FSDP on the CPU); "
-            "use strategy=ddp"
+    chosen = resolve_strategy(spec, n_params)
+    if chosen == "fsdp":
+        strategy = ModelParallelStrategy(
+            parallelize_fn=partial(shard_model), data_parallel_size=spec.world_size, tensor_parallel_size=1
         )
-    if spec.strategy == "fsdp":
-        from litgpt.model import Block
-
-        strategy = FSDPStrategy(
-            auto_wrap_policy={Block},
-            activation_checkpointing_policy={Block} if spec.activation_checkpointing else None,
-            state_dict_type="full",
-            sharding_strategy="FULL_SHARD",
-            use_orig_params=True,
-        )
-    elif spec.world_size > 1 or spec.strategy == "ddp":
+    elif chosen == "ddp":
         strategy = DDPStrategy(process_group_backend="nccl" if accelerator == "cuda" else "gloo")
     return Fabric(
         accelerator=accelerator,

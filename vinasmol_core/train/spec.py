@@ -180,20 +180,6 @@ class StageSpec(BaseModel):
             raise ConfigError(
                 f"stage {self.name}: seq_len={self.seq_len} is above block_size={self.block_size}"
             )
-        if self.strategy == "fsdp" and self.accelerator == "cpu":
-            raise ConfigError(
-                f"stage {self.name}: strategy=fsdp needs accelerator=cuda; use strategy=ddp on the CPU"
-            )
-        if self.strategy == "fsdp" and self.trainable == "new-embeddings":
-            raise ConfigError(
-                f"stage {self.name}: strategy=fsdp is not supported with trainable=new-embeddings "
-                "(the split tied embedding needs whole tensors); use ddp"
-            )
-        if self.strategy == "fsdp" and self.trainable == "transformer":
-            raise ConfigError(
-                f"stage {self.name}: strategy=fsdp is not supported with trainable=transformer (torch's "
-                "FSDP loses the frozen tied embedding after the first backward); use ddp"
-            )
 
     def math_fields(self) -> dict[str, Any]:
         """The fields that decide what the stage computes (used in the resume key)."""
