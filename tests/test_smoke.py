@@ -33,7 +33,7 @@ def test_smoke_recipe_makes_two_short_steps_per_stage_and_keeps_the_rest() -> No
         cap = small.source.budget.max_bytes(small.lang)
         assert cap == SMOKE_CORPUS_BYTES < big.source.budget.max_bytes(big.lang)
     assert smoke.eval.max_docs <= 8 and smoke.eval.seq_len <= SMOKE_SEQ_LEN
-    assert smoke.eval.max_bytes is not None and smoke.eval.max_bytes <= 16 << 10
+    assert smoke.eval.max_bytes is not None and smoke.eval.max_bytes <= 4 << 10
 
 
 def test_projection_is_tokens_over_measured_throughput() -> None:

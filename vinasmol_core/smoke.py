@@ -19,7 +19,7 @@ from vinasmol_core.recipe import HubSource, Recipe
 SMOKE_STEPS = 2
 SMOKE_SEQ_LEN = 256
 SMOKE_EVAL_DOCS = 8
-SMOKE_EVAL_BYTES = 16 << 10
+SMOKE_EVAL_BYTES = 4 << 10
 SMOKE_CORPUS_BYTES = 4 << 20
 SMOKE_VAL_DOCS = 32
 SMOKE_NAMESPACE = "smoke"
