@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from vinasmol_core.memory import PeakMemory, tree_rss_bytes
+from vinasmol_core.memory import PeakMemory, child_pids, tree_rss_bytes
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -24,7 +24,7 @@ def _hold(megabytes: int, seconds: float) -> subprocess.Popen:
 
 
 def test_peak_counts_a_child_started_inside_the_block() -> None:
-    base = tree_rss_bytes()
+    base = tree_rss_bytes(skip=child_pids())  # this process alone, as the block starts
     with PeakMemory(interval=0.05) as peak:
         child = _hold(300, 0.5)
         child.wait()

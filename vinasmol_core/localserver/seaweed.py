@@ -159,6 +159,10 @@ def write_identities(path: Path, access_key: str, secret_key: str) -> None:
     os.replace(tmp, path)
 
 
+VOLUME_SIZE_MB = 64
+MAX_VOLUMES = 2000
+
+
 def seaweed_command(
     weed: Path, data_dir: Path, identities: Path, ports: dict[str, int], host: str
 ) -> list[str]:
@@ -175,6 +179,11 @@ def seaweed_command(
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
         f"-s3.config={identities}",
+        # Left to itself, `weed mini` sizes its volume count by the free disk; on a nearly full
+        # disk that leaves no volume for a new bucket (each bucket is a collection with volumes of
+        # its own), and writes fail with "No writable volumes". Small volumes, a fixed count.
+        f"-master.volumeSizeLimitMB={VOLUME_SIZE_MB}",
+        f"-volume.max={MAX_VOLUMES}",
     ]
     cmd += [f"-{flag}={port}" for flag, port in ports.items()]
     return cmd
