@@ -34,6 +34,7 @@ from vinasmol_core.manifests import CheckpointManifest, DatasetManifest, Tokeniz
 from vinasmol_core.recipe import CorpusSpec, Recipe, load_recipe
 from vinasmol_core.steps import Step
 from vinasmol_core.store import ArtifactStore, default_store_url
+from vinasmol_core.train.metrics import MEMORY_KEYS
 
 STAGE_RUNNERS = ("inline", "deployment")
 
@@ -310,7 +311,8 @@ def _training_phase(
         ctx.result["checkpoints"].append(
             {"stage": spec.name, "step": checkpoint.step, "ref": ref, "digest": previous,
              "mixture": checkpoint.extra.get("mixture", {}),
-             "mixture_warnings": checkpoint.extra.get("mixture_warnings", [])}
+             "mixture_warnings": checkpoint.extra.get("mixture_warnings", []),
+             "memory": {k: checkpoint.metrics[k] for k in MEMORY_KEYS if k in checkpoint.metrics}}
         )
         stage_events.append((spec.name, trained.events))
         ctx.evaluate(previous, spec.name, spec.name)

@@ -23,7 +23,7 @@ from vinasmol_core.manifests import CheckpointManifest
 from vinasmol_core.train import dist, params, relora, state
 from vinasmol_core.train.data import TOKENIZER_FILES, tokenizer_digest
 from vinasmol_core.train.inputs import Inputs
-from vinasmol_core.train.metrics import RESULT_PREFIX, MetricsSink, plot_loss_curve, read_events
+from vinasmol_core.train.metrics import MEMORY_KEYS, RESULT_PREFIX, MetricsSink, plot_loss_curve, read_events
 from vinasmol_core.train.runtime import gather_bytes, local_rank_zero_first
 from vinasmol_core.train.spec import StageJob
 
@@ -33,12 +33,6 @@ if TYPE_CHECKING:
     from vinasmol_core.store import ArtifactStore
 
 STEP_REF = re.compile(r"step-(\d+)$")
-MEMORY_KEYS = (
-    "trainable_params",
-    "optimizer_state_bytes",
-    "full_rank_trainable_params",
-    "full_rank_optimizer_state_bytes",
-)
 
 
 def find_resume(store: ArtifactStore, prefix: str, resume_key: str) -> tuple[int, str] | None:
@@ -99,7 +93,6 @@ def stage_summary(events: list[dict[str, Any]], tokens: int, steps: int) -> dict
     starts = [e for e in events if e.get("event") == "start"]
     if starts:
         summary.update({k: starts[-1][k] for k in MEMORY_KEYS if k in starts[-1]})
-        summary["relora"] = bool(starts[-1].get("relora"))
         summary["relora_merges"] = sum(1 for e in events if e.get("event") == "merge")
     if step_events:
         summary["final_loss"] = step_events[-1]["loss"]
