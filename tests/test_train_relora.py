@@ -211,3 +211,10 @@ def test_stage7_keeps_frozen_tensors_bit_identical(env) -> None:
     m = manifest.metrics
     assert m["full_rank_trainable_params"] == sum(init[k].numel() for k in changed)
     assert m["relora_merges"] == 1
+
+
+def test_a_target_matching_no_layer_fails_before_training(env) -> None:
+    spec = stage_spec("eeve-6", "all", relora={**RELORA, "targets": ["attn.*", "mlp.gate"]})
+    test_train_engine._error_before_training(
+        env, make_job(env, spec, "relora-bad"), r"relora.targets: pattern 'mlp.gate' matches no linear layer"
+    )
