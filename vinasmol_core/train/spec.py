@@ -66,8 +66,8 @@ class ReLoRASpec(BaseModel):
         default=0.99,
         ge=0,
         le=1,
-        description="share of each adapter's AdamW moments zeroed at a merge, smallest magnitudes first "
-        "(0.99: the paper's pruning; 1: a full reset; 0: kept)",
+        description="share of each adapter's AdamW entries zeroed at a merge, smallest |exp_avg| first, "
+        "both moments under one mask (0.99: the paper's pruning; 1: a full reset; 0: kept)",
     )
     warmup_after_merge: int = Field(
         default=50, ge=0, description="steps of linear learning-rate warmup after each merge (jagged)"
