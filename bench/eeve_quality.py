@@ -84,9 +84,10 @@ def frozen_unchanged(init_dir: Path, after_dir: Path, base_vocab_size: int) -> t
     return same, changed_rows
 
 
-def main() -> None:
+def make_parser(doc: str | None = __doc__) -> argparse.ArgumentParser:
+    """The options of stage 3 on real data (other benches that continue from stage 3 add theirs)."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "eeve_quality")
@@ -111,16 +112,29 @@ def main() -> None:
     parser.add_argument("--max-bytes", type=int, default=150_000, help="validation UTF-8 bytes per language")
     parser.add_argument("--eval-seq-len", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    args = parser.parse_args()
+    return parser
 
-    import torch
 
+class Prepared(argparse.Namespace):
+    """What `prepare` built: tokenizer and model folders, the store and the refs of the stage inputs."""
+
+    tok: Path
+    base: Path
+    lit: Path
+    ext_info: dict[str, Any]
+    store: Any
+    store_url: str
+    init_digest: str
+    timings: dict[str, float]
+
+
+def prepare(args: argparse.Namespace) -> Prepared:
+    """Extended tokenizer, SmolLM2-135M, extended model, litgpt checkpoint and dataset, in the store."""
     from vinasmol_core.builtin.smollm2 import build_smollm2_135m
     from vinasmol_core.data import PrepareSettings, SourceSpec, prepare_dataset
     from vinasmol_core.manifests import CheckpointManifest
-    from vinasmol_core.model import bits_per_byte_report, extend_model, hf_to_litgpt
+    from vinasmol_core.model import extend_model, hf_to_litgpt
     from vinasmol_core.store import ArtifactStore
-    from vinasmol_core.train import StageJob, StageSpec, run_stage_process
 
     for rel in [*TRAIN.values(), *VAL.values()]:
         if not (args.data / rel).is_file():
@@ -174,9 +188,17 @@ def main() -> None:
         ref="bench/dataset",
     )
     timings["publish + data"] = time.perf_counter() - t0
+    return Prepared(tok=tok, base=base, lit=lit, ext_info=ext_info, store=store, store_url=store_url,
+                    init_digest=init_digest, timings=timings)
+
+
+def stage3_spec(args: argparse.Namespace) -> Any:
+    import torch
+
+    from vinasmol_core.train import StageSpec
 
     tokens_per_step = args.global_batch * args.seq_len
-    spec = StageSpec(
+    return StageSpec(
         name="eeve-3",
         trainable="new-embeddings",
         lr=args.lr,
@@ -195,7 +217,13 @@ def main() -> None:
         eval_sequences=4,
         cpu_threads=args.threads,
     )
-    job = StageJob(spec=spec, init_checkpoint=init_digest, dataset="bench/dataset", store_url=store_url)
+
+
+def run_logged(job: Any) -> tuple[Any, list[dict[str, Any]]]:
+    """Run a stage in its own process, printing every 10th step; (manifest, step events)."""
+    from vinasmol_core.train import run_stage_process
+
+    spec = job.spec
     steps_seen: list[dict[str, Any]] = []
 
     def on_metrics(event: dict[str, Any]) -> None:
@@ -211,8 +239,26 @@ def main() -> None:
         elif event.get("event") == "start" and event.get("resumed_from"):
             print(f"  resumed from step {event['resumed_from']}", flush=True)
 
+    return run_stage_process(job, on_metrics, echo=False), steps_seen
+
+
+def main() -> None:
+    args = make_parser().parse_args()
+
+    import torch
+
+    from vinasmol_core.model import bits_per_byte_report
+    from vinasmol_core.train import StageJob
+
+    prep = prepare(args)
+    base, lit, ext_info, store, timings = prep.base, prep.lit, prep.ext_info, prep.store, prep.timings
+    spec = stage3_spec(args)
+    tokens_per_step = args.global_batch * args.seq_len
+    job = StageJob(
+        spec=spec, init_checkpoint=prep.init_digest, dataset="bench/dataset", store_url=prep.store_url
+    )
     t0 = time.perf_counter()
-    manifest = run_stage_process(job, on_metrics, echo=False)
+    manifest, steps_seen = run_logged(job)
     timings["stage 3"] = time.perf_counter() - t0
     after = store.fetch(manifest.digest)
 

@@ -5,6 +5,8 @@ at the same sequence length, micro batch and precision; litgpt pretrain runs in 
 (TORCHDYNAMO_DISABLE=1 on the CPU) with its per-iteration times read from its log. Our side runs the
 stage engine's optimizer step (`vinasmol_core.train.engine.optimizer_step`) under Fabric, with the
 policy's exact freezing. litgpt pretrain has no freezing: it trains everything (compare with 6).
+Rows 6r and 7r are stages 6 and 7 with ReLoRA (litgpt's LoRA adapters of rank --relora-rank on every
+block linear layer; embeddings and norms at full rank in 6r), beside full-rank 6 and 7.
 
 Every measurement runs in a fresh process of its own (ours through `--one STAGE`, litgpt through
 `litgpt pretrain`), the runs alternate (ours, litgpt, ours, litgpt, ...) for `--repeats` rounds, and
@@ -14,6 +16,7 @@ Model FLOPs per token = 6 N + 12 n_layer n_embd seq_len (N: parameters, the tied
 PaLM convention; MFU = tokens/s x FLOPs per token / --peak-tflops.
 
     python bench/train_throughput.py --shape tiny --seq-len 256            # CPU smoke run
+    python bench/train_throughput.py --shape 360m --seq-len 256 --stages 6,7,6r,7r --no-litgpt
     python bench/train_throughput.py --shape 360m --seq-len 2048 --precision bf16-mixed \
         --peak-tflops 989 --compile                                        # one CUDA GPU
 """
@@ -41,7 +44,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 RESULT = "@@bench-result "
-POLICIES = {"3": "new-embeddings", "4": "embeddings", "6": "all", "7": "transformer"}
+POLICIES = {
+    "3": "new-embeddings", "4": "embeddings", "6": "all", "7": "transformer", "6r": "all", "7r": "transformer"
+}  # 6r, 7r: stages 6 and 7 with ReLoRA
+
+
+def stage_label(stage: str) -> str:
+    return f"vinasmol stage {stage[:-1]} + ReLoRA" if stage.endswith("r") else f"vinasmol stage {stage}"
 
 
 class _RandomRows(Dataset):
@@ -88,10 +97,10 @@ def measure_ours(config: Any, policy: str, args: argparse.Namespace) -> dict[str
     from lightning.fabric import Fabric
     from litgpt.model import GPT
 
-    from vinasmol_core.train import params
+    from vinasmol_core.train import params, relora
     from vinasmol_core.train.engine import optimizer_step
     from vinasmol_core.train.runtime import enable_activation_checkpointing, make_optimizer
-    from vinasmol_core.train.spec import StageSpec
+    from vinasmol_core.train.spec import ReLoRASpec, StageSpec
 
     spec = StageSpec(
         name="bench",
@@ -116,10 +125,13 @@ def measure_ours(config: Any, policy: str, args: argparse.Namespace) -> dict[str
     model.max_seq_length = args.seq_len
     base = args.base_vocab_size if args.base_vocab_size < config.vocab_size else config.vocab_size * 7 // 8
     params.apply_policy(model, policy, base_vocab_size=base)
+    if args.relora:
+        relora.attach(model, ReLoRASpec(rank=args.relora_rank, alpha=args.relora_rank), seed=0)
     if args.activation_checkpointing:
         enable_activation_checkpointing(model)
     raw = model
-    n_trainable = sum(p.numel() for p in params.named_parameters(raw).values() if p.requires_grad)
+    live = [p for p in params.named_parameters(raw).values() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in live)
     if args.compile:
         model = torch.compile(model)
     model = fabric.setup_module(model)
@@ -127,20 +139,26 @@ def measure_ours(config: Any, policy: str, args: argparse.Namespace) -> dict[str
     optimizer = fabric.setup_optimizers(optimizer)
     g = torch.Generator().manual_seed(0)
     times: list[float] = []
+    cpu_times: list[float] = []  # this process's CPU seconds: less sensitive to a shared machine
     for i in range(args.warmup + args.steps):
         batch = torch.randint(0, config.vocab_size, (args.micro_batch, args.seq_len + 1), generator=g)
         if fabric.device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss, _ = optimizer_step(fabric, model, optimizer, iter([batch]), 1, config.vocab_size, 1.0)
         float(loss)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     tokens = args.micro_batch * args.seq_len
     mem = torch.cuda.max_memory_allocated() / 2**30 if fabric.device.type == "cuda" else None
     if fabric.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    return {"tok_s": tokens * len(times) / sum(times), "trainable": n_trainable, "mem_gib": mem}
+    return {
+        "tok_s": tokens * len(times) / sum(times), "trainable": n_trainable, "mem_gib": mem,
+        "tok_cpu_s": tokens * len(cpu_times) / sum(cpu_times),
+        "optimizer_mib": relora.optimizer_bytes(live) / 2**20,
+    }
 
 
 def measure_litgpt(config: Any, args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -244,7 +262,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="measured optimizer steps per policy")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
-    parser.add_argument("--stages", default="3,4,6,7")
+    parser.add_argument("--stages", default="3,4,6,7,6r,7r", help="6r, 7r: stages 6 and 7 with ReLoRA")
+    parser.add_argument("--relora-rank", type=int, default=128, help="ReLoRA rank of the 6r and 7r rows")
     parser.add_argument("--repeats", type=int, default=2, help="alternating rounds; each row keeps its best")
     parser.add_argument("--precision", default=None, help="default: bf16-mixed on CUDA, 32-true on the CPU")
     parser.add_argument("--accelerator", default=None, choices=["cpu", "cuda"])
@@ -258,6 +277,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--litgpt-timeout", type=float, default=1800)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one stage
     args = parser.parse_args()
+    args.relora = bool(args.one and args.one.endswith("r"))
     args.accelerator = args.accelerator or ("cuda" if torch.cuda.is_available() else "cpu")
     args.precision = args.precision or ("bf16-mixed" if args.accelerator == "cuda" else "32-true")
     return args
@@ -272,28 +292,29 @@ def bench_config(args: argparse.Namespace) -> Any:
 
 
 def print_table(
-    rows: list[tuple[str, str, dict[str, Any]]], flops_tok: float, args: argparse.Namespace
+    rows: list[tuple[str, str, dict[str, Any], str]], flops_tok: float, args: argparse.Namespace
 ) -> dict[str, str]:
     print()
     print(
-        "| run | trainable | trainable params | tokens/s | model TFLOP/s | "
+        "| run | trainable | trainable params | AdamW state MiB | tokens/s | tokens/CPU-s | model TFLOP/s | "
         f"MFU (peak {args.peak_tflops} TFLOP/s) | peak RSS GiB |"
     )
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     summary: dict[str, str] = {}
-    for name, policy, res in rows:
+    for name, policy, res, key in rows:
         tok_s = res.get("tok_s")
         tflops = tok_s * flops_tok / 1e12 if tok_s else None
         mfu = tflops / args.peak_tflops if tflops and args.peak_tflops else None
         trainable = f"{res['trainable']:,}" if "trainable" in res else "all"
         rss = f"{res['rss_gib']:.2f}" if res.get("rss_gib") else "-"
+        opt = f"{res['optimizer_mib']:.1f}" if "optimizer_mib" in res else "-"
+        cpu = f"{res['tok_cpu_s']:.1f}" if res.get("tok_cpu_s") else "-"
         print(
-            f"| {name} | {policy} | {trainable} | {tok_s:.1f} | {tflops:.4f} | "
+            f"| {name} | {policy} | {trainable} | {opt} | {tok_s:.1f} | {cpu} | {tflops:.4f} | "
             f"{f'{100 * mfu:.2f}%' if mfu is not None else 'n/a'} | {rss} |"
             if tok_s
-            else f"| {name} | {policy} | {trainable} | failed | - | - | - |"
+            else f"| {name} | {policy} | {trainable} | {opt} | failed | - | - | - | - |"
         )
-        key = "litgpt" if name.startswith("litgpt") else "s" + name.split()[-1]
         summary[f"{key}_tok_s"] = f"{tok_s:.1f}" if tok_s else "nan"
         if mfu is not None:
             summary[f"{key}_mfu"] = f"{mfu:.4f}"
@@ -309,6 +330,9 @@ def ratios(summary: dict[str, str]) -> dict[str, str]:
         out["s6_vs_litgpt"] = f"{value('s6_tok_s') / value('litgpt_tok_s'):.3f}"
     if "s3_tok_s" in summary and "s6_tok_s" in summary:
         out["s3_vs_s6"] = f"{value('s3_tok_s') / value('s6_tok_s'):.3f}"
+    for stage in ("6", "7"):
+        if f"s{stage}r_tok_s" in summary and f"s{stage}_tok_s" in summary:
+            out[f"s{stage}r_vs_s{stage}"] = f"{value(f's{stage}r_tok_s') / value(f's{stage}_tok_s'):.3f}"
     return out
 
 
@@ -343,16 +367,16 @@ def main() -> None:
             res = measure_ours_isolated(stage, argv)
             results[stage].append(res)
             got = res.get("tok_s") or res.get("error")
-            print(f"  round {round_ + 1}: stage {stage} ({POLICIES[stage]}): {got}", flush=True)
+            print(f"  round {round_ + 1}: {stage_label(stage)} ({POLICIES[stage]}): {got}", flush=True)
         if not args.no_litgpt:
             with tempfile.TemporaryDirectory(prefix="bench-litgpt-") as tmp:
                 res = measure_litgpt(config, args, Path(tmp))
             results["litgpt"].append(res)
             got = res.get("tok_s") or res.get("error")
             print(f"  round {round_ + 1}: litgpt pretrain: {got}", flush=True)
-    rows = [(f"vinasmol stage {s}", POLICIES[s], best(results[s])) for s in stages]
+    rows = [(stage_label(s), POLICIES[s], best(results[s]), f"s{s}") for s in stages]
     if results["litgpt"]:
-        rows.append(("litgpt pretrain", "all (no freezing)", best(results["litgpt"])))
+        rows.append(("litgpt pretrain", "all (no freezing)", best(results["litgpt"]), "litgpt"))
     summary = print_table(rows, flops_tok, args)
     summary.update(ratios(summary))
     print()

@@ -40,6 +40,7 @@ from vinasmol_core.smoke import SMOKE_NAMESPACE, projection_rows, smoke_recipe
 from vinasmol_core.steps import Step
 from vinasmol_core.store import ArtifactStore, default_store_url
 from vinasmol_core.train.loggers import check_logging
+from vinasmol_core.train.metrics import MEMORY_KEYS
 
 STAGE_RUNNERS = ("inline", "deployment")
 # The steps that read hub datasets or models (and so take the run's `hub_mirror`).
@@ -370,7 +371,8 @@ def _training_phase(
             {"stage": spec.name, "step": checkpoint.step, "ref": ref, "digest": previous,
              "metrics": {k: v for k, v in checkpoint.metrics.items() if isinstance(v, (int, float, str))},
              "mixture": checkpoint.extra.get("mixture", {}),
-             "mixture_warnings": checkpoint.extra.get("mixture_warnings", [])}
+             "mixture_warnings": checkpoint.extra.get("mixture_warnings", []),
+             "memory": {k: checkpoint.metrics[k] for k in MEMORY_KEYS if k in checkpoint.metrics}}
         )
         stage_events.append((spec.name, trained.events))
         ctx.evaluate(previous, spec.name, spec.name)

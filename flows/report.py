@@ -131,6 +131,27 @@ def projection_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def memory_markdown(checkpoints: list[dict[str, Any]]) -> str:
+    """Per stage: trainable parameters and AdamW state as trained, and the same stage at full rank
+    (they differ only where the stage ran ReLoRA)."""
+    lines = [
+        "| stage | ReLoRA | trainable params | AdamW state MiB | full-rank params | full-rank AdamW MiB |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for row in checkpoints:
+        mem = row.get("memory") or {}
+        if "trainable_params" not in mem:
+            continue
+        relora = "yes" if mem.get("relora") else "no"
+        lines.append(
+            f"| {row['stage']} | {relora} | {mem['trainable_params']:,} | "
+            f"{mem.get('optimizer_state_bytes', 0) / 2**20:.1f} | "
+            f"{mem.get('full_rank_trainable_params', 0):,} | "
+            f"{mem.get('full_rank_optimizer_state_bytes', 0) / 2**20:.1f} |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else "_no stage recorded its trainable parameters_"
+
+
 def summary_markdown(result: dict[str, Any], charts: bool = False) -> str:
     """The run summary: fertility, bits per byte per stage and language, checkpoints and export.
     `charts`: the bits-per-byte chart under its table (an inline SVG image, for the Prefect UI)."""
@@ -156,6 +177,8 @@ def summary_markdown(result: dict[str, Any], charts: bool = False) -> str:
         parts.append(f"| {row['stage']} | {row.get('step', '')} | `{row['ref']}` | `{row['digest']}` |")
     parts += ["", "## Data mixture per stage (requested and effective share of sequences)", ""]
     parts.append(mixture_markdown(result["checkpoints"]))
+    parts += ["", "## Trainable parameters and optimizer state per stage", ""]
+    parts.append(memory_markdown(result["checkpoints"]))
     exp = result["export"]
     parts += ["", "## Hugging Face export", "", f"ref `{exp['ref']}`, manifest `{exp['digest']}`"]
     if exp.get("path"):

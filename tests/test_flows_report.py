@@ -1,5 +1,6 @@
 """The run report: the bits-per-byte chart under its table, one line per language over the
-checkpoints in pipeline order; the CLI's text has no image."""
+checkpoints in pipeline order; the CLI's text has no image; the table of trainable parameters and
+optimizer state per stage."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import base64
 import re
 import xml.etree.ElementTree as ET
 
-from flows.report import bpb_chart_svg, summary_markdown
+from flows.report import bpb_chart_svg, memory_markdown, summary_markdown
 
 NS = "{http://www.w3.org/2000/svg}"
 BPB = {
@@ -42,3 +43,25 @@ def test_summary_artifact_has_the_chart_right_after_the_table() -> None:
     blob = re.search(r"base64,([A-Za-z0-9+/=]+)\)", md).group(1)
     assert ET.fromstring(base64.b64decode(blob)).tag == f"{NS}svg"
     assert "data:image" not in summary_markdown(result())
+
+
+def test_memory_table_shows_relora_beside_its_full_rank_figures() -> None:
+    rows = [
+        {"stage": "eeve-3", "step": 4, "ref": "r/eeve-3", "digest": "a", "memory": {}},
+        {
+            "stage": "eeve-6", "step": 4, "ref": "r/eeve-6", "digest": "b",
+            "memory": {
+                "trainable_params": 1_000_000, "optimizer_state_bytes": 8 * 2**20,
+                "full_rank_trainable_params": 3_000_000, "full_rank_optimizer_state_bytes": 24 * 2**20,
+                "relora": True,
+            },
+        },
+    ]
+    table = memory_markdown(rows)
+    assert "| eeve-6 | yes | 1,000,000 | 8.0 | 3,000,000 | 24.0 |" in table
+    assert "| eeve-3 |" not in table  # a stage without figures (an older checkpoint) is left out
+    assert memory_markdown([{"stage": "x"}]) == "_no stage recorded its trainable parameters_"
+    result = {"recipe": "r", "store": "file:///s", "bpb": {}, "checkpoints": rows,
+              "export": {"ref": "e", "digest": "d"}}
+    summary = summary_markdown(result)
+    assert "## Trainable parameters and optimizer state per stage" in summary and table in summary

@@ -31,9 +31,12 @@ def _print_event(event: dict[str, Any]) -> None:
         resumed = f", resumed from step {event['resumed_from']}" if event.get("resumed_from") else ""
         print(
             f"[{event['stage']}] {event['total_steps']} steps, {event['trainable_params']:,} trainable "
-            f"parameters, {event['world_size']} process(es){resumed}",
+            f"parameters ({event.get('optimizer_state_bytes', 0) / 2**20:.1f} MiB of AdamW state"
+            f"{', ReLoRA' if event.get('relora') else ''}), {event['world_size']} process(es){resumed}",
             flush=True,
         )
+    elif kind == "merge":
+        print(f"[{event['stage']}] ReLoRA merge after step {event['step']}", flush=True)
     elif kind == "checkpoint":
         print(f"[{event['stage']}] train-state at step {event['step']} -> {event['ref']}", flush=True)
 

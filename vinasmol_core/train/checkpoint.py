@@ -21,10 +21,10 @@ import torch
 from vinasmol_core.errors import VinaSmolError
 from vinasmol_core.manifests import CheckpointManifest
 from vinasmol_core.memory import training_process_peaks
-from vinasmol_core.train import dist, params, state
+from vinasmol_core.train import dist, params, relora, state
 from vinasmol_core.train.data import TOKENIZER_FILES, tokenizer_digest
 from vinasmol_core.train.inputs import Inputs
-from vinasmol_core.train.metrics import RESULT_PREFIX, MetricsSink, plot_loss_curve, read_events
+from vinasmol_core.train.metrics import MEMORY_KEYS, RESULT_PREFIX, MetricsSink, plot_loss_curve, read_events
 from vinasmol_core.train.runtime import gather_bytes, local_rank_zero_first
 from vinasmol_core.train.spec import StageJob
 
@@ -86,10 +86,15 @@ def final_state_dict(
 
 
 def stage_summary(events: list[dict[str, Any]], tokens: int, steps: int) -> dict[str, Any]:
-    """Final loss, median throughput (first step left out) and the first and last evaluations."""
+    """Final loss, median throughput (first step left out), the first and last evaluations, the
+    trainable parameters and optimizer-state bytes (as trained and at full rank), ReLoRA's merges."""
     evals = [e for e in events if e.get("event") == "eval"]
     step_events = [e for e in events if e.get("event") == "step"]
     summary: dict[str, Any] = {"tokens": tokens, "steps": steps}
+    starts = [e for e in events if e.get("event") == "start"]
+    if starts:
+        summary.update({k: starts[-1][k] for k in MEMORY_KEYS if k in starts[-1]})
+        summary["relora_merges"] = sum(1 for e in events if e.get("event") == "merge")
     if step_events:
         summary["final_loss"] = step_events[-1]["loss"]
         tps = [e["tokens_per_s"] for e in step_events[1:]] or [step_events[0]["tokens_per_s"]]
@@ -149,6 +154,13 @@ class Checkpointer:
         fabric = self.fabric
         saved = state.read_state_json(state_dir)
         step = int(saved["step"])
+        if self.spec.relora is not None:
+            expected = relora.cycle_position(step, self.spec.total_steps, self.spec.relora)
+            if saved.get("relora") != expected:
+                raise VinaSmolError(
+                    f"train-state {resumed[1][:12]}: ReLoRA cycle {saved.get('relora')} does not match "
+                    f"step {step} ({expected})"
+                )
         tensors = state.load_file(str(state_dir / "optimizer.safetensors"))
         dist.load_full_optimizer_state(fabric, module, optimizer, names, tensors)
         rng_path = state_dir / f"rng-rank{fabric.global_rank}.safetensors"
@@ -200,17 +212,17 @@ class Checkpointer:
         )
         for r, blob in enumerate(rng_blobs):
             (out / f"rng-rank{r}.safetensors").write_bytes(blob)
-        state.write_state_json(
-            out,
-            {
-                "step": step,
-                "data_position": step * spec.global_batch,
-                "tokens": step * spec.tokens_per_step,
-                "world_size": self.fabric.world_size,
-                "resume_key": self.resume_key,
-                "stage": spec.name,
-            },
-        )
+        data: dict[str, Any] = {
+            "step": step,
+            "data_position": step * spec.global_batch,
+            "tokens": step * spec.tokens_per_step,
+            "world_size": self.fabric.world_size,
+            "resume_key": self.resume_key,
+            "stage": spec.name,
+        }
+        if spec.relora is not None:  # merges done so far and updates into the current cycle
+            data["relora"] = relora.cycle_position(step, spec.total_steps, spec.relora)
+        state.write_state_json(out, data)
         if self.sink.path.exists():
             shutil.copyfile(self.sink.path, out / "metrics.jsonl")
 
@@ -284,7 +296,7 @@ class Checkpointer:
             "spec": spec.model_dump(mode="json"),
             "first_batch_sha256": first_batch_sha256,
             "resume_key": self.resume_key,
-            "trainable": sorted(self.trainable),
+            "trainable": sorted(n for n in self.trainable if not relora.is_adapter(n)),
             "resumed_from_step": resumed[0] if resumed else None,
             "mixture": mixture,
             "mixture_warnings": mixture_warnings,

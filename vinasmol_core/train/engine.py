@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from vinasmol_core.errors import ConfigError, VinaSmolError
 from vinasmol_core.manifests import CheckpointManifest
-from vinasmol_core.train import dist, params, runtime, state
+from vinasmol_core.train import dist, params, relora, runtime, state
 from vinasmol_core.train.checkpoint import Checkpointer
 from vinasmol_core.train.data import (
     batch_indices,
@@ -116,8 +116,9 @@ class StageModel:
     optimizer: Any  # the Fabric-wrapped optimizer
     raw_optimizer: torch.optim.Optimizer
     names: dict[int, str]  # id(parameter) -> canonical name
-    trainable: list[str]
+    trainable: list[str]  # what the stage changes (with ReLoRA: the targeted base weights and adapters)
     init_state: dict[str, torch.Tensor]
+    adapters: list[torch.Tensor]  # ReLoRA's adapter parameters (empty without ReLoRA)
 
 
 class StageRunner:
@@ -168,6 +169,8 @@ class StageRunner:
         if start_step == 0 and spec.eval_at_start and data.val_sets:
             self._evaluate(m.module, data.val_sets, 0)
         self._train(data, m, checkpoints, start_step)
+        if spec.relora is not None:
+            relora.merge(m.raw)  # the final checkpoint is a plain litgpt one: adapters folded in
         self.fabric.barrier()
         final_state = dist.full_module_state(self.fabric, m.module, m.raw)
         result = None
@@ -225,6 +228,8 @@ class StageRunner:
         params.tie_embeddings(model)
         model.max_seq_length = spec.seq_len
         trainable = params.apply_policy(model, spec.trainable, inputs.base_vocab_size)
+        if spec.relora is not None:
+            trainable = trainable + relora.attach(model, spec.relora, spec.seed)
         return model, init_state, trainable
 
     def _setup(self, model: Any, init_state: dict[str, torch.Tensor], trainable: list[str]) -> StageModel:
@@ -239,12 +244,25 @@ class StageRunner:
         optimizer, names = runtime.make_optimizer(raw, spec)
         wrapped = fabric.setup_optimizers(optimizer)
         raw_optimizer = getattr(wrapped, "optimizer", wrapped)
-        return StageModel(module, raw, wrapped, raw_optimizer, names, trainable, init_state)
+        adapters = [p for n, p in params.named_parameters(raw).items() if relora.is_adapter(n)]
+        return StageModel(module, raw, wrapped, raw_optimizer, names, trainable, init_state, adapters)
+
+    def memory(self, m: StageModel) -> dict[str, int]:
+        """Trainable parameters and AdamW state bytes as trained, and for the same stage at full rank
+        (every tensor the stage changes in the optimizer): equal without ReLoRA."""
+        named = params.named_parameters(m.raw)
+        live = [p for p in named.values() if p.requires_grad]
+        full = [named[n] for n in m.trainable if not relora.is_adapter(n)]
+        return {
+            "trainable_params": sum(p.numel() for p in live),
+            "optimizer_state_bytes": relora.optimizer_bytes(live),
+            "full_rank_trainable_params": sum(p.numel() for p in full),
+            "full_rank_optimizer_state_bytes": relora.optimizer_bytes(full),
+        }
 
     def _emit_start(
         self, data: StageData, m: StageModel, start_step: int, resumed: tuple[int, str] | None
     ) -> None:
-        n_trainable = sum(p.numel() for p in params.named_parameters(m.raw).values() if p.requires_grad)
         self.sink.emit(
             {
                 "event": "start",
@@ -252,8 +270,9 @@ class StageRunner:
                 "total_steps": self.spec.total_steps,
                 "start_step": start_step,
                 "resumed_from": resumed[0] if resumed else None,
-                "trainable": m.trainable,
-                "trainable_params": n_trainable,
+                "trainable": [n for n in m.trainable if not relora.is_adapter(n)],
+                **self.memory(m),
+                "relora": self.spec.relora is not None,
                 "world_size": self.fabric.world_size,
                 "strategy": dist.strategy_name(self.fabric),
                 "first_batch_sha256": data.first_batch_sha256,
@@ -283,6 +302,8 @@ class StageRunner:
                 step, lr=spec.lr, min_lr=spec.min_lr, warmup_steps=spec.warmup_steps, total_steps=total,
                 schedule=spec.schedule, decay_fraction=spec.decay_fraction,
             )
+            if spec.relora is not None:
+                lr *= relora.restart_factor(step, spec.relora)
             for group in m.raw_optimizer.param_groups:
                 group["lr"] = lr
             step_loss, grad_norm = optimizer_step(
@@ -300,12 +321,25 @@ class StageRunner:
                         "step_time_s": dt,
                     }
                 )
+            if spec.relora is not None and done % spec.relora.merge_every == 0 and done < total:
+                self._merge(m, done)
             if data.val_sets and (done % spec.eval_interval == 0 or done == total):
                 self._evaluate(m.module, data.val_sets, done)
             if done % spec.checkpoint_interval == 0 or done == total:
                 checkpoints.publish_state(m.module, m.raw, m.raw_optimizer, m.names, done, loss)
             if self.job.fail_at_step is not None and done == self.job.fail_at_step:
                 lose_node(spec.nodes, done)
+
+    def _merge(self, m: StageModel, done: int) -> None:
+        """ReLoRA's restart after update `done`: merge the adapters, draw the next cycle's adapters,
+        prune their AdamW moments. Before any train-state of this step, so one holds the new cycle."""
+        cfg = self.spec.relora
+        assert cfg is not None
+        cycle = done // cfg.merge_every
+        relora.merge(m.raw)
+        relora.init_adapters(m.raw, self.spec.seed, cycle)
+        relora.reset_moments(m.raw_optimizer, m.adapters, cfg.optimizer_reset)
+        self.sink.emit({"event": "merge", "stage": self.spec.name, "step": done, "cycle": cycle})
 
     @torch.no_grad()
     def _evaluate(self, model: Any, val_sets: dict[str, np.ndarray], step: int) -> None:
@@ -315,6 +349,7 @@ class StageRunner:
         vocab = self.inputs.config.vocab_size
         losses: dict[str, float] = {}
         bpb: dict[str, float] = {}
+        model.eval()  # no adapter dropout (and no RNG draw) while evaluating
         for lang, seqs in val_sets.items():
             # every rank makes the same number of forward passes (collectives inside the wrapped
             # module's forward must pair up); a rank short of sequences runs a masked dummy batch
@@ -335,6 +370,7 @@ class StageRunner:
             if totals[1] > 0:
                 losses[lang] = float(totals[0] / totals[1])
                 bpb[lang] = float(totals[0] / (math.log(2) * max(float(totals[2]), 1.0)))
+        model.train()
         self.sink.emit(
             {"event": "eval", "stage": spec.name, "step": step, "val_loss": losses, "val_bpb": bpb}
         )

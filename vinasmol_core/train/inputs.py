@@ -11,7 +11,7 @@ import torch
 
 from vinasmol_core.errors import ConfigError, VinaSmolError
 from vinasmol_core.manifests import CheckpointManifest, DatasetManifest
-from vinasmol_core.train import params
+from vinasmol_core.train import params, relora
 from vinasmol_core.train.data import check_data_matches_checkpoint, eval_languages, open_sampler
 from vinasmol_core.train.spec import StageJob, StageSpec
 
@@ -110,8 +110,10 @@ def prepare_inputs(job: StageJob, store: ArtifactStore) -> Inputs:
 
     with torch.device("meta"):
         probe = GPT(config)
-    params.tie_embeddings(probe)
-    params.apply_policy(probe, spec.trainable, base_vocab)
+        params.tie_embeddings(probe)
+        params.apply_policy(probe, spec.trainable, base_vocab)
+        if spec.relora is not None:  # and the ReLoRA targets
+            relora.attach(probe, spec.relora, spec.seed)
     counts = dataset_manifest.token_counts
     available = {k[4:] for k, v in counts.items() if k.startswith("val/") and v > 0} or None
     return Inputs(

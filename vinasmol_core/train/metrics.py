@@ -12,6 +12,14 @@ from typing import Any
 METRICS_PREFIX = "@@vinasmol-metrics "
 RESULT_PREFIX = "@@vinasmol-result "
 ERROR_PREFIX = "@@vinasmol-error "
+# a stage's memory figures, in its start event and its manifest's metrics (`relora`: whether it ran ReLoRA)
+MEMORY_KEYS = (
+    "trainable_params",
+    "optimizer_state_bytes",
+    "full_rank_trainable_params",
+    "full_rank_optimizer_state_bytes",
+    "relora",
+)
 
 
 def _clean(value: Any) -> Any:

@@ -78,10 +78,12 @@ _WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig
 
 
 def clean_name(name: str) -> str:
-    """A parameter name without the segments FSDP, checkpoint wrappers or torch.compile insert."""
+    """A parameter name without the segments FSDP, checkpoint wrappers or torch.compile insert, and
+    without the `.linear` of a layer wrapped in litgpt's `LoRALinear` (ReLoRA): the base weight keeps
+    its plain name."""
     for part in _WRAPPER_PARTS:
         name = name.replace(part, "")
-    return name
+    return name.replace(".linear.", ".")
 
 
 def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

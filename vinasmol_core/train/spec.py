@@ -46,6 +46,41 @@ OPERATIONAL_FIELDS = frozenset(
 )
 
 
+class ReLoRASpec(BaseModel):
+    """ReLoRA (arXiv 2307.05695): the targeted linear layers train through low-rank adapters (litgpt's
+    `LoRALinear`) that are merged into the base weights every `merge_every` steps and started afresh,
+    so the update accumulated over a stage is of full rank."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(default=128, gt=0, description="adapter rank r")
+    alpha: float = Field(default=32.0, gt=0, description="adapter scale alpha / r")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="dropout on the adapter's input")
+    targets: list[str] = Field(
+        default_factory=lambda: ["attn.*", "mlp.*"],
+        min_length=1,
+        description="fnmatch patterns over a block's linear layers (attn.qkv, attn.proj, mlp.fc_1, ...)",
+    )
+    merge_every: int = Field(default=1000, gt=0, description="optimizer steps between merges")
+    optimizer_reset: float = Field(
+        default=0.99,
+        ge=0,
+        le=1,
+        description="share of each adapter's AdamW entries zeroed at a merge, smallest |exp_avg| first, "
+        "both moments under one mask (0.99: the paper's pruning; 1: a full reset; 0: kept)",
+    )
+    warmup_after_merge: int = Field(
+        default=50, ge=0, description="steps of linear learning-rate warmup after each merge (jagged)"
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, value: list[str]) -> list[str]:
+        if any(not p for p in value):
+            raise ValueError("targets must be non-empty patterns")
+        return value
+
+
 class StageSpec(BaseModel):
     """Everything that defines one training stage. Cross-field rules are checked by `check()`."""
 
@@ -78,6 +113,9 @@ class StageSpec(BaseModel):
     # data
     mixture: dict[str, float] = Field(description="sampling weight per language tag, role or source")
     long_context: dict[str, Any] | None = Field(default=None, description="long-document up-sampling spec")
+    relora: ReLoRASpec | None = Field(
+        default=None, description="train the transformer's linear layers through merged low-rank adapters"
+    )
     # model geometry
     rope_base: float | None = Field(default=None, gt=0)
     rope_adjustments: dict[str, Any] | None = None
@@ -179,6 +217,27 @@ class StageSpec(BaseModel):
         if self.block_size is not None and self.seq_len > self.block_size:
             raise ConfigError(
                 f"stage {self.name}: seq_len={self.seq_len} is above block_size={self.block_size}"
+            )
+        self._check_relora()
+
+    def _check_relora(self) -> None:
+        relora = self.relora
+        if relora is None:
+            return
+        if self.trainable not in ("all", "transformer"):
+            raise ConfigError(
+                f"stage {self.name}: relora needs trainable=all or trainable=transformer (the stage must "
+                f"train the transformer's weights), got trainable={self.trainable!r}"
+            )
+        if self.strategy == "fsdp":
+            raise ConfigError(
+                f"stage {self.name}: relora is not supported with strategy=fsdp (merging needs whole "
+                "weights); use ddp"
+            )
+        if relora.warmup_after_merge > relora.merge_every:
+            raise ConfigError(
+                f"stage {self.name}: relora.warmup_after_merge={relora.warmup_after_merge} is above "
+                f"relora.merge_every={relora.merge_every}"
             )
 
     def math_fields(self) -> dict[str, Any]:
