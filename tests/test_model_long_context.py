@@ -64,7 +64,7 @@ def test_passkey_prompt_has_the_length_and_depth(tiny: tuple[Path, Path]) -> Non
     assert needles[0] < needles[1] < needles[2]
 
 
-def test_report_and_short_checkpoint_error(tiny: tuple[Path, Path]) -> None:
+def test_report_and_short_checkpoint_error(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     model, val = tiny
     report = long_context_report(model, {"en": [val]}, length=128, passkey_lengths=[192, 256],
                                  depths=[0.0, 1.0], trials=2, max_docs=2)
@@ -75,5 +75,7 @@ def test_report_and_short_checkpoint_error(tiny: tuple[Path, Path]) -> None:
         assert all(0 <= cell["exact"] <= cell["digits"] <= 1 and cell["trials"] == 2 for cell in row.values())
     with pytest.raises(VinaSmolError, match="block size is 256 tokens, shorter than the 512 tokens"):
         long_context_report(model, {"en": [val]}, length=128, passkey_lengths=[512])
-    with pytest.raises(VinaSmolError, match="no en validation document has 256 tokens"):
-        long_context_report(model, {"en": [val]}, length=256, passkey_lengths=[], max_docs=2)
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"text": "A short document."}) + "\n", encoding="utf-8")
+    with pytest.raises(VinaSmolError, match="no en validation document has 128 tokens"):
+        long_context_report(model, {"en": [short]}, length=128, passkey_lengths=[])
