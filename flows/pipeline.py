@@ -24,7 +24,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as runtime_flow_run
 
-from tasks.common import corpus_digest, result_storage_for, store_root
+from tasks.common import corpus_digest, folder_digest, result_storage_for, store_root
 from tasks.data import prepare_data
 from tasks.model import convert_to_litgpt, evaluate, export, fetch_base_model, init_embeddings
 from tasks.tokenizer import merge_vocabulary, train_tokenizer
@@ -177,17 +177,24 @@ class _Run:
         return {c.name: self.digests[c.name] for c in corpora}
 
     def evaluate(self, checkpoint: str, label: str, producer: str) -> None:
-        """Evaluate a checkpoint (re-run when its producer is forced) and record its bits per byte."""
+        """Evaluate a checkpoint (re-run when its producer is forced) and record its bits per byte,
+        and its long-context and harness results where the recipe asks for them."""
+        section = self.recipe.eval.for_label(label)
+        include = section.harness.include_path if section.harness.after else None
         report = self.run(
             evaluate,
             label,
             rerun=self.plan.refresh_evaluation(producer),
             checkpoint=checkpoint,
             label=label,
-            section=self.recipe.eval,
+            section=section,
             eval_corpora=self.main_corpora,
+            include_digest=folder_digest(include) if include else "",
         )
         self.result["bpb"][label] = report.metrics.get("bpb", {})
+        for key in ("long", "harness"):
+            if key in report.metrics:
+                self.result[key][label] = report.metrics[key]
 
 
 def _open_run(plan: RunPlan) -> _Run:
@@ -198,6 +205,8 @@ def _open_run(plan: RunPlan) -> _Run:
         "store": plan.store_url,
         "run": flow_run_id,
         "bpb": {},
+        "long": {},
+        "harness": {},
         "checkpoints": [],
         "fertility_markdown": "",
     }

@@ -7,6 +7,12 @@ import base64
 from typing import Any
 
 from tasks.common import slug
+from vinasmol_core.model.eval_tables import (
+    harness_markdown,
+    long_bpb_markdown,
+    long_context_markdown,
+    passkey_markdown,
+)
 
 
 def metrics_rows(events: list[dict[str, Any]], limit: int = 200) -> list[dict[str, Any]]:
@@ -79,6 +85,12 @@ def summary_markdown(result: dict[str, Any]) -> str:
         "",
     ]
     parts += ["## Bits per byte on validation text (lower is better)", "", bpb_markdown(result["bpb"]), ""]
+    if result.get("long"):
+        parts += ["## Long context: bits per byte by position", "", long_bpb_markdown(result["long"]), ""]
+        parts += ["## Long context: passkey retrieval", "", passkey_markdown(result["long"]), ""]
+    if result.get("harness"):
+        parts += ["## Benchmarks (lm-evaluation-harness: acc (acc_norm), documents)", "",
+                  harness_markdown(result["harness"]), ""]
     parts += [
         "## Checkpoints",
         "",
@@ -114,6 +126,14 @@ def publish_artifacts(result: dict[str, Any], stage_events: list[tuple[str, list
             key="loss-curve",
             description="training loss over all stages",
         )
+    if result.get("long"):
+        create_markdown_artifact(markdown=long_context_markdown(result["long"]), key="long-context",
+                                 description="bits per byte by position bucket and passkey retrieval")
+    if result.get("harness"):
+        tasks = sorted({t for row in result["harness"].values() for t in row})
+        rows = [{"stage": label, **{t: row.get(t, {}).get("acc") for t in tasks}}
+                for label, row in result["harness"].items()]
+        create_table_artifact(table=rows, key="harness", description="lm-evaluation-harness acc per stage")
     create_markdown_artifact(
         markdown=summary_markdown(result),
         key=f"summary-{slug(result['recipe'])}",

@@ -275,6 +275,17 @@ def corpus_digest(corpus: CorpusSpec) -> str:
     return h.hexdigest()
 
 
+def folder_digest(folder: str | Path) -> str:
+    """sha256 over the relative paths and bytes of a folder's files (local harness tasks)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise VinaSmolError(f"eval.harness.include_path: {root} is not a folder")
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
 def val_files(corpora: list[CorpusSpec], out_dir: Path, languages: list[str]) -> dict[str, list[str]]:
     """Validation files per language, from the main corpora (annealing data never changes evals)."""
     files: dict[str, list[str]] = {}

@@ -122,8 +122,8 @@ class DataSection(_Strict):
 class LongEvalSection(_Strict):
     """Long-context checks (`vinasmol_core.model.long_context`) after the named stages."""
 
-    after: list[str] = Field(default_factory=lambda: ["context-extension", "annealing"],
-                             description="stages (or base, init) whose checkpoint is checked")
+    after: list[str] = Field(default_factory=list, description="stages (or base, init) to check, e.g. "
+                             "context-extension and annealing")
     length: int = Field(default=8192, gt=0, description="tokens per document; buckets: its quarters, halves")
     max_docs: int = Field(default=16, gt=0, description="long validation documents per language")
     languages: list[Lang] = Field(default_factory=lambda: ["vi", "en"], min_length=1)
@@ -164,7 +164,7 @@ class EvalSection(_Strict):
 
     def for_label(self, label: str) -> EvalSection:
         """The section one checkpoint's evaluation reads: long and harness checks only where asked."""
-        long = self.long if label in self.long.after else self.long.model_copy(update={"after": []})
+        long = self.long if label in self.long.after else LongEvalSection(after=[])
         harness = self.harness if label in self.harness.after else HarnessSection()
         return self.model_copy(update={"long": long, "harness": harness})
 

@@ -100,25 +100,28 @@ def _hf_folder(model_dir: Path, tmp: Path) -> Path:
                         f"({LIT_CONFIG} + {LIT_WEIGHTS})")
 
 
-def task_manager(tasks: list[str], include_path: Path | None = None) -> Any:
+def task_manager(tasks: list[str], include_path: Path | list[Path] | None = None) -> Any:
     """A TaskManager that knows every name of `tasks` (built-in tasks indexed only when needed);
     VinaSmolError naming the unknown ones."""
     from lm_eval.tasks import TaskManager
 
     if not tasks:
         raise VinaSmolError("no harness task named (give --tasks, or eval.harness.tasks)")
-    if include_path is not None and not Path(include_path).is_dir():
-        raise VinaSmolError(f"harness include path {include_path} is not a folder")
+    paths = [] if include_path is None else [include_path] if isinstance(include_path, Path) else include_path
+    for path in paths:
+        if not Path(path).is_dir():
+            raise VinaSmolError(f"harness include path {path} is not a folder")
+    local = [str(p) for p in paths] or None
     manager = None
-    if include_path is not None:
-        manager = TaskManager(include_path=str(include_path), include_defaults=False)
+    if local:
+        manager = TaskManager(include_path=local, include_defaults=False)
         if not set(tasks) <= set(manager.all_tasks):
             manager = None
     if manager is None:
-        manager = TaskManager(include_path=str(include_path) if include_path else None)
+        manager = TaskManager(include_path=local)
     unknown = [t for t in tasks if t not in set(manager.all_tasks)]
     if unknown:
-        where = f" nor in {include_path}" if include_path else ""
+        where = f" nor in {', '.join(local)}" if local else ""
         raise VinaSmolError(f"unknown harness task(s): {', '.join(unknown)} (not in lm-evaluation-harness's "
                             f"task registry{where})")
     return manager
@@ -142,7 +145,7 @@ def run_harness(
     *,
     limit: int | None = None,
     num_fewshot: int | None = None,
-    include_path: Path | None = None,
+    include_path: Path | list[Path] | None = None,
     device: str = "cpu",
     batch_size: int = 8,
 ) -> dict[str, dict[str, float]]:

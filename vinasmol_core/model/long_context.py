@@ -104,7 +104,7 @@ def position_bpb(
                 hi = starts[b + 1] if b + 1 < len(starts) else end
                 nbytes[b] += len(text[starts[b] : hi].encode("utf-8"))
     return [
-        {"bucket": bucket_label(edges[b], edges[b + 1]),
+        {"bucket": bucket_label(edges[b], edges[b + 1]), "start": edges[b], "end": edges[b + 1],
          "bpb": bits[b] / nbytes[b] if nbytes[b] else math.nan,
          "bits": bits[b], "bytes": nbytes[b], "tokens": (edges[b + 1] - edges[b]) * len(docs)}
         for b in range(len(edges) - 1)
@@ -181,8 +181,10 @@ def long_context_report(
 
     Raises VinaSmolError when the checkpoint is shorter than a requested length or a language has no
     validation document of `length` tokens."""
+    if not files and not passkey_lengths:
+        raise VinaSmolError("nothing to evaluate: give validation files or passkey lengths")
     scorer = Scorer(Path(model_dir), device=device, dtype=dtype)
-    for n in [length, *passkey_lengths]:
+    for n in [length, *passkey_lengths] if files else passkey_lengths:
         check_length(scorer, n, "the long-context evaluation")
     bpb: dict[str, Any] = {}
     for lang, paths in files.items():
