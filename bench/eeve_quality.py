@@ -31,6 +31,7 @@ import shutil
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +85,10 @@ def frozen_unchanged(init_dir: Path, after_dir: Path, base_vocab_size: int) -> t
     return same, changed_rows
 
 
-def main() -> None:
+def build_parser(description: str = __doc__ or "") -> argparse.ArgumentParser:
+    """The bench's options (also those of the benches that reuse its stage 3)."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "eeve_quality")
@@ -111,14 +113,30 @@ def main() -> None:
     parser.add_argument("--max-bytes", type=int, default=150_000, help="validation UTF-8 bytes per language")
     parser.add_argument("--eval-seq-len", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    args = parser.parse_args()
+    return parser
 
+
+@dataclass
+class Stage3:
+    """What stage 3 left: the three model folders and how the run went."""
+
+    base: Path
+    init: Path
+    after: Path
+    ext_info: dict[str, Any]
+    spec: Any
+    steps_seen: list[dict[str, Any]]
+    timings: dict[str, float]
+
+
+def run_stage3(args: argparse.Namespace) -> Stage3:
+    """SmolLM2-135M, extended, converted, and trained by stage 3 (each part reused from args.work)."""
     import torch
 
     from vinasmol_core.builtin.smollm2 import build_smollm2_135m
     from vinasmol_core.data import PrepareSettings, SourceSpec, prepare_dataset
     from vinasmol_core.manifests import CheckpointManifest
-    from vinasmol_core.model import bits_per_byte_report, extend_model, hf_to_litgpt
+    from vinasmol_core.model import extend_model, hf_to_litgpt
     from vinasmol_core.store import ArtifactStore
     from vinasmol_core.train import StageJob, StageSpec, run_stage_process
 
@@ -214,8 +232,19 @@ def main() -> None:
     t0 = time.perf_counter()
     manifest = run_stage_process(job, on_metrics, echo=False)
     timings["stage 3"] = time.perf_counter() - t0
-    after = store.fetch(manifest.digest)
+    return Stage3(base, lit, store.fetch(manifest.digest), ext_info, spec, steps_seen, timings)
 
+
+def main() -> None:
+    args = build_parser().parse_args()
+    import torch
+
+    from vinasmol_core.model import bits_per_byte_report
+
+    run = run_stage3(args)
+    base, lit, after, ext_info, spec = run.base, run.init, run.after, run.ext_info, run.spec
+    steps_seen, timings = run.steps_seen, run.timings
+    tokens_per_step = args.global_batch * args.seq_len
     files = {lang: [args.data / rel] for lang, rel in VAL.items()}
     scores: dict[str, Any] = {}
     for label, path in (("base", base), ("init", lit), ("after", after)):
