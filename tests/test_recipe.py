@@ -11,7 +11,7 @@ import yaml
 
 from tests.cli_helpers import run_vinasmol
 from vinasmol_core.errors import ConfigError
-from vinasmol_core.recipe import load_recipe, parse_recipe, recipe_schema
+from vinasmol_core.recipe import LongEvalSection, load_recipe, parse_recipe, recipe_schema
 from vinasmol_core.steps import STEPS_BEFORE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,12 +115,11 @@ def test_eval_section_per_checkpoint() -> None:
     r = load_recipe(TINY)
     assert r.eval.for_label("context-extension").long.length == 256
     assert r.eval.for_label("eeve-3").long.after == [] and r.eval.for_label("eeve-3").harness.after == []
-    from vinasmol_core.recipe import LongEvalSection
-
     other = r.eval.model_copy(update={"long": LongEvalSection(after=["annealing"], length=999)})
     assert other.for_label("eeve-3") == r.eval.for_label("eeve-3")
     assert other.for_label("annealing") != r.eval.for_label("annealing")
-    assert r.eval.for_label("eeve-7").harness.task_names() == ["vinasmol_cloze_vi"]
+    assert r.eval.for_label("annealing").harness.task_names() == ["vinasmol_cloze_vi"]
+    assert r.eval.for_label("eeve-7").harness.after == []
     assert r.eval.for_label("eeve-7").long.after == []
 
 

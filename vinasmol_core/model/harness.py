@@ -39,7 +39,8 @@ def write_choice_task(folder: Path, name: str, items: list[dict[str, Any]]) -> P
     config = {
         "task": name,
         "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        # the datasets library's cache of the parsed file stays beside it, not in the user's home
+        "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(folder.resolve() / ".cache")},
         "test_split": "test",
         "output_type": "multiple_choice",
         "doc_to_text": "{{context}}",
