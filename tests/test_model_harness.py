@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from vinasmol_core.builtin.tiny import build_tiny_base_model, build_tiny_tokenizer
-from vinasmol_core.errors import VinaSmolError
 from vinasmol_core.model.harness import cloze_items, run_harness, write_choice_task
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "piano", "garden", "window",
