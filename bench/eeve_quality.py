@@ -31,6 +31,7 @@ import shutil
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -242,25 +243,46 @@ def run_logged(job: Any) -> tuple[Any, list[dict[str, Any]]]:
     return run_stage_process(job, on_metrics, echo=False), steps_seen
 
 
+@dataclass
+class Stage3:
+    """What stage 3 left: the base, extended and trained model folders, and how the run went."""
+
+    base: Path
+    init: Path
+    after: Path
+    ext_info: dict[str, Any]
+    spec: Any
+    steps_seen: list[dict[str, Any]]
+    timings: dict[str, float]
+
+
+def run_stage3(args: argparse.Namespace) -> Stage3:
+    """SmolLM2-135M, extended, converted and trained by stage 3 (each part reused from args.work)."""
+    from vinasmol_core.train import StageJob
+
+    prep = prepare(args)
+    spec = stage3_spec(args)
+    job = StageJob(
+        spec=spec, init_checkpoint=prep.init_digest, dataset="bench/dataset", store_url=prep.store_url
+    )
+    t0 = time.perf_counter()
+    manifest, steps_seen = run_logged(job)
+    prep.timings["stage 3"] = time.perf_counter() - t0
+    after = prep.store.fetch(manifest.digest)
+    return Stage3(prep.base, prep.lit, after, prep.ext_info, spec, steps_seen, prep.timings)
+
+
 def main() -> None:
     args = make_parser().parse_args()
 
     import torch
 
     from vinasmol_core.model import bits_per_byte_report
-    from vinasmol_core.train import StageJob
 
-    prep = prepare(args)
-    base, lit, ext_info, store, timings = prep.base, prep.lit, prep.ext_info, prep.store, prep.timings
-    spec = stage3_spec(args)
+    run = run_stage3(args)
+    base, lit, after, ext_info, spec = run.base, run.init, run.after, run.ext_info, run.spec
+    steps_seen, timings = run.steps_seen, run.timings
     tokens_per_step = args.global_batch * args.seq_len
-    job = StageJob(
-        spec=spec, init_checkpoint=prep.init_digest, dataset="bench/dataset", store_url=prep.store_url
-    )
-    t0 = time.perf_counter()
-    manifest, steps_seen = run_logged(job)
-    timings["stage 3"] = time.perf_counter() - t0
-    after = store.fetch(manifest.digest)
 
     files = {lang: [args.data / rel] for lang, rel in VAL.items()}
     scores: dict[str, Any] = {}

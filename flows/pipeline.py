@@ -225,18 +225,27 @@ class _Run:
         return {c.name: self.digests[c.name] for c in corpora}
 
     def evaluate(self, checkpoint: str, label: str, producer: str) -> None:
-        """Evaluate a checkpoint (re-run when its producer is forced) and record its bits per byte."""
+        """Evaluate a checkpoint (re-run when its producer is forced) and record its bits per byte,
+        and its long-context and harness results where the recipe asks for them."""
+        section = self.recipe.eval.for_label(label)
+        include = section.harness.include_path if section.harness.after else None
+        if include and not Path(include).is_dir():
+            raise ConfigError(f"eval.harness.include_path: {include} is not a folder")
         report = self.run(
             evaluate,
             label,
             rerun=self.plan.refresh_evaluation(producer),
             checkpoint=checkpoint,
             label=label,
-            section=self.recipe.eval,
+            section=section,
             eval_corpora=self.main_corpora,
             val_fraction=self.recipe.data.val_fraction,
+            include_digest=folder_digest(Path(include)) if include else "",
         )
         self.result["bpb"][label] = report.metrics.get("bpb", {})
+        for key in ("long", "harness"):
+            if key in report.metrics:
+                self.result[key][label] = report.metrics[key]
 
 
 def _open_run(plan: RunPlan) -> _Run:
@@ -247,6 +256,8 @@ def _open_run(plan: RunPlan) -> _Run:
         "store": plan.store_url,
         "run": flow_run_id,
         "bpb": {},
+        "long": {},
+        "harness": {},
         "checkpoints": [],
         "fertility_markdown": "",
     }

@@ -8,6 +8,12 @@ from typing import Any
 
 from tasks.common import slug
 from tasks.curves import svg_image
+from vinasmol_core.model.eval_tables import (
+    harness_markdown,
+    long_bpb_markdown,
+    long_context_markdown,
+    passkey_markdown,
+)
 
 
 def metrics_rows(events: list[dict[str, Any]], limit: int = 200) -> list[dict[str, Any]]:
@@ -167,6 +173,12 @@ def summary_markdown(result: dict[str, Any], charts: bool = False) -> str:
     chart = bpb_chart_svg(result["bpb"]) if charts else None
     if chart is not None:
         parts += [svg_image(chart, "bits per byte per checkpoint and language"), ""]
+    if result.get("long"):
+        parts += ["## Long context: bits per byte by position", "", long_bpb_markdown(result["long"]), ""]
+        parts += ["## Long context: passkey retrieval", "", passkey_markdown(result["long"]), ""]
+    if result.get("harness"):
+        parts += ["## Benchmarks (lm-evaluation-harness: acc (acc_norm), documents)", "",
+                  harness_markdown(result["harness"]), ""]
     parts += [
         "## Checkpoints",
         "",
@@ -207,6 +219,14 @@ def publish_artifacts(result: dict[str, Any], stage_events: list[tuple[str, list
             key="loss-curve",
             description="training loss over all stages",
         )
+    if result.get("long"):
+        create_markdown_artifact(markdown=long_context_markdown(result["long"]), key="long-context",
+                                 description="bits per byte by position bucket and passkey retrieval")
+    if result.get("harness"):
+        tasks = sorted({t for row in result["harness"].values() for t in row})
+        rows = [{"stage": label, **{t: row.get(t, {}).get("acc") for t in tasks}}
+                for label, row in result["harness"].items()]
+        create_table_artifact(table=rows, key="harness", description="lm-evaluation-harness acc per stage")
     create_markdown_artifact(
         markdown=summary_markdown(result, charts=True),
         key=f"summary-{slug(result['recipe'])}",

@@ -5,7 +5,8 @@ the published manifest out.
   checkpoint (a tiny random model, the real SmolLM2-135M, an HF folder or hub id, or an artifact).
 - `init_embeddings` ("init-embeddings", `embedding_init`): `vinasmol_core.model.extend_model`.
 - `convert_to_litgpt` ("convert-to-litgpt"): `vinasmol_core.model.hf_to_litgpt`.
-- `evaluate` ("evaluate", `eval`): `vinasmol_core.model.bits_per_byte_report` per language.
+- `evaluate` ("evaluate", `eval`): `vinasmol_core.model.bits_per_byte_report` per language, and where
+  the section asks, `long_context.long_context_report` and `harness.run_harness`.
 - `export` ("export", `export`): `vinasmol_core.model.export_hf`, logits parity checked.
 
 Each fetches its inputs from the store, works in a scratch folder and publishes its output.
@@ -108,13 +109,54 @@ def convert_to_litgpt(hf_model: str, litgpt_name: str | None, store_url: str) ->
                                   parents=[store.resolve(hf_model)])
 
 
+def _long_metrics(model_dir: Path, section: EvalSection, corpora: list[CorpusSpec], tmp: Path,
+                  val_fraction: float, hub_mirror: str | None) -> dict:
+    from vinasmol_core.model.long_context import long_context_report
+
+    long = section.long
+    files = val_files(corpora, tmp / "val", list(long.languages), val_fraction, hub_mirror)
+    return long_context_report(
+        model_dir, {lang: [Path(p) for p in paths] for lang, paths in files.items()},
+        length=long.length, passkey_lengths=list(long.passkey_lengths), depths=list(long.depths),
+        trials=long.trials, max_docs=long.max_docs,
+    )
+
+
+def _harness_metrics(model_dir: Path, section: EvalSection, corpora: list[CorpusSpec], tmp: Path,
+                     val_fraction: float, hub_mirror: str | None) -> dict:
+    """Harness scores; the recipe's cloze tasks are written from the validation text first."""
+    from vinasmol_core.model.bpb import select_documents
+    from vinasmol_core.model.harness import cloze_items, run_harness, write_choice_task
+
+    harness = section.harness
+    include = [Path(harness.include_path)] if harness.include_path else []
+    if harness.cloze:
+        files = val_files(corpora, tmp / "val", [c.lang for c in harness.cloze], val_fraction, hub_mirror)
+        for cloze in harness.cloze:
+            docs = select_documents([Path(p) for p in files.get(cloze.lang, [])], max_docs=cloze.items * 4)
+            items = cloze_items(docs, cloze.items)
+            if not items:
+                raise VinaSmolError(f"eval.harness.cloze: no {cloze.lang} validation text to build a task")
+            write_choice_task(tmp / "tasks", f"vinasmol_cloze_{cloze.lang}", items)
+        include.append(tmp / "tasks")
+    return run_harness(model_dir, harness.task_names(), limit=harness.limit, num_fewshot=harness.num_fewshot,
+                       include_path=include)
+
+
 @step(Step.EVALUATE)
 def evaluate(
-    checkpoint: str, label: str, section: EvalSection, eval_corpora: list[CorpusSpec], store_url: str,
-    val_fraction: float = 0.0, hub_mirror: str | None = None,
+    checkpoint: str,
+    label: str,
+    section: EvalSection,
+    eval_corpora: list[CorpusSpec],
+    store_url: str,
+    val_fraction: float = 0.0,
+    hub_mirror: str | None = None,
+    include_digest: str = "",
 ) -> EvalReportManifest:
-    """Bits per byte of a checkpoint on each language's validation documents (main corpora), published
-    as an eval report."""
+    """Bits per byte of a checkpoint on each language's validation documents (main corpora); the
+    long-context checks and the harness tasks where the section asks for them (`EvalSection.for_label`);
+    published as an eval report. `include_digest` keys the cache on the harness's local task files."""
     from vinasmol_core.model import bits_per_byte_report
     from vinasmol_core.model.bpb import report_to_json
 
@@ -130,12 +172,16 @@ def evaluate(
             seq_len=section.seq_len,
             device="cpu",
         )
+        metrics: dict = {"bpb": {k: v.bpb for k, v in report.items()}, "details": report_to_json(report)}
+        if section.long.after:
+            metrics["long"] = _long_metrics(model_dir, section, eval_corpora, tmp, val_fraction, hub_mirror)
+        if section.harness.after:
+            metrics["harness"] = _harness_metrics(
+                model_dir, section, eval_corpora, tmp, val_fraction, hub_mirror
+            )
     digest = store.resolve(checkpoint)
     manifest = EvalReportManifest(
-        name=f"eval-{label}" if label else "eval",
-        model_digest=digest,
-        metrics={"bpb": {k: v.bpb for k, v in report.items()}, "details": report_to_json(report)},
-        parents=[digest],
+        name=f"eval-{label}" if label else "eval", model_digest=digest, metrics=metrics, parents=[digest]
     )
     return store.publish(manifest)
 

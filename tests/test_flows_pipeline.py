@@ -49,7 +49,11 @@ def write_test_recipe(path: Path, annealing_seed: int = 7) -> Path:
         gb = stage.get("global_batch", data["stage_defaults"]["global_batch"])
         seq = stage.get("seq_len", data["stage_defaults"]["seq_len"])
         stage["max_tokens"] = STEPS_PER_STAGE * gb * seq
-    data["eval"] = {"max_docs": 4, "seq_len": 64, "languages": ["vi", "en", "code"]}
+    long, harness = data["eval"]["long"], data["eval"]["harness"]
+    long.update(max_docs=2, languages=["code"], passkey_lengths=[256], depths=[0.0, 1.0])
+    harness.update(after=["init", "annealing"], cloze=[{"lang": "vi", "items": 6}], limit=6)
+    data["eval"] = {"max_docs": 4, "seq_len": 64, "languages": ["vi", "en", "code"], "long": long,
+                    "harness": harness}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
@@ -196,6 +200,12 @@ def test_pipeline_end_to_end_every_stage_and_loadable_export(runs) -> None:
     assert set(result["bpb"]) == {"base", "init", *STAGES}
     assert all(set(v) == {"vi", "en", "code"} for v in result["bpb"].values())
     assert "base" in result["fertility_markdown"] and "extended" in result["fertility_markdown"]
+    assert set(result["long"]) == {"context-extension", "annealing"}
+    for rep in result["long"].values():
+        assert [b["bucket"] for b in rep["bpb"]["code"]["buckets"]] == ["0-64", "64-128", "128-256"]
+        assert set(rep["passkey"]) == {"256"}
+    assert set(result["harness"]) == {"init", "annealing"}
+    assert all(row["vinasmol_cloze_vi"]["n"] == 6 for row in result["harness"].values())
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -223,7 +233,7 @@ def test_prefect_artifacts_of_the_run(runs) -> None:
     assert {"progress", "table", "markdown"} <= types
     assert {f"progress-{s}" for s in STAGES} <= keys
     assert {f"metrics-{s}" for s in STAGES} <= keys
-    assert {"loss-curve", "summary-tiny-test"} <= keys
+    assert {"loss-curve", "summary-tiny-test", "long-context", "harness"} <= keys
     latest: dict[str, Any] = {}
     for art in (a for a in arts if a.type == "progress"):
         if art.key not in latest or art.created > latest[art.key].created:
@@ -232,6 +242,12 @@ def test_prefect_artifacts_of_the_run(runs) -> None:
     summary = next(a for a in arts if a.key == "summary-tiny-test")
     assert "Bits per byte" in summary.data and "fertility" in summary.data.lower()
     assert "| eeve-3 | sample-vi |" in summary.data  # the effective mixture of every stage
+    assert "Long context: bits per byte by position" in summary.data and "vinasmol_cloze_vi" in summary.data
+    long = next(a for a in arts if a.key == "long-context")
+    assert "| annealing | code | 2 |" in long.data and "0-64 BPB" in long.data
+    assert "| context-extension | 256 |" in long.data and long.data.count("data:image/svg+xml") == 2
+    harness = next(a for a in arts if a.key == "harness")
+    assert [row["stage"] for row in json.loads(harness.data)] == ["init", "annealing"]
     curve = next(a for a in arts if a.key == "loss-curve")
     assert "data:image/svg+xml;base64," in curve.data
 

@@ -11,7 +11,7 @@ import yaml
 
 from tests.cli_helpers import run_vinasmol
 from vinasmol_core.errors import ConfigError
-from vinasmol_core.recipe import load_recipe, parse_recipe, recipe_schema
+from vinasmol_core.recipe import LongEvalSection, load_recipe, parse_recipe, recipe_schema
 from vinasmol_core.steps import STEPS_BEFORE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,6 +95,10 @@ def test_tiny_recipe_runs_every_stage_on_cpu() -> None:
         (lambda d: d["base_model"]["source"].__setitem__("kind", "gguf"), "base_model.source"),
         (lambda d: d.__setitem__("stagez", []), "stagez"),
         (lambda d: d["stages"][0].__setitem__("min_lr", 1.0), "stages.0"),
+        (lambda d: d["eval"]["long"].__setitem__("after", ["eeve-5"]), "eval.long.after"),
+        (lambda d: d["eval"]["harness"].__setitem__("after", ["nope"]), "eval.harness.after"),
+        (lambda d: d["eval"]["long"].__setitem__("depths", [1.5]), "eval.long.depths.0"),
+        (lambda d: d["eval"]["harness"].update(tasks=[], cloze=[]), "eval.harness"),
     ],
 )
 def test_invalid_recipe_names_the_field(mutate, field: str) -> None:
@@ -103,6 +107,20 @@ def test_invalid_recipe_names_the_field(mutate, field: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_recipe(data, "r.yaml")
     assert field in str(info.value), str(info.value)
+
+
+def test_eval_section_per_checkpoint() -> None:
+    """Long-context and harness checks only for the checkpoints the recipe names; the others' sections
+    (and so their cache keys) do not change with those settings."""
+    r = load_recipe(TINY)
+    assert r.eval.for_label("context-extension").long.length == 256
+    assert r.eval.for_label("eeve-3").long.after == [] and r.eval.for_label("eeve-3").harness.after == []
+    other = r.eval.model_copy(update={"long": LongEvalSection(after=["annealing"], length=999)})
+    assert other.for_label("eeve-3") == r.eval.for_label("eeve-3")
+    assert other.for_label("annealing") != r.eval.for_label("annealing")
+    assert r.eval.for_label("annealing").harness.task_names() == ["vinasmol_cloze_vi"]
+    assert r.eval.for_label("eeve-7").harness.after == []
+    assert r.eval.for_label("eeve-7").long.after == []
 
 
 def test_unknown_stage_is_refused_with_the_list() -> None:

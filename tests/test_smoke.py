@@ -34,6 +34,13 @@ def test_smoke_recipe_makes_two_short_steps_per_stage_and_keeps_the_rest() -> No
         assert cap == SMOKE_CORPUS_BYTES < big.source.budget.max_bytes(big.lang)
     assert smoke.eval.max_docs <= 8 and smoke.eval.seq_len <= SMOKE_SEQ_LEN
     assert smoke.eval.max_bytes is not None and smoke.eval.max_bytes <= 4 << 10
+    # the long-context and harness checks run after the same stages, on the same tasks, shortened
+    assert smoke.eval.long.after == full.eval.long.after and full.eval.long.after
+    assert max(smoke.eval.long.passkey_lengths) <= smoke.eval.long.length <= 512 < full.eval.long.length
+    assert smoke.eval.long.trials == 1 and smoke.eval.long.max_docs <= 2
+    small_h, big_h = smoke.eval.harness, full.eval.harness
+    assert (small_h.after, small_h.tasks) == (big_h.after, big_h.tasks)
+    assert smoke.eval.harness.limit <= 4 and all(c.items <= 4 for c in smoke.eval.harness.cloze)
 
 
 def test_projection_is_tokens_over_measured_throughput() -> None:

@@ -204,6 +204,42 @@ class DataSection(_Strict):
         description="encoding repair, C4/Gopher/FineWeb/flagged-word filters per language, PII redaction")
 
 
+class LongEvalSection(_Strict):
+    """Long-context checks (`vinasmol_core.model.long_context`) after the named stages."""
+
+    after: list[str] = Field(default_factory=list, description="stages (or base, init) to check, e.g. "
+                             "context-extension and annealing")
+    length: int = Field(default=8192, gt=0, description="tokens per document; buckets: its quarters, halves")
+    max_docs: int = Field(default=16, gt=0, description="long validation documents per language")
+    languages: list[Lang] = Field(default_factory=lambda: ["vi", "en"], min_length=1)
+    passkey_lengths: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [2048, 4096, 8192])
+    depths: list[Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1
+    )
+    trials: int = Field(default=2, gt=0, description="passkey prompts per length and depth")
+
+
+class ClozeTask(_Strict):
+    """A next-sentence cloze task built from the recipe's validation text, named `vinasmol_cloze_<lang>`."""
+
+    lang: Lang
+    items: int = Field(default=64, gt=0)
+
+
+class HarnessSection(_Strict):
+    """lm-evaluation-harness tasks (`vinasmol_core.model.harness`) after the named stages."""
+
+    after: list[str] = Field(default_factory=list, description="stages (or base, init) to score")
+    tasks: list[str] = Field(default_factory=list, description="harness task names, local ones included")
+    limit: int | None = Field(default=100, gt=0, description="documents per task")
+    num_fewshot: int | None = Field(default=0, ge=0)
+    include_path: str | None = Field(default=None, description="folder of local task YAML files")
+    cloze: list[ClozeTask] = Field(default_factory=list)
+
+    def task_names(self) -> list[str]:
+        return [*self.tasks, *(f"vinasmol_cloze_{c.lang}" for c in self.cloze)]
+
+
 class EvalSection(_Strict):
     max_docs: int | None = Field(default=64, gt=0, description="validation documents per language")
     max_bytes: int | None = Field(
@@ -211,6 +247,14 @@ class EvalSection(_Strict):
     )
     seq_len: int = Field(default=1024, gt=0)
     languages: list[Lang] = Field(default_factory=lambda: ["vi", "en", "code"], min_length=1)
+    long: LongEvalSection = Field(default_factory=LongEvalSection)
+    harness: HarnessSection = Field(default_factory=HarnessSection)
+
+    def for_label(self, label: str) -> EvalSection:
+        """The section one checkpoint's evaluation reads: long and harness checks only where asked."""
+        long = self.long if label in self.long.after else LongEvalSection(after=[])
+        harness = self.harness if label in self.harness.after else HarnessSection()
+        return self.model_copy(update={"long": long, "harness": harness})
 
 
 class ExportSection(_Strict):
@@ -324,6 +368,14 @@ class Recipe(_Strict):
                 raise ValueError(
                     f"corpora.{i}.source.val_split: needed when data.val_fraction is 0 (nothing held out)"
                 )
+        labels = {"base", "init", *names}
+        checks = {"eval.long.after": self.eval.long.after, "eval.harness.after": self.eval.harness.after}
+        for where, after in checks.items():
+            for name in after:
+                if name not in labels:
+                    raise ValueError(f"{where}: {name!r} is no stage (known: {', '.join(sorted(labels))})")
+        if self.eval.harness.after and not self.eval.harness.task_names():
+            raise ValueError("eval.harness: `after` names stages but no task is given (tasks or cloze)")
         main_langs = {c.lang for c in self.corpora if c.role == "main"}
         for lang in self.tokenizer.train_languages:
             if lang not in main_langs:

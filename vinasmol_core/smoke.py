@@ -2,8 +2,9 @@
 
 `smoke_recipe` shrinks a recipe: each stage makes two optimizer steps, each one micro-batch (the
 recipe's) per device at a short sequence length, with a train-state written after the first so
-that checkpointing is exercised too; evaluation reads a few documents; each hub corpus is read up
-to a few MB (local files are read whole).
+that checkpointing is exercised too; evaluation reads a few documents (the long-context checks at a
+short length, a few harness documents per task); each hub corpus is read up to a few MB (local files
+are read whole).
 
 `projection_rows` turns the stages' measured tokens/s into hours for the recipe's token budgets.
 Tokens/s is measured at the smoke sequence length; attention costs more per token at the recipe's
@@ -22,6 +23,8 @@ SMOKE_EVAL_DOCS = 8
 SMOKE_EVAL_BYTES = 4 << 10
 SMOKE_CORPUS_BYTES = 4 << 20
 SMOKE_VAL_DOCS = 32
+SMOKE_LONG_LEN = 512
+SMOKE_HARNESS_LIMIT = 4
 SMOKE_NAMESPACE = "smoke"
 
 
@@ -58,6 +61,15 @@ def smoke_recipe(recipe: Recipe) -> Recipe:
     data["eval"]["max_docs"] = min(recipe.eval.max_docs or SMOKE_EVAL_DOCS, SMOKE_EVAL_DOCS)
     data["eval"]["seq_len"] = min(recipe.eval.seq_len, SMOKE_SEQ_LEN)
     data["eval"]["max_bytes"] = min(recipe.eval.max_bytes or SMOKE_EVAL_BYTES, SMOKE_EVAL_BYTES)
+    long = data["eval"]["long"]
+    long["length"] = min(recipe.eval.long.length, SMOKE_LONG_LEN)
+    long["passkey_lengths"] = sorted({min(n, long["length"]) for n in recipe.eval.long.passkey_lengths})
+    long["max_docs"] = min(recipe.eval.long.max_docs, 2)
+    long["trials"] = 1
+    harness = data["eval"]["harness"]
+    harness["limit"] = min(recipe.eval.harness.limit or SMOKE_HARNESS_LIMIT, SMOKE_HARNESS_LIMIT)
+    for cloze in harness["cloze"]:
+        cloze["items"] = min(cloze["items"], SMOKE_HARNESS_LIMIT)
     data["stage_defaults"] = {}
     data["mixtures"] = recipe.mixtures
     return Recipe.model_validate(data)

@@ -179,4 +179,82 @@ def bpb_command(
         json_out.write_text(json.dumps({k: report_to_json(v) for k, v in results.items()}, indent=2) + "\n")
 
 
+def _ints(text: str, option: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{option}: expected comma-separated integers, got {text!r}") from None
+
+
+@eval_app.command("long")
+def long_command(
+    checkpoint: Annotated[str, typer.Argument(help="HF or litgpt folder (or a ref/digest with --store)")],
+    data: Annotated[
+        list[str] | None, typer.Option("--data", help="LANG=FILE of long validation documents; repeatable")
+    ] = None,
+    length: Annotated[int, typer.Option("--length", help="tokens per long document")] = 8192,
+    passkey_lengths: Annotated[str, typer.Option("--passkey-lengths", help="comma-separated")] = (
+        "2048,4096,8192"
+    ),
+    depths: Annotated[str, typer.Option("--depths", help="needle depths in [0, 1], comma-separated")] = (
+        "0,0.25,0.5,0.75,1"
+    ),
+    trials: Annotated[int, typer.Option("--trials", help="prompts per length and depth")] = 2,
+    max_docs: Annotated[int, typer.Option("--max-docs", help="long documents per language")] = 8,
+    device: Annotated[str, typer.Option("--device")] = "cpu",
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the report as JSON")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Long-context checks: bits per byte by position bucket, and passkey retrieval by length and depth."""
+    from vinasmol_core.model import resolve_model_dir
+    from vinasmol_core.model.long_context import long_context_report
+
+    try:
+        depth_list = [float(x) for x in depths.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--depths: expected comma-separated numbers, got {depths!r}") from None
+    if not depth_list or not all(0 <= d <= 1 for d in depth_list):
+        raise ConfigError(f"--depths: each depth must lie in [0, 1], got {depths!r}")
+    files = path_pairs(data, "--data", "LANG=FILE") if data else {}
+    report = long_context_report(
+        resolve_model_dir(checkpoint, store), files, length=length,
+        passkey_lengths=_ints(passkey_lengths, "--passkey-lengths"), depths=depth_list, trials=trials,
+        max_docs=max_docs, device=device,
+    )
+    from vinasmol_core.model.eval_tables import long_bpb_markdown, passkey_markdown
+
+    if report["bpb"]:
+        typer.echo(long_bpb_markdown({checkpoint: report}) + "\n")
+    if report["passkey"]:
+        typer.echo(passkey_markdown({checkpoint: report}))
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+@eval_app.command("harness")
+def harness_command(
+    checkpoint: Annotated[str, typer.Argument(help="HF or litgpt folder (or a ref/digest with --store)")],
+    tasks: Annotated[str, typer.Option("--tasks", help="comma-separated harness task names")],
+    include_path: Annotated[
+        Path | None, typer.Option("--include-path", help="folder of local task YAML files")
+    ] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="documents per task")] = None,
+    num_fewshot: Annotated[int | None, typer.Option("--num-fewshot")] = None,
+    device: Annotated[str, typer.Option("--device")] = "cpu",
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the scores as JSON")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """lm-evaluation-harness tasks on a checkpoint (a litgpt one is exported to HF on the way)."""
+    from vinasmol_core.model import resolve_model_dir
+    from vinasmol_core.model.eval_tables import harness_markdown
+    from vinasmol_core.model.harness import run_harness
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    scores = run_harness(resolve_model_dir(checkpoint, store), names, limit=limit, num_fewshot=num_fewshot,
+                         include_path=include_path, device=device, batch_size=batch_size)
+    typer.echo(harness_markdown({checkpoint: scores}))
+    if json_out is not None:
+        json_out.write_text(json.dumps(scores, indent=2) + "\n")
+
 __all__ = ["app", "eval_app", "export_command", "VinaSmolError"]
