@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 	@# compiles bytecode at install: with PYTHONDONTWRITEBYTECODE set, nothing would ever be cached.
 	$(BIN)/python -m pip install -q uv
 	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e '.[test]' || $(BIN)/python -m pip install -q -e '.[test]'
-	@# Prefect's database migrations run once here, not in every new demo folder.
-	$(BIN)/vinasmol prefect-template
+	@# Prefect's database migrations run once here, not in every new demo folder. Only a speed-up:
+	@# without the template (a full disk, say) every new Prefect home migrates its own database.
+	$(BIN)/vinasmol prefect-template || echo "warning: no Prefect database template; each new Prefect home will migrate its own"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -56,7 +56,8 @@ def build_database_template() -> tuple[Path, bool]:
         proc = subprocess.run([sys.executable, "-c", _PREPARE_DATABASE], env=env,
                               capture_output=True, text=True)
         if proc.returncode != 0 or not db.exists():
-            raise VinaSmolError(f"preparing an empty Prefect database failed:\n{proc.stdout}{proc.stderr}")
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-6:])
+            raise VinaSmolError(f"preparing an empty Prefect database in {target.parent} failed:\n{tail}")
         os.replace(db, target)
     return target, True
 
