@@ -79,6 +79,8 @@ def _run_flow(
     smoke: bool = False,
     hub_mirror: str | None = None,
 ) -> dict:
+    # Without PREFECT_API_URL, Prefect starts a temporary server whose telemetry fails offline.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.pipeline import plan_run, vinasmol
 
     # Every input is checked before a flow run exists, so bad input costs nothing.
