@@ -124,6 +124,44 @@ def test_sigkill_then_resume_is_bit_identical(env, reference) -> None:
     assert step_losses(events_of(env, manifest.digest)) == step_losses(events_of(env, reference.digest))
 
 
+def test_sigterm_publishes_the_step_in_progress_then_resume_is_bit_identical(env, reference) -> None:
+    """A SIGTERM to the process that runs the stage (a pod's main process, being evicted) reaches the
+    stage process, which finishes its step, publishes a train-state of it and stops; a re-run resumes
+    from that step and ends bit-identical to the uninterrupted run."""
+    import os
+    import re
+    import signal
+
+    from vinasmol_core.train.process import run_stage_process
+
+    job = make_job(env, stage_spec("eeve-3", "new-embeddings"), "sigterm")
+    seen: list[dict] = []
+
+    def on_metrics(event: dict) -> None:
+        seen.append(event)
+        if event["event"] == "step" and event["step"] == 3:  # step 3 has no train-state of its own
+            os.kill(os.getpid(), signal.SIGTERM)  # forwarded to the stage's session by run_processes
+
+    with pytest.raises(VinaSmolError, match=r"stopped by SIGTERM after step \d of 6") as err:
+        run_stage_process(job, on_metrics, echo=False)
+    stopped = int(re.search(r"after step (\d)", str(err.value)).group(1))
+    assert 3 <= stopped < 6
+    assert [e["step"] for e in seen if e["event"] == "preempted"] == [stopped]
+    assert max(e["step"] for e in seen if e["event"] == "step") == stopped
+    store = store_of(env)
+    newest = sorted(store.list_refs("test-partial/sigterm/"))[-1]
+    assert newest == f"test-partial/sigterm/eeve-3/step-{stopped:08d}"
+    assert not store.exists("test/sigterm/eeve-3")
+
+    seen2: list[dict] = []
+    manifest = run_stage_process(job, seen2.append, echo=False)
+    assert seen2[0]["event"] == "start" and seen2[0]["resumed_from"] == stopped
+    ref, got = weights(env, reference.digest), weights(env, manifest.digest)
+    for name in ref:
+        assert torch.equal(ref[name], got[name]), name
+    assert step_losses(events_of(env, manifest.digest)) == step_losses(events_of(env, reference.digest))
+
+
 def test_ddp_two_processes_match_one(env, reference) -> None:
     from vinasmol_core.train.process import run_stage_process
 

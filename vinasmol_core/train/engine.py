@@ -4,6 +4,8 @@ Order of work: validate everything that can be checked without training (spec, c
 tokenizer, trainable patterns, sequence length; `inputs`), then resume from the newest train-state
 published under the job's partial ref prefix (if any; `checkpoint`), train with Fabric (`runtime`),
 publish train-states every `checkpoint_interval` steps and a plain litgpt checkpoint at the end.
+A SIGTERM (a pod being evicted) ends the stage after the step in progress, with a train-state of
+that step published first, so a re-run resumes from it (`Preempted`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import math
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,7 +49,23 @@ if TYPE_CHECKING:
     from vinasmol_core.data.sampler import MixtureSampler
     from vinasmol_core.store import ArtifactStore
 
-__all__ = ["StageRunner", "optimizer_step", "run_stage"]
+__all__ = ["Preempted", "StageRunner", "optimizer_step", "run_stage"]
+
+_TERM = threading.Event()  # set by SIGTERM; read after each optimizer step
+
+
+class Preempted(VinaSmolError):
+    """The stage stopped on SIGTERM after publishing a train-state of its last finished step."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    _TERM.set()
+
+
+def catch_sigterm() -> None:
+    """Turn SIGTERM into a stop after the step in progress (main thread of a stage process only)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def _sequences(sampler: MixtureSampler, indices: list[int]) -> np.ndarray:
@@ -325,10 +345,27 @@ class StageRunner:
                 self._merge(m, done)
             if data.val_sets and (done % spec.eval_interval == 0 or done == total):
                 self._evaluate(m.module, data.val_sets, done)
-            if done % spec.checkpoint_interval == 0 or done == total:
+            saved = done % spec.checkpoint_interval == 0 or done == total
+            if saved:
                 checkpoints.publish_state(m.module, m.raw, m.raw_optimizer, m.names, done, loss)
             if self.job.fail_at_step is not None and done == self.job.fail_at_step:
                 lose_node(spec.nodes, done)
+            if done < total and self._term_requested():
+                if not saved:
+                    checkpoints.publish_state(m.module, m.raw, m.raw_optimizer, m.names, done, loss)
+                self.sink.emit({"event": "preempted", "stage": spec.name, "step": done})
+                raise Preempted(
+                    f"stage {spec.name}: stopped by SIGTERM after step {done} of {total}; its train-state "
+                    f"is in the store and a re-run resumes from step {done}"
+                )
+
+    def _term_requested(self) -> bool:
+        """Whether a SIGTERM reached this rank, or in a group any rank, during the last step: every
+        rank stops after the same step, so their train-state is one."""
+        flag = torch.tensor([1.0 if _TERM.is_set() else 0.0])
+        if self.fabric.world_size > 1:
+            flag = self.fabric.all_reduce(flag.to(self.fabric.device), reduce_op="sum").cpu()
+        return bool(flag.item() > 0)
 
     def _merge(self, m: StageModel, done: int) -> None:
         """ReLoRA's restart after update `done`: merge the adapters, draw the next cycle's adapters,

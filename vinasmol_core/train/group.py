@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from vinasmol_core.train.spec import StageJob
 
@@ -95,6 +96,7 @@ def run_processes(
     ]
     if on_launch is not None:
         on_launch([p.pid for p in procs], commands)
+    previous = _forward_sigterm(procs)
     lines: queue.Queue[str | None] = queue.Queue()
     readers = [threading.Thread(target=_pump, args=(p, lines), daemon=True) for p in procs]
     for reader in readers:
@@ -117,11 +119,30 @@ def run_processes(
                 raise TimeoutError(f"stage processes still running after {timeout} s")
         return [p.wait() for p in procs]
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         _kill_sessions(procs)
         for p in procs:
             p.wait()
         for reader in readers:
             reader.join(timeout=5)
+
+
+def _forward_sigterm(procs: list[subprocess.Popen[str]]) -> Any:
+    """In the main thread, a SIGTERM to this process (a pod being evicted) goes on to the commands'
+    sessions: a stage stops after its step in progress, with a train-state of it, and its exit code
+    comes back as usual. Returns the handler it replaced (None off the main thread: nothing done)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def forward(signum: int, frame: Any) -> None:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    return signal.signal(signal.SIGTERM, forward)
 
 
 def _pump(proc: subprocess.Popen[str], lines: queue.Queue[str | None]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 import traceback
@@ -132,8 +133,8 @@ def run_stage_process(
             rcs = group.run_processes(cmds, env, stream, timeout=timeout, on_launch=on_launch)
             if stream.result is not None and not any(rcs):
                 break
-            if stream.error is not None and stream.error.get("type") == "ConfigError":
-                break  # a bad spec or input does not get better in a new attempt
+            if stream.error is not None and stream.error.get("type") in ("ConfigError", "Preempted"):
+                break  # a bad spec or input does not get better in a new attempt; SIGTERM means stop
             if attempt + 1 < attempts:
                 print(f"stage {job.spec.name}: group attempt {attempt + 1} failed (exit codes {rcs}); "
                       f"starting it again ({attempts - attempt - 1} left)", flush=True)
@@ -181,9 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     try:
         job = load_job(args.job) if args.job is not None else _job_from_env(args.job_env)
-        from vinasmol_core.train.engine import run_stage
+        from vinasmol_core.train.engine import Preempted, catch_sigterm, run_stage
 
+        catch_sigterm()
         run_stage(job, metrics_copy=args.metrics)
+    except Preempted as exc:
+        _report_error("Preempted", str(exc))
+        return 128 + signal.SIGTERM
     except VinaSmolError as exc:
         _report_error(type(exc).__name__, str(exc))
         return 1
