@@ -69,6 +69,8 @@ def test_errors_exit_non_zero_with_a_clear_message(filled, capsys, tmp_path: Pat
     assert main(["verify", "--store", store.url]) == 1
     captured = capsys.readouterr()
     assert "sub/b.bin" in captured.out and "1 problem" in captured.err
+    assert main(["verify", "--repair", "--store", store.url]) == 1
+    assert f"removed corrupt blob {entry.sha256}" in capsys.readouterr().out and not blob.exists()
     missing = tmp_path / "never-created"
     assert main(["ls", "--store", missing.as_uri()]) == 0
     assert not missing.exists()

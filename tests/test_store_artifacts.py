@@ -232,10 +232,16 @@ def test_corrupt_blob_is_refused_at_fetch_naming_artifact_and_file(store_spec, s
     report = store.verify()
     assert not report.ok and any("sub/b.bin" in p and "corrupt" in p for p in report.problems)
 
-    raw_delete(store_spec, blob)
-    with pytest.raises(StoreError, match=r"corpus-vi.*sub/b\.bin.*missing"):
+    assert "verify --repair" in str(err.value) and "--force" in str(err.value)  # how to repair it
+
+    # repair: the corrupt blob goes, publishing the same files again restores it, verify is clean
+    report = store.verify(repair=True)
+    assert report.removed == [entry.sha256]
+    with pytest.raises(StoreError, match=r"corpus-vi.*sub/b\.bin.*missing.*--force"):
         store.fetch("runs/r/corpus")
     assert any("missing" in p for p in store.verify(hashes=False).problems)
+    store.publish(DatasetManifest(name="corpus-vi"), small_artifact, ref="runs/r/corpus")
+    assert store.verify().ok
 
 
 def test_publisher_killed_before_its_manifest_leaves_no_manifest(store_spec, tmp_path: Path) -> None:  # noqa: ANN001

@@ -105,10 +105,13 @@ def show_cmd(
 def verify_cmd(
     store: str | None = StoreOpt,
     quick: bool = typer.Option(False, "--quick", help="check presence and size only, do not hash blobs"),
+    repair: bool = typer.Option(
+        False, "--repair", help="delete corrupt blobs: re-running the step that made them uploads them again"
+    ),
 ) -> None:
     """Check every manifest, its blobs (present, size, sha256) and every ref. Exit 1 on any problem."""
     st = _open(store)
-    report = st.verify(hashes=not quick)
+    report = st.verify(hashes=not quick, repair=repair)
     print(
         f"{st.url}: {report.manifests} manifests, {report.blobs} blobs"
         + ("" if quick else f" ({_human(report.bytes_hashed)} hashed)")
@@ -116,6 +119,10 @@ def verify_cmd(
     )
     for problem in report.problems:
         print(f"  problem: {problem}")
+    for sha in report.removed:
+        print(f"  removed corrupt blob {sha}")
+    if report.removed:
+        print("re-run the steps of the artifacts named above with --force to publish their files again")
     if not report.ok:
         raise StoreError(f"store {st.url} has {len(report.problems)} problem(s)")
     print("ok")

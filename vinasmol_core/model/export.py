@@ -224,8 +224,7 @@ def export_hf(
         rounded["lm_head.weight"] = rounded["transformer.wte.weight"]
     hf_state = litgpt_state_to_hf(rounded, config, vocab_size, tie)
     special = _special_ids(litgpt_dir)
-    info = {
-        "source": str(litgpt_dir),
+    info = {  # nothing of this machine (paths): the same checkpoint exports to the same bytes anywhere
         "dtype": dtype,
         "tie_word_embeddings": tie,
         "vocab_size": vocab_size,

@@ -414,16 +414,24 @@ class ArtifactStore:
         return self.resolve(ref_or_digest)
 
     # -- maintenance
-    def verify(self, hashes: bool = True) -> VerifyReport:
-        """Check every manifest (parses, digest matches) and its blobs (present, size, sha256) and refs."""
+    def verify(self, hashes: bool = True, repair: bool = False) -> VerifyReport:
+        """Check every manifest (parses, digest matches) and its blobs (present, size, sha256) and refs.
+
+        `repair` deletes the blobs found corrupt (wrong size or sha256): publishing the same file again
+        (re-running the step that made it, `--force`) then uploads it afresh, which it skips while a
+        blob of that name is there. Manifests and refs are never changed."""
         report = VerifyReport()
         digests = self.list_manifests()
         needed = self._verify_manifests(report, digests)
-        to_hash = self._verify_blobs_present(report, needed)
+        to_hash = self._verify_blobs_present(report, needed, repair)
         if hashes and to_hash:
-            self._verify_blob_hashes(report, needed, to_hash)
+            self._verify_blob_hashes(report, needed, to_hash, repair)
         self._verify_refs(report, set(digests))
         return report
+
+    def _remove_blob(self, report: VerifyReport, sha: str) -> None:
+        self._backend.delete(_blob_key(sha))
+        report.removed.append(sha)
 
     def _verify_manifests(self, report: VerifyReport, digests: list[str]) -> _Needed:
         """Parse every manifest; {sha256: (size, the files that name it)} of the blobs they need."""
@@ -449,7 +457,7 @@ class ArtifactStore:
                     )
         return needed
 
-    def _verify_blobs_present(self, report: VerifyReport, needed: _Needed) -> list[str]:
+    def _verify_blobs_present(self, report: VerifyReport, needed: _Needed, repair: bool) -> list[str]:
         """Check each needed blob is listed with its size; the sha256 of those that are."""
         present = {obj.key: obj for obj in self._backend.list("blobs")}
         to_hash = []
@@ -459,12 +467,16 @@ class ArtifactStore:
                 report.problems.append(f"{users[0]}: blob {sha} is missing")
             elif obj.size != size:
                 report.problems.append(f"{users[0]}: blob {sha} has {obj.size} bytes, manifest says {size}")
+                if repair:
+                    self._remove_blob(report, sha)
             else:
                 report.blobs += 1
                 to_hash.append(sha)
         return to_hash
 
-    def _verify_blob_hashes(self, report: VerifyReport, needed: _Needed, to_hash: list[str]) -> None:
+    def _verify_blob_hashes(
+        self, report: VerifyReport, needed: _Needed, to_hash: list[str], repair: bool
+    ) -> None:
         got = self._backend.hash_objects([_blob_key(s) for s in to_hash])
         for sha in to_hash:
             res = got[_blob_key(sha)]
@@ -472,6 +484,8 @@ class ArtifactStore:
                 report.problems.append(f"{needed[sha][1][0]}: blob {sha} unreadable: {type(res).__name__}")
             elif res != sha:
                 report.problems.append(f"{needed[sha][1][0]}: blob {sha} is corrupt (hashes to {res})")
+                if repair:
+                    self._remove_blob(report, sha)
             else:
                 report.bytes_hashed += needed[sha][0]
 

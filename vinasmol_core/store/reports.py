@@ -22,6 +22,7 @@ class VerifyReport:
     bytes_hashed: int = 0
     refs: int = 0
     problems: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)  # corrupt blobs deleted by verify(repair=True)
 
     @property
     def ok(self) -> bool:

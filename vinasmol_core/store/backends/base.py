@@ -60,10 +60,14 @@ def _short(job: DownloadJob) -> str:
     return f"{job.label}: store blob {job.sha256} is shorter than the manifest's {job.size} bytes"
 
 
+REPUBLISH_HINT = "re-run the step that made this artifact with --force to publish it again"
+
+
 def _mismatch(job: DownloadJob, got: str) -> StoreError:
     return StoreError(
         f"{job.label}: sha256 mismatch (expected {job.sha256}, store blob hashes to {got}): "
-        "the blob in the store is corrupt"
+        "the blob in the store is corrupt; `vinasmol store verify --repair` removes it, then "
+        + REPUBLISH_HINT
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from vinasmol_core.errors import StoreError
 from vinasmol_core.store.backends.base import (
+    REPUBLISH_HINT,
     DownloadJob,
     ObjInfo,
     UploadJob,
@@ -53,7 +54,9 @@ class _ThreadedBackend(_Backend):
         try:
             src = self._open_read(job.key)
         except FileNotFoundError:
-            raise StoreError(f"{job.label}: blob {job.sha256} is missing from store {self.url}") from None
+            raise StoreError(
+                f"{job.label}: blob {job.sha256} is missing from store {self.url}; {REPUBLISH_HINT}"
+            ) from None
         with src, open(job.dest, "wb") as out:
             while True:
                 data = src.read(CHUNK)

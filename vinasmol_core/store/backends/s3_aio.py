@@ -12,7 +12,14 @@ from concurrent.futures import Future
 from typing import Any
 
 from vinasmol_core.errors import StoreError
-from vinasmol_core.store.backends.base import DownloadJob, UploadJob, _Counters, _mismatch, _short
+from vinasmol_core.store.backends.base import (
+    REPUBLISH_HINT,
+    DownloadJob,
+    UploadJob,
+    _Counters,
+    _mismatch,
+    _short,
+)
 from vinasmol_core.store.backends.s3_common import S3Target, error_code, is_missing, s3_error
 from vinasmol_core.store.hashing import CHUNK, _stat_sig
 
@@ -173,7 +180,8 @@ class _AioData:
             except Exception as exc:
                 if is_missing(exc) or error_code(exc) == "NoSuchKey":
                     raise StoreError(
-                        f"{job.label}: blob {job.sha256} is missing from store {self.target.url}"
+                        f"{job.label}: blob {job.sha256} is missing from store {self.target.url}; "
+                        + REPUBLISH_HINT
                     ) from None
                 if error_code(exc) == "InvalidRange":
                     raise StoreError(_short(job)) from None

@@ -11,7 +11,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from vinasmol_core.errors import StoreError
-from vinasmol_core.store.backends.base import DownloadJob, UploadJob, _Counters, _mismatch, _short
+from vinasmol_core.store.backends.base import (
+    REPUBLISH_HINT,
+    DownloadJob,
+    UploadJob,
+    _Counters,
+    _mismatch,
+    _short,
+)
 from vinasmol_core.store.backends.s3_common import S3Target
 from vinasmol_core.store.hashing import _stat_sig
 
@@ -87,7 +94,7 @@ class _ObstoreData:
             data = obstore.get_range(self.store, job.key, start=start, length=length)
         except FileNotFoundError:
             raise StoreError(
-                f"{job.label}: blob {job.sha256} is missing from store {self.target.url}"
+                f"{job.label}: blob {job.sha256} is missing from store {self.target.url}; {REPUBLISH_HINT}"
             ) from None
         view = memoryview(data)
         if len(view) != length:
@@ -107,7 +114,7 @@ class _ObstoreData:
             data = obstore.get(self.store, job.key).bytes()
         except FileNotFoundError:
             raise StoreError(
-                f"{job.label}: blob {job.sha256} is missing from store {self.target.url}"
+                f"{job.label}: blob {job.sha256} is missing from store {self.target.url}; {REPUBLISH_HINT}"
             ) from None
         if len(data):
             raise StoreError(f"{job.label}: store blob {job.sha256} is not empty as the manifest says")
