@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -22,6 +23,9 @@ PART_SIZE = 8 << 20  # default S3 multipart part size (also the ranged-GET size 
 DATA_PATHS = ("auto", "obstore", "aiobotocore")  # S3 blob transfers; auto: obstore when there is an endpoint
 
 
+CONNECT_WAIT_S = 30.0  # how long a store opened during a run waits for its S3 endpoint to answer
+
+
 def _client_config(concurrency: int, endpoint_url: str | None) -> dict[str, Any]:
     """botocore settings of the aiobotocore client."""
     config: dict[str, Any] = {
@@ -30,7 +34,7 @@ def _client_config(concurrency: int, endpoint_url: str | None) -> dict[str, Any]
         "request_checksum_calculation": "when_supported",
         "response_checksum_validation": "when_required",  # fetch verifies sha256 itself
         "max_pool_connections": max(10, 2 * concurrency + 4),
-        "retries": {"max_attempts": 4, "mode": "standard"},
+        "retries": {"max_attempts": 10, "mode": "standard"},  # ~1 min of backoff: a restarting server
         "connect_timeout": 10,
         "read_timeout": 120,
     }
@@ -113,10 +117,10 @@ class _S3Backend(_Backend):
         return self._aio.run(coro_fn, what)
 
     # -- readiness
-    def ensure_ready(self, write: bool = False) -> None:
+    def ensure_ready(self, write: bool = False, wait: float = CONNECT_WAIT_S) -> None:
         if self._ready:
             return
-        self._probe_endpoint()
+        self._probe_endpoint(wait)
 
         async def go() -> Any:
             s3 = await self._client()
@@ -136,25 +140,34 @@ class _S3Backend(_Backend):
             # else: aiobotocore reports the missing credentials
         self._ready = True
 
-    def _probe_endpoint(self) -> None:
-        """Fail fast (no retry storm) when nothing listens at a custom endpoint."""
+    def _probe_endpoint(self, wait: float) -> None:
+        """Fail with a clear error (no retry storm) when nothing listens at a custom endpoint, after
+        trying again with backoff for `wait` seconds (a server restarting during a run)."""
         if not self.endpoint_url:
             return
         parts = urlsplit(self.endpoint_url)
         if not parts.hostname:
             raise StoreError(f"S3 endpoint {self.endpoint_url!r} of store {self.url} has no host")
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        try:
-            with socket.create_connection((parts.hostname, port), timeout=10):
-                pass
-        except OSError as exc:
-            raise StoreError(
-                f"cannot reach S3 endpoint {self.endpoint_url} for store {self.url}: {exc.strerror or exc}"
-            ) from None
+        deadline, pause = time.monotonic() + wait, 0.5
+        while True:
+            try:
+                with socket.create_connection((parts.hostname, port), timeout=10):
+                    return
+            except OSError as exc:
+                if time.monotonic() + pause > deadline:
+                    waited = f" (tried for {wait:.0f} s)" if wait else ""
+                    raise StoreError(
+                        f"cannot reach S3 endpoint {self.endpoint_url} for store {self.url}{waited}: "
+                        f"{exc.strerror or exc}"
+                    ) from None
+            time.sleep(pause)
+            pause = min(2 * pause, 8.0)
 
     def check(self) -> None:
+        """Reachable and writable now: no waiting for the endpoint (the check before a run)."""
         self._ready = False
-        self.ensure_ready()
+        self.ensure_ready(wait=0)
         probe = self._k(f"tmp/.probe-{uuid.uuid4().hex}")
 
         async def go() -> None:

@@ -8,6 +8,7 @@ import os
 import threading
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any
 
 from vinasmol_core.errors import StoreError
@@ -21,6 +22,21 @@ from vinasmol_core.store.backends.base import (
 )
 from vinasmol_core.store.backends.s3_common import S3Target
 from vinasmol_core.store.hashing import _stat_sig
+
+# Backoff from 0.5 s doubling to 10 s, 12 retries: a server that restarts or stalls for up to a minute
+# is ridden out (obstore's default, 10 retries from 0.1 s, gives up within about 2 s of connection
+# refusals), and a store that stays down fails after about 90 s.
+RETRY = {
+    "max_retries": 12,
+    "backoff": {"init_backoff": timedelta(seconds=0.5), "max_backoff": timedelta(seconds=10), "base": 2.0},
+    "retry_timeout": timedelta(seconds=180),
+}
+
+
+def _failed(what: str, exc: Exception) -> StoreError:
+    """A StoreError for an obstore error, with its first line (the rest is the retry chain)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return StoreError(f"{what}: {first[:400]}")
 
 
 class _ObstoreData:
@@ -50,6 +66,7 @@ class _ObstoreData:
             target.bucket,
             prefix=target.prefix or None,
             client_options=client,
+            retry_config=RETRY,  # type: ignore[arg-type]
             **opts,  # type: ignore[arg-type]
         )
 
@@ -58,14 +75,18 @@ class _ObstoreData:
 
         multipart = job.size >= self.target.multipart_threshold
         conc = self.target.concurrency
-        obstore.put(
-            self.store,
-            job.key,
-            job.path,
-            use_multipart=multipart,
-            chunk_size=self.target.part_size,
-            max_concurrency=conc,
-        )
+        try:
+            obstore.put(
+                self.store,
+                job.key,
+                job.path,
+                use_multipart=multipart,
+                chunk_size=self.target.part_size,
+                max_concurrency=conc,
+            )
+        except Exception as exc:  # obstore's own errors, after its retries
+            what = f"{job.label}: uploading blob {job.sha256} to store {self.target.url}"
+            raise _failed(what, exc) from None
         if _stat_sig(job.path) != job.sig:
             obstore.delete(self.store, job.key)
             raise StoreError(f"{job.label}: the file changed while it was being published")
@@ -96,6 +117,9 @@ class _ObstoreData:
             raise StoreError(
                 f"{job.label}: blob {job.sha256} is missing from store {self.target.url}; {REPUBLISH_HINT}"
             ) from None
+        except Exception as exc:  # obstore's own errors, after its retries
+            what = f"{job.label}: reading blob {job.sha256} from store {self.target.url}"
+            raise _failed(what, exc) from None
         view = memoryview(data)
         if len(view) != length:
             raise StoreError(_short(job))

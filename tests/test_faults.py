@@ -1,0 +1,190 @@
+"""Faults a user meets in the whole pipeline, fast versions of `bench/faults.py`'s rows (row 9, a
+SIGTERM to a training stage, is `test_train_engine.py`'s; row 6's store repair is in
+`test_store_artifacts.py`): `vinasmol run` SIGKILLed inside a training stage and started again, and
+the S3 server killed during a publish and restarted."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.test_flows_pipeline import write_test_recipe
+
+pytestmark = pytest.mark.timeout(900)
+ROOT = Path(__file__).resolve().parent.parent
+TAG = "VINASMOL_TEST_RUN_TAG"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _tagged(tag: str) -> list[int]:
+    """Live processes whose environment carries `tag` (a run and everything it started)."""
+    needle, found = f"{TAG}={tag}".encode(), []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+                state = (entry / "stat").read_text().rpartition(")")[2].split()[0]
+            except OSError:
+                continue
+            if needle in environ and state != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+def _left_after(tag: str, wait: float = 15.0) -> list[int]:
+    deadline = time.monotonic() + wait
+    while _tagged(tag) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return _tagged(tag)
+
+
+class _Pipeline:
+    """`vinasmol run` of the small test recipe as a user's shell starts it: a process (and session)
+    of its own, against the test's Prefect server."""
+
+    def __init__(self, base: Path, store: str, extra_env: dict[str, str] | None = None) -> None:
+        from prefect.settings import PREFECT_API_URL
+
+        self.recipe = write_test_recipe(base / "recipe.yaml")
+        self.store, self.log = store, base / "timing.jsonl"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        self.env.update(
+            PREFECT_API_URL=str(PREFECT_API_URL.value()), VINASMOL_TIMING_LOG=str(self.log),
+            VINASMOL_WORK_DIR=str(base / "work"), VINASMOL_CACHE=str(base / "cache"), TQDM_DISABLE="1",
+            PREFECT_LOGGING_LEVEL="WARNING", **(extra_env or {}),
+        )
+
+    def start(self, *args: str) -> tuple[subprocess.Popen[str], str]:
+        tag = uuid.uuid4().hex
+        cmd = [sys.executable, "-c", "from flows.cli import console; console()", "run", str(self.recipe),
+               "--store", self.store, "--stage-runner", "inline", *args]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**self.env, TAG: tag}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        return proc, tag
+
+    def run(self, *args: str) -> tuple[int, str]:
+        proc, tag = self.start(*args)
+        out, _ = proc.communicate(timeout=600)
+        assert _left_after(tag) == [], "processes of a finished run are still alive"
+        return proc.returncode, out
+
+    def executed(self) -> list[str]:
+        from tasks.common import read_timing_log
+
+        return [r["name"] for r in read_timing_log(self.log) if r["ok"]]
+
+
+def _outputs(out: str) -> tuple[str, str]:
+    lines = {ln.split(":", 1)[0]: ln for ln in out.splitlines() if ":" in ln}
+    return tuple(lines[k].rsplit("(", 1)[1].rstrip(")") for k in ("final checkpoint", "HF export"))  # type: ignore[return-value]
+
+
+def _content(store: str, outputs: tuple[str, str]) -> dict[str, str]:
+    """sha256 of the final weights and of every export file (manifest digests carry times)."""
+    from vinasmol_core.store import ArtifactStore
+
+    st = ArtifactStore(store)
+    ckpt, export = (Path(st.fetch(d)) for d in outputs)
+    hashes = {"lit_model.pth": _sha256(ckpt / "lit_model.pth")}
+    hashes.update({f"export/{f.name}": _sha256(f) for f in export.iterdir() if f.is_file()})
+    return hashes
+
+
+def test_run_killed_inside_a_stage_then_started_again(prefect_server, tmp_path: Path) -> None:
+    """SIGKILL of `vinasmol run` once eeve-6 has a train-state: nothing it started stays alive; the
+    same command again resumes eeve-6 from that train-state, recomputes no finished step, and ends
+    with the weights and export of a run whose eeve-6 (and everything after) trained uninterrupted."""
+    from vinasmol_core.store import ArtifactStore
+
+    store = "file://" + str(tmp_path / "store")
+    pipeline = _Pipeline(tmp_path, store)
+    proc, tag = pipeline.start()
+    st, deadline = ArtifactStore(store), time.monotonic() + 600
+    while not st.list_refs("partial/eeve-6/") and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before eeve-6 published a train-state"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _left_after(tag) == [], "the killed run left processes behind"
+    finished_before = pipeline.executed()
+    assert "train-stage-eeve-4" in finished_before and "train-stage-eeve-6" not in finished_before
+
+    rc, out = pipeline.run()
+    assert rc == 0, out[-3000:]
+    executed = pipeline.executed()
+    assert sorted({n for n in executed if executed.count(n) > 1}) == [], "a finished step ran again"
+    resumed = st.get_manifest("runs/tiny-test/eeve-6").extra["resumed_from_step"]
+    assert resumed is not None and resumed >= 2
+    resumed_content = _content(store, _outputs(out))
+
+    rc, out = pipeline.run("--force", "eeve-6")
+    assert rc == 0, out[-3000:]
+    assert _content(store, _outputs(out)) == resumed_content
+
+
+def test_s3_server_killed_during_a_publish_and_restarted(tmp_path: Path) -> None:
+    """SeaweedFS SIGKILLed while a 64 MB artifact uploads, back 2 s later on the same port and data:
+    the publish fails with a StoreError or rides it out; publishing again succeeds, and `verify` finds
+    every manifest's blobs (none names a missing one) with the content intact."""
+    from vinasmol_core.errors import StoreError
+    from vinasmol_core.localserver.seaweed import start_seaweed
+    from vinasmol_core.manifests import DatasetManifest
+    from vinasmol_core.store import ArtifactStore
+
+    src = tmp_path / "artifact"
+    src.mkdir()
+    for i in range(8):
+        (src / f"part-{i}.bin").write_bytes(os.urandom(8 << 20))
+    server = start_seaweed(tmp_path / "weed", buckets=("faults",))
+    env_saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    restarted = []
+    try:
+        store = ArtifactStore(server.store_url("faults"), cache_dir=tmp_path / "cache")
+        failure: list[BaseException] = []
+
+        def publish() -> None:
+            try:
+                store.publish(DatasetManifest(name="big"), src, ref="runs/faults/big")
+            except StoreError as exc:
+                failure.append(exc)
+
+        worker = threading.Thread(target=publish)
+        worker.start()
+        time.sleep(0.5)
+        server.process.kill()
+        server.process.wait()
+        time.sleep(2)
+        restarted.append(start_seaweed(server.data_dir, s3_port=server.ports["s3.port"],
+                                       access_key=server.access_key, secret_key=server.secret_key))
+        worker.join(timeout=300)
+        assert not worker.is_alive()
+        if failure:
+            assert "big" in str(failure[0]) or "store" in str(failure[0]).lower()
+            assert not store.exists("runs/faults/big")
+            store.publish(DatasetManifest(name="big"), src, ref="runs/faults/big")
+        report = store.verify()
+        assert report.ok, report.problems
+        fetched = Path(store.fetch("runs/faults/big"))
+        for f in src.iterdir():
+            assert _sha256(fetched / f.name) == _sha256(f)
+    finally:
+        for srv in [server, *restarted]:
+            srv.stop()
+        for k, v in env_saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
