@@ -39,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,7 +107,7 @@ class Bench:
             TQDM_DISABLE="1", HF_HUB_OFFLINE="1",
         )
         env.update(extra or {})
-        env[TAG_ENV] = f"{name}-{os.getpid()}"  # every process of the run inherits it: the orphan check
+        env[TAG_ENV] = f"{name}-{uuid.uuid4().hex}"  # every process of this run inherits it: the orphan check
         return env
 
     def run(
@@ -423,6 +424,7 @@ class Bench:
 
         def serve() -> subprocess.Popen[bytes]:
             env = {**self.env("row4"), "PREFECT_HOME": str(home)}
+            env.pop(TAG_ENV)  # the bench's server, not the run's
             log = open(home / "server.log", "ab")  # noqa: SIM115 - the server's for its lifetime
             cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                    "--port", str(port), "--no-services", "--no-ui"]

@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -81,6 +84,8 @@ def _run_flow(
 ) -> dict:
     # Without PREFECT_API_URL, Prefect starts a temporary server whose telemetry fails offline.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if before_flow is None and _OWN_SERVER is not None:
+        before_flow = _OWN_SERVER.wait_ready
     from flows.pipeline import plan_run, vinasmol
 
     # Every input is checked before a flow run exists, so bad input costs nothing.
@@ -144,6 +149,8 @@ def retry_cmd(flow_run_id: str = typer.Argument(..., help="id of a finished vina
     failed training stage resumes from its newest partial checkpoint."""
     from flows.pipeline import retry_flow_run
 
+    if _OWN_SERVER is not None:
+        _OWN_SERVER.wait_ready()
     state = retry_flow_run(flow_run_id)
     if not state.is_completed():
         raise VinaSmolError(f"flow run {flow_run_id} ended {state.name}: {state.message}")
@@ -219,8 +226,49 @@ def main() -> None:
     run_app(app)
 
 
+# The Prefect server a `run` or `retry` started for itself (no Prefect API configured), or None.
+_OWN_SERVER: Any = None
+
+
+def prefect_home() -> Path:
+    return Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+
+
+def configured_api_url() -> str | None:
+    """The Prefect API this process would use: $PREFECT_API_URL, else the active profile's (read
+    without importing Prefect, whose settings are fixed at import)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or prefect_home() / "profiles.toml")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    profile = data.get("profiles", {}).get(os.environ.get("PREFECT_PROFILE") or data.get("active", ""), {})
+    url = profile.get("PREFECT_API_URL") if isinstance(profile, dict) else None
+    return str(url) if url else None
+
+
+def _with_own_server() -> None:
+    """`main` with a Prefect server of this command's own in Prefect's home (the database Prefect's
+    temporary server would use), on a free 127.0.0.1 port. Unlike Prefect's temporary server it dies
+    with this process, even a SIGKILLed one, so an interrupted run leaves nothing behind."""
+    global _OWN_SERVER
+    from flows.local_server import LocalPrefectServer
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    _OWN_SERVER = LocalPrefectServer(prefect_home())
+    os.environ["PREFECT_API_URL"] = _OWN_SERVER.api_url
+    try:
+        main()
+    finally:
+        _OWN_SERVER.stop()
+
+
 def console() -> None:
-    """The `vinasmol` console script: `main`, ending without the interpreter's slow teardown."""
+    """The `vinasmol` console script: `main`, ending without the interpreter's slow teardown. `run`
+    and `retry` without a configured Prefect API start a server of their own (`_with_own_server`)."""
     from vinasmol_core.process_exit import run_entry_point
 
-    run_entry_point(main)
+    pipeline = len(sys.argv) > 1 and sys.argv[1] in ("run", "retry") and "--help" not in sys.argv
+    run_entry_point(_with_own_server if pipeline and configured_api_url() is None else main)

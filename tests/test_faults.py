@@ -188,3 +188,27 @@ def test_s3_server_killed_during_a_publish_and_restarted(tmp_path: Path) -> None
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def test_a_killed_run_without_a_prefect_api_leaves_no_server_behind(tmp_path: Path) -> None:
+    """`vinasmol run` with no Prefect API configured runs a Prefect server of its own; SIGKILLed
+    mid-run (here once its first step has finished), the server goes with it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL", "AWS_"))}
+    tag, log = uuid.uuid4().hex, tmp_path / "timing.jsonl"
+    env.update({TAG: tag, "PREFECT_HOME": str(tmp_path / "prefect"), "VINASMOL_TIMING_LOG": str(log),
+                "VINASMOL_WORK_DIR": str(tmp_path / "work"), "VINASMOL_CACHE": str(tmp_path / "cache")})
+    recipe = write_test_recipe(tmp_path / "recipe.yaml")
+    cmd = [sys.executable, "-c", "from flows.cli import console; console()", "run", str(recipe),
+           "--store", "file://" + str(tmp_path / "store"), "--stage-runner", "inline"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not log.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before its first step finished"
+    servers = [p for p in _tagged(tag) if b"uvicorn" in Path(f"/proc/{p}/cmdline").read_bytes()
+               or b"server" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert servers, "no Prefect server of the run's own"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _left_after(tag) == []
