@@ -435,5 +435,28 @@ def run_stage(
     work = Path(tempfile.mkdtemp(prefix=f"vinasmol-{spec.name}-"))
     try:
         return StageRunner(job, fabric, store, inputs, work, metrics_copy).run()
+    except Exception as exc:
+        if not _disk_full(exc):
+            raise
+        free = shutil.disk_usage(work).free / 1e6
+        raise VinaSmolError(
+            f"stage {spec.name}: a disk is full ({exc}); its work folder {work} (under $TMPDIR) has "
+            f"{free:.1f} MB free. Nothing partial was published: free space (or set TMPDIR to a larger "
+            "disk) and run again; the stage resumes from its newest train-state"
+        ) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC, EDQUOT or EFBIG, as an OSError or inside another library's error (safetensors)."""
+    import errno
+
+    full = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in full:
+            return True
+        if "No space left on device" in str(exc) or "File too large" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
