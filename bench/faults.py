@@ -28,7 +28,6 @@ chooses every kill moment and is printed. Ends with
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import random
@@ -47,6 +46,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from vinasmol_core.model.hf_io import sha256_file  # noqa: E402
 
 TAG_ENV = "VINASMOL_FAULTS_RUN"
 # Steps of the tiny recipe that row 1 kills inside (in flow order).
@@ -152,10 +153,10 @@ class Bench:
         finally:
             os.environ.clear()
             os.environ.update(saved)
-        hashes = {"checkpoint/lit_model.pth": _sha256(ckpt / "lit_model.pth")}
+        hashes = {"checkpoint/lit_model.pth": sha256_file(ckpt / "lit_model.pth")}
         for f in sorted(export.rglob("*")):
             if f.is_file():
-                hashes[f"export/{f.relative_to(export)}"] = _sha256(f)
+                hashes[f"export/{f.relative_to(export)}"] = sha256_file(f)
         return hashes
 
     def verify(self, store: str, extra_env: dict[str, str] | None = None) -> list[str]:
@@ -494,14 +495,6 @@ def _file_store(path: Path) -> str:
 
 def _blob_path(sha: str) -> str:
     return f"{sha[:2]}/{sha}"  # the store's blob layout (vinasmol_core.store.layout)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _timing(log: Path) -> list[dict]:

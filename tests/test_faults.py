@@ -5,7 +5,6 @@ the S3 server killed during a publish and restarted."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -18,14 +17,11 @@ from pathlib import Path
 import pytest
 
 from tests.test_flows_pipeline import write_test_recipe
+from vinasmol_core.model.hf_io import sha256_file
 
 pytestmark = pytest.mark.timeout(900)
 ROOT = Path(__file__).resolve().parent.parent
 TAG = "VINASMOL_TEST_RUN_TAG"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _tagged(tag: str) -> list[int]:
@@ -97,8 +93,8 @@ def _content(store: str, outputs: tuple[str, str]) -> dict[str, str]:
 
     st = ArtifactStore(store)
     ckpt, export = (Path(st.fetch(d)) for d in outputs)
-    hashes = {"lit_model.pth": _sha256(ckpt / "lit_model.pth")}
-    hashes.update({f"export/{f.name}": _sha256(f) for f in export.iterdir() if f.is_file()})
+    hashes = {"lit_model.pth": sha256_file(ckpt / "lit_model.pth")}
+    hashes.update({f"export/{f.name}": sha256_file(f) for f in export.iterdir() if f.is_file()})
     return hashes
 
 
@@ -179,7 +175,7 @@ def test_s3_server_killed_during_a_publish_and_restarted(tmp_path: Path) -> None
         assert report.ok, report.problems
         fetched = Path(store.fetch("runs/faults/big"))
         for f in src.iterdir():
-            assert _sha256(fetched / f.name) == _sha256(f)
+            assert sha256_file(fetched / f.name) == sha256_file(f)
     finally:
         for srv in [server, *restarted]:
             srv.stop()
