@@ -11,3 +11,7 @@ class StoreError(VinaSmolError):
 
 class ConfigError(VinaSmolError):
     """A recipe, stage spec or option is invalid; the message names the field."""
+
+
+class Preempted(VinaSmolError):
+    """A training stage stopped on SIGTERM after publishing a train-state of its last finished step."""

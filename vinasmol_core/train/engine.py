@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vinasmol_core.errors import ConfigError, VinaSmolError
+from vinasmol_core.errors import ConfigError, Preempted, VinaSmolError
 from vinasmol_core.manifests import CheckpointManifest
 from vinasmol_core.train import dist, params, relora, runtime, state
 from vinasmol_core.train.checkpoint import Checkpointer
@@ -49,13 +49,9 @@ if TYPE_CHECKING:
     from vinasmol_core.data.sampler import MixtureSampler
     from vinasmol_core.store import ArtifactStore
 
-__all__ = ["Preempted", "StageRunner", "optimizer_step", "run_stage"]
+__all__ = ["StageRunner", "optimizer_step", "run_stage"]
 
 _TERM = threading.Event()  # set by SIGTERM; read after each optimizer step
-
-
-class Preempted(VinaSmolError):
-    """The stage stopped on SIGTERM after publishing a train-state of its last finished step."""
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:

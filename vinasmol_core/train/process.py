@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vinasmol_core.errors import ConfigError, StoreError, VinaSmolError
+from vinasmol_core.errors import ConfigError, Preempted, StoreError, VinaSmolError
 from vinasmol_core.manifests import CheckpointManifest
 from vinasmol_core.train.metrics import ERROR_PREFIX, parse_line
 from vinasmol_core.train.spec import StageJob, load_job
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     try:
         job = load_job(args.job) if args.job is not None else _job_from_env(args.job_env)
-        from vinasmol_core.train.engine import Preempted, catch_sigterm, run_stage
+        from vinasmol_core.train.engine import catch_sigterm, run_stage
 
         catch_sigterm()
         run_stage(job, metrics_copy=args.metrics)
