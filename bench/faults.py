@@ -11,6 +11,7 @@ left in that session, or any stage process of it, is an orphan.
 | row | fault | recovery |
 | --- | --- | --- |
 | 1 | SIGKILL of `vinasmol run` at a random moment inside each step in turn | the same command again |
+| 2 | SIGKILL of a stage's training process inside a deployment run | none: the parent's retry |
 | 3 | SeaweedFS SIGKILLed during a stage's publishes, back 10 s later | its retries, else a re-run |
 | 4 | the Prefect server SIGKILLed during a stage, back 10 s later on its database | none, else a re-run |
 | 5 | the scratch disk (a small tmpfs: `TMPDIR`, work folder) full as a stage starts | free it, re-run |
@@ -19,8 +20,9 @@ left in that session, or any stage process of it, is an orphan.
 | 8 | the S3 server paused (SIGSTOP) for 30 s during a stage, then SIGCONT | none |
 | 9 | SIGTERM to a training stage's process (a pod being evicted) | a re-run resumes |
 
-Row 2 (a stage's process killed inside a deployment run) needs the deployment stack and is not run
-here; row 4 restarts a Prefect server of the bench's own (SQLite) that the run talks to. The seed
+Row 2 starts the local stack (`make up`: Prefect server, SeaweedFS, a process worker per pool) and
+runs `vinasmol/full-cpt` with each stage a child run; row 4 restarts a Prefect server of the bench's
+own (SQLite) that the run talks to. The seed
 chooses every kill moment and is printed. Ends with
 `faults: injected=N survived=N identical=N lost=N orphans=N seed=S`.
 """
@@ -46,6 +48,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # ui_shots: the local stack's helpers
 
 from vinasmol_core.model.hf_io import sha256_file  # noqa: E402
 
@@ -314,6 +317,71 @@ class Bench:
         self.finish(row, "row6", store, self.run("row6", store, args=("--force", "eeve-6")))
         return row
 
+    def row2(self) -> Row:
+        row = Row(2, "SIGKILL of a stage's training process inside a deployment run")
+        import ui_shots
+
+        base = self.work / "row2"
+        base.mkdir(parents=True)
+        env = {**os.environ, "VINASMOL_STACK_DIR": str(base / "stack"), "PYTHONPATH": str(ROOT)}
+        port = ui_shots.free_port()
+        ui_shots.stack_cmd("up", env, port)  # `make up`: Prefect server, SeaweedFS, both pools' workers
+        try:
+            state = json.loads((base / "stack" / "stack.json").read_text())
+            creds = json.loads((base / "stack" / "s3-credentials.json").read_text())
+            s3 = {"AWS_ACCESS_KEY_ID": creds["access_key"], "AWS_SECRET_ACCESS_KEY": creds["secret_key"],
+                  "AWS_ENDPOINT_URL": state["s3_endpoint"], "AWS_DEFAULT_REGION": "us-east-1"}
+            store = "s3://vinasmol/store"
+            killed: list[str] = []
+
+            def kill_stage() -> None:
+                deadline = time.monotonic() + 600
+                while time.monotonic() < deadline:
+                    for pid, _, _, cmd in _proc_table():
+                        if "vinasmol_core.train" in cmd and "--job" in cmd:
+                            try:
+                                job = json.loads(Path(cmd.split("--job")[1].split()[0]).read_text())
+                            except (OSError, ValueError, IndexError):
+                                continue
+                            if job["spec"]["name"] == "eeve-6":
+                                time.sleep(self.moment("train-stage-eeve-6"))
+                                os.kill(pid, signal.SIGKILL)
+                                killed.append(f"pid {pid}")
+                                return
+                    time.sleep(0.05)
+
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            injector = threading.Thread(target=kill_stage, daemon=True)
+            injector.start()
+            with temporary_settings({PREFECT_API_URL: state["api_url"]}):
+                parent = ui_shots.run_parent(self.recipe, 1800)
+            injector.join(timeout=5)
+            row.injected = len(killed)
+            row.notes.append(f"eeve-6's training process killed: {bool(killed)}; parent {parent.state.name}")
+            row.survived = parent.state.is_completed()
+            if row.survived:
+                from vinasmol_core.store import ArtifactStore
+
+                saved = dict(os.environ)
+                os.environ.update(s3)
+                try:
+                    st = ArtifactStore(store)
+                    outputs = (st.resolve("runs/tiny-cpu/annealing"), st.resolve("runs/tiny-cpu/export"))
+                    resumed = st.get_manifest("runs/tiny-cpu/eeve-6").extra.get("resumed_from_step")
+                finally:
+                    os.environ.clear()
+                    os.environ.update(saved)
+                row.notes.append(f"eeve-6 resumed from step {resumed}")
+                row.identical = self.content(store, outputs, s3) == self.reference
+                problems = self.verify(store, s3)
+                row.lost = len(problems)
+                row.notes.extend(f"verify: {p}" for p in problems[:3])
+            row.orphans = sum("vinasmol_core.train" in cmd for _, _, _, cmd in _proc_table())
+        finally:
+            ui_shots.stack_cmd("down", env, port)
+        return row
+
     def row3(self) -> Row:
         row = Row(3, "SeaweedFS killed during a stage's publishes, restarted 10 s later")
         with self.seaweed("row3") as (server, env):
@@ -575,7 +643,7 @@ def main() -> int:
     )
     parser.add_argument("--data", default=None, help="unused: the tiny recipe has built-in corpora")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rows", default="1,3,4,5,6,7,8,9")
+    parser.add_argument("--rows", default="1,2,3,4,5,6,7,8,9")
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a new temporary one)")
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "tiny-cpu.yaml")
     args = parser.parse_args()
