@@ -333,6 +333,11 @@ class Bench:
                   "AWS_ENDPOINT_URL": state["s3_endpoint"], "AWS_DEFAULT_REGION": "us-east-1"}
             store = "s3://vinasmol/store"
             killed: list[str] = []
+            from vinasmol_core.store import ArtifactStore
+
+            os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+            partials = ArtifactStore(store, endpoint_url=s3["AWS_ENDPOINT_URL"], key=s3["AWS_ACCESS_KEY_ID"],
+                                     secret=s3["AWS_SECRET_ACCESS_KEY"])
 
             def kill_stage() -> None:
                 deadline = time.monotonic() + 600
@@ -344,7 +349,10 @@ class Bench:
                             except (OSError, ValueError, IndexError):
                                 continue
                             if job["spec"]["name"] == "eeve-6":
-                                time.sleep(self.moment("train-stage-eeve-6"))
+                                # once the stage has a train-state, so that the retry has one to resume
+                                while not partials.list_refs("partial/eeve-6/"):
+                                    time.sleep(0.05)
+                                time.sleep(self.rng.uniform(0.0, 0.5))
                                 os.kill(pid, signal.SIGKILL)
                                 killed.append(f"pid {pid}")
                                 return
@@ -361,8 +369,6 @@ class Bench:
             row.notes.append(f"eeve-6's training process killed: {bool(killed)}; parent {parent.state.name}")
             row.survived = parent.state.is_completed()
             if row.survived:
-                from vinasmol_core.store import ArtifactStore
-
                 saved = dict(os.environ)
                 os.environ.update(s3)
                 try:
