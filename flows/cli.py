@@ -82,8 +82,6 @@ def _run_flow(
     smoke: bool = False,
     hub_mirror: str | None = None,
 ) -> dict:
-    # Without PREFECT_API_URL, Prefect starts a temporary server whose telemetry fails offline.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if before_flow is None and _OWN_SERVER is not None:
         before_flow = _OWN_SERVER.wait_ready
     from flows.pipeline import plan_run, vinasmol
@@ -256,7 +254,6 @@ def _with_own_server() -> None:
     global _OWN_SERVER
     from flows.local_server import LocalPrefectServer
 
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     _OWN_SERVER = LocalPrefectServer(prefect_home())
     os.environ["PREFECT_API_URL"] = _OWN_SERVER.api_url
     try:

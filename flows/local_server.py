@@ -87,6 +87,7 @@ class LocalPrefectServer:
         home.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
         env["PREFECT_HOME"] = str(home)
+        env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # its telemetry fails offline
         if "PREFECT_API_DATABASE_CONNECTION_URL" not in env:
             seed_from_template(home / "prefect.db", env)
         port = free_ports(1)[0]

@@ -10,6 +10,7 @@ that step published first, so a re-run resumes from it (`Preempted`).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import shutil
@@ -446,8 +447,6 @@ def run_stage(
 
 def _disk_full(exc: BaseException) -> bool:
     """ENOSPC, EDQUOT or EFBIG, as an OSError or inside another library's error (safetensors)."""
-    import errno
-
     full = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno in full:

@@ -96,7 +96,7 @@ def run_processes(
     ]
     if on_launch is not None:
         on_launch([p.pid for p in procs], commands)
-    previous = _forward_sigterm(procs)
+    forwarding, previous = _forward_sigterm(procs)
     lines: queue.Queue[str | None] = queue.Queue()
     readers = [threading.Thread(target=_pump, args=(p, lines), daemon=True) for p in procs]
     for reader in readers:
@@ -119,8 +119,8 @@ def run_processes(
                 raise TimeoutError(f"stage processes still running after {timeout} s")
         return [p.wait() for p in procs]
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if forwarding:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         _kill_sessions(procs)
         for p in procs:
             p.wait()
@@ -128,12 +128,12 @@ def run_processes(
             reader.join(timeout=5)
 
 
-def _forward_sigterm(procs: list[subprocess.Popen[str]]) -> Any:
+def _forward_sigterm(procs: list[subprocess.Popen[str]]) -> tuple[bool, Any]:
     """In the main thread, a SIGTERM to this process (a pod being evicted) goes on to the commands'
     sessions: a stage stops after its step in progress, with a train-state of it, and its exit code
-    comes back as usual. Returns the handler it replaced (None off the main thread: nothing done)."""
+    comes back as usual. Returns whether it took SIGTERM over, and the handler it replaced."""
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return False, None
 
     def forward(signum: int, frame: Any) -> None:
         for p in procs:
@@ -142,7 +142,7 @@ def _forward_sigterm(procs: list[subprocess.Popen[str]]) -> Any:
             except (ProcessLookupError, PermissionError):
                 pass
 
-    return signal.signal(signal.SIGTERM, forward)
+    return True, signal.signal(signal.SIGTERM, forward)
 
 
 def _pump(proc: subprocess.Popen[str], lines: queue.Queue[str | None]) -> None:
