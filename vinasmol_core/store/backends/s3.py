@@ -149,14 +149,15 @@ class _S3Backend(_Backend):
         if not parts.hostname:
             raise StoreError(f"S3 endpoint {self.endpoint_url!r} of store {self.url} has no host")
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        deadline, pause = time.monotonic() + wait, 0.5
+        start, pause = time.monotonic(), 0.5
+        deadline = start + wait
         while True:
             try:
                 with socket.create_connection((parts.hostname, port), timeout=10):
                     return
             except OSError as exc:
                 if time.monotonic() + pause > deadline:
-                    waited = f" (tried for {wait:.0f} s)" if wait else ""
+                    waited = f" (tried for {time.monotonic() - start:.0f} s)" if wait else ""
                     raise StoreError(
                         f"cannot reach S3 endpoint {self.endpoint_url} for store {self.url}{waited}: "
                         f"{exc.strerror or exc}"
