@@ -141,6 +141,46 @@ def run_cmd(
     _print_result(result)
 
 
+@app.command("sweep")
+def sweep_cmd(
+    recipe: Path = typer.Argument(..., help="recipe YAML"),
+    sweep_file: Path = typer.Argument(..., help="sweep YAML: stage, proxy, search space, runs, objective"),
+    store: str | None = typer.Option(
+        None, "--store", help="artifact store URL (default: recipe, $VINASMOL_STORE)"
+    ),
+    stage_runner: str | None = typer.Option(None, "--stage-runner", help="inline | deployment"),
+    hub_mirror: str | None = typer.Option(None, "--hub-mirror", help=HUB_MIRROR_HELP),
+    overrides: list[str] = typer.Option([], "--set", help="PATH=VALUE recipe override; repeatable"),
+    out: Path | None = typer.Option(
+        None, "--out", help="recipe file with the chosen values (default: <recipe>-<sweep>.yaml here)"
+    ),
+) -> None:
+    """Proxy runs of one stage over a sweep file's search space, a regression from configuration to
+    objective, its predicted best checked by training it; writes a recipe with the chosen values."""
+    from flows.pipeline import plan_run
+    from flows.sweep import sweep
+    from vinasmol_core.sweep import check_sweep, load_sweep, patched_recipe_text
+
+    spec = load_sweep(sweep_file)
+    plan = plan_run(recipe, store, stage_runner=stage_runner, hub_mirror=hub_mirror, overrides=overrides)
+    check_sweep(plan.recipe, spec)
+    target = out or Path(f"{recipe.stem}-{spec.name}.yaml")
+    if _OWN_SERVER is not None:
+        _OWN_SERVER.wait_ready()
+    state = sweep(recipe=str(recipe), sweep_file=str(sweep_file), store=store, stage_runner=stage_runner,
+                  hub_mirror=plan.hub_mirror, overrides=overrides or None, return_state=True)
+    if not state.is_completed():
+        run_id = state.state_details.flow_run_id
+        raise VinaSmolError(f"sweep flow run {run_id} ended {state.name}: {state.message}")
+    result = state.result()
+    print(result["markdown"])
+    text = patched_recipe_text(recipe, [*overrides, *result["set_lines"]])
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(target)
+    print(f"sweep: recipe with the chosen values: {target} (flow run {state.state_details.flow_run_id})")
+
+
 @app.command("retry")
 def retry_cmd(flow_run_id: str = typer.Argument(..., help="id of a finished vinasmol flow run")) -> None:
     """Re-run a failed pipeline run under the same run id: finished steps load from cache and the
@@ -267,5 +307,5 @@ def console() -> None:
     and `retry` without a configured Prefect API start a server of their own (`_with_own_server`)."""
     from vinasmol_core.process_exit import run_entry_point
 
-    pipeline = len(sys.argv) > 1 and sys.argv[1] in ("run", "retry") and "--help" not in sys.argv
+    pipeline = len(sys.argv) > 1 and sys.argv[1] in ("run", "retry", "sweep") and "--help" not in sys.argv
     run_entry_point(_with_own_server if pipeline and configured_api_url() is None else main)

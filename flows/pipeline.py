@@ -41,6 +41,7 @@ from vinasmol_core.steps import Step
 from vinasmol_core.store import ArtifactStore, default_store_url
 from vinasmol_core.train.loggers import check_logging
 from vinasmol_core.train.metrics import MEMORY_KEYS
+from vinasmol_core.train.spec import StageSpec
 
 STAGE_RUNNERS = ("inline", "deployment")
 # The steps that read hub datasets or models (and so take the run's `hub_mirror`).
@@ -172,23 +173,29 @@ class _Runner:
         self.measured: list[dict[str, Any]] = []
         """One row per step called: wall seconds, peak host memory of this process tree, cached."""
 
-    def __call__(self, task: Any, qualifier: str = "", *, rerun: bool | None = None, **kwargs: Any) -> Any:
-        """Run `task` (a step) as the task run `<step>` or `<step>-<qualifier>`. `rerun`: whether
-        `force` re-runs it (default: whether the step itself is forced)."""
+    def _configured(self, task: Any, qualifier: str, rerun: bool | None, kwargs: dict[str, Any]) -> Any:
         run_name = f"{task.name}-{qualifier}" if qualifier else task.name
         forced = task.name in self.plan.forced if rerun is None else rerun
         refresh = forced and run_name not in self.done
-        configured = task.with_options(
-            result_storage=self.storage, refresh_cache=refresh, task_run_name=run_name
-        )
         if task.name in HUB_READERS:
             kwargs["hub_mirror"] = self.plan.hub_mirror
+        kwargs["store_url"] = self.plan.store_url
+        return task.with_options(result_storage=self.storage, refresh_cache=refresh, task_run_name=run_name)
+
+    def __call__(self, task: Any, qualifier: str = "", *, rerun: bool | None = None, **kwargs: Any) -> Any:
+        """Run `task` (a step) as the task run `<step>` or `<step>-<qualifier>`. `rerun`: whether
+        `force` re-runs it (default: whether the step itself is forced)."""
+        configured = self._configured(task, qualifier, rerun, kwargs)
         t0 = time.perf_counter()
         with PeakMemory() as peak:
-            state = configured(store_url=self.plan.store_url, return_state=True, **kwargs)
-        self.measured.append({"step": run_name, "seconds": time.perf_counter() - t0,
+            state = configured(return_state=True, **kwargs)
+        self.measured.append({"step": configured.task_run_name, "seconds": time.perf_counter() - t0,
                               "peak_host_mb": peak.bytes / 2**20, "cached": state.name == "Cached"})
         return state.result()
+
+    def submit(self, task: Any, qualifier: str = "", **kwargs: Any) -> Any:
+        """Start `task` as `__call__` would, on the flow's task runner; its future."""
+        return self._configured(task, qualifier, None, kwargs).submit(**kwargs)
 
 
 def _sha(manifest: Any, path: str = "tokenizer.json") -> str:
@@ -315,10 +322,12 @@ def _start_tokenizer(ctx: _Run, start_ref: str) -> tuple[str, str]:
     return start.digest, sha
 
 
-def _data_phase(ctx: _Run, tok_artifact: str, tok_sha: str) -> dict[str, DatasetManifest]:
-    """prepare-data for each dataset the remaining stages read (`main`, `annealing`)."""
+def _data_phase(
+    ctx: _Run, tok_artifact: str, tok_sha: str, stages: list[StageSpec] | None = None
+) -> dict[str, DatasetManifest]:
+    """prepare-data for each dataset the remaining stages (or `stages`) read (`main`, `annealing`)."""
     recipe = ctx.recipe
-    stages = recipe.stages[ctx.plan.start_stage :]
+    stages = recipe.stages[ctx.plan.start_stage :] if stages is None else stages
     datasets: dict[str, DatasetManifest] = {}
     for role in sorted({recipe.stage_dataset(s) for s in stages}):
         extra = recipe.corpora_with_role("annealing") if role == "annealing" else []
@@ -352,16 +361,22 @@ def _model_phase(ctx: _Run, base: CheckpointManifest, tokenizer: TokenizerManife
     return converted.digest
 
 
+def with_base_vocab(ctx: _Run, spec: StageSpec) -> StageSpec:
+    """A new-embeddings stage told the base vocabulary size of the run's merged tokenizer."""
+    if spec.trainable == "new-embeddings" and spec.base_vocab_size is None and ctx.tokenizer is not None:
+        return spec.model_copy(update={"base_vocab_size": ctx.tokenizer.base_vocab_size})
+    return spec
+
+
 def _training_phase(
-    ctx: _Run, previous: str, datasets: dict[str, DatasetManifest]
+    ctx: _Run, previous: str, datasets: dict[str, DatasetManifest], stop: int | None = None
 ) -> tuple[str, list[tuple[str, list[dict[str, Any]]]]]:
-    """train-stage and evaluate for each remaining stage, each from the previous one's checkpoint;
-    returns the last checkpoint and each stage's metrics."""
+    """train-stage and evaluate for each remaining stage (up to index `stop`), each from the previous
+    one's checkpoint; returns the last checkpoint and each stage's metrics."""
     recipe, plan = ctx.recipe, ctx.plan
     stage_events: list[tuple[str, list[dict[str, Any]]]] = []
-    for spec in recipe.stages[plan.start_stage :]:
-        if spec.trainable == "new-embeddings" and spec.base_vocab_size is None and ctx.tokenizer is not None:
-            spec = spec.model_copy(update={"base_vocab_size": ctx.tokenizer.base_vocab_size})
+    for spec in recipe.stages[plan.start_stage : stop]:
+        spec = with_base_vocab(ctx, spec)
         forced = spec.name in plan.forced
         trained = ctx.run(
             train_stage,

@@ -434,6 +434,30 @@ def test_annealing_deployment_is_scheduled_and_caches(stack: Any) -> None:
     assert not [s for s in executed if s.startswith("train-stage")], executed
 
 
+@needs_pipeline
+def test_sweep_deployment_runs_proxy_runs_as_parallel_children(stack: Any) -> None:
+    """`vinasmol/sweep`: four proxy runs of eeve-6, two at a time, as child runs on the CUDA pool;
+    the report artifact holds the fit and the chosen `--set` lines."""
+    sweep_file = stack.root / "stack.sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "name": "stack", "stage": "eeve-6", "runs": 4, "tokens_per_run": 256, "parallel": 2,
+        "search": {"mixture": {"vary": ["vi", "en"]}, "lr": {"low": 5e-4, "high": 5e-3}},
+        "check_seeds": [],
+    }))
+    params = {"recipe": str(stack.recipe), "sweep_file": str(sweep_file)}
+    run = _wait(_start("vinasmol/sweep", params, _env(stack)).id)
+    assert run.state.is_completed(), f"{run.state.name}: {run.state.message}"
+    children = _children(run.id)
+    assert sorted(c.name for c in children) == [f"eeve-6-p0{i}-attempt-1" for i in range(4)]
+    assert all(c.state.is_completed() and c.work_pool_name == "cuda" for c in children)
+    first, second = children[0], children[1]
+    assert second.start_time < first.end_time, "the first two proxy runs did not overlap"
+    report = [a for a in _artifacts(run.id) if a.key == "sweep-stack"]
+    assert report and "Predicted best" in str(report[0].data)
+    assert "--set 'stages.eeve-6." in str(report[0].data)
+    assert any(a.key == "sweep-stack-runs" and a.type == "table" for a in _artifacts(run.id))
+
+
 def test_two_gpu_child_run_renders_through_prefect(stack: Any) -> None:
     """A stage with devices=2 on a Kubernetes pool: its child run's job requests nvidia.com/gpu: 2."""
     from prefect.client.schemas.actions import WorkPoolCreate

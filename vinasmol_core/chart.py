@@ -17,6 +17,7 @@ class Series:
     points: Sequence[tuple[float, float]]
     dashed: bool = False  # dashed with a dot at each point: sparse measurements such as evaluations
     markers: bool = False  # a dot at each point of a solid line
+    line: bool = True  # False: dots only (a scatter plot)
 
 
 def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
@@ -92,9 +93,10 @@ def line_chart_svg(
             continue
         coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
         dash = ' stroke-dasharray="5,3"' if s.dashed else ""
-        out.append(f'<polyline data-label="{escape(s.label)}" points="{coords}" fill="none" '
-                   f'stroke="{color}" stroke-width="1.5"{dash}/>')
-        if s.dashed or s.markers:
+        if s.line:
+            out.append(f'<polyline data-label="{escape(s.label)}" points="{coords}" fill="none" '
+                       f'stroke="{color}" stroke-width="1.5"{dash}/>')
+        if s.dashed or s.markers or not s.line:
             out.extend(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"/>' for x, y in pts)
     # The legend, top right, over a light backdrop so that lines under it stay readable.
     lx = left + pw - 150

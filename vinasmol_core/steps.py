@@ -22,6 +22,7 @@ class Step(StrEnum):
     TRAIN_STAGE = "train-stage"
     EVALUATE = "evaluate"
     EXPORT = "export"
+    FIT_SWEEP = "fit-sweep"  # the sweep flow's regression (flows/sweep.py), after its proxy runs
 
 
 # Steps before and after the training stages, in order (the recipe names the stages in between).
