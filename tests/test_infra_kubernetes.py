@@ -94,10 +94,10 @@ def test_heartbeat_automation_is_proactive_and_crashes_silent_runs() -> None:
     assert load_automation(within_seconds=45).trigger.within.total_seconds() == 45
 
 
-def test_prefect_yaml_declares_the_three_deployments() -> None:
+def test_prefect_yaml_declares_the_four_deployments() -> None:
     doc = yaml.safe_load((REPO / "deployments/prefect.yaml").read_text())
     deps = {d["name"]: d for d in doc["deployments"]}
-    assert set(deps) == {"full-cpt", "annealing", "train-stage"}
+    assert set(deps) == {"full-cpt", "annealing", "sweep", "train-stage"}
     for dep in deps.values():
         path, _, func = dep["entrypoint"].partition(":")
         assert (REPO / path).exists() and f"def {func}(" in (REPO / path).read_text()
@@ -106,6 +106,9 @@ def test_prefect_yaml_declares_the_three_deployments() -> None:
     assert annealing["parameters"]["from_stage"] == "annealing" and annealing["parameters"]["start_ref"]
     assert annealing["schedules"][0]["cron"] == "{{ $VINASMOL_ANNEALING_CRON }}"
     assert deps["train-stage"]["work_pool"]["name"] == "{{ $VINASMOL_CUDA_POOL }}"
+    sweep = deps["sweep"]["parameters"]
+    assert (REPO / sweep["recipe"]).is_file() and (REPO / sweep["sweep_file"]).is_file()
+    assert sweep["stage_runner"] == "deployment"
 
 
 MULTINODE = REPO / "infra/kubernetes/multinode"
