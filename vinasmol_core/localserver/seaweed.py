@@ -161,6 +161,9 @@ def write_identities(path: Path, access_key: str, secret_key: str) -> None:
 
 VOLUME_SIZE_MB = 64
 MAX_VOLUMES = 2000
+# `weed mini`'s volume server default (not a flag of `weed mini`): under this share of free disk it
+# takes no writes.
+MIN_FREE_PERCENT = 1
 
 
 def seaweed_command(
@@ -216,8 +219,16 @@ def _wait_ready(server: SeaweedServer, timeout: float) -> None:
             last = exc
             time.sleep(0.2)
     server.stop()
+    usage = shutil.disk_usage(server.data_dir)
+    low_disk = (
+        f"; only {usage.free / 2**30:.1f} GiB ({100 * usage.free / usage.total:.1f}%) free on its disk, and"
+        f" SeaweedFS marks every volume read-only below {MIN_FREE_PERCENT}%"
+        if 100 * usage.free / usage.total < 2 * MIN_FREE_PERCENT
+        else ""
+    )
     raise StoreError(
-        f"SeaweedFS at {server.endpoint_url} not ready after {timeout:.0f} s: {type(last).__name__}"
+        f"SeaweedFS at {server.endpoint_url} not ready after {timeout:.0f} s: {type(last).__name__}: {last}"
+        f"{low_disk} (log: {server.log_path})"
     )
 
 
