@@ -68,8 +68,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     return Trained(model, pairs)
 
 
-@pytest.mark.xfail(reason="below 0.8 with the dependency set resolved on 2026-12-03; cause not found yet",
-                   strict=False)
 def test_local_task_above_chance_and_shuffled_at_chance(trained: Trained, tmp_path: Path) -> None:
     write_choice_task(tmp_path / "tasks", "pairs_easy", trained.items(shuffled=False))
     write_choice_task(tmp_path / "tasks", "pairs_shuffled", trained.items(shuffled=True))

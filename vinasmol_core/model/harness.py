@@ -157,8 +157,12 @@ def run_harness(
     manager = task_manager(tasks, include_path)
     with tempfile.TemporaryDirectory(prefix="vinasmol-harness-") as tmp:
         hf_dir = _hf_folder(Path(model_dir), Path(tmp))
+        # Training documents follow <|endoftext|> (shards.py); the harness encodes a context with no
+        # prefix unless told, so each context gets the tokenizer's BOS (that same token) first.
+        tok_config = hf_dir / "tokenizer_config.json"
+        config = json.loads(tok_config.read_text(encoding="utf-8")) if tok_config.is_file() else {}
         lm = HFLM(pretrained=str(hf_dir), tokenizer=str(hf_dir), device=device, dtype="float32",
-                  batch_size=batch_size)
+                  batch_size=batch_size, add_bos_token=bool(config.get("bos_token")) or None)
         results = lm_eval.simple_evaluate(
             model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
             log_samples=False, bootstrap_iters=0,

@@ -319,10 +319,11 @@ class StageRunner:
                 step, lr=spec.lr, min_lr=spec.min_lr, warmup_steps=spec.warmup_steps, total_steps=total,
                 schedule=spec.schedule, decay_fraction=spec.decay_fraction,
             )
-            if spec.relora is not None:
-                lr *= relora.restart_factor(step, spec.relora)
+            # the jagged restart is for the adapters, whose moments a merge pruned; tensors trained
+            # directly (embeddings, norms) keep the stage's schedule
+            adapter_lr = lr * relora.restart_factor(step, spec.relora) if spec.relora is not None else lr
             for group in m.raw_optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = adapter_lr if group.get("relora") else lr
             step_loss, grad_norm = optimizer_step(
                 self.fabric, m.module, m.optimizer, self._batches(data.sampler, step), spec.grad_accum,
                 vocab, spec.grad_clip,
@@ -334,6 +335,7 @@ class StageRunner:
                     {
                         "event": "step", "stage": spec.name, "step": done, "total_steps": total,
                         "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+                        **({"adapter_lr": adapter_lr} if spec.relora is not None else {}),
                         "tokens": done * spec.tokens_per_step, "tokens_per_s": spec.tokens_per_step / dt,
                         "step_time_s": dt,
                     }

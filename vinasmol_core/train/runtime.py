@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vinasmol_core.train import params
+from vinasmol_core.train import params, relora
 from vinasmol_core.train.spec import StageSpec
 
 if TYPE_CHECKING:
@@ -116,13 +116,17 @@ def enable_activation_checkpointing(model: Any) -> None:
 
 
 def make_optimizer(model: Any, spec: StageSpec) -> tuple[torch.optim.Optimizer, dict[int, str]]:
-    """AdamW over the trainable tensors only; no weight decay on vectors (norms, biases)."""
+    """AdamW over the trainable tensors only; no weight decay on vectors (norms, biases). ReLoRA's
+    adapters form a group of their own (`"relora": True`): only their learning rate restarts at a merge."""
     named = {n: p for n, p in params.named_parameters(model).items() if p.requires_grad}
-    decay = [p for n, p in sorted(named.items()) if p.ndim >= 2]
+    adapters = [p for n, p in sorted(named.items()) if relora.is_adapter(n)]
+    decay = [p for n, p in sorted(named.items()) if p.ndim >= 2 and not relora.is_adapter(n)]
     no_decay = [p for n, p in sorted(named.items()) if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": spec.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
+    if adapters:
+        groups.append({"params": adapters, "weight_decay": spec.weight_decay, "relora": True})
     # fused: one pass over parameter, gradient and both moments per tensor, on CUDA and on the CPU
     # (torch's CPU kernel), instead of some eight elementwise passes of the per-tensor loop
     fused = spec.fused_adamw if spec.fused_adamw is not None else True
