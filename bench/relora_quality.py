@@ -43,8 +43,8 @@ def parse_args() -> Any:
     parser.add_argument("--steps6", type=int, default=40, help="optimizer steps of stage 6 (each run)")
     parser.add_argument("--lr6", type=float, default=2e-4, help="stage 6 learning rate (both runs)")
     parser.add_argument("--warmup6", type=int, default=4)
-    parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--alpha", type=float, default=128.0)
+    parser.add_argument("--rank", type=int, default=128)
+    parser.add_argument("--alpha", type=float, default=None, help="default: the recipe's (4 x rank)")
     parser.add_argument("--merge-every", type=int, default=10)
     parser.add_argument("--warmup-after-merge", type=int, default=3)
     parser.add_argument("--optimizer-reset", type=float, default=0.99)
@@ -101,7 +101,7 @@ def main() -> None:
     )
     timings["stage 3"] = time.perf_counter() - t0
     relora = {
-        "rank": args.rank, "alpha": args.alpha, "merge_every": args.merge_every,
+        "rank": args.rank, "merge_every": args.merge_every, **({"alpha": args.alpha} if args.alpha else {}),
         "warmup_after_merge": args.warmup_after_merge, "optimizer_reset": args.optimizer_reset,
     }
     runs: dict[str, tuple[Any, float]] = {}
@@ -144,7 +144,8 @@ def report(
         f"# tokenizer {prep.ext_info['base_vocab_size']} -> {prep.ext_info['vocab_size']} tokens; "
         f"stage 3: {args.steps} steps; stage 6: {args.steps6} steps x {args.global_batch} x "
         f"{args.seq_len} tokens, lr {args.lr6} cosine (warmup {args.warmup6}), mixture vi {args.vi_share}; "
-        f"ReLoRA rank {args.rank}, alpha {args.alpha}, merge every {args.merge_every}, warmup after merge "
+        f"ReLoRA rank {args.rank}, alpha {args.alpha or 4 * args.rank:g}, merge every {args.merge_every}, "
+        f"warmup after merge "
         f"{args.warmup_after_merge}, optimizer reset {args.optimizer_reset}"
     )
     print(f"# validation: {', '.join(VAL.values())}, max_bytes={args.max_bytes} per language, "

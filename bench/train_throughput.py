@@ -126,7 +126,7 @@ def measure_ours(config: Any, policy: str, args: argparse.Namespace) -> dict[str
     base = args.base_vocab_size if args.base_vocab_size < config.vocab_size else config.vocab_size * 7 // 8
     params.apply_policy(model, policy, base_vocab_size=base)
     if args.relora:
-        relora.attach(model, ReLoRASpec(rank=args.relora_rank, alpha=args.relora_rank), seed=0)
+        relora.attach(model, ReLoRASpec(rank=args.relora_rank), seed=0)
     if args.activation_checkpointing:
         enable_activation_checkpointing(model)
     raw = model

@@ -65,6 +65,7 @@ def test_merge_is_exact_and_starts_fresh_adapters() -> None:
     cfg = ReLoRASpec(rank=4, alpha=8)
     model, _ = tiny_model(cfg)
     layers = relora.adapter_layers(model)
+    assert ReLoRASpec(rank=4).alpha == 16 and layers[0].scaling == 2  # alpha defaults to 4 x rank
     with torch.no_grad():
         for layer in layers:  # a trained-looking adapter: B is no longer zero
             layer.lora_B.normal_(0, 0.05)

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vinasmol_core.errors import ConfigError
 
@@ -54,7 +54,12 @@ class ReLoRASpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rank: int = Field(default=128, gt=0, description="adapter rank r")
-    alpha: float = Field(default=32.0, gt=0, description="adapter scale alpha / r")
+    alpha: float | None = Field(
+        default=None,
+        gt=0,
+        description="an adapter adds (B @ A) * alpha / rank; default 4 x rank. At the stage's learning "
+        "rate the adapters need that scale to keep up with full rank (bench/relora_quality.py)",
+    )
     dropout: float = Field(default=0.0, ge=0, lt=1, description="dropout on the adapter's input")
     targets: list[str] = Field(
         default_factory=lambda: ["attn.*", "mlp.*"],
@@ -79,6 +84,12 @@ class ReLoRASpec(BaseModel):
         if any(not p for p in value):
             raise ValueError("targets must be non-empty patterns")
         return value
+
+    @model_validator(mode="after")
+    def _default_alpha(self) -> ReLoRASpec:
+        if self.alpha is None:
+            self.alpha = 4.0 * self.rank
+        return self
 
 
 class StageSpec(BaseModel):
