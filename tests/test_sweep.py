@@ -102,6 +102,7 @@ def test_proxy_stage_takes_the_configuration_and_budget(tiny: object) -> None:
     assert run.mixture == config.mixture and run.trainable == stage.trainable
     assert run.total_steps == 8192 // (8 * stage.seq_len)
     assert run.eval_interval == run.total_steps and run.checkpoint_interval == run.total_steps // 2
+    assert run.keep_checkpoints == 1
 
 
 def test_objective_penalises_english_only_above_its_allowance() -> None:

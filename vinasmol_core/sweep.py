@@ -238,8 +238,9 @@ def proxy_stage(stage: StageSpec, config: ProxyConfig, sweep: SweepSpec, name: s
     steps = spec.total_steps
     return spec.model_copy(update={
         "warmup_steps": min(spec.warmup_steps, max(steps // 10, 1)),
-        # one train-state half way (a killed run resumes from it), one evaluation at the end
-        "eval_interval": steps, "checkpoint_interval": max(steps // 2, 1),
+        # one train-state half way (a killed run resumes from it), one evaluation at the end; only
+        # the newest train-state stays (a sweep of many runs of a real model would fill the disk)
+        "eval_interval": steps, "checkpoint_interval": max(steps // 2, 1), "keep_checkpoints": 1,
         "eval_at_start": False,
     })
 
