@@ -91,6 +91,7 @@ def main() -> None:
 
     from vinasmol_core.model import bits_per_byte_report
     from vinasmol_core.train import StageJob
+    from vinasmol_core.train.spec import ReLoRASpec
 
     prep = prepare(args)
     timings = prep.timings
@@ -100,10 +101,11 @@ def main() -> None:
                  store_url=prep.store_url)
     )
     timings["stage 3"] = time.perf_counter() - t0
-    relora = {
-        "rank": args.rank, "merge_every": args.merge_every, **({"alpha": args.alpha} if args.alpha else {}),
-        "warmup_after_merge": args.warmup_after_merge, "optimizer_reset": args.optimizer_reset,
-    }
+    relora = ReLoRASpec(
+        rank=args.rank, alpha=args.alpha, merge_every=args.merge_every,
+        warmup_after_merge=args.warmup_after_merge, optimizer_reset=args.optimizer_reset,
+    ).model_dump()
+    args.alpha = relora["alpha"]  # the default resolved, for the report
     runs: dict[str, tuple[Any, float]] = {}
     for label, cfg in (("full", None), ("relora", relora)):
         print(f"stage 6 ({label})", flush=True)
@@ -144,7 +146,7 @@ def report(
         f"# tokenizer {prep.ext_info['base_vocab_size']} -> {prep.ext_info['vocab_size']} tokens; "
         f"stage 3: {args.steps} steps; stage 6: {args.steps6} steps x {args.global_batch} x "
         f"{args.seq_len} tokens, lr {args.lr6} cosine (warmup {args.warmup6}), mixture vi {args.vi_share}; "
-        f"ReLoRA rank {args.rank}, alpha {args.alpha or 4 * args.rank:g}, merge every {args.merge_every}, "
+        f"ReLoRA rank {args.rank}, alpha {args.alpha:g}, merge every {args.merge_every}, "
         f"warmup after merge "
         f"{args.warmup_after_merge}, optimizer reset {args.optimizer_reset}"
     )

@@ -137,9 +137,7 @@ def run_sweep(recipe_path: str, sweep: SweepSpec, store: str | None = None, stag
         "objective": sweep.objective_text(), "start": {"label": start_label,
                                                        "bpb": ctx.result["bpb"].get(start_label, {})},
         "base_bpb": ctx.result["bpb"].get("base", {}), "rows": rows, "fit": fit.model_dump(),
-        # the proxy's own batch is no choice unless the sweep searched it
-        "set_lines": patch_lines(user_stage, fit.best if sweep.search.global_batch else
-                                 fit.best.model_copy(update={"global_batch": user_stage.global_batch})),
+        "set_lines": patch_lines(user_stage, fit.best, batch_searched=bool(sweep.search.global_batch)),
     }
     result["markdown"] = sweep_markdown(result)
     key = sweep.search.mixture.vary[0] if sweep.search.mixture else next(iter(stage.mixture))

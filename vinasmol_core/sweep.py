@@ -332,15 +332,16 @@ def _average(configs: list[ProxyConfig]) -> ProxyConfig:
     return ProxyConfig(mixture=mixture, lr=float(f"{lr:.3g}"), global_batch=batch)
 
 
-def patch_lines(stage: StageSpec, config: ProxyConfig) -> list[str]:
-    """`--set` values that give the recipe's stage this configuration (only what differs)."""
+def patch_lines(stage: StageSpec, config: ProxyConfig, *, batch_searched: bool = False) -> list[str]:
+    """`--set` values that give the recipe's stage this configuration (only what differs). The batch
+    enters only when the sweep searched it: otherwise it is the proxy's own, no choice."""
     lines = []
     if config.mixture != stage.mixture:
         body = ", ".join(f"{k}: {v:g}" for k, v in config.mixture.items())
         lines.append(f"stages.{stage.name}.mixture={{{body}}}")
     if config.lr != stage.lr:
         lines.append(f"stages.{stage.name}.lr={config.lr:g}")
-    if config.global_batch != stage.global_batch:
+    if batch_searched and config.global_batch != stage.global_batch:
         lines.append(f"stages.{stage.name}.global_batch={config.global_batch}")
     return lines
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.model import hf_io
 from vinasmol_core.model.litgpt_io import LIT_CONFIG, LIT_WEIGHTS
 
 # The metrics kept per task (the harness reports "acc,none", "acc_norm,none", ...).
@@ -160,7 +161,7 @@ def run_harness(
         # Training documents follow <|endoftext|> (shards.py); the harness encodes a context with no
         # prefix unless told, so each context gets the tokenizer's BOS (that same token) first.
         tok_config = hf_dir / "tokenizer_config.json"
-        config = json.loads(tok_config.read_text(encoding="utf-8")) if tok_config.is_file() else {}
+        config = hf_io.read_json(tok_config) if tok_config.is_file() else {}
         lm = HFLM(pretrained=str(hf_dir), tokenizer=str(hf_dir), device=device, dtype="float32",
                   batch_size=batch_size, add_bos_token=bool(config.get("bos_token")) or None)
         results = lm_eval.simple_evaluate(
