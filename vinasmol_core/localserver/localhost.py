@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -24,6 +26,26 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def server_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host`, for a server that another process starts and binds later: drawn
+    below the kernel's ephemeral range, so that no outgoing connection takes it in the meantime
+    (a port from `free_ports` lies inside that range)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(64):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    return free_ports(1, host)[0]
 
 
 def port_open(host: str, port: int) -> bool:

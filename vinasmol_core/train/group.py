@@ -14,7 +14,6 @@ import ctypes
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,16 +23,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vinasmol_core.localserver.localhost import server_port
 from vinasmol_core.train.spec import StageJob
 
 DEFAULT_RESTARTS = 2  # group relaunches after a lost node, and torchrun restarts of live nodes' workers
 _PR_SET_PDEATHSIG = 1
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def agent_command(
@@ -60,7 +54,7 @@ def local_group_commands(
     job_path: Path, job: StageJob, max_restarts: int, metrics_path: Path | None = None
 ) -> list[list[str]]:
     """One agent per node on 127.0.0.1, a fresh port and rendezvous id (one group attempt)."""
-    endpoint = f"127.0.0.1:{free_port()}"
+    endpoint = f"127.0.0.1:{server_port()}"
     run_id = f"{job.spec.name}-{uuid.uuid4().hex[:12]}"
     return [
         agent_command(job_path, job, node, endpoint, run_id, max_restarts, metrics_path)

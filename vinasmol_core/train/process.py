@@ -136,8 +136,10 @@ def run_stage_process(
             if stream.error is not None and stream.error.get("type") in ("ConfigError", "Preempted"):
                 break  # a bad spec or input does not get better in a new attempt; SIGTERM means stop
             if attempt + 1 < attempts:
+                last = "\n  ".join(list(stream.tail)[-8:])
                 print(f"stage {job.spec.name}: group attempt {attempt + 1} failed (exit codes {rcs}); "
-                      f"starting it again ({attempts - attempt - 1} left)", flush=True)
+                      f"starting it again ({attempts - attempt - 1} left); its last output:\n  {last}",
+                      flush=True)
     if stream.result is None or any(rcs):
         _raise_failure(job, stream, rcs, attempts)
     assert stream.result is not None
