@@ -15,6 +15,7 @@ may name a mixture instead of spelling the weights), `eval`, `export`, `compute`
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -452,15 +453,45 @@ def _override_target(node: Any, key: str, where: str) -> Any:
     raise ConfigError(f"{where}: {key!r} is below a value that is not a section")
 
 
+_PATH_SEGMENT = re.compile(r"\[([^\[\]]+)\]|([^.\[\]]+)")
+
+
+def split_override_path(path: str) -> list[str] | None:
+    """The segments of a `--set` PATH: split on dots, except inside brackets (`stages[eeve-6.1].lr`
+    is `stages`, `eeve-6.1`, `lr`); None when the path is malformed (empty segment, stray bracket)."""
+    keys: list[str] = []
+    at = 0
+    while at < len(path):
+        match = _PATH_SEGMENT.match(path, at)
+        if match is None:
+            return None
+        keys.append(match.group(1) if match.group(1) is not None else match.group(2))
+        at = match.end()
+        if path.startswith(".", at):
+            at += 1
+            if at == len(path):
+                return None
+    return keys or None
+
+
+def override_path(*keys: str) -> str:
+    """A `--set` PATH naming `keys` in order; a key with a dot (a stage named `eeve-6.1`) is bracketed."""
+    out = ""
+    for key in keys:
+        out += f"[{key}]" if "." in key else (f".{key}" if out else key)
+    return out
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Recipe data with `--set PATH=VALUE` lines applied, in order. PATH is dotted (`data.dedup`,
-    `stages.eeve-6.lr`, `corpora.0.source.budget.bytes`); VALUE is read as YAML (`2e-4`, `false`,
+    `stages.eeve-6.lr`, `corpora.0.source.budget.bytes`); a segment in brackets is taken whole, dots
+    included (`stages[eeve-6.1].lr`, see `override_path`); VALUE is read as YAML (`2e-4`, `false`,
     `[vi, en]`, `null`). Validation happens afterwards, so an unknown field is named there."""
     data = copy.deepcopy(data)
     for line in overrides:
         path, sep, raw = line.partition("=")
-        keys = path.strip().split(".")
-        if not sep or not all(keys):
+        keys = split_override_path(path.strip())
+        if not sep or not keys:
             raise ConfigError(f"--set {line!r}: expected PATH=VALUE, for example stages.eeve-6.lr=2e-4")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
