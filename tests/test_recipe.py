@@ -11,7 +11,7 @@ import yaml
 
 from tests.cli_helpers import run_vinasmol
 from vinasmol_core.errors import ConfigError
-from vinasmol_core.recipe import LongEvalSection, load_recipe, parse_recipe, recipe_schema
+from vinasmol_core.recipe import LongEvalSection, apply_overrides, load_recipe, parse_recipe, recipe_schema
 from vinasmol_core.steps import STEPS_BEFORE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -302,6 +302,34 @@ def test_overrides_by_index_by_name_and_as_yaml_values() -> None:
 def test_override_errors_name_the_field(line: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_recipe(TINY, [line])
+
+
+def test_a_list_segment_that_is_an_index_and_another_elements_name_is_refused() -> None:
+    data = {"stages": [{"name": "warm", "lr": 1.0}, {"name": "0", "lr": 1.0}]}
+    for line in ("stages.0.lr=2.0", "stages.0={}"):
+        with pytest.raises(ConfigError, match=r"--set stages\.0: '0' is ambiguous: element 0 by index, and "
+                                              r"the element named '0' is element 1"):
+            apply_overrides(data, [line])
+    both = {"stages": [{"name": "1", "lr": 1.0}, {"name": "b", "lr": 1.0}]}
+    with pytest.raises(ConfigError, match="'1' is ambiguous"):
+        apply_overrides(both, ["stages.1.lr=2.0"])
+    # an element named by its own index, an index past the end, a name: one meaning each
+    same = apply_overrides({"stages": [{"name": "0", "lr": 1.0}]}, ["stages.0.lr=2.0"])
+    assert same["stages"][0]["lr"] == 2.0
+    past = apply_overrides({"stages": [{"name": "a"}, {"name": "7", "lr": 1.0}]}, ["stages.7.lr=2.0"])
+    assert past["stages"][1]["lr"] == 2.0
+    assert apply_overrides(data, ["stages.1.lr=3.0"])["stages"][1]["lr"] == 3.0
+
+
+def test_a_hub_val_split_equal_to_the_training_split_is_refused_naming_the_field() -> None:
+    data = load_recipe(SEED).model_dump(mode="json")
+    hub = next(i for i, c in enumerate(data["corpora"]) if c["source"]["kind"] == "hub")
+    data["corpora"][hub]["source"]["val_split"] = data["corpora"][hub]["source"]["split"]
+    with pytest.raises(ConfigError, match=rf"corpora\.{hub}\.source\.hub\.val_split: val_split 'train' is "
+                                          "the training split"):
+        parse_recipe(data, "test")
+    data["corpora"][hub]["source"]["val_split"] = "validation"
+    assert parse_recipe(data, "test").corpora[hub].source.val_split == "validation"
 
 
 def test_cli_run_with_an_unknown_override_fails_before_any_step(monkeypatch, capsys, tmp_path: Path) -> None:

@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from vinasmol_core.data.curation import CurationSpec
 from vinasmol_core.data.spec import CleaningSpec
@@ -163,6 +171,15 @@ class HubSource(_Strict):
         "documents of `split` that the data step holds out (data.val_fraction)",
     )
     val_documents: int = Field(default=256, gt=0)
+
+    @field_validator("val_split")
+    @classmethod
+    def _val_split_is_not_split(cls, val_split: str | None, info: ValidationInfo) -> str | None:
+        if val_split is not None and val_split == info.data.get("split"):
+            raise ValueError(f"val_split {val_split!r} is the training split: its documents would be "
+                             "trained on; name another split, or leave val_split unset to hold out "
+                             "data.val_fraction of the training split")
+        return val_split
 
 
 class CorpusSpec(_Strict):
@@ -440,16 +457,29 @@ def parse_recipe(data: Any, where: str = "") -> Recipe:
         raise ConfigError(format_validation_error(exc, where)) from None
 
 
+def _list_index(node: list[Any], key: str, where: str) -> int:
+    """The element of a list that one segment of a `--set` path names: by its `name`, or by its
+    index. A segment that is both an index and the name of another element is refused as ambiguous."""
+    by_name = [i for i, item in enumerate(node) if isinstance(item, dict) and item.get("name") == key]
+    by_index = int(key) if key.isdigit() and int(key) < len(node) else None
+    if by_index is not None and by_name and by_name != [by_index]:
+        raise ConfigError(f"{where}: {key!r} is ambiguous: element {by_index} by index, and the element "
+                          f"named {key!r} is element {by_name[0]}; rename that element so that its name "
+                          "is not a number")
+    if by_name:
+        return by_name[0]
+    if by_index is not None:
+        return by_index
+    raise ConfigError(f"{where}: no element {key!r} (give an index or a name)")
+
+
 def _override_target(node: Any, key: str, where: str) -> Any:
     """The child of a mapping or list that one segment of a `--set` path names (a list element by
-    index or by its `name`)."""
+    index or by its `name`, see `_list_index`)."""
     if isinstance(node, dict):
         return node.setdefault(key, {})
     if isinstance(node, list):
-        for i, item in enumerate(node):
-            if str(i) == key or (isinstance(item, dict) and item.get("name") == key):
-                return item
-        raise ConfigError(f"{where}: no element {key!r} (give an index or a name)")
+        return node[_list_index(node, key, where)]
     raise ConfigError(f"{where}: {key!r} is below a value that is not a section")
 
 
@@ -502,11 +532,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = _override_target(node, key, f"--set {'.'.join(keys[: depth + 1])}")
         last = keys[-1]
         if isinstance(node, list):
-            index = next((i for i, item in enumerate(node) if str(i) == last
-                          or (isinstance(item, dict) and item.get("name") == last)), None)
-            if index is None:
-                raise ConfigError(f"--set {path}: no element {last!r} (give an index or a name)")
-            node[index] = value
+            node[_list_index(node, last, f"--set {path}")] = value
         elif isinstance(node, dict):
             node[last] = value
         else:
