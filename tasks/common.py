@@ -218,6 +218,15 @@ def scratch_dir(prefix: str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def forced_run() -> bool:
+    """Whether the running step was forced (`--force`: Prefect's cache is refreshed): a step that also
+    reuses a build by key must then build it again. False outside a Prefect task run."""
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    return bool(ctx is not None and ctx.task.refresh_cache)
+
+
 def run_logger() -> Any:
     """The Prefect run's logger; a plain logger outside a Prefect run (a step's body called directly)."""
     import logging

@@ -3,12 +3,13 @@ cleans, deduplicates, splits, tokenizes and packs the corpora of one dataset wit
 `vinasmol_core.data.prepare_dataset` and publishes it (a `DatasetManifest`), logging per source.
 
 `prepare_dataset` also keys its output on the *content* of the sources and the tokenizer (not their
-paths) and returns at once, doing no work, when the store already holds that build.
+paths) and returns at once, doing no work, when the store already holds that build with all its blobs;
+a forced step (`--force`) builds it again.
 """
 
 from __future__ import annotations
 
-from tasks.common import corpus_source_spec, open_store, run_logger, scratch_dir, slug, step
+from tasks.common import corpus_source_spec, forced_run, open_store, run_logger, scratch_dir, slug, step
 from vinasmol_core.data import PrepareSettings, SourceStats, prepare_dataset
 from vinasmol_core.data.curate import filter_table
 from vinasmol_core.errors import VinaSmolError
@@ -50,7 +51,7 @@ def prepare_data(
         )
         info = prepare_dataset(
             sources, tok_dir, tmp / "dataset", settings, store=store_url, ref=f"datasets/{role}",
-            on_source_done=done, on_progress=progress,
+            on_source_done=done, on_progress=progress, rebuild=forced_run(),
         )
     logger.info("dataset %s %s; tokens %s", info.key[:12], "reused" if info.reused else "built",
                 info.token_counts)

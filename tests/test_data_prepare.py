@@ -218,6 +218,58 @@ def test_store_publish_and_reuse_from_store(tmp_path: Path, tok: Path) -> None:
     MixtureSampler(fetched, {"en": 1.0}, 8).sequence(0)
 
 
+def test_a_stored_build_missing_a_blob_or_forced_is_built_and_published_again(tmp_path: Path,
+                                                                              tok: Path) -> None:
+    from vinasmol_core.store import ArtifactStore
+
+    url = f"file://{tmp_path / 'store'}"
+    srcs = [SourceSpec(name="s-en", lang="en", paths=(str(sample_corpora_small(tmp_path)),))]
+    info = prepare_dataset(srcs, tok, tmp_path / "ds", PrepareSettings(workers=0), store=url,
+                           ref="datasets/main")
+    store = ArtifactStore(url, cache_dir=tmp_path / "cache")
+    shard = next(e for p, e in sorted(store.get_manifest(info.manifest_digest).files.items())
+                 if p.endswith(".npy"))
+    blob = next((tmp_path / "store").rglob(shard.sha256))
+    blob.chmod(0o644)
+    blob.write_bytes(b"\xff" + blob.read_bytes()[1:])
+    assert store.verify(repair=True).removed == [shard.sha256]  # what `store verify --repair` does
+    assert store.missing_files(info.manifest_digest)
+    again = prepare_dataset(srcs, tok, tmp_path / "again", PrepareSettings(workers=0), store=url,
+                            ref="datasets/main")
+    assert not again.reused and again.manifest_digest == info.manifest_digest
+    assert ArtifactStore(url).verify().problems == [] and not store.missing_files("datasets/main")
+    ArtifactStore(url, cache_dir=tmp_path / "cache2").fetch("datasets/main")
+    reused = prepare_dataset(srcs, tok, tmp_path / "reused", PrepareSettings(workers=0), store=url)
+    assert reused.reused  # complete again: reused by key
+    forced = prepare_dataset(srcs, tok, tmp_path / "forced", PrepareSettings(workers=0), store=url,
+                             rebuild=True)
+    assert not forced.reused and (tmp_path / "forced" / "dataset.json").is_file()
+
+
+def test_the_data_step_rebuilds_only_when_forced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tasks.data
+    from tasks.common import forced_run
+
+    assert forced_run() is False  # outside a Prefect task run
+    seen: list[bool] = []
+
+    def fake_prepare(*args: object, rebuild: bool = False, **kwargs: object) -> None:
+        seen.append(rebuild)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(tasks.data, "prepare_dataset", fake_prepare)
+    store = type("Store", (), {"fetch": lambda self, artifact: tmp_path})()
+    monkeypatch.setattr(tasks.data, "open_store", lambda url: store)
+    from vinasmol_core.recipe import DataSection
+
+    for forced in (False, True):
+        monkeypatch.setattr(tasks.data, "forced_run", lambda f=forced: f)
+        with pytest.raises(RuntimeError, match="stop"):
+            tasks.data.prepare_data.fn(role="main", corpora=[], corpus_digests={}, section=DataSection(),
+                                       tokenizer_sha="t", tokenizer_artifact="x", store_url="memory://x")
+    assert seen == [False, True]
+
+
 def test_worker_pool_matches_in_process(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
                                         tok: Path, caplog: pytest.LogCaptureFixture) -> None:
     files = sample_corpora(tmp_path_factory)

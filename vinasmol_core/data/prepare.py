@@ -232,20 +232,24 @@ def prepare_dataset(
     ref: str | None = None,
     on_source_done: Callable[[str, SourceStats], None] | None = None,
     on_progress: Callable[[str, SourceStats], None] | None = None,
+    rebuild: bool = False,
 ) -> DatasetInfo:
     """Prepare `sources` with the tokenizer in `tokenizer_dir` into `out_dir` as `settings` say (and
     publish the result to `store` when given, under the ref `datasets/by-key/<key>` and `ref`).
     `on_progress` gets the running counts of the source being read every few seconds, `on_source_done`
     its final ones.
 
-    Returns early, doing no work, when `out_dir` or the store already holds this exact build."""
+    Returns early, doing no work, when `out_dir` or the store already holds this exact build (the
+    store's copy only while it has every blob its manifest names), unless `rebuild` (a forced step)."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     job = _resolve(sources, tokenizer_dir, settings or PrepareSettings(), on_source_done, on_progress)
     st = _open_store(store)
-    existing = _existing_build(job.key, out_dir, st, ref, t0)
+    existing = None if rebuild else _existing_build(job.key, out_dir, st, ref, t0)
     if existing is not None:
         return existing
+    if rebuild:
+        _check_out_dir(out_dir, _read_meta(out_dir))
     meta = _build_into(job, out_dir)
     digest = _publish(st, meta, out_dir, ref) if st is not None else None
     return _info_from_meta(meta, out_dir, reused=False, manifest_digest=digest,
@@ -278,7 +282,7 @@ def _existing_build(key: str, out_dir: Path, st: ArtifactStore | None, ref: str 
         log.info("dataset %s already in %s", key[:12], out_dir)
         return _info_from_meta(existing, out_dir, reused=True, manifest_digest=digest,
                                seconds=time.perf_counter() - t0)
-    if st is not None and st.exists(KEY_REF_PREFIX + key):
+    if st is not None and st.exists(KEY_REF_PREFIX + key) and _complete(st, KEY_REF_PREFIX + key):
         manifest = st.get_manifest(KEY_REF_PREFIX + key)
         if ref:
             st.set_ref(ref, manifest.digest)
@@ -288,10 +292,24 @@ def _existing_build(key: str, out_dir: Path, st: ArtifactStore | None, ref: str 
                 "sources": [{"name": n, "stats": s} for n, s in manifest.stats.items()]}  # type: ignore[attr-defined]
         return _info_from_meta(meta, None, reused=True, manifest_digest=manifest.digest,
                                seconds=time.perf_counter() - t0)
+    _check_out_dir(out_dir, existing)
+    return None
+
+
+def _complete(st: ArtifactStore, ref: str) -> bool:
+    """Whether the store holds every blob of the build `ref` names (a repaired store may have lost
+    some: the build is then made and published again)."""
+    missing = st.missing_files(ref)
+    if missing:
+        log.warning("dataset %s: %d file(s) missing from the store (%s); building it again",
+                    ref.removeprefix(KEY_REF_PREFIX)[:12], len(missing), missing[0])
+    return not missing
+
+
+def _check_out_dir(out_dir: Path, existing: dict[str, Any] | None) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or (existing is None and any(out_dir.iterdir()))):
         raise VinaSmolError(f"output folder {out_dir} exists and is not a prepared dataset; "
                             "choose an empty or new folder")
-    return None
 
 
 def _build_into(job: _Job, out_dir: Path) -> dict[str, Any]:

@@ -203,6 +203,12 @@ class ArtifactStore:
             return False
         return True
 
+    def missing_files(self, ref_or_digest: str) -> list[str]:
+        """The files of an artifact whose blob the store lacks (or holds with another size), sorted:
+        what must be published again before the artifact is reused."""
+        m = self.get_manifest(ref_or_digest)
+        return sorted(missing_blobs(self._backend, m.files))
+
     def set_ref(self, ref: str, digest: str) -> None:
         """Point `ref` at a manifest (a digest, digest prefix or another ref); the move is kept as history."""
         validate_ref(ref)
