@@ -40,6 +40,7 @@ from vinasmol_core.sweep import (
     ProxyConfig,
     SweepFit,
     SweepSpec,
+    check_stage,
     check_sweep,
     load_sweep,
     objective_value,
@@ -112,12 +113,12 @@ def run_sweep(recipe_path: str, sweep: SweepSpec, store: str | None = None, stag
               hub_mirror: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """The flow's body (inside a flow run); see the module docstring."""
     plan = plan_run(recipe_path, store, stage_runner=stage_runner, hub_mirror=hub_mirror, overrides=overrides)
-    user_stage = check_sweep(plan.recipe, sweep)
+    user_stage = check_sweep(plan.recipe, sweep)  # the user's recipe and its proxy, before any run
     proxy = _bpb_only(proxy_recipe(plan.recipe, sweep), sweep)
     index, _ = tuned_stage(proxy, sweep)
     ctx = _open_run(replace(plan, recipe=proxy))
     start, start_label, datasets = _start_checkpoint(ctx, index)
-    stage = with_base_vocab(ctx, check_sweep(proxy, sweep))
+    stage = with_base_vocab(ctx, check_stage(proxy, sweep))
     dataset_digest = datasets[proxy.stage_dataset(stage)].digest
 
     configs = sample_configs(stage, sweep)

@@ -11,7 +11,14 @@ import yaml
 
 from tests.cli_helpers import run_vinasmol
 from vinasmol_core.errors import ConfigError
-from vinasmol_core.recipe import LongEvalSection, apply_overrides, load_recipe, parse_recipe, recipe_schema
+from vinasmol_core.recipe import (
+    LongEvalSection,
+    apply_overrides,
+    load_recipe,
+    override_path,
+    parse_recipe,
+    recipe_schema,
+)
 from vinasmol_core.steps import STEPS_BEFORE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -339,3 +346,14 @@ def test_cli_run_with_an_unknown_override_fails_before_any_step(monkeypatch, cap
                                 "--set", "stages.eeve-3.learning_rate=1e-3")
     assert code == 1 and "stages.0.learning_rate: unknown field" in err and "Traceback" not in err
     assert not log.exists()
+
+
+def test_a_bracketed_segment_names_an_element_whose_name_has_dots() -> None:
+    data = {"stages": [{"name": "eeve-6", "lr": 1.0}, {"name": "eeve-6.1", "lr": 1.0}]}
+    out = apply_overrides(data, ["stages[eeve-6.1].lr=2.0", "stages.[eeve-6].lr=3.0"])
+    assert [s["lr"] for s in out["stages"]] == [3.0, 2.0]
+    assert override_path("stages", "eeve-6.1", "lr") == "stages[eeve-6.1].lr"
+    assert override_path("stages", "eeve-6", "lr") == "stages.eeve-6.lr"
+    for line in ("stages[eeve-6.1.lr=1", "stages..lr=1", "stages.=1"):
+        with pytest.raises(ConfigError, match="expected PATH=VALUE"):
+            apply_overrides(data, [line])

@@ -150,3 +150,56 @@ def test_patch_lines_make_a_valid_recipe(tmp_path: Path, tiny: object) -> None:
     assert others == [s for s in tiny.stages if s.name != "eeve-6"]  # nothing else changed
     assert patch_lines(stage, ProxyConfig(mixture=dict(stage.mixture), lr=stage.lr,
                                           global_batch=stage.global_batch)) == []
+
+
+def test_a_searched_batch_the_micro_batch_does_not_divide_is_refused_at_check_time(tiny: object) -> None:
+    """A batch that no proxy run (or the patched recipe) could train is named before any run."""
+    micro4 = load_recipe(TINY, ["stages.eeve-6.micro_batch=4"])
+    with pytest.raises(ConfigError, match=r"search.global_batch: 6 does not suit the recipe's stage eeve-6"):
+        check_sweep(micro4, _sweep(runs=6, search={"global_batch": [4, 6, 8]}))
+    # the proxy's own micro batch (changed by proxy.set) counts too
+    proxied = _sweep(runs=6, search={"global_batch": [4, 6, 8]},
+                     proxy={"set": ["stages.eeve-6.micro_batch=4"]})
+    with pytest.raises(ConfigError, match=r"global_batch: 6 does not suit the proxy recipe's stage eeve-6"):
+        check_sweep(tiny, proxied)
+    with pytest.raises(ConfigError, match=r"configs.1.global_batch: 6 does not suit"):
+        check_sweep(micro4, _sweep(runs=4, configs=[{"global_batch": 8}, {"global_batch": 6}]))
+    spec = _sweep(runs=6, search={"global_batch": [4, 8]})
+    stage = check_sweep(micro4, spec)
+    for i, config in enumerate(sample_configs(stage, spec)):
+        proxy_stage(stage, config, spec, f"eeve-6-p{i:02d}")  # every drawn run is a valid stage
+
+
+def test_the_patch_of_a_stage_named_with_a_dot_applies(tmp_path: Path) -> None:
+    data = yaml.safe_load(TINY.read_text(encoding="utf-8"))
+    data["stages"][2]["name"] = "eeve-6.1"
+    path = tmp_path / "dotted.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    recipe = load_recipe(path)
+    spec = _sweep(stage="eeve-6.1", runs=4, search={"global_batch": [4, 8]})
+    stage = check_sweep(recipe, spec)
+    best = ProxyConfig(mixture={"vi": 0.8, "en": 0.15, "code": 0.05}, lr=1.5e-3, global_batch=8)
+    lines = patch_lines(stage, best, batch_searched=True)
+    assert lines[1] == "stages[eeve-6.1].lr=0.0015"
+    out = tmp_path / "patched.yaml"
+    out.write_text(patched_recipe_text(path, lines), encoding="utf-8")
+    patched = next(s for s in load_recipe(out).stages if s.name == "eeve-6.1")
+    assert (patched.mixture, patched.lr, patched.global_batch) == (best.mixture, 1.5e-3, 8)
+
+
+def test_a_fixed_mixture_key_stays_out_of_the_fit(tiny: object) -> None:
+    """The annealing share is not varied; it moves only by the rounding of the varied weights. Fed to
+    the regression (scaled to unit variance) that noise pulls the choice away from the optimum."""
+
+    def truth(c: ProxyConfig) -> float:  # optimum: vi 0.45 of the total, lr 1e-3
+        return (c.mixture["vi"] / sum(c.mixture.values()) - 0.45) ** 2 + 0.05 * (math.log10(c.lr) + 3) ** 2
+
+    chosen = []
+    for seed in range(6):
+        spec = SweepSpec.model_validate({
+            "name": "t", "stage": "annealing", "tokens_per_run": 4096, "runs": 12, "seed": seed,
+            "search": {"mixture": {"vary": ["vi", "en", "code"]}, "lr": {"low": 1e-4, "high": 1e-2}}})
+        stage = check_sweep(tiny, spec)
+        configs = sample_configs(stage, spec)
+        chosen.append(truth(fit_sweep(spec, stage, configs, [truth(c) for c in configs]).best))
+    assert max(chosen) < 1e-3, chosen

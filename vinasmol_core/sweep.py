@@ -22,7 +22,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vinasmol_core.errors import ConfigError
-from vinasmol_core.recipe import Recipe, apply_overrides, format_validation_error, parse_recipe
+from vinasmol_core.recipe import (
+    Recipe,
+    apply_overrides,
+    format_validation_error,
+    override_path,
+    parse_recipe,
+)
 from vinasmol_core.train.spec import StageSpec
 
 MIN_FIT_RUNS = 4
@@ -153,7 +159,17 @@ def tuned_stage(recipe: Recipe, sweep: SweepSpec) -> tuple[int, StageSpec]:
 
 
 def check_sweep(recipe: Recipe, sweep: SweepSpec) -> StageSpec:
-    """The tuned stage, once every field of the sweep that depends on the recipe is checked."""
+    """The user's recipe's tuned stage, once every field of the sweep that depends on the recipe is
+    checked against it and against the proxy recipe (`proxy_recipe`): the batches searched must suit
+    the proxy runs and the recipe the choice patches."""
+    stage = check_stage(recipe, sweep, proxy=False)
+    check_stage(proxy_recipe(recipe, sweep), sweep)
+    return stage
+
+
+def check_stage(recipe: Recipe, sweep: SweepSpec, *, proxy: bool = True) -> StageSpec:
+    """The tuned stage of `recipe`, once every field of the sweep that depends on it is checked: as
+    the proxy recipe (the runs' batches) or as the recipe the choice patches (`proxy=False`)."""
     _, stage = tuned_stage(recipe, sweep)
     if sweep.search.mixture is not None:
         unknown = [k for k in sweep.search.mixture.vary if k not in stage.mixture]
@@ -176,7 +192,35 @@ def check_sweep(recipe: Recipe, sweep: SweepSpec) -> StageSpec:
     space = sweep.search
     if sweep.runs and space.mixture is None and space.lr is None and not space.global_batch:
         raise ConfigError("search: runs are drawn but the search space is empty (mixture, lr, global_batch)")
+    _check_batches(stage, sweep, proxy)
+    if not any(varied_dimensions(stage, sweep)):
+        raise ConfigError("search and configs: no run differs from the stage's values (nothing to fit)")
     return stage
+
+
+def _check_batches(stage: StageSpec, sweep: SweepSpec, proxy: bool) -> None:
+    """Every global batch the runs may take (searched or given) makes a valid proxy run of the proxy
+    recipe's `stage`; when the batch is searched (and so may be the choice), a valid stage of the
+    user's recipe once patched."""
+    batches = [("search.global_batch", b) for b in sweep.search.global_batch or []]
+    batches += [(f"configs.{i}.global_batch", raw["global_batch"]) for i, raw in enumerate(sweep.configs)
+                if "global_batch" in raw]
+    if not proxy and not sweep.search.global_batch:
+        return
+    whose = "the proxy recipe's" if proxy else "the recipe's"
+    for where, batch in batches:
+        if proxy:
+            config = recipe_config(stage).model_copy(update={"global_batch": int(batch)})
+            spec = proxy_stage(stage, config, sweep, stage.name, check=False)
+        else:
+            spec = stage.model_copy(update={"global_batch": int(batch)})
+        per_device, rest = divmod(spec.global_batch, spec.world_size)
+        if rest or per_device % spec.micro_batch:
+            raise ConfigError(
+                f"{where}: {batch} does not suit {whose} stage {stage.name}: its micro_batch "
+                f"{spec.micro_batch} x {spec.world_size} device(s) does not divide it; search multiples of "
+                f"{spec.micro_batch * spec.world_size} or change the stage's micro_batch"
+            )
 
 
 def recipe_config(stage: StageSpec) -> ProxyConfig:
@@ -224,8 +268,9 @@ def sample_configs(stage: StageSpec, sweep: SweepSpec) -> list[ProxyConfig]:
 
 
 def proxy_stage(stage: StageSpec, config: ProxyConfig, sweep: SweepSpec, name: str,
-                seed: int | None = None) -> StageSpec:
-    """The tuned stage as one proxy run: the configuration, the sweep's token budget, its own name."""
+                seed: int | None = None, *, check: bool = True) -> StageSpec:
+    """The tuned stage as one proxy run: the configuration, the sweep's token budget, its own name
+    (`check=False`: without `StageSpec.check` and the schedule fitted to it)."""
     batch = config.global_batch
     micro = min(stage.micro_batch, max(batch // stage.world_size, 1))
     spec = stage.model_copy(update={
@@ -234,6 +279,8 @@ def proxy_stage(stage: StageSpec, config: ProxyConfig, sweep: SweepSpec, name: s
         "seed": stage.seed if seed is None else seed,
     })
     spec = StageSpec.model_validate(spec.model_dump())
+    if not check:
+        return spec
     spec.check()
     steps = spec.total_steps
     return spec.model_copy(update={
@@ -258,14 +305,31 @@ def objective_value(sweep: SweepSpec, bpb: dict[str, float], base: dict[str, flo
     return total
 
 
+def varied_dimensions(stage: StageSpec, sweep: SweepSpec) -> tuple[list[str], bool, bool]:
+    """What the sweep varies, by its definition: the mixture keys (sorted), whether the lr, whether the
+    global batch. A key, the lr or the batch is varied when the search space draws it or a `configs`
+    entry gives it a value other than the stage's. Anything else only moves by rounding (a fixed key's
+    share when the varied ones' rounded weights do not sum exactly), and must not enter the fit."""
+    space = sweep.search
+    keys = set(space.mixture.vary) if space.mixture is not None else set()
+    lr = space.lr is not None
+    batch = bool(space.global_batch) and len(set(space.global_batch) | {stage.global_batch}) > 1
+    for raw in sweep.configs:
+        given = raw.get("mixture") or {}
+        keys |= {k for k, v in given.items() if k in stage.mixture and float(v) != stage.mixture[k]}
+        lr = lr or ("lr" in raw and float(raw["lr"]) != stage.lr)
+        batch = batch or ("global_batch" in raw and int(raw["global_batch"]) != stage.global_batch)
+    return sorted(keys), lr, batch
+
+
 def features(configs: list[ProxyConfig], keys: list[str]) -> np.ndarray:
-    """One row per configuration: the share of each varied key, log10 lr, log2 global batch."""
+    """One row per configuration: the share of each of `keys`, log10 lr, log2 global batch."""
     rows = []
     for c in configs:
         total = sum(c.mixture.values()) or 1.0
         rows.append([c.mixture.get(k, 0.0) / total for k in keys]
                     + [math.log10(c.lr), math.log2(c.global_batch)])
-    return np.asarray(rows, dtype=float)
+    return np.asarray(rows, dtype=float).reshape(len(configs), len(keys) + 2)
 
 
 class SweepFit(BaseModel):
@@ -298,8 +362,15 @@ def fit_sweep(sweep: SweepSpec, stage: StageSpec, configs: list[ProxyConfig],
     done = [i for i, v in enumerate(objectives) if v is not None and math.isfinite(v)]
     if len(done) < MIN_FIT_RUNS:
         raise ConfigError(f"sweep {sweep.name}: {len(done)} proxy run(s) done; a fit needs {MIN_FIT_RUNS}")
-    keys = sorted(stage.mixture)
-    x = features([configs[i] for i in done], keys)
+    keys, lr, batch = varied_dimensions(stage, sweep)
+    if not (keys or lr or batch):
+        raise ConfigError(f"sweep {sweep.name}: no run differs from the stage's values (nothing to fit)")
+    columns = [*range(len(keys)), *([len(keys)] if lr else []), *([len(keys) + 1] if batch else [])]
+
+    def varied(chosen: list[ProxyConfig]) -> np.ndarray:
+        return features(chosen, keys)[:, columns]
+
+    x = varied([configs[i] for i in done])
     y = np.asarray([objectives[i] for i in done], dtype=float)
     rho: float | None = None
     if np.ptp(y) > 0:
@@ -312,12 +383,12 @@ def fit_sweep(sweep: SweepSpec, stage: StageSpec, configs: list[ProxyConfig],
     space = sweep.search
     if space.mixture is not None or space.lr is not None or space.global_batch:
         candidates += _draw(stage, space, rng, CANDIDATES)
-    scores = model.predict(features(candidates, keys))
+    scores = model.predict(varied(candidates))
     top = [candidates[i] for i in np.argsort(scores, kind="stable")[:TOP_K]]
     best = _average(top)
     return SweepFit(
         used=len(done), spearman_loo=rho, best=best,
-        predicted_objective=float(model.predict(features([best], keys))[0]),
+        predicted_objective=float(model.predict(varied([best]))[0]),
         best_measured=done[int(np.argmin(y))],
     )
 
@@ -338,11 +409,11 @@ def patch_lines(stage: StageSpec, config: ProxyConfig, *, batch_searched: bool =
     lines = []
     if config.mixture != stage.mixture:
         body = ", ".join(f"{k}: {v:g}" for k, v in config.mixture.items())
-        lines.append(f"stages.{stage.name}.mixture={{{body}}}")
+        lines.append(f"{override_path('stages', stage.name, 'mixture')}={{{body}}}")
     if config.lr != stage.lr:
-        lines.append(f"stages.{stage.name}.lr={config.lr:g}")
+        lines.append(f"{override_path('stages', stage.name, 'lr')}={config.lr:g}")
     if batch_searched and config.global_batch != stage.global_batch:
-        lines.append(f"stages.{stage.name}.global_batch={config.global_batch}")
+        lines.append(f"{override_path('stages', stage.name, 'global_batch')}={config.global_batch}")
     return lines
 
 
