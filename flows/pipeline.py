@@ -298,6 +298,7 @@ def _tokenizer_phase(ctx: _Run) -> tuple[CheckpointManifest, TokenizerManifest]:
         corpora=tok_corpora,
         corpus_digests=ctx.digests_of(tok_corpora),
         section=recipe.tokenizer,
+        val_fraction=recipe.data.val_fraction,
     )
     tokenizer = ctx.run(
         merge_vocabulary,

@@ -278,17 +278,20 @@ def corpus_source_spec(corpus: CorpusSpec, out_dir: Path, hub_mirror: str | None
 
 
 def corpus_rows(corpus: CorpusSpec, out_dir: Path, hub_mirror: str | None = None,
-                max_docs: int | None = None) -> list[Any]:
+                max_docs: int | None = None, val_fraction: float = 0.0) -> list[Any]:
     """A corpus as `count_words` takes it: its local train files, or a stream of rows of a hub
-    corpus (up to its budget, and to `max_docs` when given)."""
+    corpus (up to its budget, and to `max_docs` when given) without the documents the data step
+    holds out for validation (`val_fraction`, the same stable hash: `hub_val_file`)."""
     if not isinstance(corpus.source, HubSource):
         return list(materialize_corpus(corpus, out_dir)[0])
     from vinasmol_core.data.readers import iter_hf_records
+    from vinasmol_core.data.worker import split_is_val
 
     spec = hub_source_spec(corpus, hub_mirror)
     if max_docs is not None:
         spec = spec.model_copy(update={"max_docs": min(max_docs, spec.max_docs or max_docs)})
-    return [{"text": text} for _, text in iter_hf_records(spec) if text]
+    return [{"text": text} for doc_id, text in iter_hf_records(spec)
+            if text and not split_is_val(corpus.name, doc_id, val_fraction)]
 
 
 def materialize_corpus(corpus: CorpusSpec, out_dir: Path) -> tuple[list[Path], list[Path]]:

@@ -27,10 +27,12 @@ def train_tokenizer(
     section: TokenizerSection,
     store_url: str,
     hub_mirror: str | None = None,
+    val_fraction: float = 0.0,
 ) -> DatasetManifest:
     """Word counts of the tokenizer's training corpora, split by the pre-tokenizer of the base model's
     tokenizer.json (`base_model`: ref or digest of an artifact holding it). A hub corpus is streamed
-    up to its budget (and to `section.max_docs` documents when set)."""
+    up to its budget (and to `section.max_docs` documents when set), without the documents the data
+    step holds out for validation (`val_fraction`: `data.val_fraction`)."""
     from vinasmol_core.tokenizer import count_words
 
     store = open_store(store_url)
@@ -38,7 +40,8 @@ def train_tokenizer(
     with scratch_dir("tokenizer") as tmp:
         items: list[Any] = []
         for corpus in corpora:
-            items.extend(corpus_rows(corpus, tmp / "corpora" / corpus.name, hub_mirror, section.max_docs))
+            items.extend(corpus_rows(corpus, tmp / "corpora" / corpus.name, hub_mirror, section.max_docs,
+                                     val_fraction))
         counts = count_words(items, "text", pre_tokenizer=pre)
         counts.save(tmp / "word-counts")
         manifest = DatasetManifest(

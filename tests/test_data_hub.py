@@ -91,6 +91,16 @@ def test_validation_documents_come_from_the_val_split_or_the_held_out_share(mirr
     assert hub_val_file(corpus(val_documents=1000), 0.2, str(mirror)) == held  # cached
 
 
+def test_the_tokenizer_rows_leave_out_the_held_out_validation_documents(mirror: Path) -> None:
+    c = corpus(val_documents=1000)
+    held = {line.split('"text": "')[1].split('"')[0]
+            for line in hub_val_file(c, 0.2, str(mirror)).read_text(encoding="utf-8").splitlines()}
+    rows = {r["text"] for r in corpus_rows(c, Path("unused"), str(mirror), val_fraction=0.2)}
+    assert held and not held & rows  # no validation document is a tokenizer-training row
+    assert held | rows == set(VI)  # and every other document is
+    assert {r["text"] for r in corpus_rows(c, Path("unused"), str(mirror))} == set(VI)
+
+
 def test_the_digest_follows_the_mirror_content(mirror: Path, tmp_path: Path) -> None:
     import shutil
 
