@@ -164,3 +164,47 @@ def test_obstore_data_path_with_a_small_part_size(seaweed, s3_bucket: str, tmp_p
         other.fetch("runs/r/x")
     with pytest.raises(StoreError, match="5 MiB"):
         ArtifactStore(f"s3://{s3_bucket}/p", part_size=1 << 20, **opts)
+
+
+def _filer_status(url: str, data: bytes | None = None) -> int:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=data, method="PUT" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_seaweed_filer_refuses_unsigned_requests(seaweed, s3_bucket: str, tmp_path: Path) -> None:  # noqa: ANN001
+    """Only the S3 keys reach the objects: the filer HTTP API wants a signed JWT."""
+    import stat
+
+    store = ArtifactStore(
+        f"s3://{s3_bucket}/p",
+        endpoint_url=seaweed.endpoint_url,
+        key=seaweed.access_key,
+        secret=seaweed.secret_key,
+        cache_dir=tmp_path / "cache",
+    )
+    m = store.publish(DatasetManifest(name="x"), _artifact(tmp_path), ref="runs/r/x")
+    filer = f"http://127.0.0.1:{seaweed.ports['filer.port']}/buckets/{s3_bucket}/p"
+    assert _filer_status(f"{filer}/refs/runs/r/x.json") == 401
+    assert _filer_status(f"{filer}/refs/") == 401
+    assert _filer_status(f"{filer}/refs/runs/r/x.json", data=b'{"digest": "0"}') == 401
+    head = seaweed.client().head_object(Bucket=s3_bucket, Key="p/refs/runs/r/x.json")  # S3 still works
+    assert head["ContentLength"] > 0
+    fresh = ArtifactStore(
+        store.url,
+        endpoint_url=seaweed.endpoint_url,
+        key=seaweed.access_key,
+        secret=seaweed.secret_key,
+        cache_dir=tmp_path / "cache2",
+    )
+    assert fresh._read_ref("runs/r/x") == m.digest
+    assert (fresh.fetch("runs/r/x") / "a.txt").read_text() == "hello"
+    security = seaweed.data_dir / "security.toml"
+    assert stat.S_IMODE(security.stat().st_mode) == 0o600
+    assert "[jwt.filer_signing]" in security.read_text() and "[jwt.signing.read]" in security.read_text()

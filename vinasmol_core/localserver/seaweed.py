@@ -6,9 +6,12 @@
                               key=server.access_key, secret=server.secret_key)
 
 The server binds to 127.0.0.1 only, on free ports, with telemetry and the admin UI off, and checks
-credentials generated for it (written to `identities.json`, mode 0600, in its folder). By default it
-dies with the process that started it. `python -m vinasmol_core.localserver.seaweed --dir D` runs one in the
-foreground and prints the environment a client needs.
+credentials generated for it (written to `identities.json`, mode 0600, in its folder). Its filer and
+volume HTTP APIs take only requests signed with JWT keys generated per data folder (`security.toml`,
+mode 0600, read from the working folder), so no other local process reads or writes the stored objects
+around the S3 keys. By default it dies with the process that started it.
+`python -m vinasmol_core.localserver.seaweed --dir D` runs one in the foreground and prints the
+environment a client needs.
 """
 
 from __future__ import annotations
@@ -159,6 +162,34 @@ def write_identities(path: Path, access_key: str, secret_key: str) -> None:
     os.replace(tmp, path)
 
 
+SECURITY_SECTIONS = ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read")
+
+
+def write_security(data_dir: Path) -> Path:
+    """Write `data_dir/security.toml` with a random JWT key per section, owner-only; keep one that exists.
+
+    `weed` reads it from its working folder: with `jwt.filer_signing` (and `.read`) its filer HTTP API
+    refuses unsigned writes (reads); with `jwt.signing` (and `.read`) the volume servers do the same.
+    Its S3 gateway signs its own requests with these keys.
+    """
+    path = data_dir / "security.toml"
+    if path.exists():
+        text = path.read_text()
+        if all(f"[{section}]" in text for section in SECURITY_SECTIONS):
+            os.chmod(path, 0o600)
+            return path
+    body = "".join(
+        f'[{section}]\nkey = "{secrets.token_urlsafe(32)}"\n\n'
+        for section in SECURITY_SECTIONS
+    )
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(body)
+    os.replace(tmp, path)
+    return path
+
+
 VOLUME_SIZE_MB = 64
 MAX_VOLUMES = 2000
 # `weed mini`'s volume server default (not a flag of `weed mini`): under this share of free disk it
@@ -256,6 +287,7 @@ def start_seaweed(
     secret_key = secret_key or secrets.token_urlsafe(30)
     identities = data_dir / "identities.json"
     write_identities(identities, access_key, secret_key)
+    write_security(data_dir)  # read from the working folder, `cwd=data_dir` below
     chosen = free_ports(len(_PORT_FLAGS), host)
     ports = dict(zip(_PORT_FLAGS, chosen, strict=True))
     if s3_port is not None:
