@@ -358,11 +358,12 @@ class Bench:
                                 return
                     time.sleep(0.05)
 
-            from prefect.settings import PREFECT_API_URL, temporary_settings
+            from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
             injector = threading.Thread(target=kill_stage, daemon=True)
             injector.start()
-            with temporary_settings({PREFECT_API_URL: state["api_url"]}):
+            auth = (base / "stack" / "prefect-auth").read_text().strip()
+            with temporary_settings({PREFECT_API_URL: state["api_url"], PREFECT_API_AUTH_STRING: auth}):
                 parent = ui_shots.run_parent(self.recipe, 1800)
             injector.join(timeout=5)
             row.injected = len(killed)

@@ -144,11 +144,12 @@ def main() -> int:
     t_up = time.perf_counter() - t0
     state = json.loads((out / "stack" / "stack.json").read_text())
     ui, api = state["ui_url"], state["api_url"]
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
+    auth = (out / "stack" / "prefect-auth").read_text().strip()
     shots: list[str] = []
     try:
-        with temporary_settings({PREFECT_API_URL: api}):
+        with temporary_settings({PREFECT_API_URL: api, PREFECT_API_AUTH_STRING: auth}):
             t1 = time.perf_counter()
             parent = run_parent(recipe_path, args.timeout)
             t_run = time.perf_counter() - t1

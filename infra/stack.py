@@ -6,11 +6,15 @@
 
 State lives in `.stack/` (gitignored): the server's SQLite database (unless
 $VINASMOL_PREFECT_DATABASE_URL names a PostgreSQL database), SeaweedFS data, the generated S3
-credentials (mode 0600), logs, and `stack.json` with ports and process ids. `up` writes `.stack/env`
-(PREFECT_API_URL and PREFECT_UI_URL only, no credentials) for `source .stack/env`.
+credentials and Prefect API auth string (mode 0600), logs, and `stack.json` with ports and process ids.
+`up` writes `.stack/env` (PREFECT_API_URL, PREFECT_UI_URL and PREFECT_API_AUTH_STRING, mode 0600) for
+`source .stack/env`.
 
-Credentials reach the flow runs through the workers' environment (AWS_* variables inherited by the
-processes they start), never through parameters, so they do not appear in the UI.
+The Prefect API takes only requests that carry the stack's auth string (HTTP basic auth; the UI asks
+for it once): the workers hold the store's keys and run whatever is deployed, so no other local user
+may deploy or start runs. Credentials reach the flow runs through the workers' environment (AWS_*
+variables and the auth string, inherited by the processes they start), never through parameters, so
+they do not appear in the UI.
 """
 
 from __future__ import annotations
@@ -110,13 +114,33 @@ class Stack:
                 json.dump(creds, fh)
         return json.loads(path.read_text())
 
+    def api_auth_string(self) -> str:
+        """The Prefect API's auth string, `user:password` (created once, `.stack/prefect-auth`, mode 0600)."""
+        path = self.root / "prefect-auth"
+        if not path.exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"vinasmol:{secrets.token_urlsafe(32)}")
+        return path.read_text().strip()
+
+    def api_settings(self) -> dict[Any, Any]:
+        """Prefect settings that reach this stack's API, for `prefect.settings.temporary_settings`."""
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL
+
+        return {PREFECT_API_URL: self.api_url, PREFECT_API_AUTH_STRING: self.api_auth_string()}
+
     def store_url(self) -> str:
         return f"s3://{BUCKET}/store"
 
     def client_env(self) -> dict[str, str]:
-        """What a CLI user needs: the API and UI addresses (no credentials)."""
+        """What a CLI user needs: the API and UI addresses and the API's auth string."""
         st = self.state()
-        return {"PREFECT_API_URL": st["api_url"], "PREFECT_UI_URL": st["ui_url"]}
+        return {
+            "PREFECT_API_URL": st["api_url"],
+            "PREFECT_UI_URL": st["ui_url"],
+            "PREFECT_API_AUTH_STRING": self.api_auth_string(),
+        }
 
     def store_env(self) -> dict[str, str]:
         """Environment that lets ArtifactStore() reach the stack's S3 store (holds credentials)."""
@@ -198,6 +222,9 @@ class Stack:
                 "PREFECT_SERVER_API_HOST": self.host,
                 "PREFECT_UI_API_URL": self.state()["api_url"],
                 "PREFECT_API_URL": self.state()["api_url"],
+                # Every API request but the health check must carry it (the server's own clients do).
+                "PREFECT_SERVER_API_AUTH_STRING": self.api_auth_string(),
+                "PREFECT_API_AUTH_STRING": self.api_auth_string(),
                 "PREFECT_LOGGING_SERVER_LEVEL": "WARNING",
             }
         )
@@ -244,11 +271,11 @@ class Stack:
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.actions import WorkPoolCreate
         from prefect.exceptions import ObjectAlreadyExists
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect.settings import temporary_settings
         from prefect.workers.process import ProcessWorker
 
         template = ProcessWorker.get_default_base_job_template()
-        with temporary_settings({PREFECT_API_URL: self.api_url}), get_client(sync_client=True) as client:
+        with temporary_settings(self.api_settings()), get_client(sync_client=True) as client:
             for name, kind in self.pools.items():
                 if kind != "process":
                     raise StackError(f"the local stack runs process pools only; {name!r} is {kind!r}")
@@ -283,10 +310,10 @@ class Stack:
     def wait_for_workers(self, timeout: float = 120) -> None:
         """Until every pool has an online worker."""
         from prefect.client.orchestration import get_client
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect.settings import temporary_settings
 
         deadline = time.monotonic() + timeout
-        with temporary_settings({PREFECT_API_URL: self.api_url}), get_client(sync_client=True) as client:
+        with temporary_settings(self.api_settings()), get_client(sync_client=True) as client:
             for name in self.pools:
                 pid = self.state()["pids"][f"worker-{name}"]
                 while not any(
@@ -322,26 +349,46 @@ class Stack:
             raise StackError(f"prefect deploy failed (exit {res.returncode}); see {self.logs / 'deploy.log'}")
 
     def register_automation(self) -> None:
+        from prefect.settings import temporary_settings
+
         from infra.automation import register_automations
 
-        register_automations(self.api_url, within_seconds=3 * self.heartbeat_seconds)
+        with temporary_settings(self.api_settings()):
+            register_automations(self.api_url, within_seconds=3 * self.heartbeat_seconds)
 
     def write_env_file(self) -> Path:
+        """`.stack/env` for `source`; it holds the API's auth string, so the owner alone reads it."""
         path = self.root / "env"
-        path.write_text("".join(f"export {k}={v}\n" for k, v in self.client_env().items()))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("".join(f"export {k}={v}\n" for k, v in self.client_env().items()))
+        os.chmod(path, 0o600)
         return path
 
     def activate_profile(self, name: str = "vinasmol-local") -> str | None:
         """Point a Prefect profile `name` at this stack and make it the active one, so that plain
         `prefect ...` commands reach the stack; returns the profile that was active before."""
-        from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+        from prefect.settings import (
+            PREFECT_API_AUTH_STRING,
+            PREFECT_API_URL,
+            PREFECT_PROFILES_PATH,
+            PREFECT_UI_URL,
+        )
         from prefect.settings.profiles import load_profiles, save_profiles
 
         profiles = load_profiles()
         previous = profiles.active_name
-        profiles.update_profile(name, settings={PREFECT_API_URL: self.api_url, PREFECT_UI_URL: self.ui_url})
+        profiles.update_profile(
+            name,
+            settings={
+                PREFECT_API_URL: self.api_url,
+                PREFECT_UI_URL: self.ui_url,
+                PREFECT_API_AUTH_STRING: self.api_auth_string(),
+            },
+        )
         profiles.set_active(name)
         save_profiles(profiles)
+        os.chmod(PREFECT_PROFILES_PATH.value(), 0o600)  # it now holds the auth string
         st = self.state()
         if previous != name:
             st["previous_profile"] = previous

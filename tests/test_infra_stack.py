@@ -129,7 +129,7 @@ stub_only = pytest.mark.skipif(_pipeline_available(), reason="covered by the pip
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The local stack with the project's deployments plus two stub deployments (one `prefect deploy`)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
     from infra.stack import PREFECT_FILE, Stack
 
@@ -150,7 +150,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     st.timing_log = root / "timing.jsonl"  # type: ignore[attr-defined]
     st.up()
     try:
-        with temporary_settings({PREFECT_API_URL: st.api_url}):
+        with temporary_settings(st.api_settings()):
             yield st
     finally:
         st.down()
@@ -281,7 +281,7 @@ def _s3_store(stack: Any) -> Any:
 
 def _cli_retry(stack: Any, run_id: Any) -> None:
     """What the UI's Retry does: `prefect flow-run retry` schedules the run again for a worker."""
-    cli_env = {**os.environ, "PREFECT_API_URL": stack.api_url}
+    cli_env = {**os.environ, **stack.client_env()}
     res = subprocess.run(
         [str(REPO / ".venv/bin/prefect"), "flow-run", "retry", str(run_id)],
         env=cli_env,
@@ -510,7 +510,7 @@ def test_heartbeat_automation_is_registered(stack: Any) -> None:
 def test_no_credential_leaks(stack: Any) -> None:
     """Scan logs, parameters, job variables, artifacts, results, blocks and the stack's log files."""
     creds = stack.credentials()
-    secrets = [creds["access_key"], creds["secret_key"], WANDB_KEY]
+    secrets = [creds["access_key"], creds["secret_key"], WANDB_KEY, stack.api_auth_string().split(":", 1)[1]]
     seen: list[tuple[str, str]] = []
     with _client() as client:
         runs = client.read_flow_runs(limit=200)
