@@ -154,6 +154,34 @@ def test_pii_redaction() -> None:
     assert "admin@mail.org" in off.redact(text) and "<ip>" in off.redact(text)
 
 
+def test_pii_leaves_slices_versions_sections_and_products() -> None:
+    cur = Curator(SPEC)
+    for text in ("evens = samples[2000::2]", "odd = x[1::2]", "print(a[3000::16])", "tail = data[1024::8]",
+                 "Phiên bản Linux 2.6.32.1 được phát hành năm 2009.",
+                 "Mục 5.4.3.2 của luật quy định như sau.", "phiên bản ổn định chính thức 1.0.154.36 vào",
+                 "và:\n2.1.1.1. Định lượng ≤ 80g/m²", '# sections "8.2.4.44 Bogus" and\n# "8.2.4.45 Markup"',
+                 "See RFC 7231, section 7.1.1.1.", "https://tools.ietf.org/html/rfc7231#section-7.1.1.1",
+                 "Version 1.2.3.4.5 and 4.3.2.1.0", "'1.0.0.127.in-addr.arpa'", "IPv4Network('224.0.0.0/4')",
+                 "return x@self.weight.T + self.bias", "scores = q@k.transpose(-2, -1)", "y = a@b.mT",
+                 "user@localhost", "a..b@example.com"):
+        assert cur.redact(text) == text, text
+    out = cur.redact("Cloudflare DNS is 1.1.1.1 and 8.8.8.8; IPv6 2606:4700:4700::1111. Mail x@ex.com.vn.")
+    assert out == "Cloudflare DNS is <ip> and <ip>; IPv6 <ip>. Mail <email>."
+    assert cur.redact("Mục 2.\n8.8.8.8 là máy chủ DNS.", "vi") == "Mục 2.\n<ip> là máy chủ DNS."
+
+
+def test_pii_code_rules() -> None:
+    cur = Curator(SPEC)
+    source = ('__author__ = "Jane Doe <jane.doe@python.org>"\n'
+              "DNS = ['8.8.8.8', '2001:4860:4860::8888']  # version 7.1.4.34\n"
+              "out = h@self.proj\nsparse = list(zip(s[::2], s[1::2]))\n")
+    out = cur.redact(source, "code")
+    assert out == source.replace("jane.doe@python.org", "<email>")
+    assert cur.redact("Viết cho lan@studio.photography.", "vi") == "Viết cho <email>."  # any domain in prose
+    both = Curator(CurationSpec(pii={"ips_in_code": True})).redact(source, "code")
+    assert "['<ip>', '<ip>']" in both and "7.1.4.34" in both
+
+
 def test_mojibake_repair() -> None:
     import ftfy.bad_codecs  # noqa: F401 - registers sloppy-windows-1252: cp1252 keeping its 5 unused bytes
 
@@ -171,7 +199,7 @@ def test_code_skips_prose_rules() -> None:
     source = "def f(x):\n    return {x: x}\n" * 3 + "# mail me: dev@example.org\n"
     out = Curator(SPEC).filter(source, "code")
     assert out.text == source
-    assert "<email>" in Curator(SPEC).redact(source)
+    assert "<email>" in Curator(SPEC).redact(source, "code")
 
 
 # ----------------------------------------------------------------------------- recipe
@@ -254,6 +282,18 @@ def test_manifest_records_removals_per_filter(tmp_path: Path, tok: Path, monkeyp
     assert code == 0 and "gopher_repetition" in out and "fineweb" in out and "curation on" in out
     code, out, _ = run_vinasmol(monkeypatch, capsys, "data", "inspect", str(info.dir), "--json")
     assert json.loads(out)["sources"]["vi-web"]["filters"]["pii"]["edited"] == 1
+
+
+def test_code_source_keeps_its_addresses(tmp_path: Path, tok: Path) -> None:
+    source = ("import socket\n\n\ndef resolver() -> str:\n    return '8.8.8.8'\n\n\n"
+              "def pairs(x):\n    return list(zip(x[::2], x[1::2]))\n")
+    path = write_jsonl(tmp_path / "code.jsonl", [{"id": "a", "text": source},
+                                                 {"id": "b", "text": source + "# by ana@python.org\n"}])
+    src = [SourceSpec(name="py", lang="code", paths=(str(path),))]
+    settings = PrepareSettings(val_fraction=0.0, workers=0, curation=CurationSpec())
+    pii = prepare_dataset(src, tok, tmp_path / "ds", settings).sources["py"].filters["pii"]
+    assert pii.edited == 1 and pii.examples[0]["id"] == "b"  # only the author's address
+    assert pii.examples[0]["text"].endswith("x[1::2]))\n# by <email>\n")
 
 
 def test_curation_settings_are_in_the_dataset_key(tmp_path: Path, tok: Path) -> None:

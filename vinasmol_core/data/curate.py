@@ -57,11 +57,34 @@ _IS_CONTINUATION[0x80:0xC0] = True
 _UNDEFINED_IN_CP1252 = (0x81, 0x8D, 0x8F, 0x90, 0x9D)
 _IS_CONTINUATION[[ord(bytes([b]).decode("cp1252")) for b in range(0x80, 0xA0)
                   if b not in _UNDEFINED_IN_CP1252]] = True
-_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}(?![\w-])")
+# An e-mail address: a dot-separated local part, then host labels and an alphabetic top-level domain
+# (one case) that ends the name: `q@k.transpose(...)` (a call) and `x@self.weight.T` (an attribute
+# after it) are matrix products, not addresses.
+_EMAIL = re.compile(
+    r"(?<![\w.%+-])[A-Za-z0-9_%+-]+(?:\.[A-Za-z0-9_%+-]+)*"
+    r"@((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+([a-z]{2,63}|[A-Z]{2,63}))"
+    r"(?![\w-]|\.[\w-]|\s*\()")
+# In code an address needs a known top-level domain too: any two letters (a country) or a common
+# generic one (`h@self.proj` is a product)
+_CODE_TLDS = frozenset(
+    "com org net edu gov mil int info biz name pro mobi aero coop museum arpa io ai dev app cloud tech "
+    "online site xyz club email local localdomain invalid example test".split())
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-_IPV4 = re.compile(rf"(?<![\w.])(?:{_OCTET}\.){{3}}{_OCTET}(?!\w|\.\d)")
+# Four octets that are not part of a longer dotted number or host name (`1.2.3.4.5`, `v2.6.32.1`,
+# `1.0.0.127.in-addr.arpa`, `section-7.1.1.1`) nor a network (`224.0.0.0/4`)
+_IPV4 = re.compile(rf"(?<![\w.-])(?:{_OCTET}\.){{3}}{_OCTET}(?![\w-]|\.\w|/\d)")
 _IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){3,7}[0-9A-Fa-f]{1,4}(?![\w:])"
                    r"|(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){1,6}(?::[0-9A-Fa-f]{1,4}){1,6}(?![\w:])")
+# A dotted quad that follows one of these words in the same clause, at most six words back, numbers a
+# version or a section: "phiên bản ổn định chính thức 1.0.154.36", "Mục 5.4.3.2", "section 7.1.1.1"
+_NUMBERING_CUE = re.compile(
+    r"(?<!\w)(?:v|ver|version|versions|release|releases|kernel|section|sections|sec|chapter|clause|"
+    r"article|paragraph|appendix|annex|figure|fig|phiên bản|mục|điều|khoản|chương|tiết|phụ lục|hình)"
+    r"(?!\w)|§", re.IGNORECASE)
+_CLAUSE_END = re.compile(r"[.;!?](?:\s|$)|\n")
+_CUE_WORDS = 6
+# ... or that opens a line as an outline number ("2.1.1.1. Định lượng", "8.2.4.44 Bogus comment")
+_OUTLINE_AFTER = re.compile(r"[.)]\s|[ \t]+[^\W\d_]")
 # Cheap searches that every match of the regexes above contains (they skip most documents at once)
 _IPV4_HINT = re.compile(r"\.[0-9]+\.[0-9]+\.[0-9]")
 _IPV6_HINT = re.compile(r"::|:[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:")
@@ -436,11 +459,47 @@ def flagged_ratio(text: str, flagged: frozenset[str]) -> float:
     return hits / len(words)
 
 
-def _redact_ip(match: re.Match[str], placeholder: str) -> str:
+def _is_global(address: str) -> bool:
     try:
-        return placeholder if ipaddress.ip_address(match.group(0)).is_global else match.group(0)
+        return ipaddress.ip_address(address).is_global
     except ValueError:
+        return False
+
+
+def _is_numbering(text: str, start: int, end: int) -> bool:
+    """Whether the dotted quad at text[start:end] numbers a version, a section or an outline item."""
+    line_start = text.rfind("\n", 0, start) + 1
+    before = text[max(line_start, start - 80) : start]
+    after = _OUTLINE_AFTER.match(text, end)
+    opens_line = not before.strip(" \t#*-\"'“(")
+    if opens_line and after and (after.group(0)[0] in ".)" or after.group(0)[-1].isupper()):
+        return True
+    clause = _CLAUSE_END.split(before)[-1]
+    return bool(_NUMBERING_CUE.search(" ".join(clause.split()[-_CUE_WORDS:])))
+
+
+def _redact_ipv4(match: re.Match[str], placeholder: str) -> str:
+    """The placeholder for a public IPv4 address that is not a version, section or outline number."""
+    address = match.group(0)
+    if not _is_global(address) or _is_numbering(match.string, match.start(), match.end()):
+        return address
+    return placeholder
+
+
+def _redact_ipv6(match: re.Match[str], placeholder: str) -> str:
+    """The placeholder for a public IPv6 address. A shortened one (`::`) needs three groups written out:
+    with fewer it reads as a slice (`x[1::2]`, `buf[4096::4]`)."""
+    address = match.group(0)
+    if "::" in address and len([g for g in address.split(":") if g]) < 3:
+        return address
+    return placeholder if _is_global(address) else address
+
+
+def _redact_email(match: re.Match[str], placeholder: str, code: bool) -> str:
+    tld = match.group(2).lower()
+    if code and len(tld) != 2 and tld not in _CODE_TLDS:
         return match.group(0)
+    return placeholder
 
 
 class Curator:
@@ -502,18 +561,20 @@ class Curator:
                 return Outcome(None, name, rule)
         return Outcome(doc.text, edits=edits or None)
 
-    def redact(self, text: str) -> str:
-        """Email addresses and public IP addresses replaced by the placeholders."""
+    def redact(self, text: str, lang: str | None = None) -> str:
+        """E-mail addresses and public IP addresses replaced by the placeholders. In `code` an e-mail
+        address needs a known top-level domain, and IP addresses stay unless `pii.ips_in_code`."""
         pii = self.spec.pii
         if not (self.spec.enabled and pii.enabled):
             return text
+        code = lang == "code"
         if pii.emails and "@" in text:
-            text = _EMAIL.sub(pii.email_placeholder, text)
-        if pii.ips:
+            text = _EMAIL.sub(lambda m: _redact_email(m, pii.email_placeholder, code), text)
+        if pii.ips and (pii.ips_in_code or not code):
             if _IPV4_HINT.search(text):
-                text = _IPV4.sub(lambda m: _redact_ip(m, pii.ip_placeholder), text)
+                text = _IPV4.sub(lambda m: _redact_ipv4(m, pii.ip_placeholder), text)
             if _IPV6_HINT.search(text):
-                text = _IPV6.sub(lambda m: _redact_ip(m, pii.ip_placeholder), text)
+                text = _IPV6.sub(lambda m: _redact_ipv6(m, pii.ip_placeholder), text)
         return text
 
 

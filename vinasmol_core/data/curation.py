@@ -21,7 +21,8 @@ Where the defaults come from:
   Vietnamese Wikipedia, for syllables: a Vietnamese syllable (punctuation attached, as Gopher counts)
   averages 3.78 characters against 4.55 for an English word on the Wikipedia and Gutenberg text this
   project benchmarks on, so Gopher's English bounds of 3-10 scale by 3.78/4.55 to 2.5-8.3.
-- `code`: no prose rule (they would drop most source files); encoding repair and PII redaction still run.
+- `code`: no prose rule (they would drop most source files); encoding repair runs, and PII redaction with
+  only its code-safe rules (e-mail addresses with a known top-level domain; no IP addresses).
 """
 
 from __future__ import annotations
@@ -123,10 +124,14 @@ class LangCuration(BaseModel):
 
 
 class PIIRules(_Rules):
-    """Email addresses and public IP addresses (IPv4, IPv6) replaced by placeholders."""
+    """Email addresses and public IP addresses (IPv4, IPv6) replaced by placeholders. An address must
+    look like one where it stands: not a version or section number, a slice or a matrix product. In
+    `code` sources IP addresses stay unless `ips_in_code` (there they are constants: networks,
+    examples, test data) and an e-mail address needs a known top-level domain."""
 
     emails: bool = True
     ips: bool = True
+    ips_in_code: bool = False
     email_placeholder: str = "<email>"
     ip_placeholder: str = "<ip>"
 

@@ -13,6 +13,7 @@ results in input order.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import multiprocessing
 import os
@@ -243,7 +244,8 @@ def process_batch(batch: Batch, state: _State | None = None) -> BatchResult:
         ids, texts = [], []
         bad, examples = _parse_lines(batch, ids, texts)
     removed = dict.fromkeys(FILTERS + (QUALITY_FILTERS if st.curator is not None else ()), 0)
-    tally = _Tally(removed, st.curator.redact if st.curator is not None else None)
+    redact = functools.partial(st.curator.redact, lang=batch.lang) if st.curator is not None else None
+    tally = _Tally(removed, redact)
     kept_texts: list[str] = []
     hashes: list[int] = []
     is_val: list[bool] = []
@@ -342,7 +344,7 @@ def _curate(curator: Curator | None, raw: str, doc_id: str, lang: str, cleaning:
         if text != raw:
             at = next((i for i, (a, b) in enumerate(zip(raw, text, strict=False)) if a != b), 0)
             tally.edit("encoding", doc_id, n_bytes - _utf8_len(text), "mojibake repaired",
-                       curator.redact(text[max(0, at - 40) : at + 2 * EXAMPLE_CHARS]))
+                       curator.redact(text[max(0, at - 40) : at + 2 * EXAMPLE_CHARS], lang))
     cleaned, reason = clean_document(text, lang, cleaning)
     if cleaned is None:
         tally.remove(reason or "empty", doc_id, n_bytes, reason or "empty", text)
@@ -354,8 +356,8 @@ def _curate(curator: Curator | None, raw: str, doc_id: str, lang: str, cleaning:
         tally.remove(out.filter or "curation", doc_id, n_bytes, out.rule, cleaned)
         return None
     for name, cut in (out.edits or {}).items():
-        tally.edit(name, doc_id, cut, "lines cut", curator.redact(out.text[: 2 * EXAMPLE_CHARS]))
-    redacted = curator.redact(out.text)
+        tally.edit(name, doc_id, cut, "lines cut", curator.redact(out.text[: 2 * EXAMPLE_CHARS], lang))
+    redacted = curator.redact(out.text, lang)
     if redacted != out.text:
         spec = curator.spec.pii
         marker = spec.email_placeholder if spec.email_placeholder in redacted else spec.ip_placeholder
