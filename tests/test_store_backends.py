@@ -208,3 +208,48 @@ def test_seaweed_filer_refuses_unsigned_requests(seaweed, s3_bucket: str, tmp_pa
     security = seaweed.data_dir / "security.toml"
     assert stat.S_IMODE(security.stat().st_mode) == 0o600
     assert "[jwt.filer_signing]" in security.read_text() and "[jwt.signing.read]" in security.read_text()
+
+
+def test_s3_reprs_and_messages_hide_keys_token_and_endpoint_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vinasmol_core.store.backends.s3_common import s3_error
+
+    key, secret, token = "AKIAREPRKEY123", "repr-secret-Zq9Xv3/abc", "session-token-Tk77"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", token)
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    endpoint = f"http://svc:endpoint-pass-P4@127.0.0.1:{port}"
+    store = ArtifactStore("s3://bucket/p", endpoint_url=endpoint, cache_dir=tmp_path / "c")
+    target = store._backend.target
+    hidden = [key, secret, token, "endpoint-pass-P4"]
+    shown = [repr(store), repr(store._backend), repr(target), str(target)]
+    assert all(f"127.0.0.1:{port}" in text for text in shown)
+    assert not [(text, s) for text in shown for s in hidden if s in text]
+    assert not [s for s in hidden if s in target.scrub(f"signed {key} {secret} {token} at {endpoint}/x")]
+    with pytest.raises(StoreError) as err:
+        store.check_reachable()
+    messages = [str(err.value), str(s3_error(target, ConnectionError(f"to {endpoint}"), "read"))]
+    assert all("cannot reach S3 endpoint" in m and f"127.0.0.1:{port}" in m for m in messages)
+    assert not [(m, s) for m in messages for s in hidden if s in m]
+
+
+def test_s3_credentials_from_a_profile_are_scrubbed(
+    seaweed, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    creds = tmp_path / "credentials"
+    creds.write_text(
+        f"[vs]\naws_access_key_id = {seaweed.access_key}\naws_secret_access_key = {seaweed.secret_key}\n"
+    )
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+    monkeypatch.setenv("AWS_PROFILE", "vs")
+    store = ArtifactStore(f"s3://{s3_bucket}/p", endpoint_url=seaweed.endpoint_url, cache_dir=tmp_path / "c")
+    store.check_reachable()  # the session found the profile's keys
+    text = store._backend.target.scrub(f"failed with {seaweed.access_key} / {seaweed.secret_key}")
+    assert seaweed.secret_key not in text and seaweed.access_key not in text
+    assert seaweed.secret_key not in repr(store._backend.target)

@@ -34,6 +34,7 @@ from vinasmol_core.store.layout import (
     _blob_key,
     _check_path,
     _manifest_key,
+    _redact_url,
     default_cache_dir,
     validate_ref,
 )
@@ -103,7 +104,8 @@ class ArtifactStore:
 
     def __repr__(self) -> str:
         endpoint = getattr(self._backend, "endpoint_url", None)
-        return f"ArtifactStore({self.url!r}" + (f", endpoint_url={endpoint!r})" if endpoint else ")")
+        shown = _redact_url(endpoint) if endpoint else None  # no user or password
+        return f"ArtifactStore({self.url!r}" + (f", endpoint_url={shown!r})" if endpoint else ")")
 
     def close(self) -> None:
         self._backend.close()

@@ -69,7 +69,7 @@ class _S3Backend(_Backend):
             bucket=bucket,
             prefix=prefix.strip("/"),
             endpoint_url=endpoint_url,
-            secrets=tuple(s for s in (key, secret) if s),
+            secrets=[s for s in (key, secret, token) if s],
             concurrency=max(1, max_workers),
             part_size=part_size,
         )
@@ -100,7 +100,7 @@ class _S3Backend(_Backend):
         self._use_obstore = data_path == "obstore" or (data_path == "auto" and bool(endpoint_url))
 
     def __repr__(self) -> str:
-        return f"_S3Backend({self.url!r}, endpoint_url={self.endpoint_url!r})"
+        return f"_S3Backend({self.url!r}, endpoint_url={self.target.endpoint!r})"
 
     # -- plumbing
     @property
@@ -125,12 +125,14 @@ class _S3Backend(_Backend):
         async def go() -> Any:
             s3 = await self._client()
             await s3.head_bucket(Bucket=self.bucket)
-            if self._use_obstore and self._creds is None:  # profile, role...: ask the session
+            if self._creds is None:  # environment, profile, role...: ask the session
                 creds = await self.fs.session.get_credentials()
                 return None if creds is None else await creds.get_frozen_credentials()
             return None
 
         frozen = self._run(go, "head_bucket")
+        if frozen is not None:  # scrubbed from messages like the keys given
+            self.target.add_secrets(frozen.access_key, frozen.secret_key, frozen.token)
         if self._use_obstore:
             endpoint, key, secret, token = self._obs_args
             if self._creds is None and frozen is not None:
@@ -147,7 +149,7 @@ class _S3Backend(_Backend):
             return
         parts = urlsplit(self.endpoint_url)
         if not parts.hostname:
-            raise StoreError(f"S3 endpoint {self.endpoint_url!r} of store {self.url} has no host")
+            raise StoreError(f"S3 endpoint {self.target.endpoint!r} of store {self.url} has no host")
         port = parts.port or (443 if parts.scheme == "https" else 80)
         start, pause = time.monotonic(), 0.5
         deadline = start + wait
@@ -159,7 +161,7 @@ class _S3Backend(_Backend):
                 if time.monotonic() + pause > deadline:
                     waited = f" (tried for {time.monotonic() - start:.0f} s)" if wait else ""
                     raise StoreError(
-                        f"cannot reach S3 endpoint {self.endpoint_url} for store {self.url}{waited}: "
+                        f"cannot reach S3 endpoint {self.target.endpoint} for store {self.url}{waited}: "
                         f"{exc.strerror or exc}"
                     ) from None
             time.sleep(pause)

@@ -3,7 +3,7 @@ S3 call becomes a StoreError that names the store but never the credentials."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vinasmol_core.errors import StoreError
@@ -12,14 +12,35 @@ from vinasmol_core.store.layout import _redact_url
 
 @dataclass(frozen=True)
 class S3Target:
-    """One store in a bucket: where its keys live and how big its transfers are."""
+    """One store in a bucket: where its keys live and how big its transfers are.
+
+    `secrets` (keys, secret, session token, and those a profile or role yields once they are known)
+    are scrubbed from messages; neither they nor an endpoint's user and password appear in the repr.
+    """
 
     bucket: str
     prefix: str  # without leading or trailing '/'
     endpoint_url: str | None
-    secrets: tuple[str, ...]  # scrubbed from error messages
+    secrets: list[str] = field(repr=False, compare=False)  # grows: see add_secrets
     concurrency: int
     part_size: int
+
+    def __repr__(self) -> str:
+        return (
+            f"S3Target(bucket={self.bucket!r}, prefix={self.prefix!r}, endpoint_url={self.endpoint!r}, "
+            f"concurrency={self.concurrency}, part_size={self.part_size})"
+        )
+
+    @property
+    def endpoint(self) -> str | None:
+        """The endpoint URL without user or password (what messages show)."""
+        return _redact_url(self.endpoint_url) if self.endpoint_url else None
+
+    def add_secrets(self, *values: str | None) -> None:
+        """Scrub these too from now on (credentials found later: a profile's, a role's, a token)."""
+        for value in values:
+            if value and value not in self.secrets:
+                self.secrets.append(value)
 
     @property
     def url(self) -> str:
@@ -32,7 +53,7 @@ class S3Target:
 
     @property
     def where(self) -> str:
-        return f"{self.url}" + (f" (endpoint {_redact_url(self.endpoint_url)})" if self.endpoint_url else "")
+        return f"{self.url}" + (f" (endpoint {self.endpoint})" if self.endpoint_url else "")
 
     def key(self, key: str) -> str:
         """The bucket key of a store key."""
@@ -43,7 +64,10 @@ class S3Target:
         return full[len(self.prefix) + 1 :] if self.prefix else full
 
     def scrub(self, text: str) -> str:
-        for s in self.secrets:
+        """`text` without any secret, and with the endpoint's user and password left out."""
+        if self.endpoint_url and self.endpoint != self.endpoint_url:
+            text = text.replace(self.endpoint_url, str(self.endpoint))
+        for s in sorted(self.secrets, key=len, reverse=True):
             text = text.replace(s, "***")
         return text
 
@@ -87,7 +111,7 @@ def s3_error(target: S3Target, exc: BaseException, what: str) -> StoreError:
         )
     if isinstance(exc, EndpointConnectionError | ConnectionError | TimeoutError) or _is_connect_error(exc):
         return StoreError(
-            f"cannot reach S3 endpoint {target.endpoint_url or 'AWS'} for store {target.url}: "
+            f"cannot reach S3 endpoint {target.endpoint or 'AWS'} for store {target.url}: "
             f"{type(exc).__name__}"
         )
     if isinstance(exc, OSError) and exc.strerror:

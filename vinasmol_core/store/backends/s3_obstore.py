@@ -33,9 +33,10 @@ RETRY = {
 }
 
 
-def _failed(what: str, exc: Exception) -> StoreError:
-    """A StoreError for an obstore error, with its first line (the rest is the retry chain)."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+def _failed(target: S3Target, what: str, exc: Exception) -> StoreError:
+    """A StoreError for an obstore error, with its first line (the rest is the retry chain), scrubbed."""
+    text = target.scrub(str(exc).strip())
+    first = text.splitlines()[0] if text else type(exc).__name__
     return StoreError(f"{what}: {first[:400]}")
 
 
@@ -86,7 +87,7 @@ class _ObstoreData:
             )
         except Exception as exc:  # obstore's own errors, after its retries
             what = f"{job.label}: uploading blob {job.sha256} to store {self.target.url}"
-            raise _failed(what, exc) from None
+            raise _failed(self.target, what, exc) from None
         if _stat_sig(job.path) != job.sig:
             obstore.delete(self.store, job.key)
             raise StoreError(f"{job.label}: the file changed while it was being published")
@@ -119,7 +120,7 @@ class _ObstoreData:
             ) from None
         except Exception as exc:  # obstore's own errors, after its retries
             what = f"{job.label}: reading blob {job.sha256} from store {self.target.url}"
-            raise _failed(what, exc) from None
+            raise _failed(self.target, what, exc) from None
         view = memoryview(data)
         if len(view) != length:
             raise StoreError(_short(job))
