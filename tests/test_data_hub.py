@@ -101,6 +101,38 @@ def test_the_tokenizer_rows_leave_out_the_held_out_validation_documents(mirror: 
     assert {r["text"] for r in corpus_rows(c, Path("unused"), str(mirror))} == set(VI)
 
 
+def test_a_non_utf8_hub_shard_is_skipped_and_counted_when_asked(
+        mirror: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    import json
+
+    spec = hub_source_spec(corpus(), str(mirror))
+    counters = ReadCounters()
+    same = [t for b in iter_batches(spec, [], skip_bad_lines=True, counters=counters) for t in b.texts]
+    assert same == VI and counters.bad_lines_skipped == 0  # shard by shard: the same rows, in order
+    folder = tmp_path / "org" / "raw"
+    folder.mkdir(parents=True)
+    good = [VI[:2], [], VI[2:3]]
+    for i, docs in enumerate(good):
+        lines = [json.dumps({"id": f"{i}-{j}", "text": t}, ensure_ascii=False) for j, t in enumerate(docs)]
+        (folder / f"train-{i}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    latin1 = '{"id": "c", "text": "Tiéng Viét"}\n{"id": "d", "text": "x"}\n'.encode("latin-1")
+    (folder / "train-1.jsonl").write_bytes(latin1)  # not UTF-8
+    raw = CorpusSpec(name="raw", lang="vi", source={"kind": "hub", "dataset": "org/raw",
+                                                    "budget": {"documents": 100}})
+    spec = hub_source_spec(raw, str(tmp_path))
+    with pytest.raises(VinaSmolError, match=r"'raw': reading .*org/raw failed after 2 rows: 'utf-8' codec .*"
+                                            r"pass --skip-bad-lines"):
+        list(iter_batches(spec, [], skip_bad_lines=False, counters=ReadCounters()))
+    counters = ReadCounters()
+    read = [t for b in iter_batches(spec, [], skip_bad_lines=True, counters=counters) for t in b.texts]
+    assert read == VI[:3] and counters.bad_lines_skipped == 1
+    assert "shard 2 of 3 (train-1.jsonl): not valid UTF-8" in counters.bad_line_examples[0]
+    tok = tiny_tokenizer(tmp_path_factory)
+    settings = PrepareSettings(val_fraction=0.0, workers=0, skip_bad_lines=True, curation=None)
+    info = prepare_dataset([spec], tok, tmp_path / "ds", settings)
+    assert info.sources["raw"].docs_read == 3 and info.sources["raw"].bad_lines_skipped == 1
+
+
 def test_the_digest_follows_the_mirror_content(mirror: Path, tmp_path: Path) -> None:
     import shutil
 

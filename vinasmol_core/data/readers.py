@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob as globlib
 import hashlib
 import json
+import logging
 import os
 import zlib
 from collections.abc import Iterator
@@ -25,6 +26,8 @@ _COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
 _GLOB_CHARS = set("*?[")
 # What a missing, truncated or corrupt (compressed) file raises while it is read
 _READ_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error, IsalError)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -250,32 +253,82 @@ def open_hf_dataset(spec: SourceSpec, split: str | None = None) -> Any:
         raise VinaSmolError(f"source {spec.name!r}: cannot open dataset {where!r}: {first}") from exc
 
 
-def iter_hf_records(spec: SourceSpec, split: str | None = None) -> Iterator[tuple[str, str | None]]:
+def iter_hf_records(spec: SourceSpec, split: str | None = None, *, skip_bad_lines: bool = False,
+                    counters: ReadCounters | None = None) -> Iterator[tuple[str, str | None]]:
     """(id, text) of a `datasets` source in order, up to its budget (`max_docs`, `max_bytes`): the
-    stream is left as soon as the budget is reached, so nothing past it is downloaded."""
+    stream is left as soon as the budget is reached, so nothing past it is downloaded.
+
+    A shard that is not valid UTF-8 (a JSONL, CSV or text data file) stops the stream with an error,
+    or, with `skip_bad_lines`, is skipped from its bad chunk on and counted in `counters` (the
+    shards are then read one after another, in the same order)."""
     ds = open_hf_dataset(spec, split)
-    docs = size = 0
-    records = iter(ds)
-    row = 0
-    while True:
-        if (spec.max_docs and docs >= spec.max_docs) or (spec.max_bytes and size >= spec.max_bytes):
-            return
-        try:
-            record = next(records)
-        except StopIteration:
-            return
-        except Exception as exc:  # the stream broke (network, a corrupt shard)
-            raise VinaSmolError(f"source {spec.name!r}: reading {spec.hf_path or spec.hf_dataset} "
-                                f"failed after {row} rows: {exc}") from exc
-        row += 1
-        text = _text_of(record, spec, f"{spec.hf_dataset} row {row}")
-        docs += 1
-        size += len(text.encode("utf-8")) if text else 0
-        yield _id_of(record, spec, f"{spec.hf_dataset}:{row}"), text
+    where = spec.hf_path or spec.hf_dataset
+    shards = _hf_shards(ds) if skip_bad_lines else [(ds, "")]
+    docs = size = row = 0
+    for shard, label in shards:
+        records = iter(shard)
+        while True:
+            if (spec.max_docs and docs >= spec.max_docs) or (spec.max_bytes and size >= spec.max_bytes):
+                return
+            try:
+                record = next(records)
+            except StopIteration:
+                break
+            except Exception as exc:  # the stream broke (network, a corrupt or undecodable shard)
+                bad = _decode_error(exc)
+                if bad is not None and skip_bad_lines:
+                    _count_bad_shard(counters, f"{where} {label}: not valid UTF-8 ({bad.reason}); "
+                                               "the rest of the shard skipped")
+                    break
+                hint = "; fix the data or pass --skip-bad-lines" if bad is not None else ""
+                raise VinaSmolError(f"source {spec.name!r}: reading {where} failed after {row} rows: "
+                                    f"{exc}{hint}") from exc
+            row += 1
+            text = _text_of(record, spec, f"{spec.hf_dataset} row {row}")
+            docs += 1
+            size += len(text.encode("utf-8")) if text else 0
+            yield _id_of(record, spec, f"{spec.hf_dataset}:{row}"), text
 
 
-def _iter_hf(spec: SourceSpec) -> Iterator[tuple[str, str | None]]:
-    yield from iter_hf_records(spec)
+def _hf_shards(ds: Any) -> list[tuple[Any, str]]:
+    """A streamed dataset as its shards (its data files, for a packaged builder), in order, each with
+    a label naming it."""
+    n = getattr(ds, "num_shards", 1) or 1
+    if n <= 1 or not hasattr(ds, "shard"):
+        return [(ds, "shard 1 of 1")]
+    out = []
+    for i in range(n):
+        shard = ds.shard(num_shards=n, index=i, contiguous=True)
+        files = getattr(getattr(shard, "_ex_iterable", None), "kwargs", {}).get("original_files") or []
+        name = f" ({', '.join(os.path.basename(str(f)) for f in files[:3])})" if files else ""
+        out.append((shard, f"shard {i + 1} of {n}{name}"))
+    return out
+
+
+def _decode_error(exc: BaseException) -> UnicodeDecodeError | None:
+    """The UnicodeDecodeError behind an exception of a stream, if one is."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, UnicodeDecodeError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _count_bad_shard(counters: ReadCounters | None, example: str) -> None:
+    log.warning("%s", example)
+    if counters is None:
+        return
+    counters.bad_lines_skipped += 1
+    if len(counters.bad_line_examples) < 5:
+        counters.bad_line_examples.append(example)
+
+
+def _iter_hf(spec: SourceSpec, skip_bad_lines: bool,
+             counters: ReadCounters) -> Iterator[tuple[str, str | None]]:
+    yield from iter_hf_records(spec, skip_bad_lines=skip_bad_lines, counters=counters)
 
 
 def iter_batches(
@@ -289,7 +342,7 @@ def iter_batches(
                      skip_bad_lines=skip_bad_lines, where=where, base_name=base_name)
 
     if spec.hf_dataset:
-        records: Iterator[tuple[str, str | None]] = _iter_hf(spec)
+        records: Iterator[tuple[str, str | None]] = _iter_hf(spec, skip_bad_lines, counters)
         yield from _record_batches(records, new_batch(), new_batch, batch_chars)
         return
     for rf in files:
