@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.holds import StageHold
 from tests.test_flows_pipeline import write_test_recipe
 from vinasmol_core.model.hf_io import sha256_file
 
@@ -54,7 +55,7 @@ class _Pipeline:
         from prefect.settings import PREFECT_API_URL
 
         self.recipe = write_test_recipe(base / "recipe.yaml")
-        self.store, self.log = store, base / "timing.jsonl"
+        self.store, self.log, self.out = store, base / "timing.jsonl", base / "run-output.txt"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         self.env.update(
             PREFECT_API_URL=str(PREFECT_API_URL.value()), VINASMOL_TIMING_LOG=str(self.log),
@@ -62,19 +63,21 @@ class _Pipeline:
             PREFECT_LOGGING_LEVEL="WARNING", **(extra_env or {}),
         )
 
-    def start(self, *args: str) -> tuple[subprocess.Popen[str], str]:
+    def start(self, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
         tag = uuid.uuid4().hex
         cmd = [sys.executable, "-c", "from flows.cli import console; console()", "run", str(self.recipe),
                "--store", self.store, "--stage-runner", "inline", *args]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env={**self.env, TAG: tag}, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.out, "w", encoding="utf-8") as out:  # a file: a full pipe would stall the run
+            proc = subprocess.Popen(cmd, cwd=ROOT, env={**self.env, **(env or {}), TAG: tag}, stdout=out,
+                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
         return proc, tag
 
     def run(self, *args: str) -> tuple[int, str]:
         proc, tag = self.start(*args)
-        out, _ = proc.communicate(timeout=600)
+        proc.wait(timeout=600)
         assert _left_after(tag) == [], "processes of a finished run are still alive"
-        return proc.returncode, out
+        return proc.returncode, self.out.read_text(encoding="utf-8")
 
     def executed(self) -> list[str]:
         from tasks.common import read_timing_log
@@ -105,12 +108,12 @@ def test_run_killed_inside_a_stage_then_started_again(prefect_server, tmp_path: 
     from vinasmol_core.store import ArtifactStore
 
     store = "file://" + str(tmp_path / "store")
-    pipeline = _Pipeline(tmp_path, store)
-    proc, tag = pipeline.start()
-    st, deadline = ArtifactStore(store), time.monotonic() + 600
-    while not st.list_refs("partial/eeve-6/") and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert proc.poll() is None, "the run ended before eeve-6 published a train-state"
+    pipeline = _Pipeline(tmp_path, store, {"VINASMOL_STAGE_RUNNER": "process"})
+    hold = StageHold(tmp_path, "eeve-6", 2)  # its first train-state: checkpoints every 2 steps
+    proc, tag = pipeline.start(env=hold.env)
+    hold.wait(proc)
+    st = ArtifactStore(store)
+    assert st.list_refs("partial/eeve-6/"), "eeve-6 holds after step 2 without a train-state"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert _left_after(tag) == [], "the killed run left processes behind"
@@ -121,31 +124,47 @@ def test_run_killed_inside_a_stage_then_started_again(prefect_server, tmp_path: 
     assert rc == 0, out[-3000:]
     executed = pipeline.executed()
     assert sorted({n for n in executed if executed.count(n) > 1}) == [], "a finished step ran again"
-    resumed = st.get_manifest("runs/tiny-test/eeve-6").extra["resumed_from_step"]
-    assert resumed is not None and resumed >= 2
+    assert st.get_manifest("runs/tiny-test/eeve-6").extra["resumed_from_step"] == 2
     resumed_content = _content(store, _outputs(out))
 
+    before_forced = len(executed)
     rc, out = pipeline.run("--force", "eeve-6")
     assert rc == 0, out[-3000:]
+    forced = pipeline.executed()[before_forced:]
+    assert "train-stage-eeve-6" in forced and "train-stage-eeve-4" not in forced, forced
+    assert st.get_manifest("runs/tiny-test/eeve-6").extra["resumed_from_step"] is None  # from step 0
     assert _content(store, _outputs(out)) == resumed_content
 
 
-def test_s3_server_killed_during_a_publish_and_restarted(tmp_path: Path) -> None:
-    """SeaweedFS SIGKILLed while a 64 MB artifact uploads, back 2 s later on the same port and data:
-    the publish fails with a StoreError or rides it out; publishing again succeeds, and `verify` finds
-    every manifest's blobs (none names a missing one) with the content intact."""
+def test_s3_server_killed_during_a_publish_and_restarted(tmp_path: Path, monkeypatch) -> None:
+    """SeaweedFS SIGKILLed in the middle of a 64 MB publish (held after its first blob is stored, its
+    manifest not yet written), and the publish let go while the server is down; the server comes back
+    on the same port and data. The publish fails with a StoreError or rides it out; publishing again
+    succeeds, and `verify` finds every manifest's blobs (none names a missing one) with the content
+    intact."""
     from vinasmol_core.errors import StoreError
     from vinasmol_core.localserver.seaweed import start_seaweed
     from vinasmol_core.manifests import DatasetManifest
     from vinasmol_core.store import ArtifactStore
+    from vinasmol_core.store.backends import base
 
     src = tmp_path / "artifact"
     src.mkdir()
     for i in range(8):
         (src / f"part-{i}.bin").write_bytes(os.urandom(8 << 20))
+    held, release = threading.Event(), threading.Event()
+    blob_stored = base._Counters.up
+
+    def hold_after_the_first_blob(counters: base._Counters, n: int) -> None:
+        blob_stored(counters, n)
+        if not held.is_set():
+            held.set()
+            release.wait()
+
+    monkeypatch.setattr(base._Counters, "up", hold_after_the_first_blob)
     server = start_seaweed(tmp_path / "weed", buckets=("faults",))
-    env_saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
+    for k, v in server.env().items():
+        monkeypatch.setenv(k, v)
     restarted = []
     try:
         store = ArtifactStore(server.store_url("faults"), cache_dir=tmp_path / "cache")
@@ -156,13 +175,17 @@ def test_s3_server_killed_during_a_publish_and_restarted(tmp_path: Path) -> None
                 store.publish(DatasetManifest(name="big"), src, ref="runs/faults/big")
             except StoreError as exc:
                 failure.append(exc)
+            finally:
+                held.set()  # a publish that never stored a blob must not leave the test waiting
 
         worker = threading.Thread(target=publish)
         worker.start()
-        time.sleep(0.5)
+        held.wait()
+        assert worker.is_alive() and not failure, "the publish ended before its first blob was stored"
+        assert not store.exists("runs/faults/big"), "the publish was not in flight"
         server.process.kill()
         server.process.wait()
-        time.sleep(2)
+        release.set()  # the rest of the publish meets a dead server
         restarted.append(start_seaweed(server.data_dir, s3_port=server.ports["s3.port"],
                                        access_key=server.access_key, secret_key=server.secret_key))
         worker.join(timeout=300)
@@ -177,13 +200,9 @@ def test_s3_server_killed_during_a_publish_and_restarted(tmp_path: Path) -> None
         for f in src.iterdir():
             assert sha256_file(fetched / f.name) == sha256_file(f)
     finally:
+        release.set()
         for srv in [server, *restarted]:
             srv.stop()
-        for k, v in env_saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_a_killed_run_without_a_prefect_api_leaves_no_server_behind(tmp_path: Path) -> None:

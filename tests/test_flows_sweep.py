@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 import yaml
 
 from tests.cli_helpers import run_vinasmol
+from tests.holds import StageHold
 from tests.test_faults import TAG, _left_after
 from vinasmol_core.recipe import load_recipe
 
@@ -58,18 +58,18 @@ def test_sweep_finds_the_better_mixture_and_resumes(prefect_server, tmp_path: Pa
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(PREFECT_API_URL=str(PREFECT_API_URL.value()), VINASMOL_WORK_DIR=str(tmp_path / "work"),
                VINASMOL_CACHE=str(tmp_path / "cache"), PREFECT_LOGGING_LEVEL="WARNING", TQDM_DISABLE="1",
-               VINASMOL_FAIL_AT=f"{FAILING}:2")  # that proxy run SIGKILLs itself at step 2, every time
+               VINASMOL_FAIL_AT=f"{FAILING}:2")  # that proxy run fails at step 2, every time
     cmd = [sys.executable, "-c", "from flows.cli import console; console()", "sweep", str(RECIPE),
            str(sweep_file), "--store", store, "--stage-runner", "inline", "--out", str(out_file)]
 
-    # 1. Killed inside the first check run (every proxy run and the fit are behind it).
-    tag = uuid.uuid4().hex
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, TAG: tag}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    st, deadline = ArtifactStore(store), time.monotonic() + 600
-    while not st.list_refs("partial/eeve-3-best-s1/") and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert proc.poll() is None, "the sweep ended before its check run:\n" + proc.stdout.read()
+    # 1. Killed inside the first check run (every proxy run and the fit are behind it), held after its
+    # train-state of step 8, half way.
+    tag, hold = uuid.uuid4().hex, StageHold(tmp_path, "eeve-3-best-s1", 8)
+    with open(tmp_path / "killed-sweep.txt", "w", encoding="utf-8") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, **hold.env, TAG: tag}, stdout=out,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    hold.wait(proc)
+    st = ArtifactStore(store)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert _left_after(tag) == [], "the killed sweep left processes behind"

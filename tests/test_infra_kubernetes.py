@@ -6,7 +6,6 @@ import json
 import re
 from pathlib import Path
 
-import pytest
 import yaml
 
 from infra.automation import load_automation
@@ -64,8 +63,9 @@ def test_every_placeholder_has_a_variable() -> None:
     assert {"gpu_count", "node_selector", "tolerations", "shm_size", "image"} <= used
 
 
-def test_renders_with_prefect_kubernetes_when_installed() -> None:
-    pytest.importorskip("prefect_kubernetes", reason="prefect-kubernetes not installed")
+def test_renders_with_prefect_kubernetes() -> None:
+    import prefect_kubernetes  # noqa: F401 - the test extra installs it
+
     assert configuration_class() is not CudaJobConfiguration
     pod = _pod(render_job_manifest(TWO_GPU))
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2

@@ -108,36 +108,16 @@ RECIPE: dict[str, Any] = {
 WANDB_KEY = "wandb-key-" + os.urandom(8).hex()
 
 
-STUB_DEPLOYMENTS = [
-    {"name": "stub-parent", "entrypoint": "tests/deploy_stub.py:stub_parent", "work_pool": {"name": "cpu"}},
-    {"name": "stub", "entrypoint": "tests/deploy_stub.py:stub_stage", "work_pool": {"name": "cuda"}},
-]
-
-
-def _pipeline_available() -> bool:
-    import importlib.util
-
-    return all(importlib.util.find_spec(m) for m in ("vinasmol_core.tokenizer", "vinasmol_core.data"))
-
-
-needs_pipeline = pytest.mark.skipif(not _pipeline_available(), reason="pipeline modules not installed")
-# The stub tests exercise the runner alone; with the pipeline present its tests cover the same paths
-# through the real training deployment, so the stubs only run without it (saves minutes of runs).
-stub_only = pytest.mark.skipif(_pipeline_available(), reason="covered by the pipeline tests")
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """The local stack with the project's deployments plus two stub deployments (one `prefect deploy`)."""
+    """The local stack with the project's deployments (one `prefect deploy`)."""
     from prefect.settings import temporary_settings
 
     from infra.stack import PREFECT_FILE, Stack
 
     root = tmp_path_factory.mktemp("stack")
-    doc = yaml.safe_load(PREFECT_FILE.read_text())
-    doc["deployments"] += STUB_DEPLOYMENTS
     prefect_file = root / "prefect.yaml"
-    prefect_file.write_text(yaml.safe_dump(doc, sort_keys=False))
+    prefect_file.write_text(PREFECT_FILE.read_text())
     st = Stack(
         root=root,
         worker_poll_seconds=1,
@@ -234,38 +214,6 @@ def _artifacts(run_id: Any) -> list[Any]:
         )
 
 
-@stub_only
-def test_remote_runner_retries_a_failed_child_with_a_new_key(stack: Any) -> None:
-    run = _wait(_start("stub-parent/stub-parent", {"run_tag": "a", "fail_at_step": 2}, {}).id, 300)
-    assert run.state.is_completed(), f"{run.state.name}: {run.state.message}"
-    children = _children(run.id, "stub")
-    assert [c.name for c in children] == ["stub-attempt-1", "stub-attempt-2"]
-    assert children[0].state.type.value == "FAILED" and children[1].state.is_completed()
-    assert all(c.work_pool_name == "cuda" for c in children) and run.work_pool_name == "cpu"
-    assert children[0].idempotency_key.endswith("/stub/attempt-1")
-    assert children[1].idempotency_key.endswith("/stub/attempt-2")
-    assert children[1].parameters["job"]["fail_at_step"] is None  # fault injection: first attempt only
-    arts = _artifacts(run.id)
-    assert [float(a.data) for a in arts if a.type == "progress"] == [100.0]
-    assert any(a.type == "markdown" and str(children[1].id) in str(a.data) for a in arts)  # link to the child
-
-
-@stub_only
-def test_parent_retry_skips_failed_children_and_resumes(stack: Any) -> None:
-    run = _wait(
-        _start("stub-parent/stub-parent", {"run_tag": "b", "fail_at_step": 3, "attempts": 1}, {}).id, 300
-    )
-    assert run.state.type.value == "FAILED"
-    assert "retry the run" in (run.state.message or "")
-    assert [c.name for c in _children(run.id, "stub")] == ["stub-attempt-1"]
-    _cli_retry(stack, run.id)
-    run = _wait(run.id, 300)
-    assert run.state.is_completed(), f"{run.state.name}: {run.state.message}"
-    children = _children(run.id, "stub")
-    assert [c.name for c in children] == ["stub-attempt-1", "stub-attempt-2"]
-    assert children[1].state.is_completed()
-
-
 def _s3_store(stack: Any) -> Any:
     """The stack's S3 store, opened with the credentials its workers get."""
     from vinasmol_core.store import ArtifactStore
@@ -292,13 +240,17 @@ def _cli_retry(stack: Any, run_id: Any) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-@needs_pipeline
-def test_full_cpt_runs_through_workers_and_retries_a_failed_child(stack: Any) -> None:
+@pytest.fixture(scope="module")
+def full_cpt(stack: Any) -> Any:
+    """A `vinasmol/full-cpt` run whose eeve-6 child fails at step 3 and is retried by the parent."""
     run = _start("vinasmol/full-cpt", {"recipe": str(stack.recipe)}, _env(stack, VINASMOL_FAIL_AT="eeve-6:3"))
-    run = _wait(run.id)
+    return _wait(run.id)
+
+
+def test_full_cpt_runs_through_workers_and_retries_a_failed_child(stack: Any, full_cpt: Any) -> None:
+    run = full_cpt
     assert run.state.is_completed(), f"{run.state.name}: {run.state.message}"
     assert run.work_pool_name == "cpu"
-    stack.first_run = run.id
 
     children = _children(run.id)
     by_name = {c.name: c for c in children}
@@ -357,15 +309,14 @@ def _train_loss_points(markdown: str) -> int:
     return len(line.get("points").split())
 
 
-@needs_pipeline
-def test_stage_child_runs_keep_their_curves_and_csv_logs(stack: Any) -> None:
+def test_stage_child_runs_keep_their_curves_and_csv_logs(stack: Any, full_cpt: Any) -> None:
     """Each training child run has the keyed curves artifact, a version every 2 steps and at the end,
     the last with a point for every logged step (the resumed child's too); the parent has copies;
     the final checkpoint's CSV log has one row per logged step."""
     import csv
     import io
 
-    by_name = {c.name: c for c in _children(stack.first_run)}
+    by_name = {c.name: c for c in _children(full_cpt.id)}
     steps = 768 // (4 * 32)
     for name, stage, expected in (
         ("eeve-6-attempt-2", "eeve-6", [4, 6, 6]),  # resumed at step 2: versions at 4, 6 and the end
@@ -376,7 +327,7 @@ def test_stage_child_runs_keep_their_curves_and_csv_logs(stack: Any) -> None:
         )
         assert [_train_loss_points(a.data) for a in arts] == expected, name
         assert "(finished)" in arts[-1].data and f"| step | {steps} / {steps} |" in arts[-1].data
-    parent = {a.key for a in _artifacts(stack.first_run) if a.type == "markdown"}
+    parent = {a.key for a in _artifacts(full_cpt.id) if a.type == "markdown"}
     assert {"curves-eeve-6", "curves-annealing"} <= parent
 
     store = _s3_store(stack)
@@ -390,7 +341,6 @@ def test_stage_child_runs_keep_their_curves_and_csv_logs(stack: Any) -> None:
         assert all(r["loss"] and r["lr"] and r["tokens_per_s"] for r in rows)
 
 
-@needs_pipeline
 def test_ui_retry_of_a_failed_parent_resumes(stack: Any) -> None:
     env = _env(stack, VINASMOL_FAIL_AT="annealing:3", VINASMOL_STAGE_ATTEMPTS="1")
     run = _start("vinasmol/full-cpt", {"recipe": str(stack.recipe), "force": ["annealing"]}, env)
@@ -415,8 +365,7 @@ def test_ui_retry_of_a_failed_parent_resumes(stack: Any) -> None:
     assert executed.count("train-stage-annealing") >= 1
 
 
-@needs_pipeline
-def test_annealing_deployment_is_scheduled_and_caches(stack: Any) -> None:
+def test_annealing_deployment_is_scheduled_and_caches(stack: Any, full_cpt: Any) -> None:
     with _client() as client:
         dep = client.read_deployment_by_name("vinasmol/annealing")
     assert [s.schedule.cron for s in dep.schedules] == [CRON]
@@ -434,7 +383,6 @@ def test_annealing_deployment_is_scheduled_and_caches(stack: Any) -> None:
     assert not [s for s in executed if s.startswith("train-stage")], executed
 
 
-@needs_pipeline
 def test_sweep_deployment_runs_proxy_runs_as_parallel_children(stack: Any) -> None:
     """`vinasmol/sweep`: four proxy runs of eeve-6, two at a time, as child runs on the CUDA pool;
     the report artifact holds the fit and the chosen `--set` lines."""
@@ -507,14 +455,15 @@ def test_heartbeat_automation_is_registered(stack: Any) -> None:
     assert automation.trigger.within.total_seconds() == 3 * stack.heartbeat_seconds
 
 
-def test_no_credential_leaks(stack: Any) -> None:
+def test_no_credential_leaks(stack: Any, full_cpt: Any) -> None:
     """Scan logs, parameters, job variables, artifacts, results, blocks and the stack's log files."""
     creds = stack.credentials()
     secrets = [creds["access_key"], creds["secret_key"], WANDB_KEY, stack.api_auth_string().split(":", 1)[1]]
     seen: list[tuple[str, str]] = []
     with _client() as client:
         runs = client.read_flow_runs(limit=200)
-        assert len(runs) >= 5
+        ran = {r.id for r in runs}
+        assert full_cpt.id in ran and all(c.id in ran for c in _children(full_cpt.id))
         for run in runs:
             seen.append((f"parameters of {run.name}", json.dumps(run.parameters, default=str)))
             seen.append((f"job variables of {run.name}", json.dumps(run.job_variables, default=str)))

@@ -7,10 +7,10 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -94,7 +94,7 @@ def _client(spec):  # noqa: ANN001, ANN202
 
 CHILD = textwrap.dedent(
     """
-    import os, signal, sys, time
+    import os, signal, socket, sys, threading
     from pathlib import Path
     from vinasmol_core import store as S
     from vinasmol_core.manifests import DatasetManifest
@@ -107,11 +107,16 @@ CHILD = textwrap.dedent(
             if self.blobs_uploaded >= kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
         S._Counters.up = dying_up
+    if go != "-":  # after its first stored blob, wait until the test says that every publisher has one
+        stored, first = S._Counters.up, threading.Lock()
+        def meet_the_others(self, n):
+            stored(self, n)
+            if first.acquire(blocking=False):
+                with socket.create_connection(("127.0.0.1", int(go))) as s:
+                    s.sendall(b"in flight")
+                    s.recv(2)
+        S._Counters.up = meet_the_others
     store = S.ArtifactStore(None, max_workers=2)  # URL and credentials from the environment
-    if go != "-":
-        deadline = time.time() + 60
-        while not os.path.exists(go) and time.time() < deadline:
-            time.sleep(0.005)
     for src, name, ref in jobs:
         print(store.publish(DatasetManifest(name=name), Path(src), ref=ref or None).digest, flush=True)
     """
@@ -270,13 +275,18 @@ def test_concurrent_publishers(store_spec, tmp_path: Path) -> None:  # noqa: ANN
     same = make_artifact(tmp_path / "same", {"a.bin": MB, "b.bin": 17 * MB, "c.txt": 10}, seed=5)
     one = make_artifact(tmp_path / "one", {"a.bin": MB, "d.bin": 2 * MB}, seed=6)
     two = make_artifact(tmp_path / "two", {"a.bin": MB, "e.bin": 2 * MB}, seed=7)
-    go = tmp_path / "go"
-    procs = [
-        child(store_spec, tmp_path, [(same, "same", "runs/r/same"), (one, "one", "runs/r/one")], go=str(go)),
-        child(store_spec, tmp_path, [(same, "same", "runs/r/same"), (two, "two", "runs/r/two")], go=str(go)),
-    ]
-    time.sleep(0.3)
-    go.write_text("go")
+    with socket.create_server(("127.0.0.1", 0)) as meeting:
+        meeting.settimeout(120)
+        go = str(meeting.getsockname()[1])
+        procs = [
+            child(store_spec, tmp_path, [(same, "same", "runs/r/same"), (one, "one", "runs/r/one")], go=go),
+            child(store_spec, tmp_path, [(same, "same", "runs/r/same"), (two, "two", "runs/r/two")], go=go),
+        ]
+        # Both publishers have stored a blob and wait: neither has finished, so they overlap.
+        waiting = [meeting.accept()[0] for _ in procs]
+        for conn in waiting:
+            conn.sendall(b"go")
+            conn.close()
     digests = []
     for p in procs:
         out, err = p.communicate(timeout=120)

@@ -93,7 +93,7 @@ def reference(env):
     return run_stage(job)
 
 
-def test_sigkill_then_resume_is_bit_identical(env, reference) -> None:
+def test_sigkill_then_resume_is_bit_identical(env, reference, stage_processes) -> None:
     from vinasmol_core.train.process import run_stage_process
 
     job = make_job(env, stage_spec("eeve-3", "new-embeddings"), "killed")
@@ -124,7 +124,9 @@ def test_sigkill_then_resume_is_bit_identical(env, reference) -> None:
     assert step_losses(events_of(env, manifest.digest)) == step_losses(events_of(env, reference.digest))
 
 
-def test_sigterm_publishes_the_step_in_progress_then_resume_is_bit_identical(env, reference) -> None:
+def test_sigterm_publishes_the_step_in_progress_then_resume_is_bit_identical(
+    env, reference, stage_processes
+) -> None:
     """A SIGTERM to the process that runs the stage (a pod's main process, being evicted) reaches the
     stage process, which finishes its step, publishes a train-state of it and stops; a re-run resumes
     from that step and ends bit-identical to the uninterrupted run."""

@@ -77,7 +77,7 @@ def test_a_resumed_stage_logs_every_step_once(env) -> None:
 
     job = job_for(env, "resumed")
     job.fail_at_step = 5
-    with pytest.raises(VinaSmolError, match="killed by signal 9"):
+    with pytest.raises(VinaSmolError, match="killed"):
         run_stage_process(job, echo=False)
     job.fail_at_step = None
     seen: list[dict] = []

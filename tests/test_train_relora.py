@@ -170,7 +170,7 @@ def test_stage6_trains_embeddings_at_full_rank_and_publishes_a_merged_checkpoint
     assert reference.extra["trainable"] == sorted(k for k in init if k != params.HEAD)
 
 
-def test_sigkill_mid_cycle_and_at_a_merge_resume_bit_identical(env, reference) -> None:
+def test_interrupted_mid_cycle_and_at_a_merge_resume_bit_identical(env, reference) -> None:
     """Killed after step 4 (newest train-state: step 3, one update into cycle 2), then after step 7
     (newest: step 6, taken right after the third merge); the resumed run equals the uninterrupted one."""
     from vinasmol_core.train import state
@@ -180,7 +180,7 @@ def test_sigkill_mid_cycle_and_at_a_merge_resume_bit_identical(env, reference) -
     for kill_at, resumed_from in ((4, None), (7, 3)):
         job.fail_at_step = kill_at
         seen: list[dict] = []
-        with pytest.raises(VinaSmolError, match="killed by signal 9"):
+        with pytest.raises(VinaSmolError, match="killed"):
             run_stage_process(job, seen.append, echo=False)
         assert seen[0]["resumed_from"] == resumed_from
     store = store_of(env)

@@ -157,10 +157,20 @@ def test_spec_rules_name_the_fields() -> None:
 
 
 def test_fsdp_is_accepted_for_every_policy_on_both_devices() -> None:
-    """FSDP2 keeps the frozen tied table and the split new rows (tested as stages in test_train_dist)."""
+    """FSDP2 keeps the frozen tied table and the split new rows (tested as stages in test_train_dist):
+    every policy passes the check and gets an FSDP2 Fabric over both devices."""
+    from lightning.fabric.strategies import ModelParallelStrategy
+
+    from vinasmol_core.train import runtime
+
     for policy in ("new-embeddings", "embeddings", "all", "transformer"):
         for accelerator in ("cpu", "cuda"):
-            spec(trainable=policy, strategy="fsdp", accelerator=accelerator, devices=2).check()
+            s = spec(trainable=policy, strategy="fsdp", accelerator=accelerator, devices=2)
+            s.check()
+            assert runtime.resolve_strategy(s) == "fsdp"
+        on_cpu = spec(trainable=policy, strategy="fsdp", accelerator="cpu", devices=2)
+        fabric = runtime.make_fabric(on_cpu, "cpu")
+        assert isinstance(fabric.strategy, ModelParallelStrategy) and fabric.world_size == 2
 
 
 def test_fp16_mixed_precision_is_refused_with_the_alternatives() -> None:

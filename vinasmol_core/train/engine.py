@@ -13,12 +13,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import math
+import os
 import shutil
 import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +41,7 @@ from vinasmol_core.train.data import (
 from vinasmol_core.train.group import lose_node
 from vinasmol_core.train.inputs import Inputs, prepare_inputs
 from vinasmol_core.train.loggers import StageLoggers, check_logging, log_root
-from vinasmol_core.train.metrics import MetricsSink, read_events
+from vinasmol_core.train.metrics import MetricsSink, print_line, read_events
 from vinasmol_core.train.schedule import learning_rate
 from vinasmol_core.train.spec import StageJob
 
@@ -63,6 +64,23 @@ def catch_sigterm() -> None:
     """Turn SIGTERM into a stop after the step in progress (main thread of a stage process only)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+HOLD_ENV = "VINASMOL_HOLD_AT"
+"""Tests of kills: "<stage>:<step>:<fifo>". After that step (and its train-state, when one is due) the
+stage writes "<stage> <step>" to the named pipe and waits there until it is killed, so the kill lands
+at that moment however busy the machine is. Never part of a cache key."""
+
+
+def hold_for_a_kill(stage: str, step: int) -> None:
+    value = os.environ.get(HOLD_ENV, "")
+    name, _, rest = value.rpartition(":")
+    name, _, at = name.rpartition(":")
+    if not value or name != stage or at != str(step):
+        return
+    with open(rest, "w", encoding="utf-8") as fifo:  # opens once the test listens
+        fifo.write(f"{stage} {step}\n")
+    threading.Event().wait()
 
 
 def _sequences(sampler: MixtureSampler, indices: list[int]) -> np.ndarray:
@@ -149,14 +167,17 @@ class StageRunner:
         inputs: Inputs,
         work: Path,
         metrics_copy: Path | None = None,
+        announce: Callable[[str], None] | None = None,
     ) -> None:
         self.job = job
+        self.in_process = announce is not None
         self.spec = job.spec
         self.fabric = fabric
         self.store = store
         self.inputs = inputs
         self.work = work
-        self.sink = MetricsSink(work / "metrics.jsonl", metrics_copy, enabled=fabric.global_rank == 0)
+        rank0 = fabric.global_rank == 0
+        self.sink = MetricsSink(work / "metrics.jsonl", metrics_copy, rank0, announce=announce or print_line)
         self.byte_lengths = torch.from_numpy(
             token_byte_lengths(inputs.ckpt_dir, inputs.config.padded_vocab_size)
         )
@@ -347,7 +368,10 @@ class StageRunner:
             saved = done % spec.checkpoint_interval == 0 or done == total
             if saved:
                 checkpoints.publish_state(m.module, m.raw, m.raw_optimizer, m.names, done, loss)
+            hold_for_a_kill(spec.name, done)
             if self.job.fail_at_step is not None and done == self.job.fail_at_step:
+                if self.in_process:  # the caller's process must live on: fail as a killed stage would
+                    raise VinaSmolError(f"stage {spec.name}: fail_at_step={done}: stopped as if killed")
                 lose_node(spec.nodes, done)
             if done < total and self._term_requested():
                 if not saved:
@@ -413,11 +437,16 @@ class StageRunner:
 
 
 def run_stage(
-    job: StageJob, metrics_copy: Path | None = None, store: ArtifactStore | None = None
+    job: StageJob,
+    metrics_copy: Path | None = None,
+    store: ArtifactStore | None = None,
+    announce: Callable[[str], None] | None = None,
 ) -> CheckpointManifest | None:
     """Run one stage in this process (one rank). Returns the published manifest on rank 0.
 
-    `store` overrides ArtifactStore(job.store_url) (an in-process store, e.g. memory://)."""
+    `store` overrides ArtifactStore(job.store_url) (an in-process store, e.g. memory://). `announce`
+    takes the metrics lines a stage process prints; given, the stage runs inside a caller that must
+    outlive it (`fail_at_step` raises instead of killing the process)."""
     from vinasmol_core.store import ArtifactStore
 
     spec = job.spec
@@ -433,7 +462,7 @@ def run_stage(
         inputs = prepare_inputs(job, store)
     work = Path(tempfile.mkdtemp(prefix=f"vinasmol-{spec.name}-"))
     try:
-        return StageRunner(job, fabric, store, inputs, work, metrics_copy).run()
+        return StageRunner(job, fabric, store, inputs, work, metrics_copy, announce).run()
     except Exception as exc:
         if not _disk_full(exc):
             raise

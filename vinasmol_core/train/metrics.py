@@ -30,17 +30,30 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def print_line(line: str) -> None:
+    """A stage process's way to announce: one stdout line, flushed, for the parent to parse."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 class MetricsSink:
-    """Appends events to `path` (and an optional copy), prints them with METRICS_PREFIX and hands them
-    to `loggers` (an object with `on_event`, e.g. `loggers.StageLoggers`)."""
+    """Appends events to `path` (and an optional copy), announces them as METRICS_PREFIX lines
+    (`announce`: stdout by default; a stage run in the caller's process hands them to the caller's
+    parser) and hands them to `loggers` (an object with `on_event`, e.g. `loggers.StageLoggers`)."""
 
     def __init__(
-        self, path: Path, copy_to: Path | None = None, enabled: bool = True, loggers: Any = None
+        self,
+        path: Path,
+        copy_to: Path | None = None,
+        enabled: bool = True,
+        loggers: Any = None,
+        announce: Callable[[str], None] = print_line,
     ) -> None:
         self.path = path
         self.copy_to = copy_to
         self.enabled = enabled
         self.loggers = loggers
+        self.announce = announce
 
     def emit(self, event: dict[str, Any]) -> None:
         if not self.enabled:
@@ -62,8 +75,7 @@ class MetricsSink:
         self._announce(json.dumps(_clean(event), sort_keys=True, ensure_ascii=False), event)
 
     def _announce(self, line: str, event: dict[str, Any]) -> None:
-        sys.stdout.write(METRICS_PREFIX + line + "\n")
-        sys.stdout.flush()
+        self.announce(METRICS_PREFIX + line)
         if self.loggers is not None:
             self.loggers.on_event(event)
 
