@@ -182,3 +182,79 @@ def test_the_first_process_to_fail_takes_the_others_down(tmp_path) -> None:
     assert time.perf_counter() - t0 < 30
     assert rcs == [-9, 3] and lines == ["up"]
     assert not _left_behind(set(launched))
+
+
+# A torchrun worker: it calls die_with_parent first, then says so on the fd it is given; then it ends
+# ("reap") or waits for a signal ("die", its agent is about to go).
+_WORKER = (
+    "import os, signal, sys\n"
+    "from vinasmol_core.train.group import die_with_parent\n"
+    "die_with_parent()\n"
+    "os.write(int(sys.argv[1]), b'alive')\n"
+    "if sys.argv[2] == 'die':\n"
+    "    signal.pause()\n"
+)
+# Its agent: starts the worker, waits until it reports, then exits (the agent lost) or reaps it.
+_AGENT = (
+    "import os, subprocess, sys\n"
+    "r, w = os.pipe()\n"
+    "worker = subprocess.Popen([sys.executable, '-c', sys.argv[1], str(w), sys.argv[2]], pass_fds=(w,))\n"
+    "os.close(w)\n"
+    "print(os.getpid(), os.read(r, 5).decode() or 'no word', flush=True)\n"
+    "if sys.argv[2] == 'die':\n"
+    "    os._exit(0)\n"
+    "print(worker.wait(), flush=True)\n"
+)
+
+
+def _unshare_pid() -> list[str]:
+    """The prefix that runs a command as PID 1 of a new PID namespace (as a pod's command is)."""
+    import shutil
+    import subprocess
+
+    cmd = ["unshare", "--user", "--map-root-user", "--pid", "--fork"]
+    if shutil.which("unshare") is None:
+        pytest.skip("no `unshare` on this host")
+    res = subprocess.run([*cmd, "true"], capture_output=True, text=True, timeout=60)
+    if res.returncode != 0:
+        pytest.skip(f"unprivileged user and PID namespaces are not available here: {res.stderr.strip()}")
+    return cmd
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_a_worker_under_an_agent_that_is_pid_1_lives(tmp_path) -> None:
+    """In a pod the torchrun agent is PID 1: its worker's parent pid is 1 from the start."""
+    import subprocess
+
+    env = {**os.environ, "TORCHELASTIC_RUN_ID": "pod", "PYTHONPATH": str(Path(__file__).parents[1])}
+    res = subprocess.run(
+        [*_unshare_pid(), sys.executable, "-c", _AGENT, _WORKER, "reap"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["1", "alive", "0"], res.stdout + res.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_a_worker_dies_with_its_agent() -> None:
+    """The agent gone (here it exits once its worker has armed the signal), the kernel kills the
+    worker: the end of the worker's copy of the output pipe shows it."""
+    import selectors
+    import subprocess
+
+    env = {**os.environ, "TORCHELASTIC_RUN_ID": "node", "PYTHONPATH": str(Path(__file__).parents[1])}
+    agent = subprocess.Popen(
+        [sys.executable, "-c", _AGENT, _WORKER, "die"], env=env, stdout=subprocess.PIPE, text=True
+    )
+    assert agent.wait(timeout=120) == 0
+    assert agent.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(agent.stdout, selectors.EVENT_READ)
+    out = ""
+    while True:  # EOF once every holder of the pipe, the worker too, is gone
+        assert sel.select(timeout=60), f"the worker outlived its agent: {out!r}"
+        chunk = agent.stdout.readline()
+        if not chunk:
+            break
+        out += chunk
+    assert out.split()[1:] == ["alive"], out

@@ -159,12 +159,18 @@ def _kill_sessions(procs: list[subprocess.Popen[str]]) -> None:
 def die_with_parent() -> None:
     """Under a torchrun agent: the kernel SIGKILLs this worker when its agent dies (Linux), so a
     lost agent never leaves its workers running. torchrun starts each worker in its own session,
-    out of reach of a signal to the agent's process group."""
+    out of reach of a signal to the agent's process group.
+
+    The agent is whatever parent this worker has before prctl, whose pid may well be 1: in a
+    Kubernetes pod the container's command, the agent, is PID 1 of the pod's PID namespace. A parent
+    pid that changed across prctl is the agent having died in between (the worker was re-parented).
+    """
     if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
         return
+    agent = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() == 1:  # the agent died before prctl
+    if os.getppid() != agent:  # the agent died before prctl
         os.kill(os.getpid(), signal.SIGKILL)
 
 
