@@ -14,6 +14,10 @@ recipe reuses every finished step, and editing a comment does not throw away a t
 
 Results are the step's manifest, serialized as JSON into Prefect result storage that lives next to
 the artifact store (`<store>/prefect-results`), so a retry on another machine finds them.
+
+A `VinaSmolError` is the user's error, explained by its message: Prefect's task- and flow-failure log
+lines keep the message and lose the traceback (`quiet_user_errors`, installed on import); any other
+exception, a bug, keeps its traceback.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -116,6 +121,34 @@ def _record_timing(step_name: str, started: float, duration: float, ok: bool) ->
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(line) + "\n")
+
+
+class _UserErrorFilter(logging.Filter):
+    """Drops the traceback of a log record whose exception is a `VinaSmolError` (the message stays)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, VinaSmolError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+# Prefect 3 logs a failed task run ("Task run failed with exception: ...") and a failed flow run
+# ("Encountered exception during execution: ...") on these loggers, each with the whole traceback.
+RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs")
+
+
+def quiet_user_errors() -> None:
+    """Log a `VinaSmolError` that ends a task or flow run as its message alone, without a traceback,
+    on every handler of Prefect's run loggers (console and the UI's API logs)."""
+    for name in RUN_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _UserErrorFilter) for f in logger.filters):
+            logger.addFilter(_UserErrorFilter())
+
+
+quiet_user_errors()
 
 
 def step(name: str, *, exclude: Iterable[str] = (), retries: int = 0) -> Callable[[F], Any]:
@@ -278,10 +311,11 @@ def corpus_source_spec(corpus: CorpusSpec, out_dir: Path, hub_mirror: str | None
 
 
 def corpus_rows(corpus: CorpusSpec, out_dir: Path, hub_mirror: str | None = None,
-                max_docs: int | None = None, val_fraction: float = 0.0) -> list[Any]:
-    """A corpus as `count_words` takes it: its local train files, or a stream of rows of a hub
-    corpus (up to its budget, and to `max_docs` when given) without the documents the data step
-    holds out for validation (`val_fraction`, the same stable hash: `hub_val_file`)."""
+                max_docs: int | None = None, val_fraction: float = 0.0) -> Iterable[Any]:
+    """A corpus as `count_words` takes it: its local train files, or a lazy stream of rows of a hub
+    corpus (up to its budget, and to `max_docs` when given; read as it is consumed, never held whole)
+    without the documents the data step holds out for validation (`val_fraction`, the same stable
+    hash: `hub_val_file`)."""
     if not isinstance(corpus.source, HubSource):
         return list(materialize_corpus(corpus, out_dir)[0])
     from vinasmol_core.data.readers import iter_hf_records
@@ -290,8 +324,8 @@ def corpus_rows(corpus: CorpusSpec, out_dir: Path, hub_mirror: str | None = None
     spec = hub_source_spec(corpus, hub_mirror)
     if max_docs is not None:
         spec = spec.model_copy(update={"max_docs": min(max_docs, spec.max_docs or max_docs)})
-    return [{"text": text} for doc_id, text in iter_hf_records(spec)
-            if text and not split_is_val(corpus.name, doc_id, val_fraction)]
+    return ({"text": text} for doc_id, text in iter_hf_records(spec)
+            if text and not split_is_val(corpus.name, doc_id, val_fraction))
 
 
 def materialize_corpus(corpus: CorpusSpec, out_dir: Path) -> tuple[list[Path], list[Path]]:
@@ -342,8 +376,9 @@ def corpus_digest(corpus: CorpusSpec, hub_mirror: str | None = None) -> str:
 
 
 def hub_val_file(corpus: CorpusSpec, val_fraction: float, hub_mirror: str | None = None) -> Path:
-    """The validation documents of a hub corpus as a JSONL file, written once into the local cache:
-    the first `val_documents` rows of `val_split`, or else the first `val_documents` documents of
+    """The validation documents of a hub corpus as a JSONL file, written once into the local cache
+    (`$VINASMOL_CACHE/hub-val/`, keyed on the corpus digest and `val_fraction`): the first
+    `val_documents` rows of `val_split`, or else the first `val_documents` documents of
     the train stream that the data step holds out (the same stable hash, `val_fraction`)."""
     from vinasmol_core.data.readers import iter_hf_records
     from vinasmol_core.data.worker import split_is_val
@@ -353,7 +388,7 @@ def hub_val_file(corpus: CorpusSpec, val_fraction: float, hub_mirror: str | None
     assert isinstance(source, HubSource)
     spec = hub_source_spec(corpus, hub_mirror)
     key = hashlib.sha256(json.dumps([corpus_digest(corpus, hub_mirror), val_fraction]).encode()).hexdigest()
-    path = default_cache_dir().parent / "hub-val" / f"{corpus.name}-{key[:16]}.jsonl"
+    path = default_cache_dir() / "hub-val" / f"{corpus.name}-{key[:16]}.jsonl"
     if path.is_file():
         return path
     if source.val_split:
