@@ -10,8 +10,8 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
-from typing import Any
 
 from tasks.common import corpus_rows, open_store, scratch_dir, step, val_files
 from vinasmol_core.manifests import DatasetManifest, TokenizerManifest
@@ -38,10 +38,10 @@ def train_tokenizer(
     store = open_store(store_url)
     pre = store.fetch(base_model)
     with scratch_dir("tokenizer") as tmp:
-        items: list[Any] = []
-        for corpus in corpora:
-            items.extend(corpus_rows(corpus, tmp / "corpora" / corpus.name, hub_mirror, section.max_docs,
-                                     val_fraction))
+        # one lazy stream over the corpora: rows are counted as they are read, never held all at once
+        items = itertools.chain.from_iterable(
+            corpus_rows(corpus, tmp / "corpora" / corpus.name, hub_mirror, section.max_docs, val_fraction)
+            for corpus in corpora)
         counts = count_words(items, "text", pre_tokenizer=pre)
         counts.save(tmp / "word-counts")
         manifest = DatasetManifest(

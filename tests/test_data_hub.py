@@ -70,7 +70,7 @@ def test_the_reader_stops_at_the_budget(mirror: Path) -> None:
     assert texts(corpus(budget={"bytes": 3 * size - 1}), mirror) == VI[:3]
     # a token budget is read as bytes at the language's (or the budget's own) bytes per token
     assert texts(corpus(budget={"tokens": 10, "bytes_per_token": size / 10}), mirror) == VI[:1]
-    rows = corpus_rows(corpus(budget={"documents": 50}), Path("unused"), str(mirror), max_docs=5)
+    rows = list(corpus_rows(corpus(budget={"documents": 50}), Path("unused"), str(mirror), max_docs=5))
     assert rows == [{"text": t} for t in VI[:5]]
 
 

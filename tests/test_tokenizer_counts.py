@@ -8,6 +8,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -119,3 +120,49 @@ def test_word_counts_save_and_load_round_trip() -> None:
     assert loaded.stats == counts.stats
     assert counts.info(path).sha256 == counts.info(folder).sha256
     assert counts.save(scratch("counts2")).read_bytes() == path.read_bytes()
+
+
+def test_train_tokenizer_streams_hub_rows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The word counter reads a hub corpus's rows as they come: no step holds them all at once."""
+    import tasks.tokenizer
+    import vinasmol_core.data.readers
+    import vinasmol_core.tokenizer
+    from tasks.common import corpus_rows
+    from vinasmol_core.recipe import CorpusSpec, TokenizerSection
+
+    pulled = [0]
+
+    def records(spec):  # noqa: ANN001, ANN202 - a hub stream of 10,000 rows that counts what is read
+        for i in range(10_000):
+            pulled[0] += 1
+            yield f"vi-{i}", f"Câu số {i}."
+
+    monkeypatch.setattr(vinasmol_core.data.readers, "iter_hf_records", records)
+    hub = CorpusSpec(name="web", lang="vi", source={"kind": "hub", "dataset": "org/web",
+                                                       "budget": {"documents": 10_000}})
+    rows = iter(corpus_rows(hub, tmp_path, str(tmp_path)))
+    assert next(rows) == {"text": "Câu số 0."} and pulled[0] == 1
+
+    seen: list[int] = []
+
+    def count_words(items, text_field, pre_tokenizer):  # noqa: ANN001, ANN202
+        for n, _ in enumerate(items, 1):
+            seen.append(pulled[0] - n)  # rows read ahead of the counter
+        raise _Counted
+
+    class Store:
+        def fetch(self, ref: str) -> Path:
+            return tmp_path
+
+    pulled[0] = 0
+    monkeypatch.setattr(vinasmol_core.tokenizer, "count_words", count_words)
+    monkeypatch.setattr(tasks.tokenizer, "open_store", lambda url: Store())
+    with pytest.raises(_Counted):
+        tasks.tokenizer.train_tokenizer.fn(base_model="b", corpora=[hub, hub], corpus_digests={},
+                                           section=TokenizerSection(), store_url="memory://x",
+                                           hub_mirror=str(tmp_path))
+    assert len(seen) == 20_000 and max(seen) == 0
+
+
+class _Counted(Exception):
+    pass
