@@ -231,3 +231,24 @@ def test_ranks_partition_each_global_batch() -> None:
         for i in batch_indices(3, m, global_batch=8, micro_batch=2, rank=r, world=2)
     )
     assert one == two == list(range(24, 32))
+
+
+def test_relora_is_refused_when_auto_resolves_to_fsdp() -> None:
+    """`strategy: auto` picks FSDP for a large model on several devices: ReLoRA is refused there too."""
+    from vinasmol_core.train import runtime
+
+    relora = {"rank": 4, "alpha": 8, "merge_every": 2, "warmup_after_merge": 1}
+    s = spec(name="eeve-6", strategy="auto", devices=2, relora=relora)
+    s.check()  # the model's size is not known yet
+    assert runtime.resolve_strategy(s, 360_000_000) == "ddp"
+    with pytest.raises(ConfigError) as err:
+        runtime.resolve_strategy(s, runtime.FSDP_MIN_PARAMS)
+    msg = str(err.value)
+    assert "stage eeve-6" in msg and "relora" in msg and "strategy=auto" in msg
+    assert "FSDP is not supported yet" in msg
+    with pytest.raises(ConfigError, match="strategy=auto"):
+        runtime.make_fabric(s, "cpu", 3_000_000_000)
+    with pytest.raises(ConfigError, match="strategy=fsdp"):
+        spec(name="eeve-6", strategy="fsdp", devices=2, relora=relora).check()
+    plain = spec(strategy="auto", devices=2)
+    assert runtime.resolve_strategy(plain, runtime.FSDP_MIN_PARAMS) == "fsdp"  # without relora: FSDP

@@ -40,14 +40,18 @@ FSDP_MIN_PARAMS = 3_000_000_000  # `strategy: auto` on several devices shards mo
 def resolve_strategy(spec: StageSpec, n_params: int | None = None) -> str:
     """'fsdp', 'ddp' or 'single'. `auto`: FSDP for a model of FSDP_MIN_PARAMS parameters or more on
     several devices (a 7B model's weights and fp32 AdamW moments, 16 bytes a parameter, outgrow one
-    80 GB GPU; SmolLM2-360M's 6 GB do not), DDP below that."""
+    80 GB GPU; SmolLM2-360M's 6 GB do not), DDP below that. ConfigError for a stage the chosen strategy
+    cannot run (ReLoRA under FSDP)."""
     if spec.strategy == "fsdp":
-        return "fsdp"
-    if spec.strategy == "ddp":
-        return "ddp"
-    if spec.world_size == 1:
-        return "single"
-    return "fsdp" if n_params is not None and n_params >= FSDP_MIN_PARAMS else "ddp"
+        chosen = "fsdp"
+    elif spec.strategy == "ddp":
+        chosen = "ddp"
+    elif spec.world_size == 1:
+        chosen = "single"
+    else:
+        chosen = "fsdp" if n_params is not None and n_params >= FSDP_MIN_PARAMS else "ddp"
+    spec.check_strategy(chosen)  # ConfigError for what the chosen strategy cannot run
+    return chosen
 
 
 def count_params(model_config: dict[str, Any]) -> int | None:

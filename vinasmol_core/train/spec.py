@@ -241,15 +241,28 @@ class StageSpec(BaseModel):
                 f"train the transformer's weights), got trainable={self.trainable!r}"
             )
         if self.strategy == "fsdp":
-            raise ConfigError(
-                f"stage {self.name}: relora is not supported with strategy=fsdp (merging needs whole "
-                "weights); use ddp"
-            )
+            self.check_strategy("fsdp")
         if relora.warmup_after_merge > relora.merge_every:
             raise ConfigError(
                 f"stage {self.name}: relora.warmup_after_merge={relora.warmup_after_merge} is above "
                 f"relora.merge_every={relora.merge_every}"
             )
+
+    def check_strategy(self, resolved: str) -> None:
+        """Refuse what the strategy a run resolved to cannot do: ReLoRA under FSDP, whether asked
+        for or chosen by `strategy: auto` for a large model on several devices."""
+        if self.relora is None or resolved != "fsdp":
+            return
+        how = (
+            "strategy=fsdp"
+            if self.strategy == "fsdp"
+            else f"strategy={self.strategy}, which resolves to FSDP for this model on "
+            f"{self.world_size} devices"
+        )
+        raise ConfigError(
+            f"stage {self.name}: relora under FSDP is not supported yet ({how}; merging and re-initialising "
+            "the adapters need whole weights, FSDP shards them): set strategy: ddp, or drop relora"
+        )
 
     def math_fields(self) -> dict[str, Any]:
         """The fields that decide what the stage computes (used in the resume key)."""
