@@ -294,10 +294,12 @@ def hub_source_spec(corpus: CorpusSpec, hub_mirror: str | None = None) -> Source
     mirror = _mirror(hub_mirror)
     return SourceSpec(
         name=corpus.name, lang=corpus.lang, role=corpus.role, text_field=corpus.text_field,
-        id_field=source.id_field, hf_dataset=source.dataset, hf_config=source.config, hf_split=source.split,
-        hf_revision=source.revision, hf_data_files=tuple(source.data_files),
+        document=corpus.document, id_field=source.id_field, hf_dataset=source.dataset,
+        hf_config=source.config, hf_split=source.split, hf_revision=source.revision,
+        hf_data_files=tuple(source.data_files),
         hf_path=str(mirror_dir(mirror, source.dataset)) if mirror is not None else None,
         max_docs=source.budget.documents, max_bytes=source.budget.max_bytes(corpus.lang),
+        max_tokens=source.budget.tokens,
     )
 
 

@@ -531,3 +531,27 @@ def test_progress_is_reported_while_a_source_is_read(tmp_path: Path, tok: Path,
     assert len(seen) > 3 and {name for name, _, _ in seen} == {"a"}
     docs = [d for _, d, _ in seen]
     assert docs == sorted(docs) and docs[0] < docs[-1] <= info.sources["a"].docs_read
+
+
+@pytest.mark.slow  # imports `datasets`
+def test_a_token_budget_counts_the_kept_tokens(tmp_path: Path, tok: Path) -> None:
+    """Half the documents are duplicates: reading the budget's bytes would give about half the tokens;
+    the data step reads on until the kept training tokens meet the budget, and records both."""
+    from tasks.common import hub_source_spec
+    from vinasmol_core.hub_mirror import write_dataset_config
+    from vinasmol_core.recipe import CorpusSpec
+
+    docs = [f"Bài viết số {i // 2} về lịch sử và văn hóa Việt Nam, với nhiều câu dài hơn."
+            for i in range(600)]
+    write_dataset_config(tmp_path / "mirror" / "org" / "web", "vi", {
+        "train": ({"id": f"d-{i}", "text": t} for i, t in enumerate(docs))})
+    corpus = CorpusSpec(name="web", lang="vi", source={"kind": "hub", "dataset": "org/web", "config": "vi",
+                                                       "budget": {"tokens": 3000, "bytes_per_token": 1.0}})
+    spec = hub_source_spec(corpus, str(tmp_path / "mirror"))
+    assert (spec.max_tokens, spec.max_bytes) == (3000, 3000)
+    stats = prepare_dataset([spec], tok, tmp_path / "ds",
+                            PrepareSettings(val_fraction=0.0, workers=0)).sources["web"]
+    per_doc = stats.train_tokens / stats.train_docs
+    assert stats.planned_tokens == 3000
+    assert 3000 <= stats.train_tokens < 3000 + 2 * per_doc  # the budget met, by the document that meets it
+    assert stats.exact_duplicates > 0 and stats.bytes_read > 3000

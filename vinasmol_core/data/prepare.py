@@ -66,6 +66,9 @@ DATASET_FILE = "dataset.json"
 SPLITS = ("train", "val")
 KEY_REF_PREFIX = "datasets/by-key/"
 PROGRESS_SECONDS = 5.0  # at most one on_progress call per source this often
+# A source with a token budget is read on past its expected bytes (`max_bytes`) until its kept tokens
+# meet the budget, up to this many times those bytes (then it falls short, and says so)
+READ_ON_FACTOR = 3
 
 
 def split_of(source: str, doc_id: str, val_fraction: float) -> str:
@@ -77,7 +80,7 @@ def _keyed_source(spec: SourceSpec) -> dict[str, Any]:
     """A source as it enters the dataset key: not where its files are (their digest is keyed), and
     its budget only when it has one (so that the keys of unbudgeted sources stay as they were)."""
     out = spec.model_dump(mode="json", exclude={"paths", "hf_data_files", "hf_path"})
-    for key in ("max_docs", "max_bytes"):
+    for key in ("max_docs", "max_bytes", "max_tokens"):
         if out[key] is None:
             del out[key]
     return out
@@ -370,11 +373,18 @@ def _sample_mismatch(tokenizer: Any, item: BatchResult) -> str | None:
 
 
 def _batches(sources: list[SourceSpec], files: dict[str, list[ResolvedFile]], skip_bad_lines: bool,
-             batch_chars: int) -> Iterator[Batch | _SourceEnd]:
+             batch_chars: int, kept: dict[str, int]) -> Iterator[Batch | _SourceEnd]:
+    """Every source's batches in order. A source with a token budget is read until `kept` (its training
+    tokens written so far, kept up to date by the consumer) meets it."""
     for index, spec in enumerate(sources):
         counters = ReadCounters()
-        for n, batch in enumerate(iter_batches(spec, files[spec.name], skip_bad_lines=skip_bad_lines,
+        read = spec
+        if spec.max_tokens is not None and spec.max_bytes is not None:
+            read = spec.model_copy(update={"max_bytes": spec.max_bytes * READ_ON_FACTOR})
+        for n, batch in enumerate(iter_batches(read, files[spec.name], skip_bad_lines=skip_bad_lines,
                                                counters=counters, batch_chars=batch_chars)):
+            if spec.max_tokens is not None and kept.get(spec.name, 0) >= spec.max_tokens:
+                break
             batch.verify = 8 if n < 2 else (1 if n % 16 == 0 else 0)
             yield batch
         yield _SourceEnd(index, counters)
@@ -429,8 +439,9 @@ def _write_sources(job: _Job, root: Path, pool: WorkerPool, tokenizer: Any, dtyp
     curated = job.settings.curation is not None and job.settings.curation.enabled
     out = _SourceOut(root, sources[0], dtype, shard_tokens, curated)
     next_progress = time.monotonic() + PROGRESS_SECONDS
+    kept: dict[str, int] = {}
     for item in pool.results(_batches(sources, job.files, job.settings.skip_bad_lines,
-                                      job.settings.batch_chars)):
+                                      job.settings.batch_chars, kept)):
         if isinstance(item, _SourceEnd):
             name = sources[item.index].name
             entries.append(out.close(item.counters, job.digests[name], job.files[name]))
@@ -448,6 +459,7 @@ def _write_sources(job: _Job, root: Path, pool: WorkerPool, tokenizer: Any, dtyp
             job.on_progress(out.spec.name, out.stats)
             next_progress = time.monotonic() + PROGRESS_SECONDS
         out.add(item, dedup)
+        kept[out.spec.name] = out.writers["train"].total_tokens
     return entries
 
 
@@ -499,7 +511,8 @@ class _SourceOut:
                  curated: bool) -> None:
         self.spec = spec
         self.writers = {sp: ShardWriter(root, f"{sp}/{spec.name}", dtype, shard_tokens) for sp in SPLITS}
-        self.stats = SourceStats(removed=dict.fromkeys(FILTERS + (QUALITY_FILTERS if curated else ()), 0))
+        self.stats = SourceStats(removed=dict.fromkeys(FILTERS + (QUALITY_FILTERS if curated else ()), 0),
+                                 planned_tokens=spec.max_tokens)
         self.bad_examples: list[str] = []
 
     def add(self, item: BatchResult, dedup: _Dedup) -> None:
@@ -511,9 +524,12 @@ class _SourceOut:
             stats.removed[k] = stats.removed.get(k, 0) + v
         for k, f in item.filters.items():
             stats.filters.setdefault(k, FilterStats()).merge(f)
-        if item.lengths.size == 0:
+        budget = self.spec.max_tokens
+        if item.lengths.size == 0 or (budget is not None and self.writers["train"].total_tokens >= budget):
             return
         keep = dedup.keep(item, stats)
+        if budget is not None:
+            keep = _within_budget(keep, item, budget - self.writers["train"].total_tokens)
         for sp, docs in (("train", keep & ~item.is_val), ("val", keep & item.is_val)):
             if not docs.any():
                 continue
@@ -537,12 +553,28 @@ class _SourceOut:
         stats.train_docs = split_entries["train"]["docs"]
         stats.val_docs = split_entries["val"]["docs"]
         _check_source_nonempty(spec, stats, files)
+        if stats.planned_tokens is not None and stats.train_tokens < stats.planned_tokens:
+            log.warning("source %s: %s training tokens kept of the %s planned (read %.1f MB, %d documents)",
+                        spec.name, f"{stats.train_tokens:,}", f"{stats.planned_tokens:,}",
+                        stats.bytes_read / 1e6, stats.docs_read)
         entry = {"name": spec.name, "lang": spec.lang, "role": spec.role, "text_field": spec.text_field,
                  "digest": digest, "spec": spec.model_dump(mode="json"),
                  "stats": stats.model_dump(mode="json"), "splits": split_entries}
         if self.bad_examples:
             entry["bad_line_examples"] = self.bad_examples[:5]
         return entry
+
+
+def _within_budget(keep: np.ndarray, item: BatchResult, left: int) -> np.ndarray:
+    """`keep` without the documents after the training document that brings the kept training tokens
+    to `left` (in input order, validation documents cut at the same place)."""
+    train = np.where(keep & ~item.is_val, item.lengths, 0)
+    reached = np.flatnonzero(np.cumsum(train) >= left)
+    if reached.size == 0:
+        return keep
+    out = keep.copy()
+    out[reached[0] + 1 :] = False
+    return out
 
 
 def _check_source_nonempty(spec: SourceSpec, stats: SourceStats, files: list[ResolvedFile]) -> None:

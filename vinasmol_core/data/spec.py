@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vinasmol_core.data.curation import CurationSpec
+from vinasmol_core.data.documents import DocumentFormat
 from vinasmol_core.errors import ConfigError
 
 Lang = Literal["vi", "en", "code", "any"]
@@ -26,7 +27,9 @@ class SourceSpec(BaseModel):
     `paths` entries are read as JSON Lines (.jsonl/.json/.ndjson, optionally .gz/.bz2/.xz/.zst),
     Parquet (.parquet) or plain text (.txt/.md/.py/..., one document per file). `lang` tags the
     language (vi, en, code or any); `role` says whether the source feeds the main mixture or the
-    annealing mixture; `text_field` (and `id_field`, when present) name the record fields."""
+    annealing mixture; `text_field` (and `id_field`, when present) name the record fields, unless
+    `document` renders conversation or instruction rows as text (`vinasmol_core.data.documents`; a
+    `datasets` source only)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -46,9 +49,14 @@ class SourceSpec(BaseModel):
     """Budget of a `datasets` source: stop after this many documents."""
     max_bytes: int | None = Field(None, gt=0)
     """Budget of a `datasets` source: stop once this many UTF-8 bytes of text were read."""
+    max_tokens: int | None = Field(None, gt=0)
+    """Budget of a `datasets` source in kept tokens: read on until this many training tokens are left
+    after cleaning, curation and deduplication (the data step; `max_bytes`, when given, is what is
+    expected to be read, and reading stops at `READ_ON_FACTOR` times it)."""
     text_field: str = "text"
     id_field: str | None = "id"
     format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
+    document: DocumentFormat | None = None
 
     @field_validator("name")
     @classmethod
@@ -64,9 +72,16 @@ class SourceSpec(BaseModel):
     def _one_origin(self) -> SourceSpec:
         if bool(self.paths) == bool(self.hf_dataset):
             raise ValueError(f"source {self.name!r}: give either paths or hf_dataset (exactly one)")
-        if self.paths and (self.max_docs or self.max_bytes or self.hf_path):
-            raise ValueError(f"source {self.name!r}: max_docs, max_bytes and hf_path need hf_dataset")
+        if self.paths and self.document is not None:
+            raise ValueError(f"source {self.name!r}: document (conversation rows) needs hf_dataset")
+        if self.paths and (self.max_docs or self.max_bytes or self.max_tokens or self.hf_path):
+            raise ValueError(f"source {self.name!r}: max_docs, max_bytes, max_tokens and hf_path need "
+                             "hf_dataset")
         return self
+
+    def columns(self) -> list[str]:
+        """The record fields a document is made of: the `document` format's columns, or `text_field`."""
+        return self.document.columns() if self.document is not None else [self.text_field]
 
     @classmethod
     def parse_cli(cls, text: str, *, text_field: str = "text", id_field: str | None = "id") -> SourceSpec:
@@ -211,6 +226,8 @@ class SourceStats(BaseModel):
     val_docs: int = 0
     train_tokens: int = 0
     val_tokens: int = 0
+    planned_tokens: int | None = None
+    """The source's token budget (None: none); `train_tokens` is what it really gave."""
 
 
 class DatasetInfo(BaseModel):
