@@ -120,3 +120,74 @@ def test_budgets_of_the_production_recipe_add_up_to_its_token_plan() -> None:
     for corpus in recipe.corpora:
         planned = sum(p.sources.get(corpus.name) or 0 for p in plans)
         assert planned == pytest.approx(corpus.source.budget.tokens, rel=1e-6), corpus.name
+
+
+def _hub_recipe(tmp_path: Path, **corpus: object) -> Path:
+    """The tiny recipe with its Vietnamese corpus read from the hub dataset org/web (a mirror here)."""
+    data = yaml.safe_load(TINY.read_text())
+    data["corpora"][0] = {"name": "web-vi", "lang": "vi", "role": "main",
+                          "source": {"kind": "hub", "dataset": "org/web", "config": "vie_Latn",
+                                     "budget": {"documents": 50}}, **corpus}
+    path = tmp_path / "hub.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def _web_mirror(root: Path, rows: list[dict]) -> list[Path]:
+    from vinasmol_core.hub_mirror import write_dataset_config
+
+    return write_dataset_config(root / "org" / "web", "vie_Latn", {"train": rows}, shard_rows=4)
+
+
+def test_a_text_field_the_dataset_lacks_is_named_before_the_run(tmp_path: Path) -> None:
+    _web_mirror(tmp_path / "m", [{"id": str(i), "content": f"văn bản {i}"} for i in range(10)])
+    with pytest.raises(VinaSmolError) as err:
+        require_inputs(load_recipe(_hub_recipe(tmp_path)), tmp_path / "m")
+    msg = str(err.value)
+    assert "corpus web-vi: hub dataset org/web" in msg and "no column 'text' (columns: id, content)" in msg
+    assert "set the corpus's text_field" in msg
+    checks = require_inputs(load_recipe(_hub_recipe(tmp_path, text_field="content")), tmp_path / "m")
+    assert "columns content read" in next(c.detail for c in checks if c.label == "corpus web-vi")
+
+
+def test_a_truncated_parquet_shard_of_a_mirror_is_named_before_the_run(tmp_path: Path) -> None:
+    shards = _web_mirror(tmp_path / "m", [{"id": str(i), "text": f"văn bản {i}"} for i in range(10)])
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[: len(data) // 2])
+    with pytest.raises(VinaSmolError, match=rf"corpus web-vi: .*shard {shards[1]} is not a readable parquet"):
+        require_inputs(load_recipe(_hub_recipe(tmp_path)), tmp_path / "m")
+
+
+def test_conversation_columns_are_checked_before_the_run(tmp_path: Path) -> None:
+    turns = [{"role": "user", "content": "Xin chào?"}, {"role": "assistant", "content": "Chào bạn."}]
+    _web_mirror(tmp_path / "m", [{"id": str(i), "conversation": turns} for i in range(10)])
+    recipe = _hub_recipe(tmp_path, document={"kind": "messages"})
+    with pytest.raises(VinaSmolError, match=r"no column 'messages' .*set the corpus's document columns"):
+        require_inputs(load_recipe(recipe), tmp_path / "m")
+    recipe = _hub_recipe(tmp_path, document={"kind": "messages", "field": "conversation",
+                                             "labels": {"user": "User"}})
+    with pytest.raises(VinaSmolError, match=r"turn 1: role 'assistant' has no label .*document.labels"):
+        require_inputs(load_recipe(recipe), tmp_path / "m")
+    recipe = _hub_recipe(tmp_path, document={"kind": "messages", "field": "conversation"})
+    assert {c.status for c in require_inputs(load_recipe(recipe), tmp_path / "m")} == {"ok"}
+
+
+def test_recipe_check_prints_planned_and_kept_tokens_per_source(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    from vinasmol_core.manifests import DatasetManifest
+    from vinasmol_core.store import ArtifactStore
+
+    url = (tmp_path / "store").as_uri()
+    args = ("recipe", "check", str(SEED), "--offline", "--store", url)
+    code, out, _ = run_vinasmol(monkeypatch, capsys, *args)
+    assert "  viwiki (vi, main): 300.0M / 300.0M\n" in out  # no dataset yet: the plan alone
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "dataset.json").write_text("{}")
+    stats = {"viwiki": {"planned_tokens": 300_000_000, "train_tokens": 246_100_000},
+             "codeparrot": {"planned_tokens": 125_000_000, "train_tokens": 125_000_310}}
+    ArtifactStore(url).publish(DatasetManifest(name="d", stats=stats), tmp_path / "ds", ref="datasets/main")
+    code, out, _ = run_vinasmol(monkeypatch, capsys, *args)
+    assert "/ budget / kept by the data step:" in out
+    assert "  viwiki (vi, main): 300.0M / 300.0M / 246.1M\n" in out
+    assert "  codeparrot (code, main): 125.0M / 125.0M / 125.0M\n" in out
+    assert "  fineweb-edu (en, main): 1,005.0M / 1,005.0M / not prepared\n" in out

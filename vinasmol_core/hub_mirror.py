@@ -114,6 +114,23 @@ def _weight(corpus: CorpusSpec) -> float:
 
 
 def _row(corpus: CorpusSpec, doc: dict[str, Any]) -> dict[str, Any]:
+    """A mirror row in the corpus's layout: its text field, or for a conversation corpus the
+    document's text as the answer to a short question (the columns its `document` reads)."""
+    from vinasmol_core.data.documents import MessagesDocument
+
     source = corpus.source
     assert isinstance(source, HubSource)
-    return {(source.id_field or "id"): str(doc["id"]), corpus.text_field: doc["text"]}
+    row: dict[str, Any] = {(source.id_field or "id"): str(doc["id"])}
+    fmt = corpus.document
+    if fmt is None:
+        row[corpus.text_field] = doc["text"]
+    elif isinstance(fmt, MessagesDocument):
+        roles = list(fmt.labels)
+        asker = "user" if "user" in roles else roles[0]
+        answerer = "assistant" if "assistant" in roles else roles[-1]
+        turns = ((asker, f"Question {doc['id']}?"), (answerer, doc["text"]))
+        row[fmt.field] = [{fmt.role_key: role, fmt.content_key: text} for role, text in turns]
+    else:
+        row.update({fmt.prompt: f"Question {doc['id']}?", fmt.response: doc["text"]})
+        row.update({c: "" for c in (fmt.context, fmt.system) if c})
+    return row

@@ -1,5 +1,7 @@
 """What a recipe needs before any step runs: every local file, every hub dataset and model reachable
-(on the hub, in a hub mirror or in the HF cache), and the tokens it plans per stage and per source.
+(on the hub, in a hub mirror or in the HF cache), every hub dataset's columns and first row what the
+corpus reads (its text field, or its `document` columns), every parquet shard of a mirror readable,
+and the tokens it plans per stage and per source.
 
 `check_inputs` reports each input; `require_inputs` raises one VinaSmolError listing every input a
 run cannot read, with how to fix it (the pipeline calls it before its first step). `plan_tokens`
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vinasmol_core.errors import VinaSmolError
 from vinasmol_core.hub import (
@@ -54,8 +57,85 @@ def _corpus_checks(corpus: CorpusSpec, mirror: Path | None, network: bool) -> li
         else:
             check = HubCheck(label, "offline", "not checked: offline")
         what = describe_dataset(source.dataset, source.config, split, source.revision)
+        if check.status == "ok" and split == source.split:
+            content = _content_check(label, corpus, source, mirror, split)
+            check = HubCheck(label, content.status, content.detail if content.status != "ok"
+                             else f"{check.detail}; {content.detail}")
         checks.append(HubCheck(label, check.status, f"hub dataset {what}: {check.detail}"))
     return checks
+
+
+def _source_spec(corpus: CorpusSpec, source: HubSource, mirror: Path | None, split: str) -> Any:
+    from vinasmol_core.data.spec import SourceSpec
+
+    return SourceSpec(
+        name=corpus.name, lang=corpus.lang, role=corpus.role, text_field=corpus.text_field,
+        document=corpus.document, id_field=source.id_field, hf_dataset=source.dataset,
+        hf_config=source.config, hf_split=split, hf_revision=source.revision,
+        hf_data_files=tuple(source.data_files),
+        hf_path=str(mirror_dir(mirror, source.dataset)) if mirror is not None else None,
+    )
+
+
+def _fields_fix(corpus: CorpusSpec) -> str:
+    return ("set the corpus's document columns to the dataset's" if corpus.document is not None
+            else "set the corpus's text_field to the column holding the text")
+
+
+def _content_check(label: str, corpus: CorpusSpec, source: HubSource, mirror: Path | None,
+                   split: str) -> HubCheck:
+    """The dataset's columns (its features) and its first row hold what the corpus reads, and, in a
+    mirror, every parquet shard of the split has a readable footer (a truncated download has none)."""
+    from vinasmol_core.data.readers import _text_of, open_hf_dataset
+
+    spec = _source_spec(corpus, source, mirror, split)
+    try:
+        ds = open_hf_dataset(spec, split)
+    except VinaSmolError as exc:
+        return HubCheck(label, "missing", str(exc).removeprefix(f"source {corpus.name!r}: "))
+    if mirror is not None:
+        broken = _broken_parquet(ds)
+        if broken:
+            return HubCheck(label, "missing", f"shard {broken[0]} is not a readable parquet file "
+                                              f"({broken[1]}); download it again")
+    features = getattr(ds, "features", None)
+    needed = spec.columns()
+    if features:
+        missing = [c for c in needed if c not in features]
+        if missing:
+            return HubCheck(label, "missing", f"no column {', '.join(map(repr, missing))} (columns: "
+                                              f"{', '.join(list(features)[:12])}); {_fields_fix(corpus)}")
+    try:
+        row = next(iter(ds), None)
+    except Exception as exc:  # noqa: BLE001 - a corrupt shard, a decoding error, the network
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return HubCheck(label, "missing", f"cannot read its first row: {first}")
+    if row is None:
+        return HubCheck(label, "missing", f"split {split!r} has no rows")
+    missing = [c for c in needed if c not in row]
+    if missing:
+        fields = ", ".join(sorted(map(str, row))[:12])
+        return HubCheck(label, "missing", f"its first row has no field {', '.join(map(repr, missing))} "
+                                          f"(fields: {fields}); {_fields_fix(corpus)}")
+    try:
+        _text_of(row, spec, "its first row")
+    except VinaSmolError as exc:
+        return HubCheck(label, "missing", str(exc).removeprefix(f"source {corpus.name!r}: "))
+    return HubCheck(label, "ok", f"columns {', '.join(needed)} read")
+
+
+def _broken_parquet(ds: Any) -> tuple[str, str] | None:
+    """The first local parquet data file of a streamed dataset whose footer cannot be read, and why."""
+    import pyarrow.parquet as pq
+
+    files = getattr(getattr(ds, "_ex_iterable", None), "kwargs", {}).get("files") or []
+    for name in (str(f) for group in files for f in (group if isinstance(group, list) else [group])):
+        if name.endswith(".parquet") and Path(name).is_file():
+            try:
+                pq.read_metadata(name)
+            except Exception as exc:  # noqa: BLE001 - pyarrow's errors for a damaged file vary
+                return name, str(exc).splitlines()[0]
+    return None
 
 
 def check_inputs(recipe: Recipe, mirror: Path | None, network: bool = True) -> list[HubCheck]:

@@ -31,6 +31,7 @@ from pydantic import (
 )
 
 from vinasmol_core.data.curation import CurationSpec
+from vinasmol_core.data.documents import DocumentFormat
 from vinasmol_core.data.spec import CleaningSpec
 from vinasmol_core.errors import ConfigError
 from vinasmol_core.steps import STEPS_AFTER, STEPS_BEFORE, Step
@@ -187,7 +188,18 @@ class CorpusSpec(_Strict):
     lang: Lang
     role: Literal["main", "annealing"] = "main"
     text_field: str = "text"
+    document: DocumentFormat | None = Field(
+        default=None, description="conversation or instruction rows rendered as text (hub sources; "
+        "see vinasmol_core.data.documents): {kind: messages, field, role_key, content_key, labels} or "
+        "{kind: prompt-response, prompt, response, context, system, labels}")
     source: Annotated[SampleSource | FilesSource | HubSource, Field(discriminator="kind")]
+
+    @model_validator(mode="after")
+    def _document_needs_a_hub_source(self) -> CorpusSpec:
+        if self.document is not None and not isinstance(self.source, HubSource):
+            raise ValueError(f"document: rendered conversation rows need a hub source (kind: hub), "
+                             f"not kind: {self.source.kind}")
+        return self
 
 
 # ----------------------------------------------------------------------------- other sections

@@ -170,6 +170,10 @@ def source_digest(spec: SourceSpec, files: list[ResolvedFile]) -> str:
 
 
 def _text_of(record: dict[str, Any], spec: SourceSpec, where: str) -> str | None:
+    if spec.document is not None:
+        from vinasmol_core.data.documents import render
+
+        return render(record, spec.document, spec.name, where)
     if spec.text_field not in record:
         fields = ", ".join(sorted(map(str, record))[:10])
         raise VinaSmolError(
