@@ -43,19 +43,24 @@ def recipe_check_cmd(
     file: Path = typer.Argument(..., help="recipe YAML"),
     hub_mirror: str | None = typer.Option(None, "--hub-mirror", help=HUB_MIRROR_HELP),
     offline: bool = typer.Option(False, "--offline", help="do not ask the hub (hub sources: not checked)"),
+    store: str | None = typer.Option(
+        None, "--store", help="artifact store URL whose prepared datasets give the real tokens per source "
+        "(default: $VINASMOL_STORE)"),
 ) -> None:
     """Validate a recipe (errors name the field), check that every local file exists and every hub
     source resolves (on the hub when online, in the mirror when given), and print the planned
-    training tokens per stage and per source. Exit 1 on a missing file or an unknown hub id."""
+    training tokens per stage and per source, with the tokens each source really kept once the data
+    step has published a dataset to the store. Exit 1 on a missing file or an unknown hub id."""
     from vinasmol_core.hub import mirror_root
-    from vinasmol_core.preflight import FAILED, check_inputs, format_plan, plan_tokens
+    from vinasmol_core.preflight import FAILED, check_inputs, format_plan, kept_tokens, plan_tokens
     from vinasmol_core.recipe import load_recipe
+    from vinasmol_core.store.layout import default_store_url
 
     recipe = load_recipe(file)
     checks = check_inputs(recipe, mirror_root(hub_mirror), network=not offline)
     for check in checks:
         print(f"{'ok' if check.status == 'ok' else check.status}: {check.line}")
-    print("\n".join(format_plan(recipe, plan_tokens(recipe))))
+    print("\n".join(format_plan(recipe, plan_tokens(recipe), kept_tokens(store or default_store_url()))))
     failed = [c for c in checks if c.status in FAILED]
     if failed:
         raise VinaSmolError(f"{file}: {len(failed)} input(s) missing or unknown (listed above)")

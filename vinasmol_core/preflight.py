@@ -230,8 +230,25 @@ def plan_tokens(recipe: Recipe) -> list[StagePlan]:
     return plans
 
 
-def format_plan(recipe: Recipe, plans: list[StagePlan]) -> list[str]:
-    """The token plan as text lines: one per stage, then one per source (total against its budget)."""
+def kept_tokens(store_url: str) -> dict[str, tuple[int | None, int]]:
+    """Per source of the datasets the data step last published to the store (refs `datasets/main` and
+    `datasets/annealing`): (planned tokens, training tokens really kept). Empty without a dataset."""
+    from vinasmol_core.store import ArtifactStore
+
+    store = ArtifactStore(store_url)
+    out: dict[str, tuple[int | None, int]] = {}
+    for ref in ("datasets/main", "datasets/annealing"):
+        if not store.exists(ref):
+            continue
+        for name, stats in (getattr(store.get_manifest(ref), "stats", None) or {}).items():
+            out[name] = (stats.get("planned_tokens"), int(stats.get("train_tokens", 0)))
+    return out
+
+
+def format_plan(recipe: Recipe, plans: list[StagePlan],
+                kept: dict[str, tuple[int | None, int]] | None = None) -> list[str]:
+    """The token plan as text lines: one per stage, then one per source (total against its budget and,
+    given `kept` (see `kept_tokens`), against the training tokens its prepared dataset really holds)."""
     def m(n: int | None) -> str:
         if n is None:
             return "?"
@@ -241,7 +258,8 @@ def format_plan(recipe: Recipe, plans: list[StagePlan]) -> list[str]:
     for p in plans:
         parts = ", ".join(f"{k} {m(v)}" for k, v in p.keys.items())
         lines.append(f"  {p.stage}: {m(p.tokens)} ({parts})")
-    lines.append("planned training tokens per source (all stages) / budget:")
+    lines.append("planned training tokens per source (all stages) / budget"
+                 + (" / kept by the data step:" if kept else ":"))
     for corpus in recipe.corpora:
         seen = [p.sources[corpus.name] for p in plans if corpus.name in p.sources]
         total = None if any(v is None for v in seen) else sum(v or 0 for v in seen)
@@ -251,6 +269,9 @@ def format_plan(recipe: Recipe, plans: list[StagePlan]) -> list[str]:
             budget_text = f"{source.budget.documents:,} documents"
         else:
             budget_text = m(budget) if budget is not None else "all of it"
+        real = ""
+        if kept:
+            real = f" / {m(kept[corpus.name][1])}" if corpus.name in kept else " / not prepared"
         lines.append(f"  {corpus.name} ({corpus.lang}, {corpus.role}): {m(total) if seen else 'unused'} "
-                     f"/ {budget_text}")
+                     f"/ {budget_text}{real}")
     return lines
