@@ -32,6 +32,7 @@ from tasks.tokenizer import merge_vocabulary, train_tokenizer
 from tasks.train import train_stage
 from vinasmol_core.errors import ConfigError, StoreError
 from vinasmol_core.hub import folder_digest, mirror_dir, mirror_root
+from vinasmol_core.hub_revisions import pin_hub_revisions
 from vinasmol_core.manifests import CheckpointManifest, DatasetManifest, TokenizerManifest
 from vinasmol_core.memory import PeakMemory
 from vinasmol_core.preflight import require_inputs
@@ -128,6 +129,8 @@ def plan_run(
     mirror = mirror_root(hub_mirror)
     if check_inputs:
         require_inputs(parsed, mirror)
+    # a hub corpus at a branch is read and keyed at the commit it points at now
+    parsed, _ = pin_hub_revisions(parsed, mirror, strict=check_inputs)
     url = store or parsed.store.url or default_store_url()
     url = store_root(url)
     if smoke:

@@ -145,6 +145,32 @@ def test_the_digest_follows_the_mirror_content(mirror: Path, tmp_path: Path) -> 
     assert corpus_digest(corpus(budget={"documents": 5}), str(mirror)) != corpus_digest(c, str(mirror))
 
 
+def test_a_dataset_changed_upstream_gets_new_keys_a_new_build_and_new_validation_documents(
+        tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import os
+
+    # `load_dataset("acme/corpus")` reads a folder of that name first, exactly like the hub repo
+    monkeypatch.chdir(tmp_path)
+    tok = tiny_tokenizer(tmp_path_factory)
+    c = CorpusSpec(name="web", lang="en", source={"kind": "hub", "dataset": "acme/corpus",
+                                                  "budget": {"documents": 40}})
+    seen = []
+    for version in ("V1", "V2"):
+        rows = [{"id": f"d{i}", "text": f"{version}: " + " ".join(f"w{i}x{j}" for j in range(200))}
+                for i in range(40)]
+        write_dataset_config(Path("acme/corpus"), None, {"train": rows})
+        info = prepare_dataset([hub_source_spec(c)], tok, tmp_path / f"out-{version}",
+                               PrepareSettings(curation=None, val_fraction=0.1, workers=0),
+                               store=f"file://{tmp_path / 'store'}")
+        val = hub_val_file(c, 0.1)
+        assert val.is_relative_to(Path(os.environ["VINASMOL_CACHE"]))  # inside the cache folder
+        assert json.loads(val.read_text().splitlines()[0])["text"].startswith(f"{version}: ")
+        assert not info.reused
+        seen.append((corpus_digest(c), info.key, val))
+    assert len({s[0] for s in seen}) == len({s[1] for s in seen}) == len({s[2] for s in seen}) == 2
+
+
 def test_a_mirror_corpus_prepares_into_a_dataset(mirror: Path, tmp_path_factory: pytest.TempPathFactory,
                                                  tmp_path: Path) -> None:
     tok = tiny_tokenizer(tmp_path_factory)

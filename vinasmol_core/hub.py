@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,10 +74,30 @@ def describe_dataset(repo: str, config: str | None, split: str, revision: str | 
     return ", ".join(parts) + (f" @ {revision}" if revision else "")
 
 
+# (repo, config name) -> the data file patterns its dataset card lists, as the hub answered
+_CARD_PATHS: dict[tuple[str, str], list[str]] = {}
+
+
+def include_patterns(repo: str, config: str | None) -> list[str]:
+    """`hf download --include` patterns that fetch one configuration's data files: the paths its
+    dataset card lists (once the hub was asked), else the config's name anywhere in a path, and, for
+    a name with dashes, the folder layout many cards use for it (`sample-10BT`: `sample/10BT/*`)."""
+    if not config:
+        return []
+    known = _CARD_PATHS.get((repo, config))
+    if known:
+        return known
+    patterns = [f"*{config}*"]
+    if "-" in config:
+        patterns.append(f"*{config.replace('-', '/')}/*")
+    return patterns
+
+
 def dataset_help(repo: str, config: str | None, revision: str | None) -> str:
     """How to make a hub dataset readable without the network."""
     rev = f" --revision {revision}" if revision else ""
-    include = f" --include README.md '*{config}*'" if config else ""
+    patterns = include_patterns(repo, config)
+    include = " --include README.md " + " ".join(f"'{p}'" for p in patterns) if patterns else ""
     return (
         f"pre-download it into a hub mirror with `hf download {repo} --repo-type dataset{rev}{include} "
         f"--local-dir MIRROR/{repo}` (the whole configuration: streaming from the hub reads only the "
@@ -138,13 +159,18 @@ def check_dataset_mirror(label: str, folder: Path, config: str | None, split: st
     return HubCheck(label, "ok", f"in the hub mirror ({folder})")
 
 
-def _card_configs(card: Any) -> dict[str, list[str]] | None:
+def _card_configs(card: Any, repo: str = "") -> dict[str, list[str]] | None:
     entries = (card or {}).get("configs") if isinstance(card, dict) else getattr(card, "configs", None)
     if not entries:
         return None
     out: dict[str, list[str]] = {}
     for entry in entries:
         files = entry.get("data_files") or []
+        items = [files] if isinstance(files, str) else files
+        paths = [f if isinstance(f, str) else f.get("path") for f in items]
+        flat = [str(q) for p in paths for q in (p if isinstance(p, list) else [p]) if q]
+        if repo and flat:
+            _CARD_PATHS[(repo, str(entry.get("config_name", "default")))] = flat
         splits = [str(f.get("split", "train")) for f in files if isinstance(f, dict)] or ["train"]
         out[str(entry.get("config_name", "default"))] = splits
     return out
@@ -161,7 +187,9 @@ def check_dataset_online(label: str, repo: str, config: str | None, split: str,
         info = HfApi().dataset_info(repo, revision=revision, timeout=TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - network and hub errors come in many types
         return _classify(label, "dataset", repo, exc)
-    configs = _card_configs(info.card_data.to_dict() if info.card_data is not None else None)
+    if info.sha:
+        _HUB_COMMITS[(repo, revision or "main")] = info.sha
+    configs = _card_configs(info.card_data.to_dict() if info.card_data is not None else None, repo)
     where = f"on the hub ({repo} @ {info.sha or revision or 'main'})"
     if configs is None:
         return HubCheck(label, "ok", f"{where}; config and split not checked (the card lists no configs)")
@@ -194,20 +222,89 @@ def dataset_location(repo: str, mirror: Path | None) -> str:
     return str(mirror_dir(mirror, repo)) if mirror is not None else repo
 
 
-def folder_digest(folder: Path) -> str:
-    """sha256 over the relative paths and contents of every file under `folder` (hidden files and
-    folders, such as `.cache` of `hf download`, left out)."""
-    h = hashlib.sha256()
+_FolderSig = tuple[tuple[str, int, int, int], ...]
+_FOLDER_DIGESTS: dict[str, tuple[_FolderSig, str]] = {}
+
+
+def _visible_files(folder: Path) -> list[tuple[str, Path]]:
+    """(relative path, path) of the files under `folder`, sorted; hidden files and folders (such as
+    `.cache` of `hf download`) left out."""
+    out = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
-        if any(part.startswith(".") for part in rel.split("/")):
-            continue
-        fh = hashlib.sha256()
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 22):
-                fh.update(chunk)
-        h.update(f"{rel}\0{fh.hexdigest()}\n".encode())
-    return h.hexdigest()
+        if not any(part.startswith(".") for part in rel.split("/")):
+            out.append((rel, path))
+    return out
+
+
+def _file_sha256(path: Path) -> str:
+    fh = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            fh.update(chunk)
+    return fh.hexdigest()
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over the relative paths and contents of every file under `folder` (hidden files and
+    folders left out). Remembered per folder while no file's size, mtime or inode changes, so a
+    mirror is read once per process, not once per call."""
+    files = _visible_files(folder)
+    sig: _FolderSig = tuple(
+        (rel, st.st_size, st.st_mtime_ns, st.st_ino) for rel, st in ((rel, p.stat()) for rel, p in files)
+    )
+    key = str(folder.resolve())
+    known = _FOLDER_DIGESTS.get(key)
+    if known is not None and known[0] == sig:
+        return known[1]
+    h = hashlib.sha256()
+    for rel, path in files:
+        h.update(f"{rel}\0{_file_sha256(path)}\n".encode())
+    digest = h.hexdigest()
+    _FOLDER_DIGESTS[key] = (sig, digest)
+    return digest
+
+
+# ----------------------------------------------------------------------------- revisions
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_HUB_COMMITS: dict[tuple[str, str], str] = {}  # (repo, revision) -> commit the last check was told
+
+
+def hub_cache_commit(repo: str, revision: str, repo_type: str = "dataset") -> str | None:
+    """The commit a revision of a hub repository points at in the HF cache (`refs/<revision>`)."""
+    from huggingface_hub import constants
+
+    ref = Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{repo.replace('/', '--')}" / "refs" / revision
+    try:
+        commit = ref.read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return commit if _COMMIT.match(commit) else None
+
+
+def resolve_dataset_revision(repo: str, revision: str | None) -> tuple[str | None, str]:
+    """The commit hash a hub dataset's revision (a branch or tag; None: main) points at now, and where
+    that was learned: `pinned` (already a commit), `hub` (asked online; the preflight check's answer
+    when it asked), `HF cache` (offline: the cache's ref), or None and `unresolved`."""
+    rev = revision or "main"
+    if _COMMIT.match(rev):
+        return rev, "pinned"
+    told = _HUB_COMMITS.pop((repo, rev), None)  # used once: a later plan asks again
+    if told is not None:
+        return told, "hub"
+    if not hub_offline():
+        from huggingface_hub import HfApi
+
+        try:
+            sha = HfApi().dataset_info(repo, revision=rev, timeout=TIMEOUT_S).sha
+        except Exception:  # noqa: BLE001 - network and hub errors come in many types
+            sha = None
+        if sha:
+            return sha, "hub"
+    cached = hub_cache_commit(repo, rev)
+    if cached is not None:
+        return cached, "HF cache"
+    return None, "unresolved"
 
 
 # ----------------------------------------------------------------------------- models

@@ -129,16 +129,18 @@ def _open_binary(rf: ResolvedFile) -> Any:
 def source_digest(spec: SourceSpec, files: list[ResolvedFile]) -> str:
     """A digest of the source's content: sha256 of every local file's bytes; for remote files the
     store's ETag/checksum and size when it has one (else the bytes); for a `datasets` dataset its
-    name, config, split and revision (pin a revision to make that meaningful), and when it is read
-    from a local folder (a hub mirror), that folder's files."""
+    name, config, split and revision (a commit hash: the pipeline pins a branch to its commit when
+    it plans a run), and when it is read from a local folder (a hub mirror, or a folder named like
+    the hub id, which `load_dataset` reads first), that folder's files."""
     h = hashlib.sha256()
     if spec.hf_dataset:
         ident = ["hf", spec.hf_dataset, spec.hf_config, spec.hf_split, spec.hf_revision]
         h.update(json.dumps(ident).encode())
-        if spec.hf_path and os.path.isdir(spec.hf_path):
+        folder = spec.hf_path or spec.hf_dataset
+        if os.path.isdir(folder):
             from vinasmol_core.hub import folder_digest
 
-            h.update(folder_digest(Path(spec.hf_path)).encode())
+            h.update(folder_digest(Path(folder)).encode())
         for name in spec.hf_data_files:  # local data files (e.g. the `json` builder): their bytes
             if os.path.isfile(name):
                 with open(name, "rb") as f:
