@@ -3,17 +3,23 @@
 `jobset_manifest(job, settings)` is a pure function from a `StageJob` to the JobSet: one replicated
 job of `nodes` indexed pods (one per node, `devices` GPUs each), each running the torchrun agent
 that the local group runs on 127.0.0.1 (`vinasmol_core.train.group`), with the c10d rendezvous on
-pod 0 through the JobSet's headless service (`<name>-node-0-0.<name>`). A lost pod fails its Job
-(`backoffLimit: 0`); the JobSet's failure policy then recreates every pod, at most
-`settings.restarts` times, and the stage resumes from its newest partial checkpoint in the store.
+pod 0 through the JobSet's headless service (`<name>-node-0-0.<name>`), pod 0 hosting it
+(`vinasmol_core.train.agent`). A lost pod fails its Job (`backoffLimit: 0`); the JobSet's failure
+policy then recreates every pod, at most `settings.restarts` times, and the stage resumes from its
+newest partial checkpoint in the store. A pod told to stop (SIGTERM: eviction, preemption, a
+restart of the group) gets time to finish its step and publish a train-state: torchrun's shutdown
+timeout and the pod's termination grace period are sized from the model (`shutdown_seconds`).
 
-`run_stage_jobset(job, api, ...)` is what the stage's Prefect run does with it: create the JobSet,
-watch it, stream rank 0's metric lines from the pods' logs into the run, delete it at the end.
+`run_stage_jobset(job, api, ...)` is what the stage's Prefect run does with it: create the JobSet
+(or attach to the one an earlier attempt of the run left running), watch it, stream rank 0's
+metric lines from the pods' logs into the run, delete it at the end. Transient API errors (5xx,
+429, lost connections) are retried with backoff, not taken for the end of the stage.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
@@ -34,6 +40,29 @@ RDZV_PORT = 29400
 JOB_ENV = "VINASMOL_JOB"
 NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"  # set by the JobSet controller on every pod
 _NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+# A train-state per parameter: fp32 weights and AdamW's two fp32 moments, with room for the rest.
+TRAIN_STATE_BYTES_PER_PARAM = 16
+# torchrun exits this long after its own shutdown timeout (it SIGKILLs what is left, then returns).
+AGENT_EXIT_MARGIN_S = 30
+
+
+class GroupApiError(Exception):
+    """A failed cluster call: `status` is the HTTP status, None when no answer came (connection)."""
+
+    def __init__(self, status: int | None, message: str) -> None:
+        super().__init__(f"{status or 'no answer'}: {message}")
+        self.status = status
+
+    @property
+    def transient(self) -> bool:
+        """Worth trying again: no answer, throttled (429) or a server error (5xx)."""
+        return self.status is None or self.status == 429 or self.status >= 500
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, GroupApiError):
+        return exc.transient
+    return isinstance(exc, ConnectionError | TimeoutError)
 
 
 class GroupSettings(BaseModel):
@@ -53,6 +82,15 @@ class GroupSettings(BaseModel):
     restarts: int = Field(default=2, ge=0, description="JobSet restarts after a lost pod; torchrun's too")
     queue_name: str | None = Field(default=None, description="Kueue LocalQueue: all-or-nothing admission")
     ttl_seconds: int = Field(default=86400, ge=0)
+    step_seconds: float = Field(default=120.0, gt=0, description="upper bound of one training step")
+    publish_mb_per_s: float = Field(default=100.0, gt=0, description="train-state upload rate to the store")
+    min_shutdown_seconds: int = Field(default=300, ge=30, description="floor of the workers' shutdown time")
+    shutdown_seconds: int | None = Field(
+        default=None, ge=30, description="workers' shutdown time; default: from the model (shutdown_seconds)"
+    )
+    api_patience_seconds: float = Field(
+        default=600.0, ge=0, description="how long transient cluster API errors are retried"
+    )
 
     def resolved_namespace(self) -> str:
         if self.namespace:
@@ -66,10 +104,22 @@ def group_name(job: StageJob) -> str:
     return f"vs-{stage}-{job.resume_key()[:10]}"
 
 
+def shutdown_seconds(settings: GroupSettings, n_params: int | None = None) -> int:
+    """Seconds the workers of a pod told to stop get to finish their step and publish a train-state
+    (torchrun's shutdown timeout): a step plus the upload of `TRAIN_STATE_BYTES_PER_PARAM` bytes a
+    parameter at `publish_mb_per_s`, at least `min_shutdown_seconds`; `shutdown_seconds` overrides."""
+    if settings.shutdown_seconds is not None:
+        return settings.shutdown_seconds
+    publish = 0.0
+    if n_params:
+        publish = TRAIN_STATE_BYTES_PER_PARAM * n_params / (settings.publish_mb_per_s * 1e6)
+    return max(settings.min_shutdown_seconds, math.ceil(settings.step_seconds + publish))
+
+
 def _agent_args(job: StageJob, name: str, restarts: int) -> list[str]:
     spec = job.spec
     return [
-        "python", "-m", "torch.distributed.run",
+        "python", "-m", "vinasmol_core.train.agent",
         f"--nnodes={spec.nodes}", f"--nproc-per-node={spec.devices}",
         "--rdzv-backend=c10d", f"--rdzv-endpoint={name}-{REPLICATED_JOB}-0-0.{name}:{RDZV_PORT}",
         f"--rdzv-id={name}", f"--max-restarts={restarts}",
@@ -77,7 +127,7 @@ def _agent_args(job: StageJob, name: str, restarts: int) -> list[str]:
     ]
 
 
-def _container(job: StageJob, name: str, s: GroupSettings) -> dict[str, Any]:
+def _container(job: StageJob, name: str, s: GroupSettings, shutdown: int) -> dict[str, Any]:
     gpus = {"nvidia.com/gpu": str(job.spec.devices)} if job.spec.accelerator != "cpu" else {}
     extra = {k: v for k, v in (("cpu", s.cpu), ("memory", s.memory)) if v}
     index = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
@@ -89,7 +139,9 @@ def _container(job: StageJob, name: str, s: GroupSettings) -> dict[str, Any]:
         "ports": [{"name": "rendezvous", "containerPort": RDZV_PORT, "protocol": "TCP"}],
         "env": [
             {"name": JOB_ENV, "value": payload},
+            # the pod's index: node 0 hosts the rendezvous (vinasmol_core.train.agent)
             {"name": "NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": index}}},
+            {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(shutdown)},
             {"name": "PYTHONUNBUFFERED", "value": "1"},
         ],
         "envFrom": [{"secretRef": {"name": s.store_secret}}],
@@ -98,8 +150,11 @@ def _container(job: StageJob, name: str, s: GroupSettings) -> dict[str, Any]:
     }
 
 
-def jobset_manifest(job: StageJob, settings: GroupSettings | None = None) -> dict[str, Any]:
-    """The JobSet of a stage with `nodes > 1`: pods, ranks, rendezvous, resources, restart bound."""
+def jobset_manifest(
+    job: StageJob, settings: GroupSettings | None = None, n_params: int | None = None
+) -> dict[str, Any]:
+    """The JobSet of a stage with `nodes > 1`: pods, ranks, rendezvous, resources, restart bound, and
+    the time a stopped pod gets (sized from the model's `n_params` when given)."""
     s = settings or GroupSettings()
     spec = job.spec
     if spec.nodes < 2:
@@ -110,10 +165,13 @@ def jobset_manifest(job: StageJob, settings: GroupSettings | None = None) -> dic
               "vinasmol.stage": re.sub(r"[^A-Za-z0-9._-]", "-", spec.name)[:63]}
     if s.queue_name:
         labels["kueue.x-k8s.io/queue-name"] = s.queue_name
+    shutdown = shutdown_seconds(s, n_params)
     pod = {
         "serviceAccountName": s.service_account,
         "restartPolicy": "Never",
-        "containers": [_container(job, name, s)],
+        # SIGTERM to the agent, torchrun's shutdown timeout for the workers, then the agent's exit
+        "terminationGracePeriodSeconds": shutdown + AGENT_EXIT_MARGIN_S,
+        "containers": [_container(job, name, s, shutdown)],
         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": s.shm_size}}],
         "nodeSelector": dict(s.node_selector),
         "tolerations": list(s.tolerations),
@@ -141,13 +199,15 @@ def jobset_manifest(job: StageJob, settings: GroupSettings | None = None) -> dic
 
 
 class GroupApi(Protocol):
-    """The calls the stage run makes on the cluster (KubernetesGroupApi in production)."""
+    """The calls the stage run makes on the cluster (KubernetesGroupApi in production). Each raises
+    GroupApiError for a failed call: 409 from `create` when the JobSet exists, 404 from `status`
+    when it does not."""
 
     def create(self, manifest: dict[str, Any]) -> None: ...
     def status(self, name: str) -> dict[str, Any]: ...
     def pods(self, name: str) -> list[tuple[str, str]]: ...  # (pod name, phase)
     def logs(self, pod: str) -> Iterator[str]: ...  # follows the pod's log to its end
-    def delete(self, name: str) -> None: ...
+    def delete(self, name: str) -> None: ...  # no error when it is gone already
 
 
 class KubernetesGroupApi:
@@ -165,19 +225,40 @@ class KubernetesGroupApi:
         self.core = client.CoreV1Api()
         self._delete_options = client.V1DeleteOptions(propagation_policy="Foreground")
 
+    @staticmethod
+    def _call(fn: Callable[[], Any]) -> Any:
+        """`fn()`, its API and connection errors as GroupApiError."""
+        import urllib3.exceptions
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return fn()
+        except ApiException as exc:
+            raise GroupApiError(exc.status or None, str(exc.reason)) from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise GroupApiError(None, f"{type(exc).__name__}: {exc}") from exc
+
     def create(self, manifest: dict[str, Any]) -> None:
-        self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, manifest)
+        ns = self.namespace
+        self._call(lambda: self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, manifest))
 
     def status(self, name: str) -> dict[str, Any]:
-        obj = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+        obj = self._call(
+            lambda: self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+        )
         return dict(obj.get("status") or {})
 
     def pods(self, name: str) -> list[tuple[str, str]]:
-        found = self.core.list_namespaced_pod(self.namespace, label_selector=f"{NAME_LABEL}={name}")
+        found = self._call(
+            lambda: self.core.list_namespaced_pod(self.namespace, label_selector=f"{NAME_LABEL}={name}")
+        )
         return [(p.metadata.name, p.status.phase or "Unknown") for p in found.items]
 
     def logs(self, pod: str) -> Iterator[str]:
-        resp = self.core.read_namespaced_pod_log(pod, self.namespace, follow=True, _preload_content=False)
+        ns = self.namespace
+        resp = self._call(
+            lambda: self.core.read_namespaced_pod_log(pod, ns, follow=True, _preload_content=False)
+        )
         buf = b""
         for chunk in resp.stream():
             buf += chunk
@@ -187,13 +268,13 @@ class KubernetesGroupApi:
             yield buf.decode("utf-8", "replace")
 
     def delete(self, name: str) -> None:
-        from kubernetes.client.exceptions import ApiException
-
         try:
-            self.custom.delete_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, PLURAL, name, body=self._delete_options
+            self._call(
+                lambda: self.custom.delete_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, PLURAL, name, body=self._delete_options
+                )
             )
-        except ApiException as exc:
+        except GroupApiError as exc:
             if exc.status != 404:
                 raise
 
@@ -208,6 +289,78 @@ def terminal_state(status: dict[str, Any]) -> str | None:
     return None
 
 
+class _Patient:
+    """Cluster calls that ride out transient errors: tried again with backoff (from `first_wait`
+    seconds, doubling, at most 30) for `patience` seconds, then raised."""
+
+    def __init__(self, patience: float, first_wait: float, log: Callable[[str], None]) -> None:
+        self.patience, self.first_wait, self.log = patience, first_wait, log
+
+    def __call__(self, fn: Callable[[], Any], what: str) -> Any:
+        deadline = time.monotonic() + self.patience
+        wait = self.first_wait
+        while True:
+            try:
+                return fn()
+            except Exception as exc:
+                if not _transient(exc) or time.monotonic() + wait > deadline:
+                    raise
+                self.log(f"{what}: {exc}; trying again in {wait:.0f} s")
+            time.sleep(wait)
+            wait = min(2 * wait, 30.0)
+
+
+def _model_params(job: StageJob) -> int | None:
+    """Parameters of the stage's model, from its initial checkpoint's config in the store (None when
+    it cannot be read: the shutdown time then falls back to its floor)."""
+    try:
+        from vinasmol_core.store import ArtifactStore
+        from vinasmol_core.train.runtime import count_params
+
+        manifest = ArtifactStore(job.store_url).get_manifest(job.init_checkpoint)
+        return count_params(getattr(manifest, "model_config_", {}) or {})
+    except Exception:  # an estimate only: never the reason a stage does not start
+        return None
+
+
+def _create_or_attach(
+    api: GroupApi, manifest: dict[str, Any], call: _Patient, poll_seconds: float, log: Callable[[str], None]
+) -> None:
+    """Create the JobSet; when it exists (an earlier attempt of this run was killed), attach to it if
+    it runs or has completed, and replace it if it has failed."""
+    name = manifest["metadata"]["name"]
+    deadline = time.monotonic() + max(call.patience, 60.0)
+    while True:
+        try:
+            call(lambda: api.create(manifest), f"creating JobSet {name}")
+            return
+        except GroupApiError as exc:
+            if exc.status != 409:
+                raise
+        try:
+            status = call(lambda: api.status(name), f"reading JobSet {name}")
+        except GroupApiError as exc:
+            if exc.status == 404:  # gone meanwhile (being deleted): create it again
+                time.sleep(poll_seconds)
+                continue
+            raise
+        if terminal_state(status) != "Failed":
+            log(f"JobSet {name} exists already (an earlier attempt): following it")
+            return
+        log(f"JobSet {name} exists already and has failed: deleting it and starting the group again")
+        call(lambda: api.delete(name), f"deleting JobSet {name}")
+        while True:  # the deletion is asynchronous: wait until it is gone
+            if time.monotonic() > deadline:
+                raise VinaSmolError(f"JobSet {name}: the failed one left by an earlier attempt is not gone")
+            try:
+                call(lambda: api.status(name), f"reading JobSet {name}")
+            except GroupApiError as exc:
+                if exc.status == 404:
+                    break
+                raise
+            time.sleep(poll_seconds)
+
+
 def run_stage_jobset(
     job: StageJob,
     api: GroupApi,
@@ -215,30 +368,41 @@ def run_stage_jobset(
     on_metrics: Callable[[dict[str, Any]], None] | None = None,
     *,
     poll_seconds: float = 5.0,
+    n_params: int | None = None,
+    log: Callable[[str], None] = print,
 ) -> CheckpointManifest:
-    """Create the stage's JobSet, follow every pod's log (only rank 0 prints metric lines) into
-    `on_metrics`, and return the published checkpoint when the JobSet completes. Raises
-    VinaSmolError when it fails (its restarts spent): the parent's retry takes over. The JobSet is
-    deleted in every case."""
+    """Create the stage's JobSet (or attach to the one an earlier attempt left), follow every pod's
+    log (only rank 0 prints metric lines) into `on_metrics`, and return the published checkpoint
+    when the JobSet completes. Transient API errors are retried for `settings.api_patience_seconds`.
+    Raises VinaSmolError when it fails (its restarts spent): the parent's retry takes over. The
+    JobSet is deleted in every case once this run watched it to its end or gave up on it.
+    `n_params` (default: counted from the initial checkpoint) sizes the pods' shutdown time."""
     from vinasmol_core.store import ArtifactStore
 
     if not job.out_ref:
         raise VinaSmolError(f"stage {job.spec.name}: a JobSet stage needs the job's out_ref set")
-    manifest = jobset_manifest(job, settings)
+    s = settings or GroupSettings()
+    if n_params is None and s.shutdown_seconds is None:
+        n_params = _model_params(job)
+    manifest = jobset_manifest(job, s, n_params)
     name = manifest["metadata"]["name"]
     lock = threading.Lock()
     followers: dict[str, threading.Thread] = {}
+    call = _Patient(s.api_patience_seconds, max(poll_seconds, 0.01), log)
 
     def follow(pod: str) -> None:
-        for line in api.logs(pod):
-            with lock:
-                parse_line(line, on_metrics)
+        try:
+            for line in api.logs(pod):
+                with lock:
+                    parse_line(line, on_metrics)
+        except Exception as exc:  # the log stream is not the stage: the JobSet's status decides
+            log(f"log of pod {pod} interrupted: {exc}")
 
-    api.create(manifest)
+    _create_or_attach(api, manifest, call, poll_seconds, log)
     try:
         while True:
-            status = api.status(name)
-            for pod, phase in api.pods(name):
+            status = call(lambda: api.status(name), f"reading JobSet {name}")
+            for pod, phase in call(lambda: api.pods(name), f"listing the pods of JobSet {name}"):
                 if pod not in followers and phase in ("Running", "Succeeded", "Failed"):
                     followers[pod] = threading.Thread(target=follow, args=(pod,), daemon=True)
                     followers[pod].start()
@@ -256,7 +420,10 @@ def run_stage_jobset(
                 f"of the group: {message}".rstrip(": ")
             )
     finally:
-        api.delete(name)
+        try:
+            call(lambda: api.delete(name), f"deleting JobSet {name}")
+        except Exception as exc:  # its ttlSecondsAfterFinished removes it later
+            log(f"JobSet {name} not deleted: {exc}")
     out = ArtifactStore(job.store_url).get_manifest(job.out_ref)
     if not isinstance(out, CheckpointManifest):
         raise VinaSmolError(f"stage {job.spec.name}: {job.out_ref} is not a checkpoint")

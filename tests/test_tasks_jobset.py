@@ -67,7 +67,7 @@ def test_manifest_names_ranks_env_resources_and_restart_bound() -> None:
     (c,) = pod["containers"]
     assert c["image"] == "registry.example.com/vinasmol:1.0"
     cmd = c["command"]
-    assert cmd[:3] == ["python", "-m", "torch.distributed.run"]
+    assert cmd[:3] == ["python", "-m", "vinasmol_core.train.agent"]  # torchrun, pod 0 hosting
     assert {"--nnodes=4", "--nproc-per-node=8", "--rdzv-backend=c10d", "--max-restarts=3"} <= set(cmd)
     assert f"--rdzv-endpoint={name}-node-0-0.{name}:{RDZV_PORT}" in cmd  # pod 0 on the headless service
     assert cmd[-4:] == ["-m", "vinasmol_core.train", "--job-env", "VINASMOL_JOB"]
@@ -200,3 +200,180 @@ def test_a_jobset_out_of_restarts_fails_the_stage_and_is_deleted(tmp_path: Path)
         run_stage_jobset(job, cluster, SETTINGS, poll_seconds=0.01)
     assert cluster.deleted == [group_name(job)]
     assert terminal_state({"conditions": [{"type": "Completed", "status": "False"}]}) is None
+
+
+class _ScriptedCluster(_FakeCluster):
+    """`_FakeCluster` whose calls can fail as a real API server's do: each method takes its next
+    outcome from `faults[method]` (an exception to raise, or None to answer), then answers."""
+
+    def __init__(self, statuses: list[dict], pods: dict[str, list[str]], faults: dict[str, list]) -> None:
+        super().__init__(statuses, pods)
+        self.faults = faults
+        self.calls: list[str] = []
+        self.exists = False
+
+    def _next(self, method: str) -> None:
+        self.calls.append(method)
+        queue = self.faults.get(method) or []
+        if queue:
+            fault = queue.pop(0)
+            if fault is not None:
+                raise fault
+
+    def create(self, manifest: dict[str, Any]) -> None:
+        self._next("create")
+        self.created.append(manifest)
+        self.exists = True
+
+    def status(self, name: str) -> dict[str, Any]:
+        self._next("status")
+        self.polls += 1
+        return self.statuses[min(self.polls, len(self.statuses)) - 1]
+
+    def pods(self, name: str) -> list[tuple[str, str]]:
+        self._next("pods")
+        return super().pods(name)
+
+    def delete(self, name: str) -> None:
+        self._next("delete")
+        self.deleted.append(name)
+
+
+def _completed_run(tmp_path: Path) -> tuple[StageJob, str, dict[str, list[str]], list[dict]]:
+    from vinasmol_core.store import ArtifactStore
+
+    store_url = (tmp_path / "store").as_uri()
+    job = _job(store_url)
+    ArtifactStore(store_url).publish(CheckpointManifest(format="litgpt", stage="eeve-6"), ref=job.out_ref)
+    name = group_name(job)
+    events = [{"event": "step", "step": 7, "loss": 2.5}]
+    return job, name, {f"{name}-node-0-0-a": [_line(e) for e in events]}, events
+
+
+# No cluster runs here (see the module's docstring): these drive run_stage_jobset through a scripted
+# fake of the Kubernetes API that answers as the API server does (409 on an existing name, 404 on a
+# missing one, 5xx, 429 and dropped connections).
+def test_a_retried_run_attaches_to_the_jobset_its_killed_attempt_left(tmp_path: Path) -> None:
+    from tasks.jobset import GroupApiError
+
+    job, name, pods, events = _completed_run(tmp_path)
+    running = {"restarts": 0}
+    cluster = _ScriptedCluster(
+        [running, running, {"terminalState": "Completed"}], pods,
+        {"create": [GroupApiError(409, "AlreadyExists")]},
+    )
+    seen: list[dict] = []
+    got = run_stage_jobset(job, cluster, SETTINGS, seen.append, poll_seconds=0.01, log=lambda m: None)
+    assert got.stage == "eeve-6" and seen == events
+    assert cluster.calls.count("create") == 1 and cluster.created == []  # followed, not re-created
+    assert cluster.deleted == [name]  # once, after it completed
+
+
+def test_a_failed_jobset_left_by_an_earlier_attempt_is_replaced(tmp_path: Path) -> None:
+    from tasks.jobset import GroupApiError
+
+    job, name, pods, events = _completed_run(tmp_path)
+    failed = {"terminalState": "Failed", "restarts": 3}
+    cluster = _ScriptedCluster(
+        [failed, {}, {}, {"terminalState": "Completed"}], pods,
+        {"create": [GroupApiError(409, "AlreadyExists")],
+         "status": [None, GroupApiError(404, "NotFound")]},  # after the delete: gone
+    )
+    seen: list[dict] = []
+    run_stage_jobset(job, cluster, SETTINGS, seen.append, poll_seconds=0.01, log=lambda m: None)
+    assert [c["metadata"]["name"] for c in cluster.created] == [name]  # the new group
+    assert cluster.calls.index("delete") < len(cluster.calls) - 1  # the failed one went first
+    assert cluster.deleted == [name, name] and seen == events
+
+
+def test_transient_api_errors_do_not_delete_a_training_jobset(tmp_path: Path) -> None:
+    from tasks.jobset import GroupApiError
+
+    job, name, pods, events = _completed_run(tmp_path)
+    cluster = _ScriptedCluster(
+        [{}, {}, {}, {"terminalState": "Completed"}], pods,
+        {"create": [GroupApiError(503, "Service Unavailable")],
+         "status": [None, GroupApiError(500, "etcd leader changed"), GroupApiError(None, "connection reset"),
+                    GroupApiError(429, "Too Many Requests"), None],
+         "pods": [None, ConnectionResetError("peer")]},
+    )
+    seen: list[dict] = []
+    logged: list[str] = []
+    got = run_stage_jobset(job, cluster, SETTINGS, seen.append, poll_seconds=0.01, log=logged.append)
+    assert got.stage == "eeve-6" and seen == events
+    assert cluster.deleted == [name] and cluster.calls[-1] == "delete"  # only after it completed
+    assert len(logged) == 5 and "etcd leader changed" in " ".join(logged)
+    # an error that is not transient (forbidden) ends the watch at once, and the JobSet is deleted
+    other = _ScriptedCluster([{}], pods, {"status": [GroupApiError(403, "Forbidden")]})
+    with pytest.raises(GroupApiError, match="Forbidden"):
+        run_stage_jobset(job, other, SETTINGS, poll_seconds=0.01, log=lambda m: None)
+    assert other.deleted == [name]
+    # and patience runs out: a server that stays down is given up on after api_patience_seconds
+    impatient = SETTINGS.model_copy(update={"api_patience_seconds": 0.05})
+    down = _ScriptedCluster([{}], pods, {"status": [GroupApiError(503, "down")] * 1000})
+    with pytest.raises(GroupApiError, match="down"):
+        run_stage_jobset(job, down, impatient, poll_seconds=0.01, log=lambda m: None)
+
+
+def test_pods_get_time_to_finish_a_step_and_publish_a_train_state() -> None:
+    from tasks.jobset import TRAIN_STATE_BYTES_PER_PARAM, shutdown_seconds
+
+    def times(n_params: int | None, settings: GroupSettings = SETTINGS) -> tuple[int, int]:
+        m = jobset_manifest(_job(), settings, n_params)
+        env = {e["name"]: e.get("value") for e in _pod(m)["containers"][0]["env"]}
+        return int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]), _pod(m)["terminationGracePeriodSeconds"]
+
+    floor = SETTINGS.min_shutdown_seconds
+    assert times(None) == (floor, floor + 30)  # unknown model: the floor, well above the 30 s defaults
+    # a 4 GB train-state: a step plus its upload at the settings' rate
+    n = 4_000_000_000 // TRAIN_STATE_BYTES_PER_PARAM
+    slow = SETTINGS.model_copy(update={"publish_mb_per_s": 20.0, "step_seconds": 90.0})
+    torchrun, grace = times(n, slow)
+    assert torchrun >= 90 + 4000 / 20 and grace == torchrun + 30
+    assert times(7_000_000_000)[0] > times(360_000_000)[0] >= floor  # bigger model, longer
+    fixed = SETTINGS.model_copy(update={"shutdown_seconds": 900})
+    assert times(7_000_000_000, fixed) == (900, 930) and shutdown_seconds(fixed) == 900
+
+
+def test_pod_zero_hosts_the_rendezvous() -> None:
+    """Each pod's agent names the rendezvous host from its index: pod 0 hosts, whether or not its own
+    DNS name resolves yet when its agent starts."""
+    from vinasmol_core.errors import ConfigError
+    from vinasmol_core.train.agent import torchrun_args
+
+    m = jobset_manifest(_job(), SETTINGS)
+    c = _pod(m)["containers"][0]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"].endswith("job-completion-index']")
+    assert c["command"][1:3] == ["-m", "vinasmol_core.train.agent"]
+    args = c["command"][3:]
+    assert torchrun_args(args, "0") == ["--rdzv-conf=is_host=1", *args]
+    assert torchrun_args(args, "3") == ["--rdzv-conf=is_host=0", *args]
+    with pytest.raises(ConfigError, match="NODE_RANK"):
+        torchrun_args(args, None)
+
+
+def test_the_pod_agent_runs_torchrun_as_this_process(tmp_path: Path) -> None:
+    """The agent module is torchrun itself (no child torchrun), the host conf passed through."""
+    import os
+    import subprocess
+    import sys
+
+    from vinasmol_core.localserver.localhost import server_port
+
+    script = tmp_path / "worker.py"
+    out = tmp_path / "worker.json"
+    script.write_text(
+        "import json, os, sys\n"
+        "got = {'ppid': os.getppid(), 'run': os.environ['TORCHELASTIC_RUN_ID']}\n"
+        f"json.dump(got, open({str(out)!r}, 'w'))\n"
+    )
+    cmd = [sys.executable, "-m", "vinasmol_core.train.agent", "--nnodes=1", "--nproc-per-node=1",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{server_port()}", "--rdzv-id=pod-test",
+           "--monitor-interval=0.2", str(script)]
+    proc = subprocess.Popen(cmd, env={**os.environ, "NODE_RANK": "0", "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 0, output
+    got = json.loads(out.read_text())
+    assert got == {"ppid": proc.pid, "run": "pod-test"}
