@@ -34,7 +34,8 @@ def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def _seed_mirror(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small mirror of every hub source of the production recipe, and a tiny model as its base."""
     recipe = load_recipe(SEED)
-    docs = {lang: [{"id": f"{lang}-{i}", "text": f"{lang} document {i}"} for i in range(60)]
+    # enough documents that the smallest budget's share (vi-instruct: 12M of vi's 1,462M) gets some
+    docs = {lang: [{"id": f"{lang}-{i}", "text": f"{lang} document {i}"} for i in range(2000)]
             for lang in ("vi", "en", "code")}
     val = {lang: [{"id": f"{lang}-val-{i}", "text": f"{lang} held out {i}"} for i in range(5)]
            for lang in docs}
@@ -76,7 +77,7 @@ def test_the_run_command_stops_before_any_step(monkeypatch, capsys, tmp_path: Pa
 def test_a_mirror_makes_the_production_recipe_readable(tmp_path: Path, tmp_path_factory) -> None:
     mirror = _seed_mirror(tmp_path / "mirror", tmp_path_factory)
     checks = require_inputs(load_recipe(SEED), mirror)
-    assert {c.status for c in checks} == {"ok"} and len(checks) == 1 + 6 + 1  # model, sources, a val split
+    assert {c.status for c in checks} == {"ok"} and len(checks) == 1 + 9 + 1  # model, sources, a val split
     plan = plan_run(SEED, store=(tmp_path / "store").as_uri(), hub_mirror=str(mirror), check_store=False)
     assert plan.hub_mirror == str(mirror.resolve())
     shutil.rmtree(mirror / "HuggingFaceFW" / "fineweb-edu")
@@ -92,12 +93,12 @@ def test_recipe_check_prints_checks_and_the_token_plan(monkeypatch, capsys, tmp_
     offline = [line for line in out.splitlines() if "not checked: offline" in line]
     assert len(offline) == len(hub) + 1 + 1  # each hub source, fineweb-2's test split, the base model
     assert "  eeve-6: 1,200.0M (vi 660.0M, en 480.0M, code 60.0M)" in out
-    assert "  fineweb2-vi (vi, main): 1,070.0M / 1,070.0M" in out
+    assert "  fineweb2-vi (vi, main): 1,170.0M / 1,170.0M" in out
     assert out.splitlines()[-1].startswith(f"ok: {SEED}: recipe 'smollm2-360m-vi'")
     mirror = _seed_mirror(tmp_path / "mirror", tmp_path_factory)
     args = ("recipe", "check", str(SEED), "--hub-mirror", str(mirror))
     code, out, _ = run_vinasmol(monkeypatch, capsys, *args)
-    assert code == 0 and "not checked" not in out and out.count("in the hub mirror") == 8
+    assert code == 0 and "not checked" not in out and out.count("in the hub mirror") == 11
     (mirror / "HuggingFaceTB" / "finemath" / "README.md").write_text("---\nconfigs: []\n---\n")
     shutil.rmtree(mirror / "wikimedia")
     code, out, err = run_vinasmol(monkeypatch, capsys, *args)
@@ -180,14 +181,14 @@ def test_recipe_check_prints_planned_and_kept_tokens_per_source(
     url = (tmp_path / "store").as_uri()
     args = ("recipe", "check", str(SEED), "--offline", "--store", url)
     code, out, _ = run_vinasmol(monkeypatch, capsys, *args)
-    assert "  viwiki (vi, main): 300.0M / 300.0M\n" in out  # no dataset yet: the plan alone
+    assert "  viwiki (vi, main): 200.0M / 200.0M\n" in out  # no dataset yet: the plan alone
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "dataset.json").write_text("{}")
-    stats = {"viwiki": {"planned_tokens": 300_000_000, "train_tokens": 246_100_000},
+    stats = {"viwiki": {"planned_tokens": 200_000_000, "train_tokens": 164_100_000},
              "codeparrot": {"planned_tokens": 125_000_000, "train_tokens": 125_000_310}}
     ArtifactStore(url).publish(DatasetManifest(name="d", stats=stats), tmp_path / "ds", ref="datasets/main")
     code, out, _ = run_vinasmol(monkeypatch, capsys, *args)
     assert "/ budget / kept by the data step:" in out
-    assert "  viwiki (vi, main): 300.0M / 300.0M / 246.1M\n" in out
+    assert "  viwiki (vi, main): 200.0M / 200.0M / 164.1M\n" in out
     assert "  codeparrot (code, main): 125.0M / 125.0M / 125.0M\n" in out
     assert "  fineweb-edu (en, main): 1,005.0M / 1,005.0M / not prepared\n" in out
