@@ -4,6 +4,7 @@ endpoint URL, obstore (`s3_obstore`) for blob bytes."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import time
@@ -18,6 +19,8 @@ from vinasmol_core.store.backends.base import DownloadJob, ObjInfo, UploadJob, _
 from vinasmol_core.store.backends.s3_aio import _AioData
 from vinasmol_core.store.backends.s3_common import S3Target, is_missing
 from vinasmol_core.store.backends.s3_obstore import _ObstoreData
+
+log = logging.getLogger(__name__)
 
 PART_SIZE = 8 << 20  # default S3 multipart part size (also the ranged-GET size on fetch)
 DATA_PATHS = ("auto", "obstore", "aiobotocore")  # S3 blob transfers; auto: obstore when there is an endpoint
@@ -164,6 +167,8 @@ class _S3Backend(_Backend):
                         f"cannot reach S3 endpoint {self.target.endpoint} for store {self.url}{waited}: "
                         f"{exc.strerror or exc}"
                     ) from None
+                log.warning("S3 endpoint %s of store %s: %s; trying again in %.1f s", self.target.endpoint,
+                            self.url, exc.strerror or exc, pause)
             time.sleep(pause)
             pause = min(2 * pause, 8.0)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
@@ -24,6 +25,8 @@ from vinasmol_core.store.backends.s3_common import S3Target, error_code, is_miss
 from vinasmol_core.store.hashing import CHUNK, _stat_sig
 
 _CHECKSUMS = ("ChecksumCRC32", "ChecksumCRC32C", "ChecksumSHA256", "ChecksumCRC64NVME")
+
+log = logging.getLogger(__name__)
 
 
 def _pwrite_all(fd: int, chunks: list[bytes], offset: int) -> None:
@@ -57,7 +60,37 @@ class _AioData:
         self.fs = fs
 
     async def client(self):  # noqa: ANN201
-        return await self.fs.set_session()
+        s3 = await self.fs.set_session()
+        if not getattr(s3, "_vinasmol_retry_log", False):  # one client may serve several stores
+            s3.meta.events.register_first("needs-retry.s3", self._note_failure)
+            s3.meta.events.register("request-created.s3", self._log_retry)
+            s3._vinasmol_retry_log = True
+        return s3
+
+    @staticmethod
+    def _note_failure(
+        request_dict: dict[str, Any] | None = None, response: Any = None, caught_exception: Any = None,
+        **_: Any,
+    ) -> None:
+        """Remember why an attempt failed (botocore decides whether to retry; this decides nothing)."""
+        if request_dict is None:
+            return
+        if caught_exception is not None:
+            why = f"{type(caught_exception).__name__}: {caught_exception}"
+        elif response is not None:
+            why = f"HTTP {response[0].status_code}"
+        else:
+            return
+        request_dict["context"]["vinasmol_failure"] = why
+
+    def _log_retry(self, request: Any = None, operation_name: str = "", **_: Any) -> None:
+        """One WARNING line per retried S3 call (botocore logs its retries at DEBUG only)."""
+        context = getattr(request, "context", None) or {}
+        attempt = context.get("retries", {}).get("attempt", 1)
+        if attempt > 1:
+            why = self.target.scrub(str(context.get("vinasmol_failure", "an error")))[:200]
+            log.warning("S3 %s in %s: retrying (attempt %d) after %s", operation_name, self.target.url,
+                        attempt, why)
 
     def error(self, exc: BaseException, what: str) -> StoreError:
         return s3_error(self.target, exc, what)
@@ -188,6 +221,10 @@ class _AioData:
                 if isinstance(exc, StoreError) or error_code(exc) in ("AccessDenied", "InvalidAccessKeyId"):
                     raise
                 last = exc
+                if attempt < 3:
+                    log.warning("S3 ranged get of blob %s in %s: retrying (attempt %d) after %s",
+                                job.sha256[:12], self.target.url, attempt + 2,
+                                self.target.scrub(f"{type(exc).__name__}: {exc}")[:200])
                 await asyncio.sleep(0.2 * (attempt + 1))
         assert last is not None
         raise last
