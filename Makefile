@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install up down clean
+.PHONY: demo test slowest lint install up down clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11 or set PYTHON=..."; exit 1; }
@@ -29,7 +29,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
+	@mkdir -p .cache
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15 --junitxml=.cache/pytest.xml
+
+# The ten slowest tests of the last `make test` (from its JUnit report).
+slowest:
+	@$(BIN)/python -c "import xml.etree.ElementTree as E; c=sorted(E.parse('.cache/pytest.xml').iter('testcase'), key=lambda t: -float(t.get('time'))); [print(f\"{float(t.get('time')):8.1f} s  {t.get('classname')}::{t.get('name')}\") for t in c[:10]]"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -103,3 +103,31 @@ def store_spec(request: pytest.FixtureRequest, tmp_path: Path) -> StoreSpec:
 def store(store_spec: StoreSpec):  # noqa: ANN201 - ArtifactStore
     """An empty ArtifactStore, once on file:// and once on s3:// (SeaweedFS)."""
     return store_spec.open()
+
+
+# Scheduling (`make test`: `-n 2 --dist loadgroup`). A module whose tests share a module-scoped
+# fixture is one group, sent whole to one worker (its fixture is built once); every other test goes
+# wherever a worker is free. The slowest modules start first, so the two workers end together
+# instead of one finishing a long module alone (`make slowest` lists the last run's slowest tests).
+SLOWEST_FIRST = (
+    "test_infra_stack.py",
+    "test_faults.py",
+    "test_flows_sweep.py",
+    "test_flows_pipeline.py",
+    "test_train_group.py",
+    "test_train_dist.py",
+    "test_train_engine.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
+
+    items.sort(key=rank)  # stable: each module keeps its own order
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        defs = info.name2fixturedefs.values() if info is not None else []
+        if any(d.scope == "module" for chain in defs for d in chain):
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
