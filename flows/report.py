@@ -158,6 +158,19 @@ def memory_markdown(checkpoints: list[dict[str, Any]]) -> str:
     return "\n".join(lines) if len(lines) > 2 else "_no stage recorded its trainable parameters_"
 
 
+def data_sources_markdown(rows: list[dict[str, Any]]) -> str:
+    """Per dataset and source: the training tokens its budget planned, those it really kept after
+    cleaning, curation and dedup, and the raw text read for them."""
+    lines = ["| dataset | source | planned tokens | kept tokens | kept / planned | read MB |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        planned, kept = row.get("planned_tokens"), row["train_tokens"]
+        ratio = f"{kept / planned:.1%}" if planned else ""
+        lines.append(f"| {row['role']} | {row['source']} | {_cell(planned, ',')} | {kept:,} | {ratio} "
+                     f"| {row['read_mb']:,.1f} |")
+    return "\n".join(lines)
+
+
 def summary_markdown(result: dict[str, Any], charts: bool = False) -> str:
     """The run summary: fertility, bits per byte per stage and language, checkpoints and export.
     `charts`: the bits-per-byte chart under its table (an inline SVG image, for the Prefect UI)."""
@@ -187,6 +200,9 @@ def summary_markdown(result: dict[str, Any], charts: bool = False) -> str:
     ]
     for row in result["checkpoints"]:
         parts.append(f"| {row['stage']} | {row.get('step', '')} | `{row['ref']}` | `{row['digest']}` |")
+    if result.get("data_sources"):
+        parts += ["", "## Training tokens per source (planned by the budget, kept by the data step)", ""]
+        parts.append(data_sources_markdown(result["data_sources"]))
     parts += ["", "## Data mixture per stage (requested and effective share of sequences)", ""]
     parts.append(mixture_markdown(result["checkpoints"]))
     parts += ["", "## Trainable parameters and optimizer state per stage", ""]

@@ -65,3 +65,16 @@ def test_memory_table_shows_relora_beside_its_full_rank_figures() -> None:
               "export": {"ref": "e", "digest": "d"}}
     summary = summary_markdown(result)
     assert "## Trainable parameters and optimizer state per stage" in summary and table in summary
+
+
+def test_summary_shows_each_sources_planned_and_kept_tokens() -> None:
+    rows = [
+        {"role": "main", "source": "viwiki", "planned_tokens": 300_000_000, "train_tokens": 246_100_000,
+         "read_mb": 1234.5},
+        {"role": "main", "source": "code", "planned_tokens": None, "train_tokens": 5_000, "read_mb": 0.1},
+    ]
+    md = summary_markdown({**result(), "data_sources": rows})
+    section = md[md.index("## Training tokens per source"):]
+    assert "| main | viwiki | 300,000,000 | 246,100,000 | 82.0% | 1,234.5 |" in section
+    assert "| main | code |  | 5,000 |  | 0.1 |" in section  # a document budget plans no tokens
+    assert "## Training tokens per source" not in summary_markdown(result())
