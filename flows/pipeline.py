@@ -48,7 +48,7 @@ STAGE_RUNNERS = ("inline", "deployment")
 # The steps that read hub datasets or models (and so take the run's `hub_mirror`).
 HUB_READERS = frozenset(
     str(s) for s in (Step.FETCH_BASE_MODEL, Step.TRAIN_TOKENIZER, Step.MERGE_VOCABULARY, Step.PREPARE_DATA,
-                     Step.EVALUATE)
+                     Step.INIT_EMBEDDINGS, Step.EVALUATE)
 )
 
 
@@ -359,8 +359,13 @@ def _model_phase(ctx: _Run, base: CheckpointManifest, tokenizer: TokenizerManife
     """init-embeddings, convert-to-litgpt, and the evaluation of the base and initial models;
     returns the litgpt checkpoint the first stage starts from."""
     recipe = ctx.recipe
+    section = recipe.embedding_init
+    text: dict[str, Any] = {}
+    if section.method == "distill":  # the training text the new rows are distilled on
+        members = [c for c in ctx.main_corpora if c.lang in section.distill.languages]
+        text = {"corpora": members, "corpus_digests": ctx.digests_of(members)}
     extended = ctx.run(
-        init_embeddings, base_model=base.digest, tokenizer=tokenizer.digest, section=recipe.embedding_init
+        init_embeddings, base_model=base.digest, tokenizer=tokenizer.digest, section=section, **text
     )
     converted = ctx.run(
         convert_to_litgpt, hf_model=extended.digest, litgpt_name=recipe.base_model.litgpt_name

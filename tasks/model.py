@@ -15,8 +15,9 @@ Each fetches its inputs from the store, works in a scratch folder and publishes 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from tasks.common import open_store, scratch_dir, step, val_files
+from tasks.common import corpus_rows, open_store, run_logger, scratch_dir, step, val_files
 from vinasmol_core.errors import VinaSmolError
 from vinasmol_core.manifests import CheckpointManifest, EvalReportManifest
 from vinasmol_core.recipe import (
@@ -79,19 +80,55 @@ def fetch_base_model(
         return publish_checkpoint(store, _build_base(source, tmp, hub_mirror), "hf", name=name, stage="base")
 
 
+def distill_corpus(
+    section: EmbeddingInitSection, corpora: list[CorpusSpec], tmp: Path, hub_mirror: str | None = None
+) -> list[tuple[Any, float]]:
+    """The distill init's training text: (rows of a main corpus, weight) for each language of
+    `section.distill.languages` that has main corpora, its share split equally among them. Read as
+    the tokenizer step reads its text (train files, or a hub corpus's stream up to a document cap)."""
+    spec = section.distill
+    out: list[tuple[Any, float]] = []
+    for lang, share in spec.languages.items():
+        members = [c for c in corpora if c.role == "main" and c.lang == lang]
+        for corpus in members:
+            cap = spec.tokens // 8 + 64  # documents: far more than the budget needs
+            rows = corpus_rows(corpus, tmp / "corpora" / corpus.name, hub_mirror, max_docs=cap)
+            out.append((rows, share / len(members)))
+    if not out:
+        raise VinaSmolError(
+            f"embedding_init.distill.languages: no main corpus in {', '.join(spec.languages)} to distil on"
+        )
+    return out
+
+
 @step(Step.INIT_EMBEDDINGS)
 def init_embeddings(
-    base_model: str, tokenizer: str, section: EmbeddingInitSection, store_url: str
+    base_model: str,
+    tokenizer: str,
+    section: EmbeddingInitSection,
+    store_url: str,
+    corpora: list[CorpusSpec] | None = None,
+    corpus_digests: dict[str, str] | None = None,
+    hub_mirror: str | None = None,
 ) -> CheckpointManifest:
-    """Resize the base model's tied embedding to the merged vocabulary and initialise the new rows."""
+    """Resize the base model's tied embedding to the merged vocabulary and initialise the new rows.
+    `distill` reads the training text of `corpora` (keyed by `corpus_digests`)."""
     from vinasmol_core.model import extend_model, publish_checkpoint
+    from vinasmol_core.model.distill import DistillSettings
 
     store = open_store(store_url)
     base_dir, tok_dir = store.fetch(base_model), store.fetch(tokenizer)
     parents = [store.resolve(base_model), store.resolve(tokenizer)]
     with scratch_dir("embeddings") as tmp:
+        corpus, settings = None, None
+        if section.method == "distill":
+            corpus = distill_corpus(section, corpora or [], tmp, hub_mirror)
+            d = section.distill
+            settings = DistillSettings(tokens=d.tokens, seq_len=d.seq_len, batch_size=d.batch_size, lr=d.lr,
+                                       seed=d.seed)
         out = extend_model(base_dir, tok_dir, tmp / "model", init=section.method,
-                           translations=section.translations, blend=section.blend)
+                           translations=section.translations, blend=section.blend, corpus=corpus,
+                           distill=settings, log=run_logger().info)
         return publish_checkpoint(store, out, "hf", name="extended", stage="embeddings", parents=parents)
 
 

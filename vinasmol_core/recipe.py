@@ -218,10 +218,26 @@ class TokenizerSection(_Strict):
         return size
 
 
+class DistillSection(_Strict):
+    """Self-distillation of the new rows (`method: distill`, `vinasmol_core.model.distill`) on the
+    training text of the main corpora (never their validation text)."""
+
+    tokens: int = Field(default=65_536, gt=0, description="extended-tokenizer tokens the student reads")
+    seq_len: int = Field(default=256, ge=2)
+    batch_size: int = Field(default=4, gt=0)
+    lr: float = Field(default=3e-3, gt=0)
+    seed: int = Field(default=0, ge=0)
+    languages: dict[Lang, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: {"vi": 0.7, "en": 0.3}, min_length=1,
+        description="share of the budget per language (its main corpora split it equally)",
+    )
+
+
 class EmbeddingInitSection(_Strict):
-    method: Literal["subword-mean", "translation-blend"] = "subword-mean"
+    method: Literal["subword-mean", "translation-blend", "distill"] = "subword-mean"
     translations: str | None = Field(default=None, description="JSON file: new token -> translation")
     blend: float = Field(default=0.5, ge=0, le=1)
+    distill: DistillSection = Field(default_factory=DistillSection)
 
 
 class DataSection(_Strict):

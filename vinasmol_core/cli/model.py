@@ -49,24 +49,43 @@ def extend_command(
     base: Annotated[str, typer.Option("--base", help="base HF folder or hub id")],
     tokenizer: Annotated[Path, typer.Option("--tokenizer", help="extended tokenizer folder")],
     out: Annotated[Path, typer.Option("--out", help="output HF folder")],
-    init: Annotated[str, typer.Option("--init", help="subword-mean | translation-blend")] = "subword-mean",
+    init: Annotated[
+        str, typer.Option("--init", help="subword-mean | translation-blend | distill")
+    ] = "subword-mean",
     translations: Annotated[
         str | None, typer.Option("--translations", help="TSV dictionary, or a seq2seq model folder / hub id")
     ] = None,
     blend: Annotated[float, typer.Option("--blend", help="weight of the translation's embedding")] = 0.5,
+    corpus: Annotated[
+        list[Path] | None,
+        typer.Option("--corpus", help="distill's training text (.jsonl[.gz], .txt); repeatable"),
+    ] = None,
+    distill_tokens: Annotated[
+        int, typer.Option("--distill-tokens", help="distill budget: extended-tokenizer tokens read")
+    ] = 65_536,
+    distill_lr: Annotated[float, typer.Option("--distill-lr", help="distill learning rate (Adam)")] = 3e-3,
+    seed: Annotated[int, typer.Option("--seed", help="distill seed (order of the text windows)")] = 0,
     store: StoreOpt = None,
     ref: RefOpt = None,
 ) -> None:
     """Resize the embeddings to the extended tokenizer and initialise the new rows."""
     from vinasmol_core.model import extend_model, fetch_base_model, publish_checkpoint
+    from vinasmol_core.model.distill import DistillSettings
 
+    if corpus and init != "distill":
+        raise ConfigError("--corpus: only the distill init reads training text")
+    settings = DistillSettings(tokens=distill_tokens, lr=distill_lr, seed=seed) if init == "distill" else None
     with tempfile.TemporaryDirectory(prefix="vinasmol-base-") as tmp:
         base_dir = fetch_base_model(base, None if Path(base).is_dir() else Path(tmp) / "base")
-        path = extend_model(base_dir, tokenizer, out, init=init, translations=translations, blend=blend)
+        path = extend_model(base_dir, tokenizer, out, init=init, translations=translations, blend=blend,
+                            corpus=[([p], 1.0) for p in corpus or []], distill=settings, log=typer.echo)
     info = json.loads((path / "extension.json").read_text())
+    d = info.get("distill") or {}
     typer.echo(
         f"extended {info['base_vocab_size']} -> {info['vocab_size']} tokens ({init}"
         + (f", {info['translated_tokens']} translated" if init == "translation-blend" else "")
+        + (f", {d['tokens']} tokens in {d['seconds']:.0f} s, loss {d['loss_first']:.4f}"
+           f" -> {d['loss_last']:.4f}" if d else "")
         + f"): {path}"
     )
     if store:

@@ -8,6 +8,9 @@ and append new ones. Old rows are copied bit for bit; each new row is built from
   token that is not valid UTF-8 on its own (a partial character) is still segmented exactly.
 - `translation-blend`: `(1 - blend) * subword_mean + blend * mean(base rows of the translation)`,
   for tokens whose text has a translation; the others keep their subword mean.
+- `distill`: the subword means, then only the new rows fitted by self-distillation on training
+  text, the base model as its own teacher (`vinasmol_core.model.distill`): the extended model
+  should do with a new token what the base model does with its pieces.
 
 Means are computed for all new rows at once (a flat index list, an owner index and `index_add_`)
 in float64, then cast to the weights' dtype.
@@ -16,13 +19,14 @@ in float64, then cast to the weights' dtype.
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vinasmol_core.errors import ConfigError, VinaSmolError
 from vinasmol_core.model import hf_io
+from vinasmol_core.model.distill import DistillSettings
 from vinasmol_core.model.translations import TranslationSource, translation_source
 from vinasmol_core.tokenizer.text import unicode_to_bytes
 
@@ -30,7 +34,7 @@ if TYPE_CHECKING:
     import torch
     from tokenizers import Tokenizer
 
-INIT_METHODS = ("subword-mean", "translation-blend")
+INIT_METHODS = ("subword-mean", "translation-blend", "distill")
 EXTENSION_FILE = "extension.json"
 
 
@@ -209,12 +213,18 @@ def extend_model(
     blend: float = 0.5,
     *,
     translator: TranslationSource | None = None,
+    corpus: Sequence[tuple[Any, float]] | None = None,
+    distill: DistillSettings | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Path:
     """Write an HF folder whose embeddings are resized to `tokenizer_dir`'s vocabulary.
 
     Rows of base ids are bit-identical to the base model's; rows of new ids are initialised by `init`;
     the model has exactly as many rows as the tokenizer has tokens. Tied embeddings stay one tensor
-    (no lm_head in the file); an untied lm_head gets the same treatment. Nothing is written on error."""
+    (no lm_head in the file); an untied lm_head gets the same treatment. `distill` fits the new rows
+    on `corpus` (pairs of a corpus as `iter_documents` reads it and its weight: training text, never
+    validation text), with `distill` settings (default `DistillSettings()`); `log` gets its
+    progress lines. Nothing is written on error."""
     import torch
 
     base_hf_dir, tokenizer_dir = Path(base_hf_dir), Path(tokenizer_dir)
@@ -222,6 +232,8 @@ def extend_model(
         raise ConfigError(f"init: unknown method {init!r}; choose one of {', '.join(INIT_METHODS)}")
     if init == "translation-blend" and translator is None:
         translator = translation_source(translations)
+    if init == "distill" and not corpus:
+        raise ConfigError("corpus: the distill init needs training text (at least one corpus)")
     config = hf_io.check_hf_dir(base_hf_dir)
     base_tok, new_tok, base_tokens, new_tokens = _load_tokenizers(base_hf_dir, tokenizer_dir)
     state, rows = _load_embedding(base_hf_dir, config)
@@ -236,6 +248,11 @@ def extend_model(
         matrices, base_tok, new_tok, list(range(base_size, new_size)), init=init, translator=translator,
         blend=blend,
     )
+    if init == "distill":
+        assert corpus is not None
+        result.details["distill"] = _distill(
+            base_hf_dir, new_tok, base_size, result, corpus, distill or DistillSettings(), tied, log
+        )
     for name, w in matrices.items():
         state[name] = torch.cat([w[:base_size], result.rows[name].to(w.dtype)], dim=0).contiguous()
     if tied:
@@ -252,12 +269,45 @@ def extend_model(
         "init": init,
         "blend": blend if init == "translation-blend" else None,
         "translated_tokens": result.translated,
+        "distill": result.details.get("distill"),
         "tied": tied,
         "base_tokenizer_digest": hf_io.tokenizer_digest(base_hf_dir),
         "tokenizer_digest": hf_io.tokenizer_digest(tokenizer_dir),
     }
     _write_model(Path(out_dir), state, new_config, base_hf_dir, tokenizer_dir, info)
     return Path(out_dir)
+
+
+def _distill(
+    base_hf_dir: Path,
+    new_tok: Tokenizer,
+    base_size: int,
+    result: InitResult,
+    corpus: Sequence[tuple[Any, float]],
+    settings: DistillSettings,
+    tied: bool,
+    log: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    """Replace the subword-mean rows of `result` by distilled ones; the run's details."""
+    import torch
+
+    from vinasmol_core.model.distill import distill_rows
+    from vinasmol_core.model.parity import load_hf_model
+
+    model = load_hf_model(base_hf_dir)
+    if model.get_input_embeddings().weight.shape[0] != base_size:
+        raise VinaSmolError(
+            f"distill: the base model has {model.get_input_embeddings().weight.shape[0]} embedding rows, "
+            f"its tokenizer {base_size} tokens; pad rows are not supported"
+        )
+    out = distill_rows(
+        model, new_tok, base_size, result.segments, result.rows[hf_io.EMBED_KEY], corpus, settings,
+        init_out=None if tied else result.rows[hf_io.LM_HEAD_KEY], log=log,
+    )
+    result.rows[hf_io.EMBED_KEY] = out.new_in.to(torch.float64)
+    if out.new_out is not None:
+        result.rows[hf_io.LM_HEAD_KEY] = out.new_out.to(torch.float64)
+    return out.details
 
 
 def _load_tokenizers(

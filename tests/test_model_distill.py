@@ -1,0 +1,83 @@
+"""The `distill` embedding init on the tiny model: only new rows change, the loss falls, a seed fixes
+the result, and the recipe field is validated."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.model_fixtures import build_tiny_setup
+from vinasmol_core.builtin.sample_corpus import sample_texts
+from vinasmol_core.errors import ConfigError
+from vinasmol_core.model import extend_model
+from vinasmol_core.model.distill import Distiller, DistillSettings, evaluate_loss, text_windows
+from vinasmol_core.model.embeddings import load_tokenizer, segment_tokens
+from vinasmol_core.model.parity import load_hf_model
+
+SETTINGS = DistillSettings(tokens=3000, seq_len=64, batch_size=4, lr=1e-2, layers=1, seed=3, log_every=5)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("distill")
+    paths = build_tiny_setup(root)
+    corpus = [([{"text": t} for t in sample_texts("vi", 150)], 0.7),
+              ([{"text": t} for t in sample_texts("en", 60)], 0.3)]
+    paths["mean"] = extend_model(paths["base"], paths["ext_tok"], root / "mean")
+    lines: list[str] = []
+    paths["distill"] = extend_model(
+        paths["base"], paths["ext_tok"], root / "distill", init="distill", corpus=corpus, distill=SETTINGS,
+        log=lines.append,
+    )
+    return {**paths, "corpus": corpus, "root": root, "lines": lines}
+
+
+def _weights(path) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_distill_changes_only_new_rows(setup: dict) -> None:
+    base, mean, dist = _weights(setup["base"]), _weights(setup["mean"]), _weights(setup["distill"])
+    key = "model.embed_tokens.weight"
+    n_base = base[key].shape[0]
+    assert set(dist) == set(mean)
+    for name, tensor in dist.items():
+        if name == key:
+            assert torch.equal(tensor[:n_base], base[key])
+            assert not torch.equal(tensor[n_base:], mean[key][n_base:])
+        else:
+            assert torch.equal(tensor, base[name]), name
+    assert any("tok/s" in line and "loss" in line for line in setup["lines"])
+
+
+def test_distill_lowers_the_loss(setup: dict) -> None:
+    new_tok = load_tokenizer(setup["ext_tok"])
+    n_base = load_tokenizer(setup["tok"]).get_vocab_size()
+    held_out = [([{"text": t} for t in sample_texts("vi", 200)[150:]], 1.0)]
+    windows, _ = text_windows(new_tok, held_out, 1500, 64)
+    segments = segment_tokens(load_tokenizer(setup["tok"]), new_tok, range(n_base, new_tok.get_vocab_size()))
+    distiller = Distiller(load_hf_model(setup["base"]), n_base, segments, eot=0, layers=SETTINGS.layers)
+    key = "model.embed_tokens.weight"
+    mean_rows = _weights(setup["mean"])[key][n_base:]
+    dist_rows = _weights(setup["distill"])[key][n_base:]
+    before = evaluate_loss(distiller, windows, mean_rows)
+    after = evaluate_loss(distiller, windows, dist_rows)
+    assert after < 0.9 * before, (before, after)
+
+
+def test_distill_is_deterministic_for_a_seed(setup: dict) -> None:
+    again = extend_model(setup["base"], setup["ext_tok"], setup["root"] / "again", init="distill",
+                         corpus=setup["corpus"], distill=SETTINGS)
+    other = extend_model(setup["base"], setup["ext_tok"], setup["root"] / "other", init="distill",
+                         corpus=setup["corpus"], distill=DistillSettings(**{**SETTINGS.__dict__, "seed": 4}))
+    key = "model.embed_tokens.weight"
+    assert torch.equal(_weights(again)[key], _weights(setup["distill"])[key])
+    assert not torch.equal(_weights(other)[key], _weights(setup["distill"])[key])
+
+
+def test_distill_needs_text(setup: dict) -> None:
+    with pytest.raises(ConfigError, match="corpus"):
+        extend_model(setup["base"], setup["ext_tok"], setup["root"] / "none", init="distill")
+    with pytest.raises(ConfigError, match="distill.tokens"):
+        DistillSettings(tokens=0)
