@@ -15,6 +15,10 @@ initialisation. Ends with
 `eeve_quality: vi_base=X vi_init=X vi_after=X en_base=X en_init=X en_after=X tokens=X tok_per_s=X`.
 
     python bench/eeve_quality.py [--data ../shared/data] [--steps 100] [--tokenizer DIR]
+        [--init subword-mean|distill] [--distill-tokens N] [--eval LANG=FILE ...]
+
+`--init distill` starts stage 3 from rows distilled on the first documents of vi/ and en/ -train
+(`vinasmol_core.model.distill`); `--eval LANG=FILE` scores that text instead of the -val files.
 
 100 steps of 4 x 512 tokens (204,800 tokens) keep stage 3 within 30 minutes on two CPU cores at
 about 140 tokens/s; evaluating the three models takes about 15 minutes more.
@@ -113,7 +117,40 @@ def make_parser(doc: str | None = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--max-bytes", type=int, default=150_000, help="validation UTF-8 bytes per language")
     parser.add_argument("--eval-seq-len", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--init", default="subword-mean", choices=["subword-mean", "distill"])
+    parser.add_argument("--distill-tokens", type=int, default=65_536, help="budget of --init distill")
+    parser.add_argument("--vi-distill-share", type=float, default=0.7, help="vi share of the distill text")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --init distill")
+    parser.add_argument(
+        "--eval", action="append", default=None, metavar="LANG=FILE",
+        help="score this text instead of that language's -val file (repeatable)",
+    )
     return parser
+
+
+def init_kwargs(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """(work-folder suffix, extend_model keywords) of the embedding init `args` ask for."""
+    if getattr(args, "init", "subword-mean") == "subword-mean":
+        return "", {"init": "subword-mean"}
+    from vinasmol_core.model.distill import DistillSettings
+
+    share = args.vi_distill_share
+    corpus = [([args.data / TRAIN["vi"]], share), ([args.data / TRAIN["en"]], 1.0 - share)]
+    settings = DistillSettings(tokens=args.distill_tokens, seed=args.seed)
+    log = lambda line: print(" ", line, flush=True)  # noqa: E731
+    suffix = f"-distill-{args.distill_tokens}-vi{share}-{args.seed}"
+    return suffix, {"init": "distill", "corpus": corpus, "distill": settings, "log": log}
+
+
+def eval_files(args: argparse.Namespace) -> dict[str, list[Path]]:
+    """The text bits per byte are measured on: the -val file of each language, unless `--eval` names
+    other files for it."""
+    files = {lang: [args.data / rel] for lang, rel in VAL.items()}
+    if getattr(args, "eval", None):
+        from vinasmol_core.cli.options import path_pairs
+
+        files.update(path_pairs(args.eval, "--eval", "LANG=FILE"))
+    return files
 
 
 class Prepared(argparse.Namespace):
@@ -149,8 +186,9 @@ def prepare(args: argparse.Namespace) -> Prepared:
 
     tok = args.tokenizer or extended_smollm2_tokenizer([args.data / TRAIN["vi"]], args.target_vocab)
     base = cached(work / "smollm2-135m", build_smollm2_135m)
-    ext = cached(work / "extended-hf", lambda out: extend_model(base, tok, out, init="subword-mean"))
-    lit = cached(work / "extended-litgpt", lambda out: hf_to_litgpt(ext, out))
+    suffix, kwargs = init_kwargs(args)
+    ext = cached(work / f"extended-hf{suffix}", lambda out: extend_model(base, tok, out, **kwargs))
+    lit = cached(work / f"extended-litgpt{suffix}", lambda out: hf_to_litgpt(ext, out))
     ext_info = json.loads((ext / "extension.json").read_text())
     timings["tokenizer + models"] = time.perf_counter() - t0
 
@@ -159,7 +197,8 @@ def prepare(args: argparse.Namespace) -> Prepared:
     store_url = (work / "store").resolve().as_uri()
     store = ArtifactStore(store_url)
     # published once per work folder, so a rerun with the same settings resumes the stage from the store
-    init_digest = store.resolve("bench/init") if store.exists("bench/init") else None
+    init_ref = f"bench/init{suffix}"
+    init_digest = store.resolve(init_ref) if store.exists(init_ref) else None
     if init_digest is None:
         init_digest = store.publish(
             CheckpointManifest(
@@ -168,7 +207,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
                 extra={"base_vocab_size": ext_info["base_vocab_size"]},
             ),
             lit,
-            ref="bench/init",
+            ref=init_ref,
         ).digest
     subset = work / f"train-{args.train_docs}"
     subset.mkdir(exist_ok=True)
@@ -284,7 +323,7 @@ def main() -> None:
     steps_seen, timings = run.steps_seen, run.timings
     tokens_per_step = args.global_batch * args.seq_len
 
-    files = {lang: [args.data / rel] for lang, rel in VAL.items()}
+    files = eval_files(args)
     scores: dict[str, Any] = {}
     for label, path in (("base", base), ("init", lit), ("after", after)):
         t0 = time.perf_counter()
@@ -302,7 +341,7 @@ def main() -> None:
         f"{platform.machine()}, {torch.get_num_threads()} threads, machine shared with other work"
     )
     print(
-        f"# tokenizer {ext_info['base_vocab_size']} -> {ext_info['vocab_size']} tokens; init subword-mean; "
+        f"# tokenizer {ext_info['base_vocab_size']} -> {ext_info['vocab_size']} tokens; init {args.init}; "
         f"stage 3: {spec.total_steps} steps x {args.global_batch} x {args.seq_len} tokens, "
         f"mixture {spec.mixture}, "
         f"AdamW lr {args.lr} ({args.schedule}, warmup {args.warmup}, min {args.min_lr}), "
@@ -317,7 +356,7 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: |")
     names = {
         "base": "SmolLM2-135M (base tokenizer)",
-        "init": "extended, subword-mean init",
+        "init": f"extended, {args.init} init",
         "after": "after stage 3 (new rows only)",
     }
     for label, rep in scores.items():

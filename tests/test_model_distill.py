@@ -81,3 +81,24 @@ def test_distill_needs_text(setup: dict) -> None:
         extend_model(setup["base"], setup["ext_tok"], setup["root"] / "none", init="distill")
     with pytest.raises(ConfigError, match="distill.tokens"):
         DistillSettings(tokens=0)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("embedding_init.method=distil", r"embedding_init\.method: Input should be 'subword-mean'"),
+        ("embedding_init.distill.tokens=0", r"embedding_init\.distill\.tokens: Input should be greater than 0"),
+        ("embedding_init.distill.lr=-1", r"embedding_init\.distill\.lr: Input should be greater than 0"),
+        ("embedding_init.distill.languages={vi: 0}", r"embedding_init\.distill\.languages\.vi"),
+    ],
+)
+def test_recipe_distill_fields_are_validated(line: str, message: str) -> None:
+    from pathlib import Path
+
+    from vinasmol_core.recipe import load_recipe
+
+    tiny = Path(__file__).resolve().parents[1] / "recipes" / "tiny-cpu.yaml"
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(tiny, [line])
+    recipe = load_recipe(tiny, ["embedding_init.method=distill", "embedding_init.distill.tokens=4096"])
+    assert recipe.embedding_init.distill.tokens == 4096
