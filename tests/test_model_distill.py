@@ -102,3 +102,43 @@ def test_recipe_distill_fields_are_validated(line: str, message: str) -> None:
         load_recipe(tiny, [line])
     recipe = load_recipe(tiny, ["embedding_init.method=distill", "embedding_init.distill.tokens=4096"])
     assert recipe.embedding_init.distill.tokens == 4096
+
+
+def test_task_and_cli_run_distill_on_training_text(setup: dict, tmp_path, monkeypatch, capsys) -> None:
+    import json
+
+    from tasks import model as model_tasks
+    from tests.cli_helpers import run_vinasmol
+    from vinasmol_core.manifests import TokenizerManifest
+    from vinasmol_core.recipe import CorpusSpec, EmbeddingInitSection, HFBase
+    from vinasmol_core.store import ArtifactStore
+
+    monkeypatch.setenv("VINASMOL_CACHE", str(tmp_path / "cache"))
+    store_url = f"file://{tmp_path / 'store'}"
+    store = ArtifactStore(store_url)
+    source = HFBase(path=str(setup["base"]))
+    base = model_tasks.fetch_base_model.fn(source=source, name="b", store_url=store_url)
+    size = load_tokenizer(setup["ext_tok"]).get_vocab_size()
+    tok = store.publish(TokenizerManifest(vocab_size=size, base_vocab_size=512), setup["ext_tok"]).digest
+    vi = CorpusSpec(name="v", lang="vi", source={"kind": "sample", "docs": 40, "val_docs": 5, "seed": 1})
+    section = EmbeddingInitSection(
+        method="distill", distill={"tokens": 600, "seq_len": 64, "languages": {"vi": 1}}
+    )
+    ext = model_tasks.init_embeddings.fn(base_model=base.digest, tokenizer=tok, section=section,
+                                         store_url=store_url, corpora=[vi], corpus_digests={"v": "x"})
+    info = ext.extra["extension"]
+    assert info["init"] == "distill" and info["distill"]["tokens"] == 600
+    with pytest.raises(Exception, match="embedding_init.distill.languages"):
+        model_tasks.init_embeddings.fn(base_model=base.digest, tokenizer=tok, section=section,
+                                       store_url=store_url, corpora=[])
+
+    text = tmp_path / "vi.jsonl"
+    rows = [json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in sample_texts("vi", 30)]
+    text.write_text("".join(rows))
+    code, out, err = run_vinasmol(
+        monkeypatch, capsys, "model", "extend", "--base", str(setup["base"]),
+        "--tokenizer", str(setup["ext_tok"]), "--out", str(tmp_path / "cli"), "--init", "distill",
+        "--corpus", str(text), "--distill-tokens", "300", "--seed", "1",
+    )
+    assert code == 0, err
+    assert "distill step" in out and "(distill, 300 tokens" in out
