@@ -40,11 +40,19 @@ def _tagged(tag: str) -> list[int]:
     return found
 
 
-def _left_after(tag: str, wait: float = 15.0) -> list[int]:
+def _left_after(tag: str, wait: float = 15.0) -> list[str]:
+    """The command lines of the processes of run `tag` still alive `wait` seconds after it ended."""
     deadline = time.monotonic() + wait
     while _tagged(tag) and time.monotonic() < deadline:
         time.sleep(0.2)
-    return _tagged(tag)
+    left = []
+    for pid in _tagged(tag):
+        try:
+            cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes()
+        except OSError:
+            continue
+        left.append(f"{pid}: " + cmdline.replace(b"\0", b" ").decode(errors="replace"))
+    return left
 
 
 class _Pipeline:

@@ -156,16 +156,22 @@ def _kill_sessions(procs: list[subprocess.Popen[str]]) -> None:
             pass
 
 
+DIE_WITH_PARENT_ENV = "VINASMOL_DIE_WITH_PARENT"  # set by the process that starts a stage process
+
+
 def die_with_parent() -> None:
-    """Under a torchrun agent: the kernel SIGKILLs this worker when its agent dies (Linux), so a
-    lost agent never leaves its workers running. torchrun starts each worker in its own session,
-    out of reach of a signal to the agent's process group.
+    """Under a torchrun agent, or started by `run_stage_process` ($VINASMOL_DIE_WITH_PARENT): the
+    kernel SIGKILLs this process when its parent dies (Linux), so a lost agent or a killed pipeline
+    never leaves a stage training (or waiting) on its own. torchrun starts each worker in its own
+    session, out of reach of a signal to the agent's process group; a stage process that prints
+    nothing for a while (a long step, an upload) would otherwise only notice at its next line.
 
     The agent is whatever parent this worker has before prctl, whose pid may well be 1: in a
     Kubernetes pod the container's command, the agent, is PID 1 of the pod's PID namespace. A parent
     pid that changed across prctl is the agent having died in between (the worker was re-parented).
     """
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+    asked = "TORCHELASTIC_RUN_ID" in os.environ or os.environ.get(DIE_WITH_PARENT_ENV) == "1"
+    if not asked or not sys.platform.startswith("linux"):
         return
     agent = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)

@@ -66,8 +66,11 @@ def stage_command(job_path: Path, job: StageJob, metrics_path: Path | None = Non
 
 def stage_env(job: StageJob) -> dict[str, str]:
     """Environment of the stage process: unbuffered output; TorchDynamo off on CPU unless asked for."""
+    from vinasmol_core.train.group import DIE_WITH_PARENT_ENV
+
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
+    env[DIE_WITH_PARENT_ENV] = "1"
     on_cpu = job.spec.accelerator == "cpu" or (job.spec.accelerator == "auto" and not _cuda_visible())
     if on_cpu and not job.spec.compile:
         env.setdefault("TORCHDYNAMO_DISABLE", "1")
