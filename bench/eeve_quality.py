@@ -169,8 +169,8 @@ class Prepared(argparse.Namespace):
 def prepare(args: argparse.Namespace) -> Prepared:
     """Extended tokenizer, SmolLM2-135M, extended model, litgpt checkpoint and dataset, in the store."""
     from vinasmol_core.builtin.smollm2 import build_smollm2_135m
+    from vinasmol_core.common.manifests import CheckpointManifest
     from vinasmol_core.data import PrepareSettings, SourceSpec, prepare_dataset
-    from vinasmol_core.manifests import CheckpointManifest
     from vinasmol_core.model import extend_model, hf_to_litgpt
     from vinasmol_core.store import ArtifactStore
 

@@ -34,8 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from vinasmol_core.common.manifests import DatasetManifest  # noqa: E402
 from vinasmol_core.localserver.seaweed import start_seaweed  # noqa: E402
-from vinasmol_core.manifests import DatasetManifest  # noqa: E402
 from vinasmol_core.store import PART_SIZE, ArtifactStore  # noqa: E402
 
 MB = 1 << 20

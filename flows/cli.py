@@ -18,7 +18,7 @@ from typing import Any
 import typer
 
 from vinasmol_core.cli import app, run_app
-from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.common.errors import VinaSmolError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_RECIPE = REPO_ROOT / "recipes" / "tiny-cpu.yaml"
@@ -310,7 +310,7 @@ def _with_own_server() -> None:
 def console() -> None:
     """The `vinasmol` console script: `main`, ending without the interpreter's slow teardown. `run`
     and `retry` without a configured Prefect API start a server of their own (`_with_own_server`)."""
-    from vinasmol_core.process_exit import run_entry_point
+    from vinasmol_core.common.process_exit import run_entry_point
 
     pipeline = len(sys.argv) > 1 and sys.argv[1] in ("run", "retry", "sweep") and "--help" not in sys.argv
     run_entry_point(_with_own_server if pipeline and configured_api_url() is None else main)

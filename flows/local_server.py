@@ -15,7 +15,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.common.errors import VinaSmolError
 from vinasmol_core.localserver.localhost import die_with_parent, free_ports, http_ok, stop_process
 
 # Run in a subprocess against an empty SQLite file: what the server does on its first start.

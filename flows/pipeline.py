@@ -6,7 +6,7 @@
     training:   train-stage <stage> ─► evaluate <stage>, for each stage (each its own process)
     then:       export
 
-Step names are those of `vinasmol_core.steps.Step`; each is the task function of the same name in
+Step names are those of `vinasmol_core.common.steps.Step`; each is the task function of the same name in
 `tasks/` (`prepare-data` is `tasks.data.prepare_data`).
 
 Resume contract: every step's result is persisted in the store's result storage under a key made of
@@ -30,15 +30,15 @@ from tasks.data import prepare_data
 from tasks.model import convert_to_litgpt, evaluate, export, fetch_base_model, init_embeddings
 from tasks.tokenizer import merge_vocabulary, train_tokenizer
 from tasks.train import train_stage
-from vinasmol_core.errors import ConfigError, StoreError
+from vinasmol_core.common.errors import ConfigError, StoreError
+from vinasmol_core.common.manifests import CheckpointManifest, DatasetManifest, TokenizerManifest
+from vinasmol_core.common.memory import PeakMemory
+from vinasmol_core.common.steps import Step
 from vinasmol_core.hub import folder_digest, mirror_dir, mirror_root
 from vinasmol_core.hub_revisions import pin_hub_revisions
-from vinasmol_core.manifests import CheckpointManifest, DatasetManifest, TokenizerManifest
-from vinasmol_core.memory import PeakMemory
 from vinasmol_core.preflight import require_inputs
 from vinasmol_core.recipe import CorpusSpec, HubBase, Recipe, load_recipe
 from vinasmol_core.smoke import SMOKE_NAMESPACE, projection_rows, smoke_recipe
-from vinasmol_core.steps import Step
 from vinasmol_core.store import ArtifactStore, default_store_url
 from vinasmol_core.train.loggers import check_logging
 from vinasmol_core.train.metrics import MEMORY_KEYS

@@ -35,7 +35,7 @@ def metrics_rows(events: list[dict[str, Any]], limit: int = 200) -> list[dict[st
 
 def loss_curve_svg(stages: list[tuple[str, list[dict[str, Any]]]]) -> str | None:
     """One SVG: training loss against the step counted over all stages, one colour per stage."""
-    from vinasmol_core.chart import Series, line_chart_svg
+    from vinasmol_core.common.chart import Series, line_chart_svg
 
     series, offset = [], 0
     for name, events in stages:
@@ -63,7 +63,7 @@ def bpb_markdown(bpb: dict[str, dict[str, float]]) -> str:
 
 def bpb_chart_svg(bpb: dict[str, dict[str, float]]) -> str | None:
     """Bits per byte per language (one line each) over the checkpoints in pipeline order."""
-    from vinasmol_core.chart import Series, line_chart_svg
+    from vinasmol_core.common.chart import Series, line_chart_svg
 
     labels = list(bpb)
     langs = sorted({lang for row in bpb.values() for lang in row})

@@ -34,7 +34,7 @@ from tasks.common import slug
 from tasks.curves import svg_image
 from tasks.sweep import fit_sweep
 from tasks.train import train_stage
-from vinasmol_core.manifests import DatasetManifest
+from vinasmol_core.common.manifests import DatasetManifest
 from vinasmol_core.recipe import HarnessSection, LongEvalSection, Recipe
 from vinasmol_core.sweep import (
     ProxyConfig,

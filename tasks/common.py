@@ -1,7 +1,7 @@
 """Shared machinery of the pipeline's Prefect tasks: cache keys, result storage, timing, the recipe's
 corpora as local files.
 
-Every step is declared with `@step(Step.NAME)` (names in `vinasmol_core.steps`). A step's cache key
+Every step is declared with `@step(Step.NAME)` (names in `vinasmol_core.common.steps`). A step's cache key
 is a hash of
 
 * the step's name,
@@ -41,12 +41,12 @@ from prefect.cache_policies import CachePolicy
 from pydantic import BaseModel
 
 from vinasmol_core import __version__
+from vinasmol_core.common.errors import VinaSmolError
 from vinasmol_core.data.spec import SourceSpec
-from vinasmol_core.errors import VinaSmolError
 from vinasmol_core.recipe import CorpusSpec, HubSource
 
 # Bump the revision when a step would produce something different from the same inputs
-# (2: steps renamed after their task functions, `vinasmol_core.steps`).
+# (2: steps renamed after their task functions, `vinasmol_core.common.steps`).
 STEP_CODE_REVISION = 2
 CODE_VERSION = f"vinasmol-{__version__}/steps-{STEP_CODE_REVISION}"
 

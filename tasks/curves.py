@@ -33,7 +33,7 @@ def _fmt(value: Any, spec: str = ".4g") -> str:
 
 
 def _charts(stage: str, steps: list[dict[str, Any]], evals: list[dict[str, Any]]) -> list[str]:
-    from vinasmol_core.chart import Series, line_chart_svg
+    from vinasmol_core.common.chart import Series, line_chart_svg
 
     def series(key: str) -> list[tuple[float, float]]:
         return _thin([(e["step"], e[key]) for e in steps if isinstance(e.get(key), int | float)])

@@ -10,12 +10,12 @@ a forced step (`--force`) builds it again.
 from __future__ import annotations
 
 from tasks.common import corpus_source_spec, forced_run, open_store, run_logger, scratch_dir, slug, step
+from vinasmol_core.common.errors import VinaSmolError
+from vinasmol_core.common.manifests import DatasetManifest
+from vinasmol_core.common.steps import Step
 from vinasmol_core.data import PrepareSettings, SourceStats, prepare_dataset
 from vinasmol_core.data.curate import filter_table
-from vinasmol_core.errors import VinaSmolError
-from vinasmol_core.manifests import DatasetManifest
 from vinasmol_core.recipe import CorpusSpec, DataSection
-from vinasmol_core.steps import Step
 
 
 @step(Step.PREPARE_DATA, exclude=("tokenizer_artifact",))

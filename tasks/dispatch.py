@@ -47,7 +47,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.deployments import run_deployment
 
-from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.common.errors import VinaSmolError
 
 DEFAULT_STAGE_DEPLOYMENT = "vinasmol-stage/train-stage"
 DEFAULT_MAX_ATTEMPTS = 2

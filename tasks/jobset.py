@@ -29,8 +29,8 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
-from vinasmol_core.errors import VinaSmolError
-from vinasmol_core.manifests import CheckpointManifest
+from vinasmol_core.common.errors import VinaSmolError
+from vinasmol_core.common.manifests import CheckpointManifest
 from vinasmol_core.train.metrics import parse_line
 from vinasmol_core.train.spec import StageJob
 

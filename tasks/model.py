@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks.common import corpus_rows, open_store, run_logger, scratch_dir, step, val_files
-from vinasmol_core.errors import VinaSmolError
-from vinasmol_core.manifests import CheckpointManifest, EvalReportManifest
+from vinasmol_core.common.errors import VinaSmolError
+from vinasmol_core.common.manifests import CheckpointManifest, EvalReportManifest
+from vinasmol_core.common.steps import Step
 from vinasmol_core.recipe import (
     BaseSource,
     CorpusSpec,
@@ -31,7 +32,6 @@ from vinasmol_core.recipe import (
     SmolLM2Base,
     TinyBase,
 )
-from vinasmol_core.steps import Step
 from vinasmol_core.store import ArtifactStore
 
 

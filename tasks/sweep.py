@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from tasks.common import step
 from vinasmol_core import sweep as lib
-from vinasmol_core.steps import Step
+from vinasmol_core.common.steps import Step
 from vinasmol_core.train.spec import StageSpec
 
 

@@ -18,8 +18,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from tasks.common import run_logger, slug, step
-from vinasmol_core.manifests import CheckpointManifest
-from vinasmol_core.steps import Step
+from vinasmol_core.common.manifests import CheckpointManifest
+from vinasmol_core.common.steps import Step
 from vinasmol_core.train.spec import StageJob, StageLogging, StageSpec
 
 FAIL_AT_ENV = "VINASMOL_FAIL_AT"  # "<stage>:<step>": debugging, never part of a cache key

@@ -43,7 +43,7 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """A local SeaweedFS S3 server (`localserver.seaweed.SeaweedServer`) for the whole session.
 
     Use `seaweed.endpoint_url`, `.access_key`, `.secret_key`, `.create_bucket(name)`, `.env()`."""
-    from vinasmol_core.errors import StoreError
+    from vinasmol_core.common.errors import StoreError
     from vinasmol_core.localserver.seaweed import find_weed, start_seaweed
 
     try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import xml.etree.ElementTree as ET
 
-from vinasmol_core.chart import Series, line_chart_svg, nice_ticks
+from vinasmol_core.common.chart import Series, line_chart_svg, nice_ticks
 
 NS = "{http://www.w3.org/2000/svg}"
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from vinasmol_core.cli.options import path_pairs, split_pair
-from vinasmol_core.errors import ConfigError
+from vinasmol_core.common.errors import ConfigError
 
 
 def test_split_pair_splits_at_the_first_equals_sign() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vinasmol_core.cli.store import main
-from vinasmol_core.manifests import DatasetManifest
+from vinasmol_core.common.manifests import DatasetManifest
 from vinasmol_core.store import ArtifactStore
 
 REPO = Path(__file__).resolve().parent.parent

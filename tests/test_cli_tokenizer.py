@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.tokenizer_helpers import sample_data, scratch, tiny_base, vi_counts
-from vinasmol_core.errors import ConfigError, VinaSmolError
+from vinasmol_core.common.errors import ConfigError, VinaSmolError
 from vinasmol_core.tokenizer import count_words, extend_tokenizer
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from vinasmol_core.common.errors import ConfigError, VinaSmolError
 from vinasmol_core.data.documents import MessagesDocument, PromptResponseDocument, render
 from vinasmol_core.data.readers import iter_hf_records
 from vinasmol_core.data.spec import SourceSpec
-from vinasmol_core.errors import ConfigError, VinaSmolError
 from vinasmol_core.hub_mirror import write_dataset_config
 from vinasmol_core.recipe import load_recipe
 

@@ -10,10 +10,10 @@ import pytest
 
 from tasks.common import corpus_digest, corpus_rows, hub_source_spec, hub_val_file
 from tests.data_fixtures import tiny_tokenizer
+from vinasmol_core.common.errors import VinaSmolError
 from vinasmol_core.data import PrepareSettings, prepare_dataset
 from vinasmol_core.data.readers import ReadCounters, iter_batches, open_hf_dataset
 from vinasmol_core.data.worker import split_is_val
-from vinasmol_core.errors import VinaSmolError
 from vinasmol_core.hub_mirror import write_dataset_config
 from vinasmol_core.recipe import CorpusSpec
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from tests.data_fixtures import mixture_dataset, sample_corpora, tiny_tokenizer, write_jsonl
+from vinasmol_core.common.errors import ConfigError, VinaSmolError
 from vinasmol_core.data import (
     CleaningSpec,
     MixtureSampler,
@@ -27,7 +28,6 @@ from vinasmol_core.data import (
 )
 from vinasmol_core.data.clean import clean_document, dedup_hash, normalize_text
 from vinasmol_core.data.shards import SourceTokens
-from vinasmol_core.errors import ConfigError, VinaSmolError
 
 VI_DOC = "Hà Nội là thủ đô của nước Cộng hòa xã hội chủ nghĩa Việt Nam, một thành phố có lịch sử lâu đời."
 EN_DOC = "The old captain described the ancient bridge with great patience before the winter came."
@@ -200,7 +200,7 @@ def sample_corpora_small(tmp_path: Path) -> Path:
 
 
 def test_store_publish_and_reuse_from_store(tmp_path: Path, tok: Path) -> None:
-    from vinasmol_core.manifests import DatasetManifest
+    from vinasmol_core.common.manifests import DatasetManifest
     from vinasmol_core.store import ArtifactStore
 
     store = ArtifactStore(f"file://{tmp_path / 'store'}", cache_dir=tmp_path / "cache")
@@ -500,7 +500,7 @@ def test_cli_prepare_inspect_and_errors(tmp_path_factory: pytest.TempPathFactory
 
 def test_data_step_builds_then_reuses(tmp_path: Path, tok: Path) -> None:
     from tasks.data import prepare_data
-    from vinasmol_core.manifests import TokenizerManifest
+    from vinasmol_core.common.manifests import TokenizerManifest
     from vinasmol_core.recipe import CorpusSpec, DataSection
     from vinasmol_core.store import ArtifactStore
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
+from vinasmol_core.common.errors import VinaSmolError
 from vinasmol_core.data.readers import ReadCounters, ResolvedFile, iter_batches, resolve_files, source_digest
 from vinasmol_core.data.spec import SourceSpec
 from vinasmol_core.data.worker import Batch
-from vinasmol_core.errors import VinaSmolError
 
 
 def _spec(*paths: str | Path, **kw: object) -> SourceSpec:

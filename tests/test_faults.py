@@ -150,9 +150,9 @@ def test_s3_server_killed_during_a_publish_and_restarted(tmp_path: Path, monkeyp
     on the same port and data. The publish fails with a StoreError or rides it out; publishing again
     succeeds, and `verify` finds every manifest's blobs (none names a missing one) with the content
     intact."""
-    from vinasmol_core.errors import StoreError
+    from vinasmol_core.common.errors import StoreError
+    from vinasmol_core.common.manifests import DatasetManifest
     from vinasmol_core.localserver.seaweed import start_seaweed
-    from vinasmol_core.manifests import DatasetManifest
     from vinasmol_core.store import ArtifactStore
     from vinasmol_core.store.backends import base
 

@@ -23,8 +23,8 @@ import yaml
 from tasks.common import read_timing_log
 from tasks.train import FAIL_AT_ENV
 from tests.cli_helpers import run_vinasmol
-from vinasmol_core.errors import ConfigError, VinaSmolError
-from vinasmol_core.steps import Step
+from vinasmol_core.common.errors import ConfigError, VinaSmolError
+from vinasmol_core.common.steps import Step
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["eeve-3", "eeve-4", "eeve-6", "eeve-7", "context-extension", "annealing"]

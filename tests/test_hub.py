@@ -11,7 +11,7 @@ import yaml
 
 from tasks import model as model_tasks
 from tests.model_fixtures import shared_tiny
-from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.common.errors import VinaSmolError
 from vinasmol_core.hub import (
     MIRROR_ENV,
     check_dataset_mirror,

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from vinasmol_core.memory import PeakMemory, child_pids, tree_rss_bytes
+from vinasmol_core.common.memory import PeakMemory, child_pids, tree_rss_bytes
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 

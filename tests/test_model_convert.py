@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.model_fixtures import shared_tiny
-from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.common.errors import VinaSmolError
 from vinasmol_core.model import (
     convert,
     detect_litgpt_name,

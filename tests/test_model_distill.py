@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from tests.model_fixtures import build_tiny_setup
 from vinasmol_core.builtin.sample_corpus import sample_texts
-from vinasmol_core.errors import ConfigError
+from vinasmol_core.common.errors import ConfigError
 from vinasmol_core.model import extend_model
 from vinasmol_core.model.distill import Distiller, DistillSettings, evaluate_loss, text_windows
 from vinasmol_core.model.embeddings import load_tokenizer, segment_tokens
@@ -109,7 +109,7 @@ def test_task_and_cli_run_distill_on_training_text(setup: dict, tmp_path, monkey
 
     from tasks import model as model_tasks
     from tests.cli_helpers import run_vinasmol
-    from vinasmol_core.manifests import TokenizerManifest
+    from vinasmol_core.common.manifests import TokenizerManifest
     from vinasmol_core.recipe import CorpusSpec, EmbeddingInitSection, HFBase
     from vinasmol_core.store import ArtifactStore
 

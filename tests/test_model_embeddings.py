@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 from tests.model_fixtures import extend_tokenizer_with_merges, shared_tiny
 from vinasmol_core.builtin.sample_corpus import sample_texts
 from vinasmol_core.builtin.tiny import build_tiny_tokenizer
-from vinasmol_core.errors import ConfigError, VinaSmolError
+from vinasmol_core.common.errors import ConfigError, VinaSmolError
 from vinasmol_core.model import extend_model, mean_rows, segment_tokens
 from vinasmol_core.model.embeddings import token_bytes
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.common.errors import VinaSmolError
 from vinasmol_core.model import hf_io, litgpt_io
 
 VOCAB = 60  # the tokenizer's size; the model below pads its table to 64 rows

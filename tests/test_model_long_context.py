@@ -11,7 +11,7 @@ import pytest
 
 from vinasmol_core.builtin.sample_corpus import sample_texts
 from vinasmol_core.builtin.tiny import build_tiny_base_model, build_tiny_tokenizer
-from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.common.errors import VinaSmolError
 from vinasmol_core.model.bpb import Scorer, score_documents
 from vinasmol_core.model.long_context import (
     long_context_report,

@@ -13,7 +13,7 @@ import yaml
 from flows.pipeline import plan_run, vinasmol
 from tests.cli_helpers import run_vinasmol
 from tests.model_fixtures import shared_tiny
-from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.common.errors import VinaSmolError
 from vinasmol_core.hub import MIRROR_ENV
 from vinasmol_core.hub_mirror import build_recipe_mirror
 from vinasmol_core.preflight import plan_tokens, require_inputs
@@ -175,7 +175,7 @@ def test_conversation_columns_are_checked_before_the_run(tmp_path: Path) -> None
 
 def test_recipe_check_prints_planned_and_kept_tokens_per_source(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
-    from vinasmol_core.manifests import DatasetManifest
+    from vinasmol_core.common.manifests import DatasetManifest
     from vinasmol_core.store import ArtifactStore
 
     url = (tmp_path / "store").as_uri()

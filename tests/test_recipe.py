@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from tests.cli_helpers import run_vinasmol
-from vinasmol_core.errors import ConfigError
+from vinasmol_core.common.errors import ConfigError
+from vinasmol_core.common.steps import STEPS_BEFORE
 from vinasmol_core.recipe import (
     LongEvalSection,
     apply_overrides,
@@ -19,7 +20,6 @@ from vinasmol_core.recipe import (
     parse_recipe,
     recipe_schema,
 )
-from vinasmol_core.steps import STEPS_BEFORE
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes" / "tiny-cpu.yaml"

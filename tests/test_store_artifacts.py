@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from vinasmol_core.errors import StoreError
-from vinasmol_core.manifests import CheckpointManifest, DatasetManifest, FileEntry, TokenizerManifest
+from vinasmol_core.common.errors import StoreError
+from vinasmol_core.common.manifests import CheckpointManifest, DatasetManifest, FileEntry, TokenizerManifest
 from vinasmol_core.store import ArtifactStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,7 +97,7 @@ CHILD = textwrap.dedent(
     import os, signal, socket, sys, threading
     from pathlib import Path
     from vinasmol_core import store as S
-    from vinasmol_core.manifests import DatasetManifest
+    from vinasmol_core.common.manifests import DatasetManifest
 
     kill_after, go, jobs = int(sys.argv[1]), sys.argv[2], [a.split("|") for a in sys.argv[3:]]
     if kill_after:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from vinasmol_core.errors import StoreError
-from vinasmol_core.manifests import DatasetManifest
+from vinasmol_core.common.errors import StoreError
+from vinasmol_core.common.manifests import DatasetManifest
 from vinasmol_core.store import ArtifactStore, default_cache_dir, default_store_url
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from vinasmol_core.errors import ConfigError
+from vinasmol_core.common.errors import ConfigError
 from vinasmol_core.recipe import load_recipe
 from vinasmol_core.sweep import (
     ProxyConfig,

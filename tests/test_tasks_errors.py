@@ -11,7 +11,7 @@ import pytest
 from prefect import flow, task
 
 import tasks.common  # noqa: F401 - installs the filter, as every task module does
-from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.common.errors import VinaSmolError
 
 
 @task(persist_result=False)

@@ -24,8 +24,8 @@ from tasks.jobset import (
     run_stage_jobset,
     terminal_state,
 )
-from vinasmol_core.errors import VinaSmolError
-from vinasmol_core.manifests import CheckpointManifest
+from vinasmol_core.common.errors import VinaSmolError
+from vinasmol_core.common.manifests import CheckpointManifest
 from vinasmol_core.train.metrics import METRICS_PREFIX, RESULT_PREFIX
 from vinasmol_core.train.spec import StageJob, StageSpec
 
@@ -338,7 +338,7 @@ def test_pods_get_time_to_finish_a_step_and_publish_a_train_state() -> None:
 def test_pod_zero_hosts_the_rendezvous() -> None:
     """Each pod's agent names the rendezvous host from its index: pod 0 hosts, whether or not its own
     DNS name resolves yet when its agent starts."""
-    from vinasmol_core.errors import ConfigError
+    from vinasmol_core.common.errors import ConfigError
     from vinasmol_core.train.agent import torchrun_args
 
     m = jobset_manifest(_job(), SETTINGS)

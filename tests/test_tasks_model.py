@@ -10,8 +10,8 @@ import pytest
 from tasks import model as model_tasks
 from tests.model_fixtures import shared_tiny
 from vinasmol_core.builtin.tiny import build_tiny_tokenizer
-from vinasmol_core.errors import VinaSmolError
-from vinasmol_core.manifests import CheckpointManifest, EvalReportManifest, TokenizerManifest
+from vinasmol_core.common.errors import VinaSmolError
+from vinasmol_core.common.manifests import CheckpointManifest, EvalReportManifest, TokenizerManifest
 from vinasmol_core.recipe import CorpusSpec, EmbeddingInitSection, EvalSection, ExportSection, HFBase
 from vinasmol_core.store import ArtifactStore
 

@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.common.errors import VinaSmolError
 from vinasmol_core.train.spec import StageJob, StageLogging, StageSpec
 
 pytestmark = pytest.mark.timeout(600)

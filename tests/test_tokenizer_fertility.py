@@ -38,7 +38,7 @@ def test_fertility_numbers_are_tokens_per_word_and_bytes_per_token() -> None:
 
 def test_cli_extend_publishes_manifest_with_fertility(monkeypatch, capsys) -> None:  # noqa: ANN001
     from vinasmol_core.cli import main
-    from vinasmol_core.manifests import TokenizerManifest
+    from vinasmol_core.common.manifests import TokenizerManifest
     from vinasmol_core.store import ArtifactStore
 
     folder = scratch("cli-ok")
@@ -101,7 +101,7 @@ def _small_copy(path, folder):  # noqa: ANN001, ANN202
 
 
 def _tokenizer_manifest_for_base():  # noqa: ANN202
-    from vinasmol_core.manifests import TokenizerManifest
+    from vinasmol_core.common.manifests import TokenizerManifest
 
     return TokenizerManifest(name="tiny-base", vocab_size=1024, base_vocab_size=1024)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from vinasmol_core.errors import ConfigError, VinaSmolError
+from vinasmol_core.common.errors import ConfigError, VinaSmolError
 from vinasmol_core.train import params
 from vinasmol_core.train.metrics import read_events
 from vinasmol_core.train.spec import StageJob, StageSpec
@@ -330,7 +330,7 @@ def _error_before_training(env, job: StageJob, match: str) -> None:
 def test_bad_inputs_fail_before_training(env, tmp_path) -> None:
     from vinasmol_core.builtin.fixtures import smollm2_config, write_litgpt_checkpoint
     from vinasmol_core.builtin.tiny import build_tiny_tokenizer
-    from vinasmol_core.manifests import CheckpointManifest
+    from vinasmol_core.common.manifests import CheckpointManifest
 
     _error_before_training(
         env, make_job(env, stage_spec("bad-1", ["transformer.h.7.*"]), "bad"), r"pattern 'transformer.h.7.\*'"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.common.errors import VinaSmolError
 from vinasmol_core.train import params
 from vinasmol_core.train.group import run_processes
 from vinasmol_core.train.metrics import read_events

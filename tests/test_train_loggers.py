@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vinasmol_core.errors import ConfigError, VinaSmolError
+from vinasmol_core.common.errors import ConfigError, VinaSmolError
 from vinasmol_core.train.spec import StageJob, StageLogging, StageSpec
 
 pytestmark = pytest.mark.timeout(600)

@@ -20,7 +20,7 @@ from tests.test_train_engine import (
     store_of,
     weights,
 )
-from vinasmol_core.errors import ConfigError, VinaSmolError
+from vinasmol_core.common.errors import ConfigError, VinaSmolError
 from vinasmol_core.train import params, relora
 from vinasmol_core.train.schedule import learning_rate
 from vinasmol_core.train.spec import ReLoRASpec, parse_spec

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vinasmol_core.errors import ConfigError
+from vinasmol_core.common.errors import ConfigError
 from vinasmol_core.train import params
 from vinasmol_core.train.data import batch_indices
 from vinasmol_core.train.schedule import learning_rate

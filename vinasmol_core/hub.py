@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.common.errors import VinaSmolError
 
 MIRROR_ENV = "VINASMOL_HUB_MIRROR"
 TIMEOUT_S = 10.0

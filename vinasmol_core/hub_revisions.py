@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.common.errors import VinaSmolError
 from vinasmol_core.hub import resolve_dataset_revision
 from vinasmol_core.recipe import CorpusSpec, HubSource, Recipe
 

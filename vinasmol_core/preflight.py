@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.common.errors import VinaSmolError
 from vinasmol_core.hub import (
     HubCheck,
     check_dataset_mirror,

@@ -30,11 +30,11 @@ from pydantic import (
     model_validator,
 )
 
+from vinasmol_core.common.errors import ConfigError
+from vinasmol_core.common.steps import STEPS_AFTER, STEPS_BEFORE, Step
 from vinasmol_core.data.curation import CurationSpec
 from vinasmol_core.data.documents import DocumentFormat
 from vinasmol_core.data.spec import CleaningSpec
-from vinasmol_core.errors import ConfigError
-from vinasmol_core.steps import STEPS_AFTER, STEPS_BEFORE, Step
 from vinasmol_core.train.spec import StageLogging, StageSpec
 
 Lang = Literal["vi", "en", "code"]

@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from vinasmol_core.errors import ConfigError
+from vinasmol_core.common.errors import ConfigError
 from vinasmol_core.recipe import (
     Recipe,
     apply_overrides,
@@ -453,7 +453,7 @@ def runs_table(rows: list[dict[str, Any]]) -> str:
 
 def scatter_svgs(rows: list[dict[str, Any]], key: str) -> list[str]:
     """Two SVG scatter charts of the proxy runs' objective: against the weight of `key`, against the lr."""
-    from vinasmol_core.chart import Series, line_chart_svg
+    from vinasmol_core.common.chart import Series, line_chart_svg
 
     done = [r for r in rows if r["kind"] == "proxy" and r["objective"] is not None]
     if not done:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vinasmol_core.manifests import CheckpointManifest
+from vinasmol_core.common.manifests import CheckpointManifest
 
 SMOLLM2_360M_SHAPE: dict[str, Any] = {
     "n_layer": 32,

@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from vinasmol_core.cli.options import split_pair
-from vinasmol_core.errors import ConfigError
+from vinasmol_core.common.errors import ConfigError
 
 app = typer.Typer(no_args_is_help=True, help="Training data: prepare token shards, inspect them, sample.")
 

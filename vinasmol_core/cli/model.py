@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from vinasmol_core.cli.options import path_pairs
-from vinasmol_core.errors import ConfigError, VinaSmolError
+from vinasmol_core.common.errors import ConfigError, VinaSmolError
 
 app = typer.Typer(no_args_is_help=True, help="model surgery: fetch a base, extend its vocabulary, convert")
 eval_app = typer.Typer(no_args_is_help=True, help="evaluate models")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vinasmol_core.errors import ConfigError
+from vinasmol_core.common.errors import ConfigError
 
 
 def split_pair(

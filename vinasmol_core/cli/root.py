@@ -7,7 +7,7 @@ import sys
 import typer
 
 from vinasmol_core.cli import data, model, store, tokenizer, train
-from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.common.errors import VinaSmolError
 
 app = typer.Typer(
     no_args_is_help=True, help="VinaSmol: teach SmolLM2 Vietnamese.", pretty_exceptions_enable=False

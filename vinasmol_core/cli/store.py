@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vinasmol_core.errors import StoreError, VinaSmolError
+from vinasmol_core.common.errors import StoreError, VinaSmolError
 from vinasmol_core.store import ArtifactStore, validate_ref
 
 app = typer.Typer(

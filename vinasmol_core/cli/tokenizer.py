@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from vinasmol_core.cli.options import path_pairs
-from vinasmol_core.errors import ConfigError
+from vinasmol_core.common.errors import ConfigError
 
 app = typer.Typer(no_args_is_help=True, help="Vietnamese vocabulary extension: count, extend, report.",
                   pretty_exceptions_enable=False)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vinasmol_core.common.errors import ConfigError
 from vinasmol_core.data.clean import _IS_SPACE, codepoints
 from vinasmol_core.data.curation import (
     C4Rules,
@@ -35,7 +36,6 @@ from vinasmol_core.data.curation import (
     GopherQualityRules,
     GopherRepetitionRules,
 )
-from vinasmol_core.errors import ConfigError
 
 if TYPE_CHECKING:
     from vinasmol_core.data.spec import SourceStats

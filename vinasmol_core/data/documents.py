@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.common.errors import VinaSmolError
 
 DEFAULT_LABELS = {"system": "System", "user": "User", "assistant": "Assistant"}
 TURN_SEPARATOR = "\n\n"

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vinasmol_core.common.errors import ConfigError, VinaSmolError
 from vinasmol_core.data.clean import FILTERS
 from vinasmol_core.data.curate import QUALITY_FILTERS, load_flagged_words
 from vinasmol_core.data.fastbpe import BPETables
@@ -52,10 +53,9 @@ from vinasmol_core.data.worker import (
     minhash_scheme,
     split_is_val,
 )
-from vinasmol_core.errors import ConfigError, VinaSmolError
 
 if TYPE_CHECKING:
-    from vinasmol_core.manifests import DatasetManifest
+    from vinasmol_core.common.manifests import DatasetManifest
     from vinasmol_core.store import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def _info_from_meta(meta: dict[str, Any], out_dir: Path | None, *, reused: bool,
 
 def dataset_manifest(meta: dict[str, Any], name: str = "") -> DatasetManifest:
     """The store manifest describing a dataset folder (files are filled in by ArtifactStore.publish)."""
-    from vinasmol_core.manifests import DatasetManifest
+    from vinasmol_core.common.manifests import DatasetManifest
 
     shards = [s["path"] for src in meta["sources"] for sp in SPLITS for s in src["splits"][sp]["shards"]]
     return DatasetManifest(

@@ -17,9 +17,9 @@ from typing import Any
 
 from isal.isal_zlib import error as IsalError
 
+from vinasmol_core.common.errors import VinaSmolError
 from vinasmol_core.data.spec import SourceSpec
 from vinasmol_core.data.worker import Batch
-from vinasmol_core.errors import VinaSmolError
 
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}

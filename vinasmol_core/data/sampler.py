@@ -30,11 +30,11 @@ from typing import Any
 
 import numpy as np
 
+from vinasmol_core.common.errors import ConfigError
 from vinasmol_core.data.prepare import load_dataset_meta
 from vinasmol_core.data.shards import SourceTokens
 from vinasmol_core.data.spec import LANGS, ROLES, LongContextSpec
 from vinasmol_core.data.tokcheck import check_tokenizer
-from vinasmol_core.errors import ConfigError
 
 _MASK64 = (1 << 64) - 1
 _SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val"}

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.common.errors import VinaSmolError
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype[Any]:

@@ -10,9 +10,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from vinasmol_core.common.errors import ConfigError
 from vinasmol_core.data.curation import CurationSpec
 from vinasmol_core.data.documents import DocumentFormat
-from vinasmol_core.errors import ConfigError
 
 Lang = Literal["vi", "en", "code", "any"]
 Role = Literal["main", "annealing"]

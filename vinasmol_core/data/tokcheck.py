@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.common.errors import VinaSmolError
 
 EOS_TOKEN = "<|endoftext|>"
 

@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import orjson
 
+from vinasmol_core.common.errors import VinaSmolError
 from vinasmol_core.data.clean import FILTERS, clean_document, dedup_hash
 from vinasmol_core.data.curate import QUALITY_FILTERS, Curator
 from vinasmol_core.data.curation import CurationSpec
 from vinasmol_core.data.fastbpe import BPETables, FastByteLevelBPE
 from vinasmol_core.data.spec import CleaningSpec, FilterStats
-from vinasmol_core.errors import VinaSmolError
 
 if TYPE_CHECKING:
     pass

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from vinasmol_core.errors import StoreError
+from vinasmol_core.common.errors import StoreError
 from vinasmol_core.localserver.localhost import die_with_parent as _die_with_parent
 from vinasmol_core.localserver.localhost import free_ports, stop_process
 

@@ -7,8 +7,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from vinasmol_core.errors import VinaSmolError
-from vinasmol_core.manifests import CheckpointManifest
+from vinasmol_core.common.errors import VinaSmolError
+from vinasmol_core.common.manifests import CheckpointManifest
 from vinasmol_core.model import hf_io
 
 HF_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "special_tokens_map.json"]

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.common.errors import VinaSmolError
 from vinasmol_core.model import hf_io
 from vinasmol_core.model.litgpt_io import LIT_CONFIG, LIT_WEIGHTS
 

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.common.errors import VinaSmolError
 from vinasmol_core.model import hf_io
 from vinasmol_core.model.litgpt_io import (
     LAYER_MAP_HF_TO_LIT,

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vinasmol_core.errors import ConfigError, VinaSmolError
+from vinasmol_core.common.errors import ConfigError, VinaSmolError
 from vinasmol_core.model import hf_io
 from vinasmol_core.model.distill import DistillSettings
 from vinasmol_core.model.translations import TranslationSource, translation_source

@@ -39,7 +39,7 @@ def passkey_markdown(long: dict[str, dict[str, Any]]) -> str:
 
 def long_context_svgs(long: dict[str, dict[str, Any]]) -> list[str]:
     """Two charts: bits per byte against token position (bucket ends), passkey accuracy against length."""
-    from vinasmol_core.chart import Series, line_chart_svg
+    from vinasmol_core.common.chart import Series, line_chart_svg
 
     bpb, passkey = [], []
     for label, rep in long.items():

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.common.errors import VinaSmolError
 from vinasmol_core.model.bpb import Scorer, iter_texts
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "

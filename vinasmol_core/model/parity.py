@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.common.errors import VinaSmolError
 from vinasmol_core.model.litgpt_io import build_litgpt_model
 
 if TYPE_CHECKING:

@@ -13,8 +13,8 @@ from typing import TypeVar
 
 from pydantic import ValidationError
 
-from vinasmol_core.errors import StoreError
-from vinasmol_core.manifests import Manifest, manifest_from_json
+from vinasmol_core.common.errors import StoreError
+from vinasmol_core.common.manifests import Manifest, manifest_from_json
 from vinasmol_core.store.backends import open_backend
 from vinasmol_core.store.backends.base import DownloadJob, ObjInfo, UploadJob, _Backend, _Counters
 from vinasmol_core.store.backends.s3 import PART_SIZE

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from vinasmol_core.manifests import Manifest, manifest_from_json
+from vinasmol_core.common.manifests import Manifest, manifest_from_json
 from vinasmol_core.store.hashing import _file_sig, hash_file
 
 

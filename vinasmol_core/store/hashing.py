@@ -6,7 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from vinasmol_core.manifests import FileEntry
+from vinasmol_core.common.manifests import FileEntry
 
 CHUNK = 8 << 20  # read/hash granularity
 

@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from vinasmol_core.errors import StoreError
-from vinasmol_core.manifests import check_relative_path
+from vinasmol_core.common.errors import StoreError
+from vinasmol_core.common.manifests import check_relative_path
 
 SUPPORTED_SCHEMES = ("file", "s3", "memory")
 TRASH = "trash/"  # where gc sets doomed blobs aside before deleting them

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from vinasmol_core.errors import StoreError
-from vinasmol_core.manifests import FileEntry
+from vinasmol_core.common.errors import StoreError
+from vinasmol_core.common.manifests import FileEntry
 from vinasmol_core.store.backends.base import UploadJob, _Backend, _Counters
 from vinasmol_core.store.hashing import CHUNK, _stat_sig, hash_file
 from vinasmol_core.store.layout import _blob_key, _check_path

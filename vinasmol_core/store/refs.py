@@ -7,7 +7,7 @@ import json
 import time
 from datetime import UTC, datetime
 
-from vinasmol_core.errors import StoreError
+from vinasmol_core.common.errors import StoreError
 from vinasmol_core.store.backends.base import _Backend
 from vinasmol_core.store.layout import _HEX64, _HISTORY_ENTRY, _ref_key
 from vinasmol_core.store.reports import RefMove

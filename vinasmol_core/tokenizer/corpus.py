@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.common.errors import VinaSmolError
 from vinasmol_core.tokenizer.text import WHITESPACE_CLASS
 
 TEXT_BLOCK_BYTES = 4 << 20

@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.common.errors import VinaSmolError
 from vinasmol_core.tokenizer.corpus import Corpus, batched_by_chars, iter_documents
 from vinasmol_core.tokenizer.text import (
     LEADING_SPACE_RE,

@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from vinasmol_core.errors import ConfigError, VinaSmolError
+from vinasmol_core.common.errors import ConfigError, VinaSmolError
 from vinasmol_core.tokenizer.base import BaseTokenizer, encode_words
 from vinasmol_core.tokenizer.counts import WordCounts
 from vinasmol_core.tokenizer.text import byte_level_to_text, unicode_to_bytes

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from vinasmol_core.errors import VinaSmolError
+from vinasmol_core.common.errors import VinaSmolError
 from vinasmol_core.tokenizer.base import tokenizer_file
 from vinasmol_core.tokenizer.corpus import batched_by_chars, expand_paths, iter_file
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vinasmol_core.manifests import TokenizerManifest
+from vinasmol_core.common.manifests import TokenizerManifest
 from vinasmol_core.tokenizer.extend import ExtendResult
 from vinasmol_core.tokenizer.fertility import FertilityReport
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-from vinasmol_core.errors import ConfigError
+from vinasmol_core.common.errors import ConfigError
 
 
 def torchrun_args(argv: list[str], node_rank: str | None) -> list[str]:

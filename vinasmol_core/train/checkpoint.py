@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from vinasmol_core.errors import VinaSmolError
-from vinasmol_core.manifests import CheckpointManifest
-from vinasmol_core.memory import training_process_peaks
+from vinasmol_core.common.errors import VinaSmolError
+from vinasmol_core.common.manifests import CheckpointManifest
+from vinasmol_core.common.memory import training_process_peaks
 from vinasmol_core.train import dist, params, relora, state
 from vinasmol_core.train.data import TOKENIZER_FILES, tokenizer_digest
 from vinasmol_core.train.inputs import Inputs

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from vinasmol_core.errors import ConfigError, VinaSmolError
+from vinasmol_core.common.errors import ConfigError, VinaSmolError
 from vinasmol_core.tokenizer.text import bytes_to_unicode
 
 LANGUAGES = ("vi", "en", "code")

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vinasmol_core.errors import ConfigError, Preempted, VinaSmolError
-from vinasmol_core.manifests import CheckpointManifest
+from vinasmol_core.common.errors import ConfigError, Preempted, VinaSmolError
+from vinasmol_core.common.manifests import CheckpointManifest
 from vinasmol_core.train import dist, params, relora, runtime, state
 from vinasmol_core.train.checkpoint import Checkpointer
 from vinasmol_core.train.data import (

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vinasmol_core.errors import ConfigError, VinaSmolError
-from vinasmol_core.manifests import CheckpointManifest, DatasetManifest
+from vinasmol_core.common.errors import ConfigError, VinaSmolError
+from vinasmol_core.common.manifests import CheckpointManifest, DatasetManifest
 from vinasmol_core.train import params, relora
 from vinasmol_core.train.data import check_data_matches_checkpoint, eval_languages, open_sampler
 from vinasmol_core.train.spec import StageJob, StageSpec

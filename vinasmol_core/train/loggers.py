@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from vinasmol_core.errors import ConfigError
+from vinasmol_core.common.errors import ConfigError
 from vinasmol_core.train.spec import StageJob, StageLogging
 
 LOG_DIR_ENV = "VINASMOL_LOG_DIR"

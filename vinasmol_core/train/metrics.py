@@ -102,7 +102,7 @@ def read_events(path: Path) -> list[dict[str, Any]]:
 
 def plot_loss_curve(events: list[dict[str, Any]], out_svg: Path, title: str) -> None:
     """Training loss per step, validation loss per language at each evaluation, as an SVG file."""
-    from vinasmol_core.chart import Series, line_chart_svg
+    from vinasmol_core.common.chart import Series, line_chart_svg
 
     series = [Series("train loss", [(e["step"], e["loss"]) for e in events if e.get("event") == "step"])]
     evals = [e for e in events if e.get("event") == "eval"]

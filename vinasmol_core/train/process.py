@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vinasmol_core.errors import ConfigError, Preempted, StoreError, VinaSmolError
-from vinasmol_core.manifests import CheckpointManifest
+from vinasmol_core.common.errors import ConfigError, Preempted, StoreError, VinaSmolError
+from vinasmol_core.common.manifests import CheckpointManifest
 from vinasmol_core.train.metrics import ERROR_PREFIX, parse_line
 from vinasmol_core.train.spec import StageJob, load_job
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vinasmol_core.errors import ConfigError
+from vinasmol_core.common.errors import ConfigError
 from vinasmol_core.train.spec import ReLoRASpec
 
 ADAPTER_SUFFIXES = (".lora_A", ".lora_B")

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from vinasmol_core.errors import ConfigError
+from vinasmol_core.common.errors import ConfigError
 
 POLICIES = ("new-embeddings", "embeddings", "all", "transformer")
 Policy = Literal["new-embeddings", "embeddings", "all", "transformer"]

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from vinasmol_core.errors import StoreError
+from vinasmol_core.common.errors import StoreError
 from vinasmol_core.store.backends.base import _Backend
 from vinasmol_core.store.backends.local import _LocalBackend, _MemoryBackend
 from vinasmol_core.store.backends.s3 import PART_SIZE, _S3Backend

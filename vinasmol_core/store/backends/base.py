@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vinasmol_core.errors import StoreError
+from vinasmol_core.common.errors import StoreError
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from vinasmol_core.errors import StoreError
+from vinasmol_core.common.errors import StoreError
 from vinasmol_core.store.backends.base import DownloadJob, ObjInfo, UploadJob, _Backend, _Counters
 from vinasmol_core.store.backends.s3_aio import _AioData
 from vinasmol_core.store.backends.s3_common import S3Target, is_missing

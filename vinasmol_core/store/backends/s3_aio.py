@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import Any
 
-from vinasmol_core.errors import StoreError
+from vinasmol_core.common.errors import StoreError
 from vinasmol_core.store.backends.base import (
     REPUBLISH_HINT,
     DownloadJob,

@@ -11,7 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
-from vinasmol_core.errors import StoreError
+from vinasmol_core.common.errors import StoreError
 from vinasmol_core.store.backends.base import (
     REPUBLISH_HINT,
     DownloadJob,
