@@ -73,7 +73,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # ui_shots: the local stack's helpers
 
 from vinasmol_core.model.hf_io import sha256_file  # noqa: E402
-from vinasmol_core.train.engine import HOLD_ENV  # noqa: E402
+from vinasmol_core.train.hold import HOLD_ENV, StageHold  # noqa: E402
 from vinasmol_core.train.process import STAGE_RUNNER_ENV  # noqa: E402
 
 TAG_ENV = "VINASMOL_FAULTS_RUN"
@@ -310,18 +310,18 @@ class Bench:
         for target in KILL_STEPS:
             where: list[str] = []
             extra: dict[str, str] = {}
-            hold: Hold | None = None
+            hold: StageHold | None = None
             if target.startswith(STAGE_PREFIX):
                 stage = target[len(STAGE_PREFIX):]
                 step = self.rng.randint(1, max(1, self.steps.get(stage, 2) - 1))
-                hold = Hold(self.work / "row1", stage, step)
+                hold = StageHold(self.work / "row1", stage, step)
                 extra = hold.env
                 delay = 0.0
             else:
                 delay = self.moment(target, 0.0, 0.5)
 
             def kill(proc: subprocess.Popen[str], live: Live, target: str = target, delay: float = delay,
-                     hold: Hold | None = hold, where: list[str] = where) -> None:
+                     hold: StageHold | None = hold, where: list[str] = where) -> None:
                 if hold is not None:  # the stage holds after its step: the kill lands there
                     if hold.wait(proc):
                         os.kill(proc.pid, signal.SIGKILL)
@@ -799,35 +799,6 @@ class BenchPrefect:
         for name in gone:
             (self.home / name).unlink()
         return ", ".join(gone) or "no database file"
-
-
-class Hold:
-    """A named pipe that stage `stage` writes "<stage> <step>" to after step `step` (and its train-state,
-    when one is due), then waits there until killed (`train.engine.HOLD_ENV`)."""
-
-    def __init__(self, folder: Path, stage: str, step: int) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.stage, self.step = stage, step
-        self.fifo = folder / f"hold-{uuid.uuid4().hex[:8]}"
-        os.mkfifo(self.fifo)
-        self.env = {HOLD_ENV: f"{stage}:{step}:{self.fifo}"}
-        self.expected = f"{stage} {step}"
-
-    def wait(self, proc: subprocess.Popen[str]) -> bool:
-        """Block until the stage holds (True), or until `proc` ends first (False)."""
-
-        def wake_on_exit() -> None:
-            proc.wait()
-            fd = os.open(self.fifo, os.O_RDWR | os.O_NONBLOCK)  # never blocks; wakes the reader
-            os.write(fd, b"exited\n")
-            os.close(fd)
-
-        threading.Thread(target=wake_on_exit, daemon=True).start()
-        with open(self.fifo, encoding="utf-8") as fifo:
-            return fifo.readline().strip() == self.expected
-
-    def close(self) -> None:
-        self.fifo.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------- helpers

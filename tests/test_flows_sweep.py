@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from tests.cli_helpers import run_vinasmol
-from tests.holds import StageHold
 from tests.test_faults import TAG, _left_after
 from vinasmol_core.recipe import load_recipe
+from vinasmol_core.train.hold import StageHold
 
 pytestmark = pytest.mark.timeout(900)
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +68,7 @@ def test_sweep_finds_the_better_mixture_and_resumes(prefect_server, tmp_path: Pa
     with open(tmp_path / "killed-sweep.txt", "w", encoding="utf-8") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, **hold.env, TAG: tag}, stdout=out,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    hold.wait(proc)
+    assert hold.wait(proc), "the run ended before its stage held"
     st = ArtifactStore(store)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import math
-import os
 import shutil
 import signal
 import tempfile
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from vinasmol_core.common.errors import ConfigError, Preempted, VinaSmolError
 from vinasmol_core.common.manifests import CheckpointManifest
 from vinasmol_core.train import dist, params, relora, runtime, state
-from vinasmol_core.train.checkpoint import Checkpointer
+from vinasmol_core.train.checkpoint import Checkpointer, hold_requested
 from vinasmol_core.train.data import (
     batch_indices,
     load_validation,
@@ -39,6 +38,7 @@ from vinasmol_core.train.data import (
     token_byte_lengths,
 )
 from vinasmol_core.train.group import lose_node
+from vinasmol_core.train.hold import HOLD_ENV, hold_for_a_kill
 from vinasmol_core.train.inputs import Inputs, prepare_inputs
 from vinasmol_core.train.loggers import StageLoggers, check_logging, log_root
 from vinasmol_core.train.metrics import MetricsSink, print_line, read_events
@@ -64,23 +64,6 @@ def catch_sigterm() -> None:
     """Turn SIGTERM into a stop after the step in progress (main thread of a stage process only)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
-
-
-HOLD_ENV = "VINASMOL_HOLD_AT"
-"""Tests of kills: "<stage>:<step>:<fifo>". After that step (and its train-state, when one is due) the
-stage writes "<stage> <step>" to the named pipe and waits there until it is killed, so the kill lands
-at that moment however busy the machine is. Never part of a cache key."""
-
-
-def hold_for_a_kill(stage: str, step: int) -> None:
-    value = os.environ.get(HOLD_ENV, "")
-    name, _, rest = value.rpartition(":")
-    name, _, at = name.rpartition(":")
-    if not value or name != stage or at != str(step):
-        return
-    with open(rest, "w", encoding="utf-8") as fifo:  # opens once the test listens
-        fifo.write(f"{stage} {step}\n")
-    threading.Event().wait()
 
 
 def _sequences(sampler: MixtureSampler, indices: list[int]) -> np.ndarray:
@@ -206,7 +189,11 @@ class StageRunner:
             self.sink.replay(read_events(self.sink.path))
         if start_step == 0 and spec.eval_at_start and data.val_sets:
             self._evaluate(m.module, data.val_sets, 0)
-        self._train(data, m, checkpoints, start_step)
+        try:
+            self._train(data, m, checkpoints, start_step)
+        except BaseException:
+            checkpoints.abandon()  # the upload in flight ends (published whole or not at all) first
+            raise
         if spec.relora is not None:
             relora.merge(m.raw)  # the final checkpoint is a plain litgpt one: adapters folded in
         self.fabric.barrier()
@@ -365,9 +352,12 @@ class StageRunner:
                 self._merge(m, done)
             if data.val_sets and (done % spec.eval_interval == 0 or done == total):
                 self._evaluate(m.module, data.val_sets, done)
+            checkpoints.poll()
             saved = done % spec.checkpoint_interval == 0 or done == total
             if saved:
                 checkpoints.publish_state(m.module, m.raw, m.raw_optimizer, m.names, done, loss)
+            if self.job.fail_at_step == done or hold_requested(HOLD_ENV, spec.name, done) is not None:
+                checkpoints.settle()  # a kill after this step finds its train-state in the store
             hold_for_a_kill(spec.name, done)
             if self.job.fail_at_step is not None and done == self.job.fail_at_step:
                 if self.in_process:  # the caller's process must live on: fail as a killed stage would
@@ -376,11 +366,13 @@ class StageRunner:
             if done < total and self._term_requested():
                 if not saved:
                     checkpoints.publish_state(m.module, m.raw, m.raw_optimizer, m.names, done, loss)
+                checkpoints.settle()
                 self.sink.emit({"event": "preempted", "stage": spec.name, "step": done})
                 raise Preempted(
                     f"stage {spec.name}: stopped by SIGTERM after step {done} of {total}; its train-state "
                     f"is in the store and a re-run resumes from step {done}"
                 )
+        checkpoints.settle()  # the last train-state is in the store before the final checkpoint
 
     def _term_requested(self) -> bool:
         """Whether a SIGTERM reached this rank, or in a group any rank, during the last step: every
