@@ -4,14 +4,22 @@ and the final plain litgpt checkpoint.
 A train-state is published under `<partial prefix>/step-<step>`; only those made by the same stage
 (the same resume key) are resumed from. The final checkpoint holds every tensor as a plain state
 dict (frozen tensors as they came in, bit for bit), the tokenizer, metrics and a loss curve.
+
+Train-states are written, hashed and uploaded by a background thread while training goes on (at most
+one in flight; the step loop pauses only to copy the state into reused host buffers). A process that
+dies during an upload leaves nothing of that train-state behind a ref (the store publishes blobs, then
+the manifest, then the ref), so a re-run resumes from the newest complete one.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
-from dataclasses import asdict
+import threading
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,6 +114,57 @@ def stage_summary(events: list[dict[str, Any]], tokens: int, steps: int) -> dict
     return summary
 
 
+HOLD_UPLOAD_ENV = "VINASMOL_HOLD_UPLOAD"
+"""Tests of kills during a background upload: "<stage>:<step>:<fifo>". The upload of that step's
+train-state, its files written and nothing of it in the store yet, writes "<stage> <step>" to the named
+pipe and waits there until the process is killed. Never part of a cache key."""
+
+
+def hold_requested(env: str, stage: str, step: int) -> str | None:
+    """The named pipe of a test's hold `$env` = "<stage>:<step>:<fifo>" at this stage and step, or None."""
+    value = os.environ.get(env, "")
+    name, _, fifo = value.rpartition(":")
+    name, _, at = name.rpartition(":")
+    if not value or name != stage or at != str(step):
+        return None
+    return fifo
+
+
+def _hold_upload(stage: str, step: int) -> None:
+    """Where $VINASMOL_HOLD_UPLOAD asks for it: say "<stage> <step>" on its named pipe, then wait to
+    be killed."""
+    fifo = hold_requested(HOLD_UPLOAD_ENV, stage, step)
+    if fifo is None:
+        return
+    with open(fifo, "w", encoding="utf-8") as pipe:  # opens once the test listens
+        pipe.write(f"{stage} {step}\n")
+    threading.Event().wait()
+
+
+def _host_buffer(like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised CPU tensor shaped like `like`; page-locked when `like` is on CUDA."""
+    if like.is_cuda:
+        try:
+            return torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
+        except RuntimeError:  # no page-locked memory to be had: a plain buffer still works
+            pass
+    return torch.empty(like.shape, dtype=like.dtype)
+
+
+@dataclass
+class _Upload:
+    """A train-state being written and published by a background thread."""
+
+    step: int
+    loss: float
+    waited_s: float  # what its start waited for the previous upload
+    thread: threading.Thread = field(default_factory=threading.Thread)
+    stall_s: float = 0.0  # the step loop's time on it: gather, wait, copy to host
+    upload_s: float = 0.0
+    result: tuple[str, str] | None = None  # (digest, ref)
+    error: BaseException | None = None
+
+
 class Checkpointer:
     """Train-states and the final checkpoint of one stage, on one rank (rank 0 writes)."""
 
@@ -129,6 +188,8 @@ class Checkpointer:
         self.resume_key = job.resume_key(inputs.init_digest, inputs.dataset_digest)
         self.out_ref, self.prefix = job.resolved_refs(inputs.init_digest, inputs.dataset_digest)
         self.tokenizer_digest = tokenizer_digest(inputs.ckpt_dir)
+        self._host: dict[str, torch.Tensor] = {}  # reused host copies of the state (background uploads)
+        self._upload: _Upload | None = None  # the one train-state in flight
 
     # ------------------------------------------------------------------ resume
     def find(self) -> tuple[int, str] | None:
@@ -179,28 +240,161 @@ class Checkpointer:
         self, module: Any, raw_module: Any, optimizer: torch.optim.Optimizer, names: dict[int, str],
         step: int, loss: float,
     ) -> None:
-        """Gather the full state on rank 0, publish it as a train-state, prune older ones."""
+        """Gather the full state on rank 0 and publish it as a train-state, then prune older ones.
+
+        With `async_checkpoints` (the default) the step loop only waits for the upload still in flight
+        (at most one) and the copy of the state into host buffers; writing, hashing and the upload run
+        in a background thread. Otherwise the whole publish happens here."""
         fabric = self.fabric
+        t0 = time.perf_counter()
         rng_blobs = gather_bytes(fabric, state.rng_state_bytes())
         module_state = dist.full_module_state(fabric, module, raw_module)
         optim_state = dist.full_optimizer_state(fabric, module, optimizer, names)
         if fabric.global_rank == 0:
-            out = self.work / f"state-{step:08d}"
-            out.mkdir()
-            self._write_state(out, module_state, optim_state, rng_blobs, step)
+            waited = self._finish_upload(waiting_step=step)
+            metrics = self.sink.path.read_bytes() if self.sink.path.exists() else None
+            if self.spec.async_checkpoints:
+                snapshot = self._to_host(module_state, optim_state)
+                upload = _Upload(step=step, loss=loss, waited_s=waited)
+                upload.thread = threading.Thread(
+                    target=self._upload_in_background, args=(upload, *snapshot, rng_blobs, metrics),
+                    name=f"train-state-{step}", daemon=True,
+                )
+                upload.stall_s = time.perf_counter() - t0
+                self._upload = upload
+                upload.thread.start()
+            else:
+                t1 = time.perf_counter()
+                digest, ref = self._publish_files(step, loss, module_state, optim_state, rng_blobs, metrics)
+                now = time.perf_counter()
+                self._emit_checkpoint(step, digest, ref, now - t0, now - t1, waited)
+        fabric.barrier()
+
+    def poll(self) -> None:
+        """Announce the background upload once it has finished (rank 0; never waits)."""
+        if self._upload is not None and not self._upload.thread.is_alive():
+            self._finish_upload()
+
+    def settle(self) -> None:
+        """Every rank returns once the train-state in flight is in the store (the end of a stage, a
+        SIGTERM stop, a test's kill): a collective."""
+        if self.fabric.global_rank == 0:
+            self._finish_upload()
+        self.fabric.barrier()
+
+    def abandon(self) -> None:
+        """After a failure: let the upload in flight end (the store's publish is atomic: its blobs,
+        then its manifest, then its ref) and say what became of it; never raises."""
+        upload, self._upload = self._upload, None
+        if upload is None:
+            return
+        upload.thread.join()
+        if upload.error is not None:
+            print(f"stage {self.spec.name}: the train-state of step {upload.step} was not published: "
+                  f"{upload.error}", flush=True)
+        elif upload.result is not None:
+            try:
+                self._emit_checkpoint(upload.step, *upload.result, upload.stall_s, upload.upload_s,
+                                      upload.waited_s)
+            except Exception as exc:  # noqa: BLE001 - the stage's own error is the one to report
+                print(f"stage {self.spec.name}: checkpoint event of step {upload.step} lost: {exc}",
+                      flush=True)
+
+    def _finish_upload(self, waiting_step: int | None = None) -> float:
+        """Wait for the upload in flight, announce it (or raise its error); the seconds waited."""
+        upload, self._upload = self._upload, None
+        if upload is None:
+            return 0.0
+        t0 = time.perf_counter()
+        was_running = upload.thread.is_alive()
+        upload.thread.join()
+        waited = time.perf_counter() - t0
+        if upload.error is not None:
+            raise upload.error
+        assert upload.result is not None
+        self._emit_checkpoint(upload.step, *upload.result, upload.stall_s, upload.upload_s, upload.waited_s)
+        if was_running and waiting_step is not None:
+            print(f"stage {self.spec.name}: the train-state of step {waiting_step} waited {waited:.2f} s "
+                  f"for the upload of step {upload.step}", flush=True)
+        return waited if was_running else 0.0
+
+    def _upload_in_background(
+        self, upload: _Upload, module_state: dict[str, torch.Tensor], optim_state: dict[str, torch.Tensor],
+        copied: Any, rng_blobs: list[bytes], metrics: bytes | None,
+    ) -> None:
+        t0 = time.perf_counter()
+        try:
+            if copied is not None:  # the device-to-host copies, queued on the training stream
+                copied.synchronize()
+            upload.result = self._publish_files(
+                upload.step, upload.loss, module_state, optim_state, rng_blobs, metrics
+            )
+        except BaseException as exc:  # noqa: BLE001 - handed to the step loop, raised there
+            upload.error = exc
+        upload.upload_s = time.perf_counter() - t0
+
+    def _to_host(
+        self, module_state: dict[str, torch.Tensor], optim_state: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Any]:
+        """Copies of the state in host buffers kept from one train-state to the next (pinned when the
+        state is on CUDA: the copies are queued on the stream, the event returned marks their end)."""
+        used: set[str] = set()
+        on_cuda = False
+
+        def copy(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            nonlocal on_cuda
+            out: dict[str, torch.Tensor] = {}
+            for name, value in tensors.items():
+                key = prefix + name
+                value = value.detach()
+                buf = self._host.get(key)
+                if buf is None or buf.shape != value.shape or buf.dtype != value.dtype:
+                    buf = _host_buffer(value)
+                    self._host[key] = buf
+                buf.copy_(value, non_blocking=value.is_cuda)
+                on_cuda = on_cuda or value.is_cuda
+                used.add(key)
+                out[name] = buf
+            return out
+
+        model, optim = copy("model/", module_state), copy("optimizer/", optim_state)
+        for key in set(self._host) - used:
+            del self._host[key]
+        copied = None
+        if on_cuda:
+            copied = torch.cuda.Event()
+            copied.record()
+        return model, optim, copied
+
+    def _publish_files(
+        self, step: int, loss: float, module_state: dict[str, torch.Tensor],
+        optim_state: dict[str, torch.Tensor], rng_blobs: list[bytes], metrics: bytes | None,
+    ) -> tuple[str, str]:
+        """Write, publish (blobs, manifest, ref) and prune: (digest, ref)."""
+        out = self.work / f"state-{step:08d}"
+        out.mkdir()
+        try:
+            self._write_state(out, module_state, optim_state, rng_blobs, step, metrics)
+            _hold_upload(self.spec.name, step)
             ref = f"{self.prefix}/step-{step:08d}"
             published = self.store.publish(self._state_manifest(step, loss), out, ref=ref)
+        finally:
             shutil.rmtree(out, ignore_errors=True)
-            self.prune(step)
-            self.sink.emit(
-                {"event": "checkpoint", "stage": self.spec.name, "step": step, "digest": published.digest,
-                 "ref": ref}
-            )
-        fabric.barrier()
+        self.prune(step)
+        return published.digest, ref
+
+    def _emit_checkpoint(
+        self, step: int, digest: str, ref: str, stall_s: float, upload_s: float, waited_s: float
+    ) -> None:
+        self.sink.emit(
+            {"event": "checkpoint", "stage": self.spec.name, "step": step, "digest": digest, "ref": ref,
+             "background": self.spec.async_checkpoints, "stall_s": round(stall_s, 4),
+             "upload_s": round(upload_s, 4), "waited_s": round(waited_s, 4)}
+        )
 
     def _write_state(
         self, out: Path, module_state: dict[str, torch.Tensor], optim_state: dict[str, torch.Tensor],
-        rng_blobs: list[bytes], step: int,
+        rng_blobs: list[bytes], step: int, metrics: bytes | None,
     ) -> None:
         from safetensors.torch import save_file
 
@@ -223,8 +417,8 @@ class Checkpointer:
         if spec.relora is not None:  # merges done so far and updates into the current cycle
             data["relora"] = relora.cycle_position(step, spec.total_steps, spec.relora)
         state.write_state_json(out, data)
-        if self.sink.path.exists():
-            shutil.copyfile(self.sink.path, out / "metrics.jsonl")
+        if metrics is not None:  # the metrics as they were when the state was taken
+            (out / "metrics.jsonl").write_bytes(metrics)
 
     def _state_manifest(self, step: int, loss: float) -> CheckpointManifest:
         spec = self.spec

@@ -27,6 +27,7 @@ Precision = Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"]
 OPERATIONAL_FIELDS = frozenset(
     {
         "checkpoint_interval",
+        "async_checkpoints",
         "eval_interval",
         "eval_sequences",
         "eval_languages",
@@ -135,6 +136,11 @@ class StageSpec(BaseModel):
     )
     # evaluation and checkpoints
     checkpoint_interval: int = Field(default=100, gt=0, description="optimizer steps between train-states")
+    async_checkpoints: bool = Field(
+        default=True,
+        description="write, hash and upload train-states in a background thread (the step loop only "
+        "copies the state to host memory); False: publish them while training waits",
+    )
     keep_checkpoints: int | None = Field(
         default=3,
         gt=0,
