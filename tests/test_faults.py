@@ -119,7 +119,7 @@ def test_run_killed_inside_a_stage_then_started_again(prefect_server, tmp_path: 
     pipeline = _Pipeline(tmp_path, store, {"VINASMOL_STAGE_RUNNER": "process"})
     hold = StageHold(tmp_path, "eeve-6", 2)  # its first train-state: checkpoints every 2 steps
     proc, tag = pipeline.start(env=hold.env)
-    assert hold.wait(proc), "the run ended before its stage held"
+    assert hold.wait(proc), "the run ended before its stage held:\n" + pipeline.out.read_text()[-3000:]
     st = ArtifactStore(store)
     assert st.list_refs("partial/eeve-6/"), "eeve-6 holds after step 2 without a train-state"
     os.kill(proc.pid, signal.SIGKILL)
