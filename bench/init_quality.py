@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--out-weight", type=float, default=1.0)
     parser.add_argument("--layers", type=int, default=4, help="decoder layer the input side matches")
+    parser.add_argument("--passes", type=int, default=1, help="optimizer steps per batch")
     parser.add_argument("--vi-share", type=float, default=0.7, help="share of vi text (en gets the rest)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-bytes", type=int, default=150_000, help="validation UTF-8 bytes per language")
@@ -76,10 +77,11 @@ def main() -> None:
     subword = cached(work / "extended-subword-mean", lambda out: extend_model(base, args.tokenizer, out))
 
     settings = DistillSettings(tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch, lr=args.lr,
-                               out_weight=args.out_weight, layers=args.layers, seed=args.seed)
+                               out_weight=args.out_weight, layers=args.layers, passes=args.passes,
+                               seed=args.seed)
     corpus = [([args.data / TRAIN["vi"]], args.vi_share), ([args.data / TRAIN["en"]], 1.0 - args.vi_share)]
     tag = (f"t{args.tokens}-s{args.seq_len}-b{args.batch}-lr{args.lr}-w{args.out_weight}-L{args.layers}"
-           f"-vi{args.vi_share}-{args.seed}")
+           f"-p{args.passes}-vi{args.vi_share}-{args.seed}")
     t0 = time.perf_counter()
     distilled = cached(
         work / f"extended-distill-{tag}",

@@ -125,7 +125,7 @@ def init_embeddings(
             corpus = distill_corpus(section, corpora or [], tmp, hub_mirror)
             d = section.distill
             settings = DistillSettings(tokens=d.tokens, seq_len=d.seq_len, batch_size=d.batch_size, lr=d.lr,
-                                       seed=d.seed)
+                                       layers=d.layers, seed=d.seed, device=d.device)
         out = extend_model(base_dir, tok_dir, tmp / "model", init=section.method,
                            translations=section.translations, blend=section.blend, corpus=corpus,
                            distill=settings, log=run_logger().info)

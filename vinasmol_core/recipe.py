@@ -227,6 +227,8 @@ class DistillSection(_Strict):
     batch_size: int = Field(default=4, gt=0)
     lr: float = Field(default=3e-3, gt=0)
     seed: int = Field(default=0, ge=0)
+    layers: int | None = Field(default=4, gt=0, description="layer the input side matches (null: the last)")
+    device: Literal["cpu", "cuda"] = "cpu"
     languages: dict[Lang, Annotated[float, Field(gt=0)]] = Field(
         default_factory=lambda: {"vi": 0.7, "en": 0.3}, min_length=1,
         description="share of the budget per language (its main corpora split it equally)",

@@ -57,7 +57,8 @@ CHARS_PER_TOKEN_CAP = 16  # a document is read up to this many characters per to
 class DistillSettings:
     """Budget and optimiser of the distillation. `tokens`: extended-tokenizer tokens read by the
     student (the teacher reads the same text in base tokens); `layers`: the decoder layer whose
-    states the input side matches (None or more than the model has: the final, normed states)."""
+    states the input side matches (None or more than the model has: the final, normed states);
+    `passes`: optimizer steps on each batch (the teacher's forward pass costs most)."""
 
     tokens: int = 65_536
     seq_len: int = 256
@@ -66,11 +67,13 @@ class DistillSettings:
     warmup_steps: int = 4
     out_weight: float = 1.0
     layers: int | None = 4
+    passes: int = 1
     seed: int = 0
     log_every: int = 10
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
-        for name in ("tokens", "seq_len", "batch_size", "log_every"):
+        for name in ("tokens", "seq_len", "batch_size", "passes", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"distill.{name}: must be positive, got {getattr(self, name)}")
         if self.seq_len < 2:
@@ -154,6 +157,7 @@ class Distiller:
         head = model.get_output_embeddings().weight
         self.tied = head.data_ptr() == emb.data_ptr()
         self.base_size = base_size
+        self.device = emb.device
         self.in_old = emb.detach()[:base_size].float()
         self.out_old = self.in_old if self.tied else head.detach()[:base_size].float()
         self.pieces = [list(s) for s in segments]
@@ -197,8 +201,9 @@ class Distiller:
             valid[i, : len(s)] = True
         is_new = s_ids >= self.base_size
         seen_new = (is_new & valid).long().cumsum(1) > 0
-        return {"s": s_ids, "t": t_ids, "last": last, "valid": valid, "in_mask": seen_new & valid,
-                "tlen": torch.tensor([len(t) for t in teachers])}
+        out = {"s": s_ids, "t": t_ids, "last": last, "valid": valid, "in_mask": seen_new & valid,
+               "tlen": torch.tensor([len(t) for t in teachers])}
+        return {k: v.to(self.device) for k, v in out.items()}
 
     def _layer_output(self, layer: int, stop: bool) -> tuple[Any, dict[str, Any]]:
         """A forward hook on decoder layer `layer` (1-based) keeping its output, and raising
@@ -229,10 +234,11 @@ class Distiller:
         mid = final if self.full else kept["h"].float()
         b, ls = batch["s"].shape
         dim = final.shape[-1]
-        logq = torch.zeros((b, ls))
-        lse = torch.zeros((b, ls))
-        old_next = torch.zeros((b, ls))
-        h_final = torch.zeros((b, ls, dim))
+        dev = self.device
+        logq = torch.zeros((b, ls), device=dev)
+        lse = torch.zeros((b, ls), device=dev)
+        old_next = torch.zeros((b, ls), device=dev)
+        h_final = torch.zeros((b, ls, dim), device=dev)
         h_in = []
         with torch.no_grad():
             for i in range(b):
@@ -241,7 +247,7 @@ class Distiller:
                 norm = torch.logsumexp(logits, dim=-1)
                 # log P_T(piece k+1 | pieces <= k) for k = 0 .. n_t-2, and its prefix sums
                 step = logits[:-1].gather(1, batch["t"][i, 1:n_t].unsqueeze(1)).squeeze(1) - norm[:-1]
-                cum = torch.cat([torch.zeros(1), step.cumsum(0)])
+                cum = torch.cat([torch.zeros(1, device=dev), step.cumsum(0)])
                 la = batch["last"][i, :n_s]
                 logq[i, : n_s - 1] = cum[la[1:]] - cum[la[:-1]]
                 lse[i, :n_s] = norm[la]
@@ -387,12 +393,13 @@ def distill_rows(
     if not distiller.tied and init_out is None:
         raise VinaSmolError("distill: the model's output embedding is untied; give its initial new rows")
     torch.manual_seed(settings.seed)
-    new_in = init_in.detach().float().clone().requires_grad_(True)
+    device = distiller.device
+    new_in = init_in.detach().float().to(device).clone().requires_grad_(True)
     params = [new_in]
     new_out = None
     if not distiller.tied:
         assert init_out is not None
-        new_out = init_out.detach().float().clone().requires_grad_(True)
+        new_out = init_out.detach().float().to(device).clone().requires_grad_(True)
         params.append(new_out)
     opt = torch.optim.Adam(params, lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.0)
     steps = math.ceil(len(windows) / settings.batch_size)
@@ -405,11 +412,12 @@ def distill_rows(
         target = distiller.teacher(batch)
         for group in opt.param_groups:
             group["lr"] = _lr_at(i, steps, settings)
-        opt.zero_grad(set_to_none=True)
-        total, loss_in, loss_out = distiller.loss(batch, target, new_in, new_out, settings.out_weight)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        for _ in range(settings.passes):  # the teacher's targets serve several updates
+            opt.zero_grad(set_to_none=True)
+            total, loss_in, loss_out = distiller.loss(batch, target, new_in, new_out, settings.out_weight)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
         n = sum(len(w) for w in chunk)
         seen += n
         tick_tokens += n
@@ -437,5 +445,7 @@ def distill_rows(
         "settings": {k: getattr(settings, k) for k in settings.__dataclass_fields__},
     }
     return DistillResult(
-        new_in=new_in.detach(), new_out=new_out.detach() if new_out is not None else None, details=details
+        new_in=new_in.detach().cpu(),
+        new_out=new_out.detach().cpu() if new_out is not None else None,
+        details=details,
     )

@@ -294,7 +294,7 @@ def _distill(
     from vinasmol_core.model.distill import distill_rows
     from vinasmol_core.model.parity import load_hf_model
 
-    model = load_hf_model(base_hf_dir)
+    model = load_hf_model(base_hf_dir).to(settings.device)
     if model.get_input_embeddings().weight.shape[0] != base_size:
         raise VinaSmolError(
             f"distill: the base model has {model.get_input_embeddings().weight.shape[0]} embedding rows, "
