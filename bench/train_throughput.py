@@ -12,6 +12,12 @@ Every measurement runs in a fresh process of its own (ours through `--one STAGE`
 `litgpt pretrain`), the runs alternate (ours, litgpt, ours, litgpt, ...) for `--repeats` rounds, and
 each row keeps its best round: the two sides meet the same process state and the same noise.
 
+`--loss full,chunked` measures each stage with both losses: `full` upcasts the whole micro-batch's
+logits to fp32 (the loop's loss before `StageSpec.loss_chunk`), `chunked` runs the lm_head and the
+cross-entropy over `--loss-chunk` positions at a time, recomputed in backward. The peak-memory column
+is torch's peak allocation on CUDA and the process's peak RSS on the CPU; the first-step loss of the
+two modes (same weights, same batch) must agree.
+
 Model FLOPs per token = 6 N + 12 n_layer n_embd seq_len (N: parameters, the tied table once), the
 PaLM convention; MFU = tokens/s x FLOPs per token / --peak-tflops.
 
@@ -19,6 +25,8 @@ PaLM convention; MFU = tokens/s x FLOPs per token / --peak-tflops.
     python bench/train_throughput.py --shape 360m --seq-len 256 --stages 6,7,6r,7r --no-litgpt
     python bench/train_throughput.py --shape 360m --seq-len 2048 --precision bf16-mixed \
         --peak-tflops 989 --compile                                        # one CUDA GPU
+    python bench/train_throughput.py --shape 360m --seq-len 2048 --micro-batch 4 --stages 6 \
+        --loss full,chunked --steps 1 --warmup 0 --repeats 1 --no-litgpt --activation-checkpointing
 """
 
 from __future__ import annotations
@@ -140,13 +148,17 @@ def measure_ours(config: Any, policy: str, args: argparse.Namespace) -> dict[str
     g = torch.Generator().manual_seed(0)
     times: list[float] = []
     cpu_times: list[float] = []  # this process's CPU seconds: less sensitive to a shared machine
+    losses: list[float] = []
     for i in range(args.warmup + args.steps):
         batch = torch.randint(0, config.vocab_size, (args.micro_batch, args.seq_len + 1), generator=g)
         if fabric.device.type == "cuda":
             torch.cuda.synchronize()
         t0, c0 = time.perf_counter(), time.process_time()
-        loss, _ = optimizer_step(fabric, model, optimizer, iter([batch]), 1, config.vocab_size, 1.0)
-        float(loss)
+        loss, _ = optimizer_step(
+            fabric, model, optimizer, iter([batch]), 1, config.vocab_size, 1.0, raw=raw,
+            loss_chunk=args.loss_chunk if args.loss_mode == "chunked" else 0,
+        )
+        losses.append(float(loss))
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
@@ -157,7 +169,7 @@ def measure_ours(config: Any, policy: str, args: argparse.Namespace) -> dict[str
     return {
         "tok_s": tokens * len(times) / sum(times), "trainable": n_trainable, "mem_gib": mem,
         "tok_cpu_s": tokens * len(cpu_times) / sum(cpu_times),
-        "optimizer_mib": relora.optimizer_bytes(live) / 2**20,
+        "optimizer_mib": relora.optimizer_bytes(live) / 2**20, "first_loss": losses[0],
     }
 
 
@@ -230,9 +242,9 @@ def measure_litgpt(config: Any, args: argparse.Namespace, work: Path) -> dict[st
     }
 
 
-def measure_ours_isolated(stage: str, argv: list[str]) -> dict[str, Any]:
+def measure_ours_isolated(stage: str, argv: list[str], loss_mode: str) -> dict[str, Any]:
     """`measure_ours` for one stage in a fresh process (the same conditions litgpt pretrain gets)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--one", stage]
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--one", stage, "--loss-mode", loss_mode]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT):
@@ -275,7 +287,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--no-litgpt", action="store_true", help="skip the litgpt pretrain run")
     parser.add_argument("--litgpt-timeout", type=float, default=1800)
+    parser.add_argument(
+        "--loss", default="chunked", help="loss modes to measure: full, chunked or full,chunked"
+    )
+    parser.add_argument("--loss-chunk", type=int, default=256, help="positions per chunk of the chunked loss")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one stage
+    parser.add_argument("--loss-mode", default="chunked", help=argparse.SUPPRESS)  # internal
     args = parser.parse_args()
     args.relora = bool(args.one and args.one.endswith("r"))
     args.accelerator = args.accelerator or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -297,24 +314,29 @@ def print_table(
     print()
     print(
         "| run | trainable | trainable params | AdamW state MiB | tokens/s | tokens/CPU-s | model TFLOP/s | "
-        f"MFU (peak {args.peak_tflops} TFLOP/s) | peak RSS GiB |"
+        f"MFU (peak {args.peak_tflops} TFLOP/s) | peak memory GiB | loss | first loss |"
     )
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
     summary: dict[str, str] = {}
     for name, policy, res, key in rows:
         tok_s = res.get("tok_s")
         tflops = tok_s * flops_tok / 1e12 if tok_s else None
         mfu = tflops / args.peak_tflops if tflops and args.peak_tflops else None
         trainable = f"{res['trainable']:,}" if "trainable" in res else "all"
-        rss = f"{res['rss_gib']:.2f}" if res.get("rss_gib") else "-"
+        peak = res.get("mem_gib") or res.get("rss_gib")
+        rss = f"{peak:.2f}" if peak else "-"
+        loss_mode = res.get("loss_mode", "full")
+        first = f"{res['first_loss']:.6f}" if "first_loss" in res else "-"
         opt = f"{res['optimizer_mib']:.1f}" if "optimizer_mib" in res else "-"
         cpu = f"{res['tok_cpu_s']:.1f}" if res.get("tok_cpu_s") else "-"
         print(
             f"| {name} | {policy} | {trainable} | {opt} | {tok_s:.1f} | {cpu} | {tflops:.4f} | "
-            f"{f'{100 * mfu:.2f}%' if mfu is not None else 'n/a'} | {rss} |"
+            f"{f'{100 * mfu:.2f}%' if mfu is not None else 'n/a'} | {rss} | {loss_mode} | {first} |"
             if tok_s
-            else f"| {name} | {policy} | {trainable} | {opt} | failed | - | - | - | - |"
+            else f"| {name} | {policy} | {trainable} | {opt} | failed | - | - | - | - | {loss_mode} | - |"
         )
+        if peak:
+            summary[f"{key}_peak_gib"] = f"{peak:.2f}"
         summary[f"{key}_tok_s"] = f"{tok_s:.1f}" if tok_s else "nan"
         if mfu is not None:
             summary[f"{key}_mfu"] = f"{mfu:.4f}"
@@ -343,6 +365,7 @@ def main() -> None:
     config = bench_config(args)
     if args.one is not None:
         res = measure_ours(config, POLICIES[args.one], args)
+        res["loss_mode"] = args.loss_mode
         res["rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print(RESULT + json.dumps(res), flush=True)
         return
@@ -360,25 +383,41 @@ def main() -> None:
         flush=True,
     )
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    modes = [m.strip() for m in args.loss.split(",") if m.strip()]
+    runs = [(s, m) for s in stages for m in modes]
     argv = sys.argv[1:]
-    results: dict[str, list[dict[str, Any]]] = {s: [] for s in [*stages, "litgpt"]}
+    results: dict[Any, list[dict[str, Any]]] = {r: [] for r in [*runs, "litgpt"]}
     for round_ in range(args.repeats):
-        for stage in stages:
-            res = measure_ours_isolated(stage, argv)
-            results[stage].append(res)
+        for stage, mode in runs:
+            res = measure_ours_isolated(stage, argv, mode)
+            results[(stage, mode)].append(res)
             got = res.get("tok_s") or res.get("error")
-            print(f"  round {round_ + 1}: {stage_label(stage)} ({POLICIES[stage]}): {got}", flush=True)
+            print(f"  round {round_ + 1}: {stage_label(stage)} ({POLICIES[stage]}, {mode} loss): {got}",
+                  flush=True)
         if not args.no_litgpt:
             with tempfile.TemporaryDirectory(prefix="bench-litgpt-") as tmp:
                 res = measure_litgpt(config, args, Path(tmp))
             results["litgpt"].append(res)
             got = res.get("tok_s") or res.get("error")
             print(f"  round {round_ + 1}: litgpt pretrain: {got}", flush=True)
-    rows = [(stage_label(s), POLICIES[s], best(results[s]), f"s{s}") for s in stages]
+    rows = [
+        (stage_label(s), POLICIES[s], best(results[(s, m)]), f"s{s}" if m == modes[-1] else f"s{s}_{m}")
+        for s, m in runs
+    ]
     if results["litgpt"]:
         rows.append(("litgpt pretrain", "all (no freezing)", best(results["litgpt"]), "litgpt"))
     summary = print_table(rows, flops_tok, args)
     summary.update(ratios(summary))
+    if {"full", "chunked"} <= set(modes):
+        for s in stages:
+            full, chunked = best(results[(s, "full")]), best(results[(s, "chunked")])
+            if "first_loss" in full and "first_loss" in chunked:
+                rel = abs(full["first_loss"] - chunked["first_loss"]) / abs(full["first_loss"])
+                summary[f"s{s}_loss_rel_diff"] = f"{rel:.2e}"
+            peak_full = full.get("mem_gib") or full.get("rss_gib")
+            peak_chunked = chunked.get("mem_gib") or chunked.get("rss_gib")
+            if peak_full and peak_chunked:
+                summary[f"s{s}_peak_chunked_vs_full"] = f"{peak_chunked / peak_full:.3f}"
     print()
     print(
         "train_throughput: "

@@ -10,6 +10,7 @@ that step published first, so a re-run resumes from it (`Preempted`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import math
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from vinasmol_core.common.errors import ConfigError, Preempted, VinaSmolError
 from vinasmol_core.common.manifests import CheckpointManifest
@@ -87,6 +89,62 @@ def gradient_norm(fabric: Fabric, model: Any, optimizer: Any, grad_clip: float |
     return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
+class _HiddenStates(torch.nn.Module):
+    """Stands in for `lm_head` while a chunked loss runs: the model returns its final hidden states."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@contextlib.contextmanager
+def hidden_states(raw: Any) -> Iterator[Any]:
+    """Within the block the bare GPT `raw` returns hidden states instead of logits; yields its head."""
+    head = raw.lm_head
+    raw.lm_head = _HiddenStates()
+    try:
+        yield head
+    finally:
+        raw.lm_head = head
+
+
+def _chunk_nll(head: Any, h: torch.Tensor, y: torch.Tensor, vocab: int) -> torch.Tensor:
+    logits = head(h)[..., :vocab].float()
+    return F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1), reduction="sum")
+
+
+def chunked_nll(head: Any, h: torch.Tensor, y: torch.Tensor, vocab: int, chunk: int) -> torch.Tensor:
+    """Summed cross-entropy of `head(h)` against `y`, `chunk` positions at a time. With gradients each
+    chunk's logits are recomputed in the backward pass (activation checkpointing), so no more than
+    one chunk's fp32 logits exists at any time."""
+    total = torch.zeros((), device=h.device, dtype=torch.float32)
+    for hs, ys in zip(h.split(chunk, dim=1), y.split(chunk, dim=1), strict=True):
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_nll, head, hs, ys, vocab, use_reentrant=False,
+                                       preserve_rng_state=False)
+        else:
+            total = total + _chunk_nll(head, hs, ys, vocab)
+    return total
+
+
+def lm_loss(
+    fabric: Fabric, model: Any, raw: Any | None, x: torch.Tensor, y: torch.Tensor, vocab: int,
+    loss_chunk: int = 0, reduction: str = "mean",
+) -> torch.Tensor:
+    """Next-token cross-entropy of the wrapped `model` on `x` against `y` (padded rows above `vocab`
+    never enter it). `loss_chunk` > 0 with the bare module `raw`: the lm_head and the loss run over
+    `loss_chunk` positions at a time (`chunked_nll`), so the full logits are never materialised;
+    under FSDP (the head's parameters are only whole inside the root's forward) always in one piece."""
+    if loss_chunk > 0 and raw is not None and not dist.is_fsdp(fabric):
+        with hidden_states(raw) as head:
+            h = model(x)
+        with fabric.autocast():
+            total = chunked_nll(head, h, y, vocab, loss_chunk)
+    else:
+        logits = model(x)[..., :vocab].float()
+        total = F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1), reduction="sum")
+    return total / y.numel() if reduction == "mean" else total
+
+
 def optimizer_step(
     fabric: Fabric,
     model: Any,
@@ -95,8 +153,11 @@ def optimizer_step(
     accum: int,
     vocab: int,
     grad_clip: float | None,
+    raw: Any | None = None,
+    loss_chunk: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer update over `accum` micro-batches of (seq_len + 1)-token rows.
+    """One optimizer update over `accum` micro-batches of (seq_len + 1)-token rows (`lm_loss`: chunked
+    with `loss_chunk` > 0 and the bare module `raw`).
 
     Returns (mean loss over all ranks, gradient norm before clipping)."""
     loss_sum = torch.zeros((), device=fabric.device)
@@ -104,8 +165,7 @@ def optimizer_step(
         batch = batch.to(fabric.device)
         x, y = batch[:, :-1], batch[:, 1:]
         with fabric.no_backward_sync(model, enabled=micro < accum - 1):
-            logits = model(x)
-            loss = F.cross_entropy(logits[..., :vocab].reshape(-1, vocab).float(), y.reshape(-1))
+            loss = lm_loss(fabric, model, raw, x, y, vocab, loss_chunk)
             fabric.backward(loss / accum)
         loss_sum += loss.detach()
     grad_norm = gradient_norm(fabric, model, optimizer, grad_clip)
@@ -188,7 +248,7 @@ class StageRunner:
         if start_step > 0:  # the restored metrics.jsonl: curves and logs show the steps before the resume
             self.sink.replay(read_events(self.sink.path))
         if start_step == 0 and spec.eval_at_start and data.val_sets:
-            self._evaluate(m.module, data.val_sets, 0)
+            self._evaluate(m.module, data.val_sets, 0, m.raw)
         try:
             self._train(data, m, checkpoints, start_step)
         except BaseException:
@@ -263,7 +323,7 @@ class StageRunner:
         if spec.activation_checkpointing:
             runtime.enable_activation_checkpointing(model)
         raw = model
-        if spec.compile:
+        if runtime.compile_enabled(spec, fabric.device.type):
             model = torch.compile(model)
         module = fabric.setup_module(model)
         optimizer, names = runtime.make_optimizer(raw, spec)
@@ -334,7 +394,7 @@ class StageRunner:
                 group["lr"] = adapter_lr if group.get("relora") else lr
             step_loss, grad_norm = optimizer_step(
                 self.fabric, m.module, m.optimizer, self._batches(data.sampler, step), spec.grad_accum,
-                vocab, spec.grad_clip,
+                vocab, spec.grad_clip, raw=m.raw, loss_chunk=spec.loss_chunk,
             )
             loss = float(step_loss)
             done, dt = step + 1, time.perf_counter() - t0
@@ -351,7 +411,7 @@ class StageRunner:
             if spec.relora is not None and done % spec.relora.merge_every == 0 and done < total:
                 self._merge(m, done)
             if data.val_sets and (done % spec.eval_interval == 0 or done == total):
-                self._evaluate(m.module, data.val_sets, done)
+                self._evaluate(m.module, data.val_sets, done, m.raw)
             checkpoints.poll()
             saved = done % spec.checkpoint_interval == 0 or done == total
             if saved:
@@ -394,7 +454,9 @@ class StageRunner:
         self.sink.emit({"event": "merge", "stage": self.spec.name, "step": done, "cycle": cycle})
 
     @torch.no_grad()
-    def _evaluate(self, model: Any, val_sets: dict[str, np.ndarray], step: int) -> None:
+    def _evaluate(
+        self, model: Any, val_sets: dict[str, np.ndarray], step: int, raw: Any | None = None
+    ) -> None:
         """Loss and bits per byte per language, summed over ranks."""
         fabric, spec = self.fabric, self.spec
         rank, world = fabric.global_rank, fabric.world_size
@@ -412,10 +474,9 @@ class StageRunner:
                 chunk = mine[k * spec.micro_batch : (k + 1) * spec.micro_batch]
                 batch = torch.from_numpy(seqs[chunk or [0]])
                 x, y = batch[:, :-1].to(fabric.device), batch[:, 1:]
-                logits = model(x)[..., :vocab].float().reshape(-1, vocab)
+                nll = lm_loss(fabric, model, raw, x, y.to(fabric.device), vocab, spec.loss_chunk, "sum")
                 if not chunk:
                     continue
-                nll = F.cross_entropy(logits, y.reshape(-1).to(fabric.device), reduction="sum")
                 n_bytes = float(self.byte_lengths[y].sum())
                 totals += torch.tensor([float(nll), y.numel(), n_bytes], dtype=torch.float64)
             totals = fabric.all_reduce(totals.to(fabric.device), reduce_op="sum").cpu()

@@ -72,7 +72,7 @@ def stage_env(job: StageJob) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env[DIE_WITH_PARENT_ENV] = "1"
     on_cpu = job.spec.accelerator == "cpu" or (job.spec.accelerator == "auto" and not _cuda_visible())
-    if on_cpu and not job.spec.compile:
+    if on_cpu and job.spec.compile is not True:  # `auto` compiles on CUDA only
         env.setdefault("TORCHDYNAMO_DISABLE", "1")
     if on_cpu and (job.spec.devices > 1 or job.spec.cpu_threads):
         threads = job.spec.cpu_threads or max(1, (os.cpu_count() or 1) // job.spec.devices)

@@ -34,6 +34,14 @@ def configure_runtime(spec: StageSpec) -> str:
     return accelerator
 
 
+def compile_enabled(spec: StageSpec, accelerator: str) -> bool:
+    """Whether the stage runs torch.compile: `compile: auto` on CUDA only (a cold compile on the CPU
+    costs tens of seconds, more than a short CPU stage gains)."""
+    if spec.compile == "auto":
+        return accelerator == "cuda"
+    return bool(spec.compile)
+
+
 FSDP_MIN_PARAMS = 3_000_000_000  # `strategy: auto` on several devices shards models from this size on
 
 

@@ -39,6 +39,7 @@ OPERATIONAL_FIELDS = frozenset(
         "accelerator",
         "compile",
         "activation_checkpointing",
+        "loss_chunk",
         "fused_adamw",
         "deterministic",
         "cpu_threads",
@@ -158,8 +159,16 @@ class StageSpec(BaseModel):
     devices: int = Field(default=1, gt=0)
     nodes: int = Field(default=1, gt=0)
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
-    compile: bool = False
+    compile: bool | Literal["auto"] = Field(
+        default="auto", description="torch.compile the model; auto: on CUDA, off on the CPU"
+    )
     activation_checkpointing: bool = False
+    loss_chunk: int = Field(
+        default=256,
+        ge=0,
+        description="sequence positions per chunk of the lm_head and cross-entropy (recomputed in the "
+        "backward pass, so the micro-batch's full fp32 logits never exist); 0: the whole micro-batch",
+    )
     fused_adamw: bool | None = Field(default=None, description="fused AdamW kernel; default: on")
     deterministic: bool | None = Field(default=None, description="default: on for the CPU")
     cpu_threads: int | None = Field(default=None, gt=0, description="torch threads per process on the CPU")
