@@ -53,8 +53,8 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from vinasmol_core.builtin.smollm2 import build_smollm2_135m
-    from vinasmol_core.hub_mirror import build_recipe_mirror
-    from vinasmol_core.recipe import HubBase, load_recipe
+    from vinasmol_core.plan.hub_mirror import build_recipe_mirror
+    from vinasmol_core.plan.recipe import HubBase, load_recipe
 
     t0 = time.perf_counter()
     recipe = load_recipe(args.recipe)

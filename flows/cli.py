@@ -30,7 +30,7 @@ app.add_typer(recipe_app, name="recipe")
 @recipe_app.command("schema")
 def recipe_schema_cmd() -> None:
     """Print the JSON schema of a recipe."""
-    from vinasmol_core.recipe import recipe_schema
+    from vinasmol_core.plan.recipe import recipe_schema
 
     print(json.dumps(recipe_schema(), indent=2))
 
@@ -52,8 +52,8 @@ def recipe_check_cmd(
     training tokens per stage and per source, with the tokens each source really kept once the data
     step has published a dataset to the store. Exit 1 on a missing file or an unknown hub id."""
     from vinasmol_core.hub import mirror_root
-    from vinasmol_core.preflight import FAILED, check_inputs, format_plan, kept_tokens, plan_tokens
-    from vinasmol_core.recipe import load_recipe
+    from vinasmol_core.plan.preflight import FAILED, check_inputs, format_plan, kept_tokens, plan_tokens
+    from vinasmol_core.plan.recipe import load_recipe
     from vinasmol_core.store.layout import default_store_url
 
     recipe = load_recipe(file)
@@ -164,7 +164,7 @@ def sweep_cmd(
     objective, its predicted best checked by training it; writes a recipe with the chosen values."""
     from flows.pipeline import plan_run
     from flows.sweep import sweep
-    from vinasmol_core.sweep import check_sweep, load_sweep, patched_recipe_text
+    from vinasmol_core.plan.sweep import check_sweep, load_sweep, patched_recipe_text
 
     spec = load_sweep(sweep_file)
     plan = plan_run(recipe, store, stage_runner=stage_runner, hub_mirror=hub_mirror, overrides=overrides)

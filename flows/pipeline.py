@@ -35,10 +35,10 @@ from vinasmol_core.common.manifests import CheckpointManifest, DatasetManifest, 
 from vinasmol_core.common.memory import PeakMemory
 from vinasmol_core.common.steps import Step
 from vinasmol_core.hub import folder_digest, mirror_dir, mirror_root
-from vinasmol_core.hub_revisions import pin_hub_revisions
-from vinasmol_core.preflight import require_inputs
-from vinasmol_core.recipe import CorpusSpec, HubBase, Recipe, load_recipe
-from vinasmol_core.smoke import SMOKE_NAMESPACE, projection_rows, smoke_recipe
+from vinasmol_core.plan.hub_revisions import pin_hub_revisions
+from vinasmol_core.plan.preflight import require_inputs
+from vinasmol_core.plan.recipe import CorpusSpec, HubBase, Recipe, load_recipe
+from vinasmol_core.plan.smoke import SMOKE_NAMESPACE, projection_rows, smoke_recipe
 from vinasmol_core.store import ArtifactStore, default_store_url
 from vinasmol_core.train.loggers import check_logging
 from vinasmol_core.train.metrics import MEMORY_KEYS
@@ -87,7 +87,7 @@ def plan_run(
     smoke: bool = False,
 ) -> RunPlan:
     """Validate the recipe, the stage names, the runner, the store and the recipe's inputs (every
-    local file, every hub dataset and model readable: `vinasmol_core.preflight.require_inputs`);
+    local file, every hub dataset and model readable: `vinasmol_core.plan.preflight.require_inputs`);
     raise a VinaSmolError naming the problem. Nothing is written except the store's own
     reachability probe.
 
@@ -100,7 +100,7 @@ def plan_run(
     inputs load from cache (the scheduled annealing run).
 
     `overrides`: `--set PATH=VALUE` lines applied to the recipe before validation. `smoke`: run the
-    recipe cut down by `vinasmol_core.smoke.smoke_recipe`, in the store's `smoke/` namespace."""
+    recipe cut down by `vinasmol_core.plan.smoke.smoke_recipe`, in the store's `smoke/` namespace."""
     parsed = load_recipe(recipe, overrides)
     full = None
     if smoke:
@@ -470,7 +470,7 @@ def vinasmol(
     checkpoint and of the HF export, the evaluation table and the summary Markdown.
 
     `overrides`: `--set PATH=VALUE` lines for the recipe. `smoke`: every step on a small slice, in
-    the store's `smoke/` namespace, with a projection of the full run (`vinasmol_core.smoke`).
+    the store's `smoke/` namespace, with a projection of the full run (`vinasmol_core.plan.smoke`).
 
     `stage_runner`: "inline" (each stage a local process) or "deployment" (each stage a child run
     of the training deployment, `tasks.dispatch.run_stage_deployment`); default: the recipe's

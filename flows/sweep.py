@@ -1,4 +1,4 @@
-"""The sweep flow: choose one stage's mixture and learning rate from proxy runs (`vinasmol_core.sweep`).
+"""The sweep flow: choose one stage's mixture and learning rate from proxy runs (`vinasmol_core.plan.sweep`).
 
     prefix:     the pipeline's steps up to the tuned stage, on the proxy recipe (cached like a run's)
     proxy runs: train-stage <stage>-pNN ─► evaluate <stage>-pNN, `parallel` at a time (each cached
@@ -35,8 +35,8 @@ from tasks.curves import svg_image
 from tasks.sweep import fit_sweep
 from tasks.train import train_stage
 from vinasmol_core.common.manifests import DatasetManifest
-from vinasmol_core.recipe import HarnessSection, LongEvalSection, Recipe
-from vinasmol_core.sweep import (
+from vinasmol_core.plan.recipe import HarnessSection, LongEvalSection, Recipe
+from vinasmol_core.plan.sweep import (
     ProxyConfig,
     SweepFit,
     SweepSpec,

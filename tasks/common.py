@@ -43,7 +43,7 @@ from pydantic import BaseModel
 from vinasmol_core import __version__
 from vinasmol_core.common.errors import VinaSmolError
 from vinasmol_core.data.spec import SourceSpec
-from vinasmol_core.recipe import CorpusSpec, HubSource
+from vinasmol_core.plan.recipe import CorpusSpec, HubSource
 
 # Bump the revision when a step would produce something different from the same inputs
 # (2: steps renamed after their task functions, `vinasmol_core.common.steps`).

@@ -15,7 +15,7 @@ from vinasmol_core.common.manifests import DatasetManifest
 from vinasmol_core.common.steps import Step
 from vinasmol_core.data import PrepareSettings, SourceStats, prepare_dataset
 from vinasmol_core.data.curate import filter_table
-from vinasmol_core.recipe import CorpusSpec, DataSection
+from vinasmol_core.plan.recipe import CorpusSpec, DataSection
 
 
 @step(Step.PREPARE_DATA, exclude=("tokenizer_artifact",))

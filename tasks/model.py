@@ -21,7 +21,7 @@ from tasks.common import corpus_rows, open_store, run_logger, scratch_dir, step,
 from vinasmol_core.common.errors import VinaSmolError
 from vinasmol_core.common.manifests import CheckpointManifest, EvalReportManifest
 from vinasmol_core.common.steps import Step
-from vinasmol_core.recipe import (
+from vinasmol_core.plan.recipe import (
     BaseSource,
     CorpusSpec,
     EmbeddingInitSection,

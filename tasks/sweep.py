@@ -1,12 +1,12 @@
 """The sweep's fitting step, one cached Prefect task: `fit_sweep` ("fit-sweep") fits the regression
 from the proxy runs' configurations to their objective and predicts the best configuration
-(`vinasmol_core.sweep.fit_sweep`). The proxy runs themselves are `train-stage` and `evaluate` steps."""
+(`vinasmol_core.plan.sweep.fit_sweep`). The proxy runs themselves are `train-stage` and `evaluate` steps."""
 
 from __future__ import annotations
 
 from tasks.common import step
-from vinasmol_core import sweep as lib
 from vinasmol_core.common.steps import Step
+from vinasmol_core.plan import sweep as lib
 from vinasmol_core.train.spec import StageSpec
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from tasks.common import corpus_rows, open_store, scratch_dir, step, val_files
 from vinasmol_core.common.manifests import DatasetManifest, TokenizerManifest
 from vinasmol_core.common.steps import Step
-from vinasmol_core.recipe import CorpusSpec, TokenizerSection
+from vinasmol_core.plan.recipe import CorpusSpec, TokenizerSection
 
 
 @step(Step.TRAIN_TOKENIZER)

@@ -14,7 +14,7 @@ from vinasmol_core.common.errors import ConfigError
 from vinasmol_core.data import CurationSpec, PrepareSettings, SourceSpec, load_dataset_meta, prepare_dataset
 from vinasmol_core.data.curate import Curator, _Doc, c4, fineweb, gopher_quality, gopher_repetition
 from vinasmol_core.data.prepare import dataset_manifest
-from vinasmol_core.recipe import parse_recipe
+from vinasmol_core.plan.recipe import parse_recipe
 
 VI_GOOD = """Hà Nội là thủ đô của Việt Nam và là một trong những thành phố lâu đời nhất ở Đông Nam Á.
 Thành phố nằm bên bờ sông Hồng, nơi có nhiều hồ nước và công viên rộng lớn.

@@ -12,8 +12,8 @@ from vinasmol_core.common.errors import ConfigError, VinaSmolError
 from vinasmol_core.data.documents import MessagesDocument, PromptResponseDocument, render
 from vinasmol_core.data.readers import iter_hf_records
 from vinasmol_core.data.spec import SourceSpec
-from vinasmol_core.hub_mirror import write_dataset_config
-from vinasmol_core.recipe import load_recipe
+from vinasmol_core.plan.hub_mirror import write_dataset_config
+from vinasmol_core.plan.recipe import load_recipe
 
 TINY = Path(__file__).resolve().parent.parent / "recipes" / "tiny-cpu.yaml"
 TURNS = [{"role": "system", "content": "Bạn là trợ lý."}, {"role": "user", "content": " Xin chào? "},

@@ -14,8 +14,8 @@ from vinasmol_core.common.errors import VinaSmolError
 from vinasmol_core.data import PrepareSettings, prepare_dataset
 from vinasmol_core.data.readers import ReadCounters, iter_batches, open_hf_dataset
 from vinasmol_core.data.worker import split_is_val
-from vinasmol_core.hub_mirror import write_dataset_config
-from vinasmol_core.recipe import CorpusSpec
+from vinasmol_core.plan.hub_mirror import write_dataset_config
+from vinasmol_core.plan.recipe import CorpusSpec
 
 pytestmark = pytest.mark.slow  # imports `datasets` (several seconds)
 

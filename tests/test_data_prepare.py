@@ -260,7 +260,7 @@ def test_the_data_step_rebuilds_only_when_forced(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(tasks.data, "prepare_dataset", fake_prepare)
     store = type("Store", (), {"fetch": lambda self, artifact: tmp_path})()
     monkeypatch.setattr(tasks.data, "open_store", lambda url: store)
-    from vinasmol_core.recipe import DataSection
+    from vinasmol_core.plan.recipe import DataSection
 
     for forced in (False, True):
         monkeypatch.setattr(tasks.data, "forced_run", lambda f=forced: f)
@@ -501,7 +501,7 @@ def test_cli_prepare_inspect_and_errors(tmp_path_factory: pytest.TempPathFactory
 def test_data_step_builds_then_reuses(tmp_path: Path, tok: Path) -> None:
     from tasks.data import prepare_data
     from vinasmol_core.common.manifests import TokenizerManifest
-    from vinasmol_core.recipe import CorpusSpec, DataSection
+    from vinasmol_core.plan.recipe import CorpusSpec, DataSection
     from vinasmol_core.store import ArtifactStore
 
     url = (tmp_path / "store").as_uri()
@@ -538,8 +538,8 @@ def test_a_token_budget_counts_the_kept_tokens(tmp_path: Path, tok: Path) -> Non
     """Half the documents are duplicates: reading the budget's bytes would give about half the tokens;
     the data step reads on until the kept training tokens meet the budget, and records both."""
     from tasks.common import hub_source_spec
-    from vinasmol_core.hub_mirror import write_dataset_config
-    from vinasmol_core.recipe import CorpusSpec
+    from vinasmol_core.plan.hub_mirror import write_dataset_config
+    from vinasmol_core.plan.recipe import CorpusSpec
 
     docs = [f"Bài viết số {i // 2} về lịch sử và văn hóa Việt Nam, với nhiều câu dài hơn."
             for i in range(600)]

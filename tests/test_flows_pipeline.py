@@ -142,7 +142,7 @@ def runs(prefect_server, tmp_path_factory) -> dict[str, Any]:
 def uninterrupted_reference(recipe: Path, store: str, result: dict[str, Any]) -> list[str]:
     """eeve-6 and every stage after it, run in this process without interruption from the same
     eeve-4 checkpoint and datasets (fresh partial refs: nothing to resume from)."""
-    from vinasmol_core.recipe import load_recipe
+    from vinasmol_core.plan.recipe import load_recipe
     from vinasmol_core.train.engine import run_stage
     from vinasmol_core.train.spec import StageJob
 

@@ -17,7 +17,7 @@ import yaml
 
 from tests.cli_helpers import run_vinasmol
 from tests.test_faults import TAG, _left_after
-from vinasmol_core.recipe import load_recipe
+from vinasmol_core.plan.recipe import load_recipe
 from vinasmol_core.train.hold import StageHold
 
 pytestmark = pytest.mark.timeout(900)

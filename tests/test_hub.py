@@ -21,9 +21,9 @@ from vinasmol_core.hub import (
     mirror_configs,
     mirror_root,
 )
-from vinasmol_core.hub_mirror import write_dataset_config
-from vinasmol_core.hub_revisions import pin_corpus, pin_hub_revisions
-from vinasmol_core.recipe import CorpusSpec, HubBase, parse_recipe
+from vinasmol_core.plan.hub_mirror import write_dataset_config
+from vinasmol_core.plan.hub_revisions import pin_corpus, pin_hub_revisions
+from vinasmol_core.plan.recipe import CorpusSpec, HubBase, parse_recipe
 
 TINY = Path(__file__).resolve().parent.parent / "recipes" / "tiny-cpu.yaml"
 

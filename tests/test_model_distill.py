@@ -95,7 +95,7 @@ def test_distill_needs_text(setup: dict) -> None:
 def test_recipe_distill_fields_are_validated(line: str, message: str) -> None:
     from pathlib import Path
 
-    from vinasmol_core.recipe import load_recipe
+    from vinasmol_core.plan.recipe import load_recipe
 
     tiny = Path(__file__).resolve().parents[1] / "recipes" / "tiny-cpu.yaml"
     with pytest.raises(ConfigError, match=message):
@@ -110,7 +110,7 @@ def test_task_and_cli_run_distill_on_training_text(setup: dict, tmp_path, monkey
     from tasks import model as model_tasks
     from tests.cli_helpers import run_vinasmol
     from vinasmol_core.common.manifests import TokenizerManifest
-    from vinasmol_core.recipe import CorpusSpec, EmbeddingInitSection, HFBase
+    from vinasmol_core.plan.recipe import CorpusSpec, EmbeddingInitSection, HFBase
     from vinasmol_core.store import ArtifactStore
 
     monkeypatch.setenv("VINASMOL_CACHE", str(tmp_path / "cache"))

@@ -15,9 +15,9 @@ from tests.cli_helpers import run_vinasmol
 from tests.model_fixtures import shared_tiny
 from vinasmol_core.common.errors import VinaSmolError
 from vinasmol_core.hub import MIRROR_ENV
-from vinasmol_core.hub_mirror import build_recipe_mirror
-from vinasmol_core.preflight import plan_tokens, require_inputs
-from vinasmol_core.recipe import HubSource, load_recipe
+from vinasmol_core.plan.hub_mirror import build_recipe_mirror
+from vinasmol_core.plan.preflight import plan_tokens, require_inputs
+from vinasmol_core.plan.recipe import HubSource, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "recipes" / "smollm2-360m-vi.yaml"
@@ -135,7 +135,7 @@ def _hub_recipe(tmp_path: Path, **corpus: object) -> Path:
 
 
 def _web_mirror(root: Path, rows: list[dict]) -> list[Path]:
-    from vinasmol_core.hub_mirror import write_dataset_config
+    from vinasmol_core.plan.hub_mirror import write_dataset_config
 
     return write_dataset_config(root / "org" / "web", "vie_Latn", {"train": rows}, shard_rows=4)
 

@@ -12,7 +12,7 @@ import yaml
 from tests.cli_helpers import run_vinasmol
 from vinasmol_core.common.errors import ConfigError
 from vinasmol_core.common.steps import STEPS_BEFORE
-from vinasmol_core.recipe import (
+from vinasmol_core.plan.recipe import (
     LongEvalSection,
     apply_overrides,
     load_recipe,

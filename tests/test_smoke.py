@@ -6,8 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from vinasmol_core.recipe import load_recipe
-from vinasmol_core.smoke import SMOKE_CORPUS_BYTES, SMOKE_SEQ_LEN, SMOKE_STEPS, projection_rows, smoke_recipe
+from vinasmol_core.plan.recipe import load_recipe
+from vinasmol_core.plan.smoke import (
+    SMOKE_CORPUS_BYTES,
+    SMOKE_SEQ_LEN,
+    SMOKE_STEPS,
+    projection_rows,
+    smoke_recipe,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "recipes" / "smollm2-360m-vi.yaml"

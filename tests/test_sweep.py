@@ -1,5 +1,5 @@
 """Proxy sweeps: the sweep file, the draws, the objective, the regression and the recipe patch
-(`vinasmol_core.sweep`), without Prefect. The flow end to end is in test_flows_sweep.py."""
+(`vinasmol_core.plan.sweep`), without Prefect. The flow end to end is in test_flows_sweep.py."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from vinasmol_core.common.errors import ConfigError
-from vinasmol_core.recipe import load_recipe
-from vinasmol_core.sweep import (
+from vinasmol_core.plan.recipe import load_recipe
+from vinasmol_core.plan.sweep import (
     ProxyConfig,
     SweepSpec,
     check_sweep,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tasks import common
 from tasks.common import step_cache_key, store_root
-from vinasmol_core.recipe import load_recipe
+from vinasmol_core.plan.recipe import load_recipe
 from vinasmol_core.train.spec import StageSpec
 
 SPEC = load_recipe("recipes/tiny-cpu.yaml").stages[2]
@@ -43,7 +43,7 @@ def test_key_is_stable_across_processes_and_argument_order() -> None:
 
 def test_a_typed_recipe_section_keys_like_its_json() -> None:
     """Steps take their recipe section as a Pydantic model; the key is that of its JSON data."""
-    from vinasmol_core.recipe import DataSection
+    from vinasmol_core.plan.recipe import DataSection
 
     section = DataSection(val_fraction=0.1)
     assert step_cache_key("prepare-data", {"section": section}) == step_cache_key(
@@ -61,7 +61,7 @@ def test_store_root_normalises_local_paths(tmp_path, monkeypatch) -> None:
 def test_data_step_is_keyed_on_tokenizer_content_not_its_carrier() -> None:
     """A checkpoint carrying the same tokenizer.json as the tokenizer artifact reuses the dataset."""
     from tasks.data import prepare_data
-    from vinasmol_core.recipe import DataSection
+    from vinasmol_core.plan.recipe import DataSection
 
     policy = prepare_data.cache_policy
     args = {

@@ -12,7 +12,7 @@ from tests.model_fixtures import shared_tiny
 from vinasmol_core.builtin.tiny import build_tiny_tokenizer
 from vinasmol_core.common.errors import VinaSmolError
 from vinasmol_core.common.manifests import CheckpointManifest, EvalReportManifest, TokenizerManifest
-from vinasmol_core.recipe import CorpusSpec, EmbeddingInitSection, EvalSection, ExportSection, HFBase
+from vinasmol_core.plan.recipe import CorpusSpec, EmbeddingInitSection, EvalSection, ExportSection, HFBase
 from vinasmol_core.store import ArtifactStore
 
 

@@ -128,7 +128,7 @@ def test_train_tokenizer_streams_hub_rows(monkeypatch: pytest.MonkeyPatch, tmp_p
     import vinasmol_core.data.readers
     import vinasmol_core.tokenizer
     from tasks.common import corpus_rows
-    from vinasmol_core.recipe import CorpusSpec, TokenizerSection
+    from vinasmol_core.plan.recipe import CorpusSpec, TokenizerSection
 
     pulled = [0]
 

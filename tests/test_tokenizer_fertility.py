@@ -71,7 +71,7 @@ def test_cli_extend_publishes_manifest_with_fertility(monkeypatch, capsys) -> No
 
 def test_tokenizer_steps_publish_counts_and_tokenizer() -> None:
     from tasks.tokenizer import merge_vocabulary, train_tokenizer
-    from vinasmol_core.recipe import CorpusSpec, TokenizerSection
+    from vinasmol_core.plan.recipe import CorpusSpec, TokenizerSection
     from vinasmol_core.store import ArtifactStore
 
     folder = scratch("tasks")

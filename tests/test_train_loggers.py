@@ -109,7 +109,7 @@ def test_wandb_without_the_package_is_a_clear_error_before_training(env) -> None
 
 def test_the_wandb_key_is_no_setting() -> None:
     """The key comes from WANDB_API_KEY only: a recipe or job that carries one is refused."""
-    from vinasmol_core.recipe import parse_recipe
+    from vinasmol_core.plan.recipe import parse_recipe
 
     with pytest.raises(Exception, match="wandb_api_key"):
         StageLogging.model_validate({"wandb": True, "wandb_api_key": "k"})

@@ -116,7 +116,7 @@ def test_jagged_schedule_restarts_after_each_merge() -> None:
 
 
 def test_relora_is_refused_where_the_stage_trains_no_transformer_weight() -> None:
-    from vinasmol_core.recipe import parse_recipe
+    from vinasmol_core.plan.recipe import parse_recipe
 
     root = Path(__file__).resolve().parent.parent
     data = yaml.safe_load((root / "recipes" / "tiny-cpu.yaml").read_text())

@@ -112,7 +112,7 @@ def _curation_spec(path: Path | None) -> Any:
     try:
         return CurationSpec.model_validate(data)
     except ValidationError as exc:
-        from vinasmol_core.recipe import format_validation_error
+        from vinasmol_core.plan.recipe import format_validation_error
 
         raise ConfigError(format_validation_error(exc, f"--curation {path}").replace("invalid recipe ", "")
                           ) from None

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from vinasmol_core.hub import mirror_configs, mirror_dir
-from vinasmol_core.recipe import CorpusSpec, HubSource, Recipe
+from vinasmol_core.plan.recipe import CorpusSpec, HubSource, Recipe
 
 
 def write_dataset_config(folder: Path, config: str | None, splits: Mapping[str, Iterable[dict[str, Any]]],

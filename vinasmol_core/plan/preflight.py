@@ -26,7 +26,7 @@ from vinasmol_core.hub import (
     mirror_dir,
     model_help,
 )
-from vinasmol_core.recipe import CorpusSpec, FilesSource, HFBase, HubBase, HubSource, Recipe
+from vinasmol_core.plan.recipe import CorpusSpec, FilesSource, HFBase, HubBase, HubSource, Recipe
 
 FAILED = ("missing", "unknown")
 

@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vinasmol_core.common.errors import ConfigError
-from vinasmol_core.recipe import (
+from vinasmol_core.plan.recipe import (
     Recipe,
     apply_overrides,
     format_validation_error,
@@ -140,7 +140,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
 
 def proxy_recipe(recipe: Recipe, sweep: SweepSpec) -> Recipe:
     """The recipe the proxy runs use: smoke-cut when asked, then the sweep's `set` lines."""
-    from vinasmol_core.smoke import smoke_recipe
+    from vinasmol_core.plan.smoke import smoke_recipe
 
     proxy = smoke_recipe(recipe) if sweep.proxy.smoke else recipe
     if sweep.proxy.overrides:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vinasmol_core.recipe import HubSource, Recipe
+from vinasmol_core.plan.recipe import HubSource, Recipe
 
 SMOKE_STEPS = 2
 SMOKE_SEQ_LEN = 256

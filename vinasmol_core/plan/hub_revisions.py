@@ -16,7 +16,7 @@ from pathlib import Path
 
 from vinasmol_core.common.errors import VinaSmolError
 from vinasmol_core.hub import resolve_dataset_revision
-from vinasmol_core.recipe import CorpusSpec, HubSource, Recipe
+from vinasmol_core.plan.recipe import CorpusSpec, HubSource, Recipe
 
 log = logging.getLogger(__name__)
 
