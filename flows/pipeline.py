@@ -363,7 +363,8 @@ def _model_phase(ctx: _Run, base: CheckpointManifest, tokenizer: TokenizerManife
     text: dict[str, Any] = {}
     if section.method == "distill":  # the training text the new rows are distilled on
         members = [c for c in ctx.main_corpora if c.lang in section.distill.languages]
-        text = {"corpora": members, "corpus_digests": ctx.digests_of(members)}
+        text = {"corpora": members, "corpus_digests": ctx.digests_of(members),
+                "val_fraction": recipe.data.val_fraction}
     extended = ctx.run(
         init_embeddings, base_model=base.digest, tokenizer=tokenizer.digest, section=section, **text
     )

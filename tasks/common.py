@@ -313,7 +313,7 @@ def corpus_source_spec(corpus: CorpusSpec, out_dir: Path, hub_mirror: str | None
 
 
 def corpus_rows(corpus: CorpusSpec, out_dir: Path, hub_mirror: str | None = None,
-                max_docs: int | None = None, val_fraction: float = 0.0) -> Iterable[Any]:
+                max_docs: int | None = None, *, val_fraction: float) -> Iterable[Any]:
     """A corpus as `count_words` takes it: its local train files, or a lazy stream of rows of a hub
     corpus (up to its budget, and to `max_docs` when given; read as it is consumed, never held whole)
     without the documents the data step holds out for validation (`val_fraction`, the same stable

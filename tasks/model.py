@@ -81,18 +81,21 @@ def fetch_base_model(
 
 
 def distill_corpus(
-    section: EmbeddingInitSection, corpora: list[CorpusSpec], tmp: Path, hub_mirror: str | None = None
+    section: EmbeddingInitSection, corpora: list[CorpusSpec], tmp: Path, hub_mirror: str | None = None,
+    val_fraction: float = 0.0,
 ) -> list[tuple[Any, float]]:
     """The distill init's training text: (rows of a main corpus, weight) for each language of
     `section.distill.languages` that has main corpora, its share split equally among them. Read as
-    the tokenizer step reads its text (train files, or a hub corpus's stream up to a document cap)."""
+    the tokenizer step reads its text (train files, or a hub corpus's stream up to a document cap,
+    without the documents the data step holds out for validation: `val_fraction`)."""
     spec = section.distill
     out: list[tuple[Any, float]] = []
     for lang, share in spec.languages.items():
         members = [c for c in corpora if c.role == "main" and c.lang == lang]
         for corpus in members:
             cap = spec.tokens // 8 + 64  # documents: far more than the budget needs
-            rows = corpus_rows(corpus, tmp / "corpora" / corpus.name, hub_mirror, max_docs=cap)
+            rows = corpus_rows(corpus, tmp / "corpora" / corpus.name, hub_mirror, max_docs=cap,
+                               val_fraction=val_fraction)
             out.append((rows, share / len(members)))
     if not out:
         raise VinaSmolError(
@@ -110,9 +113,11 @@ def init_embeddings(
     corpora: list[CorpusSpec] | None = None,
     corpus_digests: dict[str, str] | None = None,
     hub_mirror: str | None = None,
+    val_fraction: float = 0.0,
 ) -> CheckpointManifest:
     """Resize the base model's tied embedding to the merged vocabulary and initialise the new rows.
-    `distill` reads the training text of `corpora` (keyed by `corpus_digests`)."""
+    `distill` reads the training text of `corpora` (keyed by `corpus_digests`), never the documents
+    the data step holds out for validation (`val_fraction`, data.val_fraction)."""
     from vinasmol_core.model import extend_model, publish_checkpoint
     from vinasmol_core.model.distill import DistillSettings
 
@@ -122,7 +127,7 @@ def init_embeddings(
     with scratch_dir("embeddings") as tmp:
         corpus, settings = None, None
         if section.method == "distill":
-            corpus = distill_corpus(section, corpora or [], tmp, hub_mirror)
+            corpus = distill_corpus(section, corpora or [], tmp, hub_mirror, val_fraction)
             d = section.distill
             settings = DistillSettings(tokens=d.tokens, seq_len=d.seq_len, batch_size=d.batch_size, lr=d.lr,
                                        layers=d.layers, seed=d.seed, device=d.device)

@@ -40,7 +40,8 @@ def train_tokenizer(
     with scratch_dir("tokenizer") as tmp:
         # one lazy stream over the corpora: rows are counted as they are read, never held all at once
         items = itertools.chain.from_iterable(
-            corpus_rows(corpus, tmp / "corpora" / corpus.name, hub_mirror, section.max_docs, val_fraction)
+            corpus_rows(corpus, tmp / "corpora" / corpus.name, hub_mirror, section.max_docs,
+                        val_fraction=val_fraction)
             for corpus in corpora)
         counts = count_words(items, "text", pre_tokenizer=pre)
         counts.save(tmp / "word-counts")

@@ -70,7 +70,8 @@ def test_the_reader_stops_at_the_budget(mirror: Path) -> None:
     assert texts(corpus(budget={"bytes": 3 * size - 1}), mirror) == VI[:3]
     # a token budget is read as bytes at the language's (or the budget's own) bytes per token
     assert texts(corpus(budget={"tokens": 10, "bytes_per_token": size / 10}), mirror) == VI[:1]
-    rows = list(corpus_rows(corpus(budget={"documents": 50}), Path("unused"), str(mirror), max_docs=5))
+    rows = list(corpus_rows(corpus(budget={"documents": 50}), Path("unused"), str(mirror), max_docs=5,
+                            val_fraction=0.0))
     assert rows == [{"text": t} for t in VI[:5]]
 
 
@@ -98,7 +99,7 @@ def test_the_tokenizer_rows_leave_out_the_held_out_validation_documents(mirror: 
     rows = {r["text"] for r in corpus_rows(c, Path("unused"), str(mirror), val_fraction=0.2)}
     assert held and not held & rows  # no validation document is a tokenizer-training row
     assert held | rows == set(VI)  # and every other document is
-    assert {r["text"] for r in corpus_rows(c, Path("unused"), str(mirror))} == set(VI)
+    assert {r["text"] for r in corpus_rows(c, Path("unused"), str(mirror), val_fraction=0.0)} == set(VI)
 
 
 def test_a_non_utf8_hub_shard_is_skipped_and_counted_when_asked(
@@ -179,3 +180,16 @@ def test_a_mirror_corpus_prepares_into_a_dataset(mirror: Path, tmp_path_factory:
     info = prepare_dataset(sources, tok, tmp_path / "ds", PrepareSettings(val_fraction=0.0, workers=0))
     assert info.sources["web-vi"].docs_read == 100 and info.sources["web-en"].docs_read == len(EN)
     assert info.token_counts["vi"] > 0 and info.token_counts["en"] > 0
+
+
+def test_the_distill_init_reads_no_held_out_validation_document(mirror: Path) -> None:
+    from tasks.model import distill_corpus
+    from vinasmol_core.plan.recipe import EmbeddingInitSection
+
+    c = corpus(val_documents=1000)
+    held = {line.split('"text": "')[1].split('"')[0]
+            for line in hub_val_file(c, 0.2, str(mirror)).read_text(encoding="utf-8").splitlines()}
+    section = EmbeddingInitSection(method="distill", distill={"languages": {"vi": 1.0}})
+    [(rows, share)] = distill_corpus(section, [c], Path("unused"), str(mirror), val_fraction=0.2)
+    texts = {r["text"] for r in rows}
+    assert share == 1.0 and held and texts and not held & texts

@@ -140,7 +140,7 @@ def test_train_tokenizer_streams_hub_rows(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setattr(vinasmol_core.data.readers, "iter_hf_records", records)
     hub = CorpusSpec(name="web", lang="vi", source={"kind": "hub", "dataset": "org/web",
                                                        "budget": {"documents": 10_000}})
-    rows = iter(corpus_rows(hub, tmp_path, str(tmp_path)))
+    rows = iter(corpus_rows(hub, tmp_path, str(tmp_path), val_fraction=0.0))
     assert next(rows) == {"text": "Câu số 0."} and pulled[0] == 1
 
     seen: list[int] = []
