@@ -118,7 +118,7 @@ def make_parser(doc: str | None = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--eval-seq-len", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--init", default="subword-mean", choices=["subword-mean", "distill"])
-    parser.add_argument("--distill-tokens", type=int, default=65_536, help="budget of --init distill")
+    parser.add_argument("--distill-tokens", type=int, default=16_384, help="budget of --init distill")
     parser.add_argument("--vi-distill-share", type=float, default=0.7, help="vi share of the distill text")
     parser.add_argument("--seed", type=int, default=0, help="seed of --init distill")
     parser.add_argument(

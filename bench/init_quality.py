@@ -11,7 +11,7 @@ Ends with
 `init_quality: vi_base=X vi_subword=X vi_distill=X en_base=X en_subword=X en_distill=X seconds=X`
 (`seconds`: wall time of the distillation, data preparation included).
 
-    python bench/init_quality.py [--data ../shared/data] [--tokens 65536] [--tokenizer DIR]
+    python bench/init_quality.py [--data ../shared/data] [--tokens 16384] [--tokenizer DIR]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, default=None, help="an extended tokenizer folder to reuse")
     parser.add_argument("--base", type=Path, default=None, help="a SmolLM2-135M HF folder to reuse")
     parser.add_argument("--target-vocab", type=int, default=55936)
-    parser.add_argument("--tokens", type=int, default=65_536, help="distillation budget (extended tokens)")
+    parser.add_argument("--tokens", type=int, default=16_384, help="distillation budget (extended tokens)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=3e-3)

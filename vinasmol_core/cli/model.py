@@ -62,7 +62,7 @@ def extend_command(
     ] = None,
     distill_tokens: Annotated[
         int, typer.Option("--distill-tokens", help="distill budget: extended-tokenizer tokens read")
-    ] = 65_536,
+    ] = 16_384,
     distill_lr: Annotated[float, typer.Option("--distill-lr", help="distill learning rate (Adam)")] = 3e-3,
     seed: Annotated[int, typer.Option("--seed", help="distill seed (order of the text windows)")] = 0,
     store: StoreOpt = None,

@@ -60,7 +60,7 @@ class DistillSettings:
     states the input side matches (None or more than the model has: the final, normed states);
     `passes`: optimizer steps on each batch (the teacher's forward pass costs most)."""
 
-    tokens: int = 65_536
+    tokens: int = 16_384
     seq_len: int = 256
     batch_size: int = 4
     lr: float = 3e-3

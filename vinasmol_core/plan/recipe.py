@@ -222,7 +222,7 @@ class DistillSection(_Strict):
     """Self-distillation of the new rows (`method: distill`, `vinasmol_core.model.distill`) on the
     training text of the main corpora (never their validation text)."""
 
-    tokens: int = Field(default=65_536, gt=0, description="extended-tokenizer tokens the student reads")
+    tokens: int = Field(default=16_384, gt=0, description="extended-tokenizer tokens the student reads")
     seq_len: int = Field(default=256, ge=2)
     batch_size: int = Field(default=4, gt=0)
     lr: float = Field(default=3e-3, gt=0)
