@@ -30,7 +30,7 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	@mkdir -p .cache
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15 --junitxml=.cache/pytest.xml
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 --junitxml=.cache/pytest.xml
 
 # The ten slowest tests of the last `make test` (from its JUnit report).
 slowest:

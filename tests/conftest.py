@@ -105,18 +105,21 @@ def store(store_spec: StoreSpec):  # noqa: ANN201 - ArtifactStore
     return store_spec.open()
 
 
-# Scheduling (`make test`: `-n 2 --dist loadgroup`). A module whose tests share a module-scoped
-# fixture is one group, sent whole to one worker (its fixture is built once); every other test goes
-# wherever a worker is free. The slowest modules start first, so the two workers end together
+# Scheduling (`make test`: `-n 2 --dist loadfile`): a module runs whole on one worker (its module-scoped
+# fixtures are built once), and the slowest modules start first, so the two workers end together
 # instead of one finishing a long module alone (`make slowest` lists the last run's slowest tests).
+# Not `--dist loadgroup`: pytest-xdist 3.8 marks a group in `item._nodeid`, which pytest 9 no longer
+# reads, so its groups are silently split across workers.
 SLOWEST_FIRST = (
     "test_infra_stack.py",
     "test_faults.py",
-    "test_flows_sweep.py",
-    "test_flows_pipeline.py",
     "test_train_group.py",
     "test_train_dist.py",
+    "test_flows_pipeline.py",
+    "test_flows_sweep.py",
     "test_train_engine.py",
+    "test_train_compile.py",
+    "test_train_background.py",
 )
 
 
@@ -126,8 +129,3 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
 
     items.sort(key=rank)  # stable: each module keeps its own order
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        defs = info.name2fixturedefs.values() if info is not None else []
-        if any(d.scope == "module" for chain in defs for d in chain):
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
