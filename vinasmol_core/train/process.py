@@ -180,6 +180,11 @@ def _run_in_this_process(job: StageJob, stream: _Stream, metrics_path: Path | No
 
 def _raise_failure(job: StageJob, stream: _Stream, rcs: list[int], attempts: int) -> None:
     error = stream.error
+    if error is not None and error.get("type") == "Exception" and any(rc < 0 for rc in rcs):
+        # A process killed by a signal (a lost node) is the cause; the survivors' broken collectives
+        # (gloo "connection closed", NCCL timeouts) are its consequence, whichever was reported first.
+        stream.tail.append(f"a surviving rank then failed: {error.get('message', '')}")
+        error = None
     if error is not None and attempts > 1 and error.get("type") != "ConfigError":
         raise VinaSmolError(
             f"stage {job.spec.name} failed in each of {attempts} group attempts (a node lost each time?); "
