@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from vinasmol_core.builtin.sample_corpus import sample_texts
 from vinasmol_core.builtin.tiny import build_tiny_base_model, build_tiny_tokenizer
@@ -79,3 +81,20 @@ def shared_tiny(tmp_path_factory) -> dict[str, Path]:  # noqa: ANN001 - pytest's
         setup["lit"] = hf_to_litgpt(setup["ext"], root / "lit")
         _CACHE["tiny"] = setup
     return _CACHE["tiny"]
+
+
+def tiny_stage_inputs(tmp_path_factory, name: str) -> Iterator[Any]:  # noqa: ANN001 - pytest's TempPathFactory
+    """The body of a module-scoped `env` fixture for stage tests: the tiny model, tokenizer and dataset
+    in a file:// store (`build_tiny_inputs`), with the cache, TMPDIR (where killed stage processes
+    leave their work folders) and TorchDynamo off for the module's life."""
+    import pytest
+
+    from vinasmol_core.builtin.fixtures import build_tiny_inputs
+
+    root = tmp_path_factory.mktemp(name)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VINASMOL_CACHE", str(root / "cache"))
+        mp.setenv("TORCHDYNAMO_DISABLE", "1")
+        (root / "tmp").mkdir()
+        mp.setenv("TMPDIR", str(root / "tmp"))
+        yield build_tiny_inputs(root / "inputs", (root / "store").as_uri(), block_size=64)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.model_fixtures import tiny_stage_inputs
 from tests.test_train_engine import events_of, make_job, stage_spec, step_losses, store_of, weights
 from vinasmol_core.common.errors import VinaSmolError
 
@@ -24,15 +25,7 @@ STATE_FILES = ("model-frozen.safetensors", "model-trainable.safetensors", "optim
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from vinasmol_core.builtin.fixtures import build_tiny_inputs
-
-    root = tmp_path_factory.mktemp("background")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VINASMOL_CACHE", str(root / "cache"))
-        mp.setenv("TORCHDYNAMO_DISABLE", "1")
-        (root / "tmp").mkdir()
-        mp.setenv("TMPDIR", str(root / "tmp"))
-        yield build_tiny_inputs(root / "inputs", (root / "store").as_uri(), block_size=64)
+    yield from tiny_stage_inputs(tmp_path_factory, "background")
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from tests.model_fixtures import tiny_stage_inputs
 from vinasmol_core.common.errors import ConfigError, VinaSmolError
 from vinasmol_core.train import params
 from vinasmol_core.train.metrics import read_events
@@ -21,15 +22,7 @@ MIXTURE = {"vi": 0.6, "en": 0.3, "code": 0.1}
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from vinasmol_core.builtin.fixtures import build_tiny_inputs
-
-    root = tmp_path_factory.mktemp("train")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VINASMOL_CACHE", str(root / "cache"))
-        mp.setenv("TORCHDYNAMO_DISABLE", "1")
-        (root / "tmp").mkdir()
-        mp.setenv("TMPDIR", str(root / "tmp"))  # work folders of killed stage processes land here
-        yield build_tiny_inputs(root / "inputs", (root / "store").as_uri(), block_size=64)
+    yield from tiny_stage_inputs(tmp_path_factory, "train")
 
 
 def store_of(env):
