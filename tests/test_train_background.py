@@ -82,7 +82,7 @@ def test_killed_during_a_background_upload_resumes_from_the_newest_complete_stat
     """The upload of step 4's train-state is held (its files written, nothing of it in the store) while
     training goes on; the stage process is SIGKILLed there. The store holds step 2 only and verifies
     clean; a re-run resumes from step 2 and ends bit-identical to the uninterrupted run."""
-    from vinasmol_core.train.checkpoint import HOLD_UPLOAD_ENV
+    from vinasmol_core.train.hold import HOLD_UPLOAD_ENV
     from vinasmol_core.train.process import run_stage_process
 
     step_2 = "test-partial/bg-killed/eeve-3/step-00000002"

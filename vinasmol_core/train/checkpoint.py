@@ -14,7 +14,6 @@ the manifest, then the ref), so a re-run resumes from the newest complete one.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import threading
@@ -31,6 +30,7 @@ from vinasmol_core.common.manifests import CheckpointManifest
 from vinasmol_core.common.memory import training_process_peaks
 from vinasmol_core.train import dist, params, relora, state
 from vinasmol_core.train.data import TOKENIZER_FILES, tokenizer_digest
+from vinasmol_core.train.hold import HOLD_UPLOAD_ENV, hold_for_a_kill
 from vinasmol_core.train.inputs import Inputs
 from vinasmol_core.train.metrics import MEMORY_KEYS, RESULT_PREFIX, MetricsSink, plot_loss_curve, read_events
 from vinasmol_core.train.runtime import gather_bytes, local_rank_zero_first
@@ -112,33 +112,6 @@ def stage_summary(events: list[dict[str, Any]], tokens: int, steps: int) -> dict
         summary["val_bpb"] = evals[-1]["val_bpb"]
         summary["val_bpb_start"] = evals[0]["val_bpb"]
     return summary
-
-
-HOLD_UPLOAD_ENV = "VINASMOL_HOLD_UPLOAD"
-"""Tests of kills during a background upload: "<stage>:<step>:<fifo>". The upload of that step's
-train-state, its files written and nothing of it in the store yet, writes "<stage> <step>" to the named
-pipe and waits there until the process is killed. Never part of a cache key."""
-
-
-def hold_requested(env: str, stage: str, step: int) -> str | None:
-    """The named pipe of a test's hold `$env` = "<stage>:<step>:<fifo>" at this stage and step, or None."""
-    value = os.environ.get(env, "")
-    name, _, fifo = value.rpartition(":")
-    name, _, at = name.rpartition(":")
-    if not value or name != stage or at != str(step):
-        return None
-    return fifo
-
-
-def _hold_upload(stage: str, step: int) -> None:
-    """Where $VINASMOL_HOLD_UPLOAD asks for it: say "<stage> <step>" on its named pipe, then wait to
-    be killed."""
-    fifo = hold_requested(HOLD_UPLOAD_ENV, stage, step)
-    if fifo is None:
-        return
-    with open(fifo, "w", encoding="utf-8") as pipe:  # opens once the test listens
-        pipe.write(f"{stage} {step}\n")
-    threading.Event().wait()
 
 
 def _host_buffer(like: torch.Tensor) -> torch.Tensor:
@@ -375,7 +348,7 @@ class Checkpointer:
         out.mkdir()
         try:
             self._write_state(out, module_state, optim_state, rng_blobs, step, metrics)
-            _hold_upload(self.spec.name, step)
+            hold_for_a_kill(self.spec.name, step, HOLD_UPLOAD_ENV)
             ref = f"{self.prefix}/step-{step:08d}"
             published = self.store.publish(self._state_manifest(step, loss), out, ref=ref)
         finally:

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from vinasmol_core.common.errors import ConfigError, Preempted, VinaSmolError
 from vinasmol_core.common.manifests import CheckpointManifest
 from vinasmol_core.train import dist, params, relora, runtime, state
-from vinasmol_core.train.checkpoint import Checkpointer, hold_requested
+from vinasmol_core.train.checkpoint import Checkpointer
 from vinasmol_core.train.data import (
     batch_indices,
     load_validation,
@@ -40,7 +40,7 @@ from vinasmol_core.train.data import (
     token_byte_lengths,
 )
 from vinasmol_core.train.group import lose_node
-from vinasmol_core.train.hold import HOLD_ENV, hold_for_a_kill
+from vinasmol_core.train.hold import HOLD_ENV, hold_for_a_kill, hold_requested
 from vinasmol_core.train.inputs import Inputs, prepare_inputs
 from vinasmol_core.train.loggers import StageLoggers, check_logging, log_root
 from vinasmol_core.train.metrics import MetricsSink, print_line, read_events

@@ -14,14 +14,24 @@ import uuid
 from pathlib import Path
 
 HOLD_ENV = "VINASMOL_HOLD_AT"
+HOLD_UPLOAD_ENV = "VINASMOL_HOLD_UPLOAD"
+"""The same for a background upload: its train-state's files written and nothing of it in the store."""
 
 
-def hold_for_a_kill(stage: str, step: int) -> None:
-    """The stage's side: announce the moment on the pipe, then wait to be killed."""
-    value = os.environ.get(HOLD_ENV, "")
+def hold_requested(env: str, stage: str, step: int) -> str | None:
+    """The named pipe of the hold `$env` = "<stage>:<step>:<fifo>" at this stage and step, or None."""
+    value = os.environ.get(env, "")
     rest, _, fifo = value.rpartition(":")
     name, _, at = rest.rpartition(":")
     if not value or name != stage or at != str(step):
+        return None
+    return fifo
+
+
+def hold_for_a_kill(stage: str, step: int, env: str = HOLD_ENV) -> None:
+    """The stage's side: announce the moment on the pipe, then wait to be killed."""
+    fifo = hold_requested(env, stage, step)
+    if fifo is None:
         return
     with open(fifo, "w", encoding="utf-8") as pipe:  # opens once the other side listens
         pipe.write(f"{stage} {step}\n")
