@@ -21,7 +21,7 @@ process of it, is an orphan.
 | 7 | two `vinasmol run` of the recipe on one store at the same time | none |
 | 8 | the S3 server paused (SIGSTOP) for 30 s during a stage, then SIGCONT | none |
 | 9 | SIGTERM to a training stage's process (a pod being evicted) | a re-run resumes |
-| 10 | a rank that hangs inside a step | not available: no step watchdog (not counted) |
+| 10 | a training stage's rank held inside a step (it hangs), under a 20 s `step_timeout` | a re-run |
 | 11 | the store's disk full during a publish (the file:// store on a small tmpfs) | free it, re-run |
 | 12 | the Prefect server's database deleted, the server started again (same port) | none, else a re-run |
 
@@ -36,6 +36,8 @@ again; rows 3 and 8, a store request failed and was retried (the S3 backend logs
 an API request (Prefect's client, at DEBUG for that run); row 6, `vinasmol store verify` names both
 blobs, the fetch error names the repair and `--force` publishes new train-states; row 9, a
 train-state of the stopped step, the preemption reported, and the re-run resumed from that step;
+row 10, the step watchdog's message names the stage, the step and the rank, and the re-run resumed
+from the newest train-state before the hung step;
 row 11, a StoreError naming the full disk and `verify` clean after it.
 
 Row 2 starts the local stack (`make up`: Prefect server, SeaweedFS, a process worker per pool) and
@@ -73,7 +75,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # ui_shots: the local stack's helpers
 
 from vinasmol_core.model.hf_io import sha256_file  # noqa: E402
-from vinasmol_core.train.hold import HOLD_ENV, StageHold  # noqa: E402
+from vinasmol_core.train.hold import HOLD_ENV, HOLD_IN_STEP_ENV, StageHold  # noqa: E402
 from vinasmol_core.train.process import STAGE_RUNNER_ENV  # noqa: E402
 
 TAG_ENV = "VINASMOL_FAULTS_RUN"
@@ -173,6 +175,7 @@ class Bench:
         base = self.work / name
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL", "AWS_"))}
         env.pop(HOLD_ENV, None)
+        env.pop(HOLD_IN_STEP_ENV, None)
         env.update(
             PREFECT_HOME=str(base / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
             PREFECT_LOGGING_LEVEL="WARNING", VINASMOL_WORK_DIR=str(base / "work"),
@@ -628,9 +631,40 @@ class Bench:
         return row
 
     def row10(self) -> Row:
-        row = Row(10, "a rank that hangs inside a step", available=False)
-        row.notes.append(landed(10, "not available: no watchdog (nothing notices a rank that hangs inside a "
-                                    "step); not injected, not counted"))
+        row = Row(10, "a rank that hangs inside a step")
+        store = _file_store(self.work / "row10" / "store")
+        stage, timeout = "eeve-6", 20
+        step = self.rng.randint(2, max(2, self.steps.get(stage, 2)))
+        hold = StageHold(self.work / "row10", f"{stage}/rank0", step, env=HOLD_IN_STEP_ENV)
+        args = ("--set", f"stages[{stage}].step_timeout={timeout}")  # the same for the re-run
+        held: list[float] = []
+
+        def watch(proc: subprocess.Popen[str], live: Live) -> None:
+            if hold.wait(proc):
+                held.append(time.monotonic())
+                landed(10, f"{stage}'s rank 0 held inside step {step} of {self.steps.get(stage)} "
+                           f"(it wrote {hold.expected!r}); step_timeout={timeout} s")
+
+        run = self.run("row10", store, args=args, during=watch, extra_env=hold.env)
+        hold.close()
+        row.injected = len(held)
+        pattern = rf"stage {re.escape(stage)}: rank 0: no optimizer step completed in \d+ s .*?step (\d+) of"
+        ended = re.search(pattern, run.out)
+        states = sorted(_refs(store, f"partial/{stage}/"))
+        newest = int(states[-1].rsplit("-", 1)[-1]) if states else 0
+        if ended:
+            row.notes.append(landed(10, f"the watchdog ended the stage (rc {run.rc}) naming step "
+                                        f"{ended.group(1)}; newest train-state: step {newest}"))
+        else:
+            row.notes.append(f"no watchdog message (rc {run.rc}): {_last_error(run.out)[:200]}")
+        final = self.finish(row, "row10", store, self.run("row10", store, args=args))
+        resumed = None
+        if final.rc == 0:
+            resumed = _store(store).get_manifest(f"runs/{RUN_NAME}/{stage}").extra.get("resumed_from_step")
+            row.notes.append(f"the re-run resumed {stage} from step {resumed}")
+        row.orphans += len(run.orphans)
+        named = ended is not None and int(ended.group(1)) == step
+        row.survived = row.survived and run.rc != 0 and named and resumed == newest
         return row
 
     def row11(self) -> Row:

@@ -287,3 +287,58 @@ def test_fsdp_stage_matches_ddp_keeps_frozen_rows_and_resumes_bit_identical(stag
     w_resumed, _ = _published(env, resumed.digest)
     for name in w_fsdp:
         assert torch.equal(w_resumed[name], w_fsdp[name]), name
+
+
+@pytest.mark.timeout(600)
+def test_watchdog_ends_a_stage_whose_rank_hangs_inside_a_step(
+    stage_env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 1 of a two-rank DDP stage is held inside step 5 (as it reads its first micro-batch);
+    rank 0 waits for it in the step's gradient all-reduce. The step watchdog ends the stage within
+    its step_timeout, with a message naming the stage, the step, the hung rank and where it hung;
+    no rank outlives the stage; the re-run resumes from the train-state of step 4."""
+    import threading
+    import time
+
+    import psutil
+
+    from vinasmol_core.common.errors import VinaSmolError
+    from vinasmol_core.train.hold import HOLD_IN_STEP_ENV, StageHold
+    from vinasmol_core.train.process import run_stage_process
+
+    timeout = 10.0
+    job = _stage(stage_env, "watchdog", devices=2, strategy="ddp", step_timeout=timeout)
+    hold = StageHold(tmp_path, "eeve-3/rank1", 5, env=HOLD_IN_STEP_ENV)
+    launched: list[int] = []
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_stage_process(job, echo=False, on_launch=lambda pids, _cmds: launched.extend(pids))
+        except VinaSmolError as exc:
+            failures.append(exc)
+
+    with monkeypatch.context() as mp:
+        for key, value in hold.env.items():
+            mp.setenv(key, value)
+        stage = threading.Thread(target=run)
+        stage.start()
+        assert hold.wait(stage), "the stage ended before rank 1 reached step 5"
+    held_at = time.monotonic()
+    ranks = psutil.Process(launched[0]).children(recursive=True)
+    assert len(ranks) >= 2
+    stage.join()
+    took = time.monotonic() - held_at
+    hold.close()
+
+    assert len(failures) == 1, "the stage did not fail"
+    message = str(failures[0])
+    assert "stage eeve-3: rank 1: no optimizer step completed" in message, message
+    assert "step 5 of 6 hung in reading micro-batch 0" in message, message
+    assert "the last completed step was 4" in message, message
+    assert took < 3 * timeout, f"the stage took {took:.0f} s to end after its rank hung"
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks)
+
+    seen: list[dict] = []
+    run_stage_process(job, seen.append, echo=False)
+    assert [e["resumed_from"] for e in seen if e["event"] == "start"] == [4]

@@ -40,12 +40,13 @@ from vinasmol_core.train.data import (
     token_byte_lengths,
 )
 from vinasmol_core.train.group import lose_node
-from vinasmol_core.train.hold import HOLD_ENV, hold_for_a_kill, hold_requested
+from vinasmol_core.train.hold import HOLD_ENV, HOLD_IN_STEP_ENV, hold_for_a_kill, hold_requested
 from vinasmol_core.train.inputs import Inputs, prepare_inputs
 from vinasmol_core.train.loggers import StageLoggers, check_logging, log_root
 from vinasmol_core.train.metrics import MetricsSink, print_line, read_events
 from vinasmol_core.train.schedule import learning_rate
 from vinasmol_core.train.spec import StageJob
+from vinasmol_core.train.watchdog import StepWatchdog, end_process
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
@@ -224,6 +225,12 @@ class StageRunner:
         self.byte_lengths = torch.from_numpy(
             token_byte_lengths(inputs.ckpt_dir, inputs.config.padded_vocab_size)
         )
+        self.watchdog: StepWatchdog | None = None  # armed in a stage process, never in the caller's
+
+    def _mark(self, phase: str, step: int) -> None:
+        """What this rank is doing, for the step watchdog's message."""
+        if self.watchdog is not None:
+            self.watchdog.phase(phase, step)
 
     def run(self) -> CheckpointManifest | None:
         """Train the stage; returns the published final checkpoint on rank 0 (None elsewhere)."""
@@ -369,15 +376,36 @@ class StageRunner:
 
     def _batches(self, sampler: MixtureSampler, step: int) -> Iterator[torch.Tensor]:
         spec, fabric = self.spec, self.fabric
+        rank = fabric.global_rank
         for micro in range(spec.grad_accum):
+            self._mark(f"reading micro-batch {micro}", step + 1)
+            if micro == 0:
+                hold_for_a_kill(f"{spec.name}/rank{rank}", step + 1, HOLD_IN_STEP_ENV)
             indices = batch_indices(
                 step, micro, global_batch=spec.global_batch, micro_batch=spec.micro_batch,
-                rank=fabric.global_rank, world=fabric.world_size,
+                rank=rank, world=fabric.world_size,
             )
-            yield torch.from_numpy(_sequences(sampler, indices))
+            batch = torch.from_numpy(_sequences(sampler, indices))
+            self._mark(f"the forward and backward pass of micro-batch {micro}", step + 1)
+            yield batch
+        self._mark("the gradient norm and the optimizer update", step + 1)
 
     def _train(self, data: StageData, m: StageModel, checkpoints: Checkpointer, start_step: int) -> None:
-        """The optimizer steps from `start_step` on, with logging, evaluation and train-states."""
+        """The optimizer steps from `start_step` on, with logging, evaluation and train-states; in a
+        stage process under the step watchdog."""
+        if not self.in_process:
+            self.watchdog = StepWatchdog(
+                self.spec.name, self.fabric.global_rank, self.spec.total_steps, self.spec.step_timeout,
+                end_process,
+            )
+            self.watchdog.start(start_step)
+        try:
+            self._steps(data, m, checkpoints, start_step)
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
+
+    def _steps(self, data: StageData, m: StageModel, checkpoints: Checkpointer, start_step: int) -> None:
         spec = self.spec
         total = spec.total_steps
         vocab = self.inputs.config.vocab_size  # padded rows never enter the loss
@@ -398,6 +426,8 @@ class StageRunner:
             )
             loss = float(step_loss)
             done, dt = step + 1, time.perf_counter() - t0
+            if self.watchdog is not None:
+                self.watchdog.completed(done, dt)
             if done % spec.log_interval == 0 or done == total:
                 self.sink.emit(
                     {
@@ -411,10 +441,12 @@ class StageRunner:
             if spec.relora is not None and done % spec.relora.merge_every == 0 and done < total:
                 self._merge(m, done)
             if data.val_sets and (done % spec.eval_interval == 0 or done == total):
+                self._mark("the evaluation after its update", done)
                 self._evaluate(m.module, data.val_sets, done, m.raw)
             checkpoints.poll()
             saved = done % spec.checkpoint_interval == 0 or done == total
             if saved:
+                self._mark("the train-state after its update", done)
                 checkpoints.publish_state(m.module, m.raw, m.raw_optimizer, m.names, done, loss)
             if self.job.fail_at_step == done or hold_requested(HOLD_ENV, spec.name, done) is not None:
                 checkpoints.settle()  # a kill after this step finds its train-state in the store

@@ -16,6 +16,9 @@ from pathlib import Path
 HOLD_ENV = "VINASMOL_HOLD_AT"
 HOLD_UPLOAD_ENV = "VINASMOL_HOLD_UPLOAD"
 """The same for a background upload: its train-state's files written and nothing of it in the store."""
+HOLD_IN_STEP_ENV = "VINASMOL_HOLD_IN_STEP"
+"""The same inside a step, on one rank: "<stage>/rank<r>:<step>:<fifo>" holds rank r as it reads the
+first micro-batch of that step (a hung rank: the others wait for it in the step's collectives)."""
 
 
 def hold_requested(env: str, stage: str, step: int) -> str | None:
@@ -42,19 +45,20 @@ class StageHold:
     """The killer's side: a named pipe in `folder` for stage `stage` after step `step`. Pass `env`
     to the process that runs the stage, `wait` for the moment, kill, then `close`."""
 
-    def __init__(self, folder: Path, stage: str, step: int) -> None:
+    def __init__(self, folder: Path, stage: str, step: int, env: str = HOLD_ENV) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.stage, self.step = stage, step
         self.fifo = folder / f"hold-{uuid.uuid4().hex[:8]}"
         os.mkfifo(self.fifo)
-        self.env = {HOLD_ENV: f"{stage}:{step}:{self.fifo}"}
+        self.env = {env: f"{stage}:{step}:{self.fifo}"}
         self.expected = f"{stage} {step}"
 
-    def wait(self, proc: subprocess.Popen) -> bool:
-        """Block until the stage holds (True), or until `proc` ends first (False)."""
+    def wait(self, proc: subprocess.Popen | threading.Thread) -> bool:
+        """Block until the stage holds (True), or until `proc` (a process, or the thread that runs
+        the stage) ends first (False)."""
 
         def wake_on_exit() -> None:
-            proc.wait()
+            proc.wait() if isinstance(proc, subprocess.Popen) else proc.join()
             fd = os.open(self.fifo, os.O_RDWR | os.O_NONBLOCK)  # never blocks; wakes the reader
             os.write(fd, b"exited\n")
             os.close(fd)

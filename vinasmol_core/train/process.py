@@ -17,6 +17,7 @@ from typing import Any
 
 from vinasmol_core.common.errors import ConfigError, Preempted, StoreError, VinaSmolError
 from vinasmol_core.common.manifests import CheckpointManifest
+from vinasmol_core.train import watchdog
 from vinasmol_core.train.metrics import ERROR_PREFIX, parse_line
 from vinasmol_core.train.spec import StageJob, load_job
 
@@ -97,6 +98,7 @@ class _Stream:
         self.tail: deque[str] = deque(maxlen=40)
         self.result: dict[str, Any] | None = None
         self.error: dict[str, Any] | None = None
+        self.timeouts: list[str] = []  # what each rank's step watchdog said
 
     def __call__(self, line: str) -> None:
         parsed = parse_line(line, self.on_metrics)
@@ -106,8 +108,11 @@ class _Stream:
                 print(line, flush=True)
         elif parsed[0] == "result":
             self.result = parsed[1]
-        elif parsed[0] == "error" and self.error is None:
-            self.error = parsed[1]
+        elif parsed[0] == "error":
+            if parsed[1].get("type") == watchdog.ERROR_TYPE:
+                self.timeouts.append(str(parsed[1].get("message", "")))
+            if self.error is None:
+                self.error = parsed[1]
 
 
 def run_stage_process(
@@ -179,6 +184,8 @@ def _run_in_this_process(job: StageJob, stream: _Stream, metrics_path: Path | No
 
 
 def _raise_failure(job: StageJob, stream: _Stream, rcs: list[int], attempts: int) -> None:
+    if stream.timeouts:  # every rank whose watchdog ended it, the hung one among them
+        raise VinaSmolError("\n".join(sorted(set(stream.timeouts))))
     error = stream.error
     if error is not None and error.get("type") == "Exception" and any(rc < 0 for rc in rcs):
         # A process killed by a signal (a lost node) is the cause; the survivors' broken collectives
@@ -221,14 +228,14 @@ def main(argv: list[str] | None = None) -> int:
         catch_sigterm()
         run_stage(job, metrics_copy=args.metrics)
     except Preempted as exc:
-        _report_error("Preempted", str(exc))
+        report_error("Preempted", str(exc))
         return 128 + signal.SIGTERM
     except VinaSmolError as exc:
-        _report_error(type(exc).__name__, str(exc))
+        report_error(type(exc).__name__, str(exc))
         return 1
     except Exception as exc:
         traceback.print_exc()
-        _report_error("Exception", f"{type(exc).__name__}: {exc}")
+        report_error("Exception", f"{type(exc).__name__}: {exc}")
         return 1
     return 0
 
@@ -250,7 +257,7 @@ def _job_from_env(name: str) -> StageJob:
     return job
 
 
-def _report_error(kind: str, message: str) -> None:
+def report_error(kind: str, message: str) -> None:
     """One machine-readable error line for the parent (and a readable one on stderr)."""
     rank = os.environ.get("RANK", "0")
     prefix = "" if rank == "0" else f"rank {rank}: "

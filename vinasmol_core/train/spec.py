@@ -44,6 +44,7 @@ OPERATIONAL_FIELDS = frozenset(
         "deterministic",
         "cpu_threads",
         "keep_checkpoints",
+        "step_timeout",
     }
 )
 
@@ -172,6 +173,12 @@ class StageSpec(BaseModel):
     fused_adamw: bool | None = Field(default=None, description="fused AdamW kernel; default: on")
     deterministic: bool | None = Field(default=None, description="default: on for the CPU")
     cpu_threads: int | None = Field(default=None, gt=0, description="torch threads per process on the CPU")
+    step_timeout: float | None = Field(
+        default=None,
+        gt=0,
+        description="seconds a rank may go without completing an optimizer step before its stage process "
+        "is ended (a hung rank or collective); default: 10 x the median step time, at least 600",
+    )
 
     @field_validator("mixture")
     @classmethod
