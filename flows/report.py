@@ -122,18 +122,27 @@ def steps_markdown(result: dict[str, Any]) -> str:
 
 
 def projection_markdown(result: dict[str, Any]) -> str:
-    """The full run projected from a smoke run's tokens/s, on the device the stages ran on."""
+    """The full run projected from a smoke run's tokens/s, on the device the stages ran on, with the
+    micro-batch each stage's search found (and the `--set` lines that apply it)."""
     devices = sorted({str(r.get("metrics", {}).get("device")) for r in result.get("checkpoints", [])
                       if r.get("metrics", {}).get("device")})
-    lines = [f"Device: {', '.join(devices) or 'unknown'}. Tokens/s measured at the smoke sequence "
-             "length; longer sequences cost more per token, so the hours are a lower bound.", "",
-             "| stage | tokens | steps | seq len | smoke tokens/s | projected hours |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for row in result["projection"]:
+    rows = result["projection"]
+    lines = [f"Device: {', '.join(devices) or 'unknown'}. Tokens/s: where a micro-batch search ran, its "
+             "forward and backward pass at the found micro-batch and the full sequence length (an upper "
+             "bound); else the smoke steps at the smoke sequence length (longer sequences cost more per "
+             "token). Either way the hours are a lower bound.", "",
+             "| stage | tokens | steps | seq len | micro-batch found | tokens/s | projected hours |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
         lines.append(
             f"| {row['stage']} | {row['tokens']:,} | {row['steps']:,} | {_cell(row['seq_len'], ',')} "
-            f"| {_cell(row['tokens_per_s'], ',.0f')} | {_hours(row['hours'])} |"
+            f"| {_cell(row.get('micro_batch'), ',')} | {_cell(row['tokens_per_s'], ',.0f')} "
+            f"| {_hours(row['hours'])} |"
         )
+    sets = [row["set"] for row in rows if row.get("set")]
+    if sets:
+        lines += ["", "To run with the micro-batches found:", "",
+                  "    " + " ".join(f"--set '{line}'" for line in sets)]
     return "\n".join(lines)
 
 

@@ -62,3 +62,27 @@ def test_projection_is_tokens_over_measured_throughput() -> None:
     del measured["annealing"]
     rows = projection_rows(full, measured)
     assert rows[-2]["hours"] is None and rows[-1]["hours"] is None
+
+
+def test_projection_uses_the_micro_batch_search_and_prints_its_set_lines() -> None:
+    """Each smoke stage searches at the full run's sequence length up to its batch per device; a stage
+    whose search found a micro-batch is projected at the search's tokens/s, and the report gives the
+    `--set` lines that apply the choices."""
+    from flows.report import projection_markdown
+
+    full = load_recipe(SEED)
+    smoke = smoke_recipe(full)
+    for big, small in zip(full.stages, smoke.stages, strict=True):
+        assert small.micro_batch_search is not None
+        assert small.micro_batch_search.seq_len == big.seq_len
+        assert small.micro_batch_search.max_micro_batch == big.global_batch // big.world_size
+    measured = {s.name: {"tokens_per_s": 1000.0} for s in full.stages}
+    measured["eeve-6"]["micro_batch_search"] = {"chosen": 8, "tokens_per_s": 4000.0,
+                                                "set": "stages[eeve-6].micro_batch=8"}
+    rows = projection_rows(full, measured)
+    eeve6 = next(r for r in rows if r["stage"] == "eeve-6")
+    assert eeve6["micro_batch"] == 8 and eeve6["hours"] == pytest.approx(1_200_000_000 / 4000.0 / 3600)
+    eeve4 = next(r for r in rows if r["stage"] == "eeve-4")
+    assert eeve4["micro_batch"] is None and eeve4["tokens_per_s"] == 1000.0
+    text = projection_markdown({"projection": rows, "checkpoints": []})
+    assert "--set 'stages[eeve-6].micro_batch=8'" in text

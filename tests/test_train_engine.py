@@ -346,3 +346,45 @@ def test_bad_inputs_fail_before_training(env, tmp_path) -> None:
     _error_before_training(
         env, make_job(env, stage_spec("bad-5", "all"), "bad", init="test/other-vocab"), "vocabularies differ"
     )
+
+
+def test_micro_batch_search_keeps_the_largest_that_fits_an_injected_memory_limit(
+    env, reference, monkeypatch
+) -> None:
+    """The smoke run's micro-batch search on the CPU, with the device's memory injected: with room for
+    everything every candidate (1, 2, 4, 8) is tried and fits; with a limit whose 90% lies between
+    the peaks of 4 and 8 sequences it keeps 4 and stops at 8. The peaks grow with the micro-batch,
+    the choice comes with its tokens/s and `--set` line, and the weights the stage publishes are
+    bit-identical to the same stage without a search."""
+    from vinasmol_core.train.engine import run_stage
+    from vinasmol_core.train.microbatch import MEMORY_ENV
+
+    search = {"seq_len": 64, "max_micro_batch": 8}
+
+    def run(tag: str, capacity: float | None) -> dict:
+        if capacity is None:
+            monkeypatch.delenv(MEMORY_ENV, raising=False)
+        else:
+            monkeypatch.setenv(MEMORY_ENV, str(int(capacity)))
+        spec = stage_spec("eeve-3", "new-embeddings", micro_batch_search=search)
+        manifest = run_stage(make_job(env, spec, tag))
+        found = [e for e in events_of(env, manifest.digest) if e["event"] == "micro_batch_search"]
+        assert len(found) == 1
+        assert weights(env, manifest.digest).keys() == weights(env, reference.digest).keys()
+        for name, value in weights(env, manifest.digest).items():
+            assert torch.equal(value, weights(env, reference.digest)[name]), name
+        return found[0]
+
+    roomy = run("search-roomy", 1e15)
+    peaks = [t["peak_bytes"] for t in roomy["trials"]]
+    assert [t["micro_batch"] for t in roomy["trials"]] == [1, 2, 4, 8] and roomy["chosen"] == 8
+    assert peaks == sorted(peaks) and peaks[0] < peaks[-1]
+    limit = (peaks[2] + peaks[3]) / 2 / 0.9
+    tight = run("search-tight", limit)
+    assert [(t["micro_batch"], t["fits"]) for t in tight["trials"]] == [(1, 1), (2, 1), (4, 1), (8, 0)]
+    assert tight["chosen"] == 4 and tight["set"] == "stages[eeve-3].micro_batch=4"
+    assert tight["tokens_per_s"] > 0 and tight["capacity_bytes"] == int(limit)
+    none_fits = run("search-none", peaks[0] / 2)
+    assert none_fits["chosen"] is None and none_fits["set"] is None
+    skipped = run("search-skipped", None)  # no memory figure for the CPU: no search, and it says why
+    assert skipped["chosen"] is None and "VINASMOL_DEVICE_MEMORY" in skipped["skipped"]

@@ -6,9 +6,13 @@ that checkpointing is exercised too; evaluation reads a few documents (the long-
 short length, a few harness documents per task); each hub corpus is read up to a few MB (local files
 are read whole).
 
-`projection_rows` turns the stages' measured tokens/s into hours for the recipe's token budgets.
-Tokens/s is measured at the smoke sequence length; attention costs more per token at the recipe's
-longer sequences, so the projected hours are a lower bound.
+Each smoke stage then searches the full run's micro-batch at the full sequence length (on a GPU:
+`vinasmol_core.train.microbatch`): the largest power of two that fits with 10% of the memory free.
+
+`projection_rows` turns the stages' measured tokens/s into hours for the recipe's token budgets:
+the search's tokens/s at the chosen micro-batch and full sequence length where a search ran, else the
+smoke steps' tokens/s at the smoke sequence length (attention costs more per token at the recipe's
+longer sequences, so those hours are a lower bound).
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ def smoke_stage_fields(stage: Any) -> dict[str, Any]:
         "eval_sequences": min(stage.eval_sequences, 1),
         "eval_at_start": False,
         "log_interval": 1,
+        # the full run's micro-batch, found at its sequence length (on CUDA; `train.microbatch`)
+        "micro_batch_search": {
+            "seq_len": stage.seq_len, "max_micro_batch": stage.global_batch // stage.world_size,
+        },
     }
 
 
@@ -82,12 +90,15 @@ def projection_rows(full: Recipe, measured: dict[str, dict[str, Any]]) -> list[d
     total_hours = 0.0
     complete = True
     for stage in full.stages:
-        tps = (measured.get(stage.name) or {}).get("tokens_per_s")
+        metrics = measured.get(stage.name) or {}
+        found = metrics.get("micro_batch_search") or {}
+        tps = found.get("tokens_per_s") or metrics.get("tokens_per_s")
         hours = stage.max_tokens / tps / 3600 if tps else None
         complete &= hours is not None
         total_hours += hours or 0.0
         rows.append({"stage": stage.name, "tokens": stage.max_tokens, "steps": stage.total_steps,
-                     "seq_len": stage.seq_len, "tokens_per_s": tps, "hours": hours})
+                     "seq_len": stage.seq_len, "tokens_per_s": tps, "hours": hours,
+                     "micro_batch": found.get("chosen"), "set": found.get("set")})
     rows.append({"stage": "all stages", "tokens": sum(s.max_tokens for s in full.stages),
                  "steps": sum(s.total_steps for s in full.stages), "seq_len": None, "tokens_per_s": None,
                  "hours": total_hours if complete else None})

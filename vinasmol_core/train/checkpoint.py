@@ -107,6 +107,9 @@ def stage_summary(events: list[dict[str, Any]], tokens: int, steps: int) -> dict
         summary["final_loss"] = step_events[-1]["loss"]
         tps = [e["tokens_per_s"] for e in step_events[1:]] or [step_events[0]["tokens_per_s"]]
         summary["tokens_per_s"] = float(np.median(tps))
+    searches = [e for e in events if e.get("event") == "micro_batch_search"]
+    if searches:
+        summary["micro_batch_search"] = {k: v for k, v in searches[-1].items() if k not in ("event", "stage")}
     if evals:
         summary["val_loss"] = evals[-1]["val_loss"]
         summary["val_bpb"] = evals[-1]["val_bpb"]

@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vinasmol_core.common.errors import ConfigError, Preempted, VinaSmolError
 from vinasmol_core.common.manifests import CheckpointManifest
-from vinasmol_core.train import dist, params, relora, runtime, state
+from vinasmol_core.train import dist, microbatch, params, relora, runtime, state
 from vinasmol_core.train.checkpoint import Checkpointer
 from vinasmol_core.train.data import (
     batch_indices,
@@ -261,6 +261,8 @@ class StageRunner:
         except BaseException:
             checkpoints.abandon()  # the upload in flight ends (published whole or not at all) first
             raise
+        if spec.micro_batch_search is not None:
+            self._search_micro_batch(m)
         if spec.relora is not None:
             relora.merge(m.raw)  # the final checkpoint is a plain litgpt one: adapters folded in
         self.fabric.barrier()
@@ -465,6 +467,59 @@ class StageRunner:
                     f"is in the store and a re-run resumes from step {done}"
                 )
         checkpoints.settle()  # the last train-state is in the store before the final checkpoint
+
+    def _search_micro_batch(self, m: StageModel) -> None:
+        """The smoke run's micro-batch search (`microbatch`): one forward and backward pass per
+        candidate at the full run's sequence length, gradients discarded, weights untouched."""
+        spec, fabric = self.spec, self.fabric
+        cfg = spec.micro_batch_search
+        assert cfg is not None
+        capacity = microbatch.device_capacity(fabric.device)
+        skipped = None
+        if capacity is None:
+            skipped = f"no memory figure for the {fabric.device.type} device (set ${microbatch.MEMORY_ENV})"
+        elif fabric.world_size > 1:
+            skipped = f"{fabric.world_size} devices: the search runs on a one-device smoke stage"
+        elif cfg.seq_len > self.inputs.config.block_size:
+            skipped = f"seq_len {cfg.seq_len} is above the model's block_size {self.inputs.config.block_size}"
+        if skipped is not None:
+            self.sink.emit(
+                {"event": "micro_batch_search", "stage": spec.name, "chosen": None, "skipped": skipped}
+            )
+            return
+        assert capacity is not None
+        raw, vocab = m.raw, self.inputs.config.vocab_size
+        generator = torch.Generator().manual_seed(spec.seed)
+        trainable = [p for p in raw.parameters() if p.requires_grad]
+        static = microbatch.resident_bytes(
+            list(raw.parameters()) + trainable + microbatch.optimizer_state_tensors(m.raw_optimizer)
+        )
+
+        def run_pass(micro_batch: int) -> None:
+            batch = torch.randint(vocab, (micro_batch, cfg.seq_len + 1), generator=generator)
+            batch = batch.to(fabric.device)
+            try:
+                loss = lm_loss(fabric, m.module, raw, batch[:, :-1], batch[:, 1:], vocab, spec.loss_chunk)
+                fabric.backward(loss)
+            finally:
+                m.optimizer.zero_grad(set_to_none=True)
+
+        def report(trial: microbatch.Trial) -> None:
+            peak = f"{trial.peak_bytes / 2**20:,.1f} MiB" if trial.peak_bytes is not None else "out of memory"
+            fabric.print(f"stage {spec.name}: micro-batch {trial.micro_batch} at seq_len {cfg.seq_len}: peak "
+                         f"{peak} of {capacity / 2**20:,.1f} MiB: {'fits' if trial.fits else 'does not fit'}",
+                         flush=True)
+
+        previous = raw.max_seq_length
+        raw.max_seq_length = cfg.seq_len
+        try:
+            chosen, trials = microbatch.search(
+                run_pass, cfg.max_micro_batch, fabric.device, capacity, static, report
+            )
+            timed = microbatch.measure(run_pass, chosen, fabric.device, static)[1] if chosen else None
+        finally:
+            raw.max_seq_length = previous
+        self.sink.emit(microbatch.search_event(spec.name, cfg.seq_len, capacity, chosen, trials, timed))
 
     def _term_requested(self) -> bool:
         """Whether a SIGTERM reached this rank, or in a group any rank, during the last step: every

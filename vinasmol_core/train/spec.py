@@ -45,6 +45,7 @@ OPERATIONAL_FIELDS = frozenset(
         "cpu_threads",
         "keep_checkpoints",
         "step_timeout",
+        "micro_batch_search",
     }
 )
 
@@ -93,6 +94,15 @@ class ReLoRASpec(BaseModel):
         if self.alpha is None:
             self.alpha = 4.0 * self.rank
         return self
+
+
+class MicroBatchSearch(BaseModel):
+    """A smoke run's search for the full run's micro-batch (`vinasmol_core.train.microbatch`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seq_len: int = Field(gt=0, description="the full run's sequence length, at which memory is measured")
+    max_micro_batch: int = Field(gt=0, description="the full run's batch per device: the largest candidate")
 
 
 class StageSpec(BaseModel):
@@ -173,6 +183,11 @@ class StageSpec(BaseModel):
     fused_adamw: bool | None = Field(default=None, description="fused AdamW kernel; default: on")
     deterministic: bool | None = Field(default=None, description="default: on for the CPU")
     cpu_threads: int | None = Field(default=None, gt=0, description="torch threads per process on the CPU")
+    micro_batch_search: MicroBatchSearch | None = Field(
+        default=None,
+        description="after training, find the largest micro-batch that fits the device at this sequence "
+        "length (set by the smoke run; on CUDA, or on the CPU with $VINASMOL_DEVICE_MEMORY)",
+    )
     step_timeout: float | None = Field(
         default=None,
         gt=0,
