@@ -116,9 +116,11 @@ def test_run_killed_inside_a_stage_then_started_again(prefect_server, tmp_path: 
     from vinasmol_core.store import ArtifactStore
 
     store = "file://" + str(tmp_path / "store")
-    pipeline = _Pipeline(tmp_path, store, {"VINASMOL_STAGE_RUNNER": "process"})
+    pipeline = _Pipeline(tmp_path, store)
     hold = StageHold(tmp_path, "eeve-6", 2)  # its first train-state: checkpoints every 2 steps
-    proc, tag = pipeline.start(env=hold.env)
+    # the killed run's stages are processes of their own (what the kill must not leave behind); the
+    # runs after it train in-process, which gives the same bits
+    proc, tag = pipeline.start(env={**hold.env, "VINASMOL_STAGE_RUNNER": "process"})
     assert hold.wait(proc), "the run ended before its stage held:\n" + pipeline.out.read_text()[-3000:]
     st = ArtifactStore(store)
     assert st.list_refs("partial/eeve-6/"), "eeve-6 holds after step 2 without a train-state"
