@@ -61,10 +61,68 @@ def recipe_check_cmd(
     for check in checks:
         print(f"{'ok' if check.status == 'ok' else check.status}: {check.line}")
     print("\n".join(format_plan(recipe, plan_tokens(recipe), kept_tokens(store or default_store_url()))))
+    if recipe.compute.gpu is not None:  # the plan's summary for the GPU the recipe is for
+        from vinasmol_core.plan.gpu_plan import does_not_fit, find_gpu, plan_recipe
+
+        device = find_gpu(recipe.compute.gpu, recipe.compute.gpus)
+        plans = plan_recipe(recipe, device, recipe.compute.nodes * recipe.compute.devices)
+        for p in plans:
+            print(f"plan: {p.stage}: {p.parts.total / 2**30:,.2f} GiB per GPU at micro-batch {p.micro_batch} "
+                  f"(largest that fits: {p.max_micro_batch or '-'}), {p.hours:,.1f} h")
+            if not p.fits:
+                print(does_not_fit(p, device))
     failed = [c for c in checks if c.status in FAILED]
     if failed:
         raise VinaSmolError(f"{file}: {len(failed)} input(s) missing or unknown (listed above)")
     print(f"ok: {file}: recipe {recipe.name!r}, steps: {', '.join(recipe.step_names())}")
+
+
+@app.command("plan")
+def plan_cmd(
+    recipe: Path = typer.Argument(..., help="recipe YAML"),
+    gpu: str | None = typer.Option(None, "--gpu", help="h100-80gb, h200-141gb, a100-40gb, a100-80gb, l4-24gb "
+                                   "(default: the recipe's compute.gpu)"),
+    nodes: int = typer.Option(1, "--nodes", min=1, help="nodes"),
+    gpus_per_node: int = typer.Option(8, "--gpus-per-node", min=1, help="GPUs per node"),
+    mfu: float = typer.Option(0.4, "--mfu", min=0.01, max=1.0, help="model FLOPs utilisation for the hours"),
+    overrides: list[str] = typer.Option([], "--set", help="PATH=VALUE recipe override; repeatable"),
+) -> None:
+    """Per stage, before anything is downloaded: peak memory per GPU in parts, the largest micro-batch
+    that fits with 10% to spare, tokens/s and hours at a stated MFU, GPU-hours. Exit 1 with a "does
+    not fit" line naming the stage and the part when a stage does not fit."""
+    from vinasmol_core.plan.gpu_plan import find_gpu, format_plan, plan_recipe
+    from vinasmol_core.plan.recipe import load_recipe
+
+    parsed = load_recipe(recipe, overrides)
+    name = gpu or parsed.compute.gpu
+    if name is None:
+        raise VinaSmolError("--gpu: name the GPU to plan for (the recipe sets no compute.gpu)")
+    device = find_gpu(name, parsed.compute.gpus)
+    plans = plan_recipe(parsed, device, nodes * gpus_per_node, mfu)
+    print("\n".join(format_plan(plans, device, nodes, gpus_per_node, mfu)))
+    misfits = [p.stage for p in plans if not p.fits]
+    if misfits:
+        raise VinaSmolError(
+            f"{recipe}: stage(s) {', '.join(misfits)} do not fit {nodes} x {gpus_per_node} {name}"
+        )
+
+
+def check_plan(recipe: Path, overrides: list[str], force_plan: bool) -> None:
+    """Before a run: refuse a recipe whose stages do not fit the GPU its `compute.gpu` names, on
+    `compute.nodes` x `compute.devices` of them (unless `force_plan`)."""
+    from vinasmol_core.plan.gpu_plan import does_not_fit, find_gpu, plan_recipe
+    from vinasmol_core.plan.recipe import load_recipe
+
+    parsed = load_recipe(recipe, overrides)
+    if parsed.compute.gpu is None:
+        return
+    device = find_gpu(parsed.compute.gpu, parsed.compute.gpus)
+    misfits = [p for p in plan_recipe(parsed, device, parsed.compute.nodes * parsed.compute.devices)
+               if not p.fits]
+    if misfits and not force_plan:
+        lines = "\n".join(does_not_fit(p, device) for p in misfits)
+        raise VinaSmolError(f"{recipe}: the plan does not fit compute.gpu={parsed.compute.gpu} "
+                            f"(`vinasmol plan` shows it; --force-plan runs anyway):\n{lines}")
 
 
 def _print_result(result: dict, export_dir: Path | None = None) -> None:
@@ -138,9 +196,14 @@ def run_cmd(
     smoke: bool = typer.Option(
         False, "--smoke", help="every step on a small slice (store namespace smoke/); projects the full run"
     ),
+    force_plan: bool = typer.Option(
+        False, "--force-plan", help="run even if the plan does not fit the recipe's compute.gpu"
+    ),
 ) -> None:
     """Run the pipeline of a recipe as a Prefect flow; print the final checkpoint and HF export refs.
-    Every input is checked first: a missing file or an unreachable hub source stops it before any step."""
+    Every input is checked first: a missing file or an unreachable hub source stops it before any step,
+    and so does a recipe whose plan does not fit the GPU `compute.gpu` names (`vinasmol plan`)."""
+    check_plan(recipe, overrides, force_plan or smoke)
     result = _run_flow(recipe, store, from_stage, force, start_ref, stage_runner, hub_mirror=hub_mirror,
                        overrides=overrides, smoke=smoke)
     _print_result(result)

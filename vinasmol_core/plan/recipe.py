@@ -311,6 +311,11 @@ class ExportSection(_Strict):
     card: dict[str, Any] = Field(default_factory=dict)
 
 
+class GPUSpec(_Strict):
+    memory_gib: float = Field(gt=0, description="total memory as the driver reports it, GiB")
+    bf16_tflops: float = Field(gt=0, description="peak dense bf16 TFLOPs")
+
+
 class ComputeSection(_Strict):
     """Hardware defaults applied to every stage that does not set them itself."""
 
@@ -319,6 +324,12 @@ class ComputeSection(_Strict):
     nodes: int = Field(default=1, gt=0)
     precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] | None = None
     stage_runner: Literal["inline", "deployment"] = "inline"
+    gpu: str | None = Field(
+        default=None,
+        description="the GPU the run is for (`vinasmol plan`'s table: h100-80gb, h200-141gb, a100-40gb, "
+        "a100-80gb, l4-24gb, or one of `gpus`); set, `vinasmol run` refuses a recipe that does not fit it",
+    )
+    gpus: dict[str, GPUSpec] = Field(default_factory=dict, description="GPUs to add to the planner's table")
 
 
 class StoreSection(_Strict):
