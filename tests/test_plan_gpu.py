@@ -24,7 +24,8 @@ def test_the_360m_plan_counts_each_part_from_the_stage_policies() -> None:
     assert eeve6.trainable_params == total
     assert eeve6.parts.weights == total * 4  # bf16-mixed keeps fp32 weights
     assert eeve6.parts.optimizer == 2 * eeve6.parts.gradients == 2 * total * 4  # AdamW's two moments
-    assert eeve3.parts.activations == eeve6.parts.activations  # every block passes gradients back
+    # every block passes gradients back; stage 3 also assembles the table from its frozen and new rows
+    assert eeve3.parts.activations == eeve6.parts.activations + 2 * 55_936 * 960 * 4
     assert eeve6.activations_checkpointed < eeve6.parts.activations / 10
     assert all(p.fits and p.strategy == "single" for p in plans.values())
     assert eeve6.max_micro_batch == 16  # 32 sequences of 2,048 tokens need more than 90% of 80 GB
@@ -72,3 +73,15 @@ def test_run_refuses_a_recipe_that_does_not_fit_its_gpu_before_any_step(
     assert code == 1 and "does not fit: stage eeve-3" in err and "--force-plan" in err
     assert not store.exists()
     assert find_gpu("toy", load_recipe(tiny, args[1::2]).compute.gpus).memory_bytes == int(0.001 * GiB)
+
+
+def test_relora_keeps_only_the_adapters_in_the_optimizer() -> None:
+    recipe = load_recipe(RECIPE, ["stages[eeve-6].relora={rank: 128}"])
+    eeve6 = {p.stage: p for p in plan_recipe(recipe, GPUS["h100-80gb"], 1)}["eeve-6"]
+    per_block = {"attn.qkv": (960, 1600), "attn.proj": (960, 960), "mlp.fc_1": (960, 2560),
+                 "mlp.fc_2": (960, 2560), "mlp.proj": (2560, 960)}  # SmolLM2-360M's linear layers
+    targeted = 32 * sum(i * o for i, o in per_block.values())
+    adapters = 32 * 128 * sum(i + o for i, o in per_block.values())
+    assert eeve6.trainable_params == 368_333_760
+    assert eeve6.optimizer_params == 368_333_760 - targeted + adapters
+    assert eeve6.parts.optimizer == 2 * eeve6.optimizer_params * 4

@@ -19,6 +19,8 @@ same code a stage runs, and counts bytes per GPU:
   are expanded (3h), the attention output (h) and the MLP's four intermediate tensors (4 x
   intermediate). With activation checkpointing a block keeps only its input (h per token) and one
   block's full activations exist during its recomputation.
+* `new-embeddings`: the whole table assembled from its frozen and new rows in each forward, and
+  that table's gradient, counted with the activations.
 * logits and loss: one chunk of `loss_chunk` positions (or the whole sequence) of bf16 logits, their
   fp32 copy and the fp32 gradient: 10 bytes per position and vocabulary entry.
 * DDP over several GPUs: its gradient buckets, a second copy of the gradients.
@@ -189,23 +191,24 @@ def shape_of(config: Any) -> Shape:
 
 
 def trainable_counts(config: Any, stage: Any, base_vocab: int | None) -> tuple[int, int]:
-    """(parameters the stage changes, parameters in the optimizer): the stage's own policy and
-    ReLoRA code applied to a meta-device model."""
+    """(parameters the stage changes, parameters in the optimizer): the stage's own policy applied to a
+    meta-device model; with ReLoRA the targeted block linear layers leave the optimizer and their
+    adapters (rank x (in + out) each) join it."""
     from vinasmol_core.train import params, relora
 
     model = model_on_meta(config)
     params.apply_policy(model, stage.trainable, base_vocab)
-    if stage.relora is not None:
-        relora.attach(model, stage.relora, stage.seed)
-    live = [p for p in model.parameters() if p.requires_grad]
-    in_optimizer = sum(p.numel() for p in live)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if stage.relora is None:
-        return in_optimizer, in_optimizer
-    named = params.named_parameters(model)
-    targeted = sum(p.numel() for n, p in named.items() if n.endswith(".linear.weight")
-                   and any(fnmatch.fnmatchcase(n.split(".", 3)[3], f"{t}*") for t in stage.relora.targets))
-    adapters = sum(p.numel() for n, p in named.items() if relora.is_adapter(n))
-    return in_optimizer - adapters + targeted, in_optimizer
+        return trainable, trainable
+    targeted = adapters = 0
+    for block in model.transformer.h:
+        for name, linear in relora.block_linears(block):
+            hit = any(fnmatch.fnmatchcase(name, t) for t in stage.relora.targets)
+            if hit and linear.weight.requires_grad:
+                targeted += linear.weight.numel()
+                adapters += stage.relora.rank * (linear.in_features + linear.out_features)
+    return trainable, trainable - targeted + adapters
 
 
 def activation_bytes(shape: Shape, config: Any, micro_batch: int, seq_len: int, act_bytes: int,
@@ -232,6 +235,8 @@ def stage_memory(shape: Shape, config: Any, stage: Any, trainable: int, in_optim
         in_optimizer * wb / shards)
     parts.optimizer = math.ceil(2 * in_optimizer * wb / shards)
     parts.activations = activation_bytes(shape, config, micro_batch, stage.seq_len, act, checkpointing)
+    if stage.trainable == "new-embeddings":  # the table assembled from frozen and new rows, and its gradient
+        parts.activations += 2 * shape.padded_vocab * shape.n_embd * wb
     chunk = stage.loss_chunk if stage.loss_chunk > 0 and strategy != "fsdp" else stage.seq_len
     parts.logits = micro_batch * min(chunk, stage.seq_len) * shape.padded_vocab * LOGIT_BYTES
     if strategy == "fsdp" and world > 1:

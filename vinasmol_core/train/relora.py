@@ -36,7 +36,7 @@ def adapter_layers(model: nn.Module) -> list[Any]:
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
-def _block_linears(block: nn.Module) -> list[tuple[str, nn.Linear]]:
+def block_linears(block: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(n, m) for n, m in block.named_modules() if type(m) is nn.Linear]
 
 
@@ -49,7 +49,7 @@ def attach(model: nn.Module, cfg: ReLoRASpec, seed: int) -> list[str]:
     hits = dict.fromkeys(cfg.targets, 0)
     names: list[str] = []
     for b, block in enumerate(blocks):
-        for name, linear in _block_linears(block):
+        for name, linear in block_linears(block):
             matched = [p for p in cfg.targets if fnmatch.fnmatchcase(name, p)]
             if not matched:
                 continue
@@ -70,7 +70,7 @@ def attach(model: nn.Module, cfg: ReLoRASpec, seed: int) -> list[str]:
             names += [f"transformer.h.{b}.{name}{s}" for s in ADAPTER_SUFFIXES]
     missing = [p for p, n in hits.items() if n == 0]
     if missing:
-        examples = ", ".join(n for n, _ in _block_linears(blocks[0])) if blocks else "none"
+        examples = ", ".join(n for n, _ in block_linears(blocks[0])) if blocks else "none"
         raise ConfigError(
             f"relora.targets: pattern {missing[0]!r} matches no linear layer of the transformer blocks "
             f"(a block's linear layers: {examples})"
