@@ -27,7 +27,14 @@ from prefect.runtime import flow_run as runtime_flow_run
 
 from tasks.common import corpus_digest, result_storage_for, store_root
 from tasks.data import prepare_data
-from tasks.model import convert_to_litgpt, evaluate, export, fetch_base_model, init_embeddings
+from tasks.model import (
+    convert_to_litgpt,
+    evaluate,
+    export,
+    fetch_base_model,
+    init_embeddings,
+    upscale_depth,
+)
 from tasks.tokenizer import merge_vocabulary, train_tokenizer
 from tasks.train import train_stage
 from vinasmol_core.common.errors import ConfigError, StoreError
@@ -356,8 +363,9 @@ def _data_phase(
 
 
 def _model_phase(ctx: _Run, base: CheckpointManifest, tokenizer: TokenizerManifest) -> str:
-    """init-embeddings, convert-to-litgpt, and the evaluation of the base and initial models;
-    returns the litgpt checkpoint the first stage starts from."""
+    """init-embeddings, convert-to-litgpt (then upscale-depth when the recipe has `upscale`), and the
+    evaluation of the base, initial (and up-scaled) models; returns the litgpt checkpoint the first
+    stage starts from."""
     recipe = ctx.recipe
     section = recipe.embedding_init
     text: dict[str, Any] = {}
@@ -373,7 +381,11 @@ def _model_phase(ctx: _Run, base: CheckpointManifest, tokenizer: TokenizerManife
     )
     ctx.evaluate(base.digest, "base", Step.FETCH_BASE_MODEL)
     ctx.evaluate(converted.digest, "init", Step.CONVERT_TO_LITGPT)
-    return converted.digest
+    if recipe.upscale is None:
+        return converted.digest
+    upscaled = ctx.run(upscale_depth, checkpoint=converted.digest, section=recipe.upscale)
+    ctx.evaluate(upscaled.digest, "upscaled", Step.UPSCALE_DEPTH)
+    return upscaled.digest
 
 
 def with_base_vocab(ctx: _Run, spec: StageSpec) -> StageSpec:

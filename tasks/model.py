@@ -31,6 +31,7 @@ from vinasmol_core.plan.recipe import (
     HubBase,
     SmolLM2Base,
     TinyBase,
+    UpscaleSection,
 )
 from vinasmol_core.store import ArtifactStore
 
@@ -149,6 +150,22 @@ def convert_to_litgpt(hf_model: str, litgpt_name: str | None, store_url: str) ->
         out = hf_to_litgpt(hf_dir, tmp / "litgpt", litgpt_name)
         return publish_checkpoint(store, out, "litgpt", name="converted", stage="convert",
                                   parents=[store.resolve(hf_model)])
+
+
+@step(Step.UPSCALE_DEPTH)
+def upscale_depth(checkpoint: str, section: UpscaleSection, store_url: str) -> CheckpointManifest:
+    """The litgpt checkpoint up-scaled in depth (SOLAR): two copies of its blocks, 2 x
+    `layers_from_each_copy` in all."""
+    from vinasmol_core.model import publish_checkpoint
+    from vinasmol_core.model.upscale import upscale_depth as upscale
+
+    store = open_store(store_url)
+    src = store.fetch(checkpoint)
+    with scratch_dir("upscale") as tmp:
+        out = upscale(src, tmp / "litgpt", section.layers_from_each_copy)
+        return publish_checkpoint(store, out, "litgpt", name="upscaled", stage="upscale",
+                                  parents=[store.resolve(checkpoint)],
+                                  extra={"upscale": section.model_dump(mode="json")})
 
 
 def _long_metrics(model_dir: Path, section: EvalSection, corpora: list[CorpusSpec], tmp: Path,

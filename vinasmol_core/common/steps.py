@@ -19,6 +19,7 @@ class Step(StrEnum):
     PREPARE_DATA = "prepare-data"
     INIT_EMBEDDINGS = "init-embeddings"
     CONVERT_TO_LITGPT = "convert-to-litgpt"
+    UPSCALE_DEPTH = "upscale-depth"  # only with the recipe's `upscale` section, right after convert
     TRAIN_STAGE = "train-stage"
     EVALUATE = "evaluate"
     EXPORT = "export"

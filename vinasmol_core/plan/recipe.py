@@ -242,6 +242,15 @@ class EmbeddingInitSection(_Strict):
     distill: DistillSection = Field(default_factory=DistillSection)
 
 
+class UpscaleSection(_Strict):
+    """Depth up-scaling after convert-to-litgpt (SOLAR's method, `vinasmol_core.model.upscale`)."""
+
+    layers_from_each_copy: int = Field(
+        gt=0, description="m: blocks kept from each of the two copies of the n-block model (2m in all); "
+        "SmolLM2-135M's 30 blocks with m=24 give 48",
+    )
+
+
 class DataSection(_Strict):
     val_fraction: float = Field(default=0.01, ge=0, lt=1)
     dedup: bool = True
@@ -345,6 +354,9 @@ class Recipe(_Strict):
     corpora: list[CorpusSpec] = Field(min_length=1)
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
     embedding_init: EmbeddingInitSection = Field(default_factory=EmbeddingInitSection)
+    upscale: UpscaleSection | None = Field(
+        default=None, description="depth up-scaling (the upscale-depth step, after convert-to-litgpt)"
+    )
     data: DataSection = Field(default_factory=DataSection)
     mixtures: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="named mixtures; a stage's `mixture` may be one of these names"
@@ -427,7 +439,7 @@ class Recipe(_Strict):
                 raise ValueError(
                     f"corpora.{i}.source.val_split: needed when data.val_fraction is 0 (nothing held out)"
                 )
-        labels = {"base", "init", *names}
+        labels = {"base", "init", *names, *(["upscaled"] if self.upscale is not None else [])}
         checks = {"eval.long.after": self.eval.long.after, "eval.harness.after": self.eval.harness.after}
         for where, after in checks.items():
             for name in after:
@@ -460,6 +472,8 @@ class Recipe(_Strict):
     def step_names(self) -> list[str]:
         """Every pipeline step in order (the names --from-stage and --force accept)."""
         before, after = [s.value for s in STEPS_BEFORE], [s.value for s in STEPS_AFTER]
+        if self.upscale is not None:
+            before.append(Step.UPSCALE_DEPTH.value)
         return [*before, *(s.name for s in self.stages), *after]
 
     def steps_from(self, names: list[str]) -> set[str]:
