@@ -10,7 +10,9 @@
 #   2. the same for stage 6 compiled (torch.compile on)
 #   3. stage 6 with the full-logits loss against the chunked one: peak memory, first loss
 #   4. bench/checkpoint_bench.py on the GPU (file:// store): synchronous against background train-states
-#   5. DDP: not measured yet (a note in the table)
+#   5. bench/microbatch_search.py: the smoke run's micro-batch search for stage 6 at seq 2048 (largest power of
+#      two with 10% of the memory free) against `vinasmol plan`'s choice for an H100
+#   6. DDP: not measured yet (a note in the table)
 # `--cpu` runs the same rows at tiny sizes on the CPU (a check of the script, not a measurement).
 # A row that fails or overruns its time limit is marked so and the next one runs.
 set -uo pipefail
@@ -41,12 +43,14 @@ if [ "$CPU" = 1 ]; then
     TT=(--shape tiny --seq-len 64 --micro-batch 2 --accelerator cpu --precision 32-true --steps 1
         --warmup 1 --repeats 1 --loss-chunk 16)
     CK=(--shape tiny --seq-len 32 --steps 4 --stores file --accelerator cpu --precision 32-true)
+    MB=(--shape tiny --seq-len 64 --max-micro-batch 16 --accelerator cpu --memory-gib 0.01)
     LIMIT=300
 else
     TT=(--shape 360m --seq-len 2048 --micro-batch 4 --accelerator cuda --precision bf16-mixed
         --peak-tflops 989 --steps 5 --warmup 2 --repeats 1)
     CK=(--shape 360m --seq-len 2048 --micro-batch 4 --global-batch 4 --steps 6 --stores file
         --accelerator cuda --precision bf16-mixed)
+    MB=(--shape 360m --seq-len 2048 --max-micro-batch 64 --accelerator cuda --gpu h100-80gb)
     LIMIT=240
 fi
 GPUS=0
@@ -97,6 +101,8 @@ row "loss modes, stage 6: peak memory and first loss" "$LIMIT" \
     "$PY" bench/train_throughput.py "${TT[@]}" --stages 6 --loss full,chunked --no-litgpt
 row "train-states: synchronous vs background" "$LIMIT" \
     "$PY" bench/checkpoint_bench.py "${CK[@]}"
+row "micro-batch search at seq 2048, stage 6, against the planner" "$LIMIT" \
+    "$PY" bench/microbatch_search.py "${MB[@]}"
 # DDP on several GPUs: no multi-GPU row yet (DDP is verified on the CPU with gloo in the test suite)
 printf '## DDP\n\nnot run: %s GPU(s) here; no multi-GPU row in this script yet\n\n' "$GPUS" >> "$REPORT"
 echo "gpu_acceptance: report in $REPORT"
