@@ -41,6 +41,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vinasmol_core.common.errors import ConfigError
+from vinasmol_core.train.microbatch import candidates
 
 GiB = 1 << 30
 HEADROOM = 0.10
@@ -277,7 +278,7 @@ def plan_stage(stage: Any, config: Any, base_vocab: int, shape: Shape, gpu: GPU,
         return stage_memory(shape, config, stage, trainable, in_optimizer, world, strat, micro, checkpointing)
 
     parts = parts_at(stage.micro_batch)
-    fitting = [m for m in _powers(per_device) if parts_at(m).total <= capacity]
+    fitting = [m for m in candidates(per_device) if parts_at(m).total <= capacity]
     max_micro = max(fitting) if fitting else None
     fpt = flops_per_token(shape, stage.seq_len, trainable, ckpt)
     tps = mfu * gpu.bf16_tflops * 1e12 * world / fpt
@@ -311,15 +312,6 @@ def _remedies(plan: StagePlan, parts_at: Any, capacity: float, stage: Any, world
     ):
         out.append(f"ReLoRA on {stage.name} (its gradients and optimizer state: the adapters' only)")
     out.append("more GPUs (--nodes, --gpus-per-node) with FSDP, or a GPU with more memory")
-    return out
-
-
-def _powers(per_device: int) -> list[int]:
-    out, m = [], 1
-    while m <= per_device:
-        if per_device % m == 0:
-            out.append(m)
-        m *= 2
     return out
 
 
