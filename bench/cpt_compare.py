@@ -418,10 +418,14 @@ def run_stage(job: Any, stage: StagePlan, store: Any) -> tuple[str, list[dict[st
                       f"lr {event['lr']:.2e} {event['tokens_per_s']:.0f} tok/s", flush=True)
         elif kind == "checkpoint" and event.get("ref") and event.get("step") not in stage.wanted:
             store.delete_ref(event["ref"], prune_manifest=True)
+            # a train-state of the 135M is 1.6 GB: free the dropped ones' blobs as the stage goes; the
+            # grace keeps the blobs of a train-state still being published (written before its manifest)
+            store.gc(grace=timedelta(seconds=120))
 
     t0 = time.perf_counter()
     manifest = run_stage_process(job, on_metrics, echo=False)
     print(f"  {stage.name}: {stage.steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
+    store.gc(grace=timedelta(0))  # the dropped train-states' blobs (never during a stage: it publishes)
     return manifest.digest, steps
 
 
