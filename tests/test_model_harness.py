@@ -77,6 +77,23 @@ def test_local_task_above_chance_and_shuffled_at_chance(trained: Trained, tmp_pa
     assert 0.05 <= scores["pairs_shuffled"]["acc"] <= 0.45
 
 
+def test_a_launchers_environment_does_not_make_the_harness_distributed(
+    trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`vinasmol run` started where a launcher (torchrun, SLURM, a Lightning strategy) left its
+    variables: the harness still evaluates in its one process, and the variables are back after."""
+    import os
+
+    launcher = {"WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511",
+                "TORCHELASTIC_RUN_ID": "stray"}
+    for key, value in launcher.items():
+        monkeypatch.setenv(key, value)
+    write_choice_task(tmp_path / "tasks", "pairs_easy", trained.items(shuffled=False))
+    scores = run_harness(trained.model, ["pairs_easy"], include_path=tmp_path / "tasks", limit=4)
+    assert scores["pairs_easy"]["n"] == 4
+    assert {k: os.environ.get(k) for k in launcher} == launcher
+
+
 def test_litgpt_checkpoint_goes_through_the_export(trained: Trained, tmp_path: Path) -> None:
     from vinasmol_core.model import hf_to_litgpt
 

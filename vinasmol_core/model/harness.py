@@ -10,10 +10,13 @@ files over local JSONL in an `include_path` folder, the harness's custom-task me
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +144,24 @@ def _scores(results: dict[str, Any], tasks: list[str]) -> dict[str, dict[str, fl
     return out
 
 
+# What torchrun, SLURM, MPI or a Lightning strategy leave in the environment; accelerate (inside the
+# harness's HFLM) takes any of them for a distributed launch and calls init_process_group.
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",
+                "MASTER_ADDR", "MASTER_PORT", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+@contextlib.contextmanager
+def single_process_environment() -> Iterator[None]:
+    """The harness always evaluates in this one process: hide a launcher's variables meanwhile."""
+    hidden = {k: v for k, v in os.environ.items() if k in LAUNCHER_ENV or k.startswith("TORCHELASTIC_")}
+    for key in hidden:
+        del os.environ[key]
+    try:
+        yield
+    finally:
+        os.environ.update(hidden)
+
+
 def run_harness(
     model_dir: Path,
     tasks: list[str],
@@ -162,12 +183,13 @@ def run_harness(
         # prefix unless told, so each context gets the tokenizer's BOS (that same token) first.
         tok_config = hf_dir / "tokenizer_config.json"
         config = hf_io.read_json(tok_config) if tok_config.is_file() else {}
-        lm = HFLM(pretrained=str(hf_dir), tokenizer=str(hf_dir), device=device, dtype="float32",
-                  batch_size=batch_size, add_bos_token=bool(config.get("bos_token")) or None)
-        results = lm_eval.simple_evaluate(
-            model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-            log_samples=False, bootstrap_iters=0,
-        )
+        with single_process_environment():
+            lm = HFLM(pretrained=str(hf_dir), tokenizer=str(hf_dir), device=device, dtype="float32",
+                      batch_size=batch_size, add_bos_token=bool(config.get("bos_token")) or None)
+            results = lm_eval.simple_evaluate(
+                model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+                log_samples=False, bootstrap_iters=0,
+            )
     if results is None:
         raise VinaSmolError("lm-evaluation-harness returned no results")
     return _scores(results, list(tasks))
