@@ -232,8 +232,7 @@ def stage_memory(shape: Shape, config: Any, stage: Any, trainable: int, in_optim
     shards = world if strategy == "fsdp" else 1
     parts = Parts()
     parts.weights = math.ceil(shape.total * wb / shards)
-    parts.gradients = math.ceil(trainable * wb / shards) if stage.relora is None else math.ceil(
-        in_optimizer * wb / shards)
+    parts.gradients = math.ceil(in_optimizer * wb / shards)  # what the optimizer holds gets a gradient
     parts.optimizer = math.ceil(2 * in_optimizer * wb / shards)
     parts.activations = activation_bytes(shape, config, micro_batch, stage.seq_len, act, checkpointing)
     if stage.trainable == "new-embeddings":  # the table assembled from frozen and new rows, and its gradient
